@@ -1,0 +1,163 @@
+// Math of SEMANTICS §1-2 shared by the CPU reference and the device kernels:
+// where sequence b lives, which keys a query row may see, how splits merge.
+// Host/device neutral: no torch, no std containers.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "fmha_params.h"
+
+namespace mate {
+
+MATE_HD int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+MATE_HD int ceil_div_signed(int a, int b) { return -floor_div(-a, b); }
+MATE_HD int imin(int a, int b) { return a < b ? a : b; }
+MATE_HD int imax(int a, int b) { return a > b ? a : b; }
+
+// Where one sequence's queries and keys are, in storage coordinates.
+struct SeqInfo {
+  int q_len = 0;        // real query rows (seqused_q wins over the layout's length)
+  int q_len_full = 0;   // rows of this sequence in the output (rows >= q_len are zeroed)
+  int64_t q_row0 = 0;   // first row index (ragged) or 0 (dense, batch stride used)
+  int k_start = 0;      // first real key (cache_leftpad)
+  int k_len = 0;        // real keys: storage positions [k_start, k_start + k_len)
+  int64_t k_row0 = 0;   // ragged: cu_seqlens_k[b]; else 0
+  int cache_row = 0;    // dense cache row or page-table row (cache_batch_idx)
+  int mask_k_len = 0;   // Sk the masks align with (global length under context parallel)
+};
+
+MATE_HD SeqInfo seq_info(const FmhaParams& p, int b) {
+  SeqInfo s;
+  if (p.q_is_ragged) {
+    s.q_row0 = p.cu_seqlens_q[b];
+    s.q_len_full = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+  } else {
+    s.q_len_full = p.seqlen_q;
+  }
+  s.q_len = p.seqused_q ? imin(p.seqused_q[b], s.q_len_full) : s.q_len_full;
+  s.cache_row = p.cache_batch_idx ? p.cache_batch_idx[b] : b;
+  int k_end;
+  if (p.k_is_ragged) {
+    s.k_row0 = p.cu_seqlens_k[b];
+    k_end = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+  } else {
+    k_end = p.seqlen_k;
+  }
+  if (p.seqused_k) k_end = p.seqused_k[b];
+  s.k_start = p.cache_leftpad ? p.cache_leftpad[b] : 0;
+  s.k_len = imax(k_end - s.k_start, 0);
+  s.mask_k_len = p.cp_tot_seqused_k ? p.cp_tot_seqused_k[b] : s.k_len;
+  return s;
+}
+
+// Element offset of key `t` (storage position) of a sequence in k (or v, with its strides).
+MATE_HD int64_t key_offset(const FmhaParams& p, const SeqInfo& s, int t, int64_t batch_stride,
+                           int64_t row_stride) {
+  if (p.page_size > 0) {
+    const int page = p.page_table[s.cache_row * p.page_table_batch_stride + t / p.page_size];
+    return page * batch_stride + static_cast<int64_t>(t % p.page_size) * row_stride;
+  }
+  return s.cache_row * batch_stride + (s.k_row0 + t) * row_stride;  // ragged: batch_stride 0
+}
+
+// The keys query row i may attend to, as local key indices [lo, hi) into [0, k_len).
+// All masks of SEMANTICS §1 are intervals in the global key column, so their
+// intersection is one interval; context parallel maps global g = j * W + r back to j.
+MATE_HD void key_range_for_row(const FmhaParams& p, const SeqInfo& s, int i, int& lo, int& hi) {
+  const int a = i + s.mask_k_len - s.q_len;  // bottom-right aligned column of row i
+  int glo = 0, ghi = s.mask_k_len;           // [glo, ghi) in global columns
+  if (p.window_left >= 0) glo = imax(glo, a - p.window_left);
+  if (p.window_right >= 0) ghi = imin(ghi, a + p.window_right + 1);
+  if (p.attention_chunk > 0) {
+    const int start = floor_div(a, p.attention_chunk) * p.attention_chunk;
+    glo = imax(glo, start);
+    ghi = imin(ghi, start + p.attention_chunk);
+  }
+  const int W = p.cp_world_size, r = p.cp_rank;
+  lo = imax(0, ceil_div_signed(glo - r, W));
+  hi = imin(s.k_len, ceil_div_signed(ghi - r, W));
+  if (hi < lo) hi = lo;
+}
+
+// Key range [lo, hi) of split `split` out of `num_splits`, in units of `block` keys.
+MATE_HD void split_key_range(int k_len, int block, int split, int num_splits, int& lo, int& hi) {
+  const int n_blocks = (k_len + block - 1) / block;
+  const int per_split = (n_blocks + num_splits - 1) / num_splits;
+  lo = imin(split * per_split * block, k_len);
+  hi = imin((split + 1) * per_split * block, k_len);
+}
+
+// Splits for num_splits == 0: split the key range only when the (batch, kv head,
+// query block) units cannot fill the machine (SMs on a GPU, threads on the CPU).
+MATE_HD int num_splits_heuristic(int64_t work_units, int num_workers, int num_key_blocks,
+                                 int max_splits) {
+  if (num_key_blocks <= 1 || work_units * 5 >= static_cast<int64_t>(num_workers) * 4) return 1;
+  int splits = static_cast<int>((num_workers + work_units - 1) / work_units);
+  splits = imin(splits, num_key_blocks);
+  splits = imin(splits, max_splits);
+  return imax(splits, 1);
+}
+
+MATE_HD bool lse_counts(float x) { return x == x && x > -INFINITY; }  // not NaN, not -inf
+
+// log(sum_s exp(lse_s)) over the splits that count; -inf when none does.
+MATE_HD float combined_lse(const float* lse, int64_t stride, int n) {
+  float m = -INFINITY;
+  for (int s = 0; s < n; ++s) {
+    const float x = lse[s * stride];
+    if (lse_counts(x) && x > m) m = x;
+  }
+  if (m == -INFINITY) return -INFINITY;
+  if (m == INFINITY) return INFINITY;
+  float sum = 0.f;
+  for (int s = 0; s < n; ++s) {
+    const float x = lse[s * stride];
+    if (lse_counts(x)) sum += expf(x - m);
+  }
+  return m + logf(sum);
+}
+
+// Weight of a split with log-sum-exp x in a total `total`; 0 for splits that do not count.
+MATE_HD float split_weight(float x, float total) {
+  if (!lse_counts(x) || !(total > -INFINITY)) return 0.f;
+  const float w = expf(x - total);
+  return w == w ? w : 0.f;
+}
+
+// Learnable sink (FMHA semantics): one extra unscaled logit in the denominator.
+// Returns the factor the normalized output is multiplied by and updates lse.
+MATE_HD float apply_fmha_sink(float& lse, float sink) {
+  if (!(lse > -INFINITY)) {
+    lse = sink;
+    return 0.f;
+  }
+  const float m = lse > sink ? lse : sink;
+  if (m == INFINITY) {  // sink = +inf swallows everything
+    lse = INFINITY;
+    return 0.f;
+  }
+  const float total = m + logf(expf(lse - m) + expf(sink - m));
+  const float scale = expf(lse - total);
+  lse = total;
+  return scale;
+}
+
+// float8 e4m3fn (bias 7, no infinities, 0x7f/0xff are NaN) to float, bit-exact.
+MATE_HD float fp8_e4m3_to_float(uint8_t x) {
+  const uint32_t sign = static_cast<uint32_t>(x & 0x80) << 24;
+  const uint32_t exp = (x >> 3) & 0xF, man = x & 0x7;
+  float f;
+  if ((x & 0x7F) == 0x7F) {
+    f = NAN;
+  } else if (exp == 0) {
+    f = static_cast<float>(man) * 0.001953125f;  // man * 2^-9
+  } else {
+    uint32_t bits = ((exp + 120) << 23) | (man << 20);
+    memcpy(&f, &bits, 4);
+  }
+  return sign ? -f : f;
+}
+
+}  // namespace mate

@@ -1,0 +1,478 @@
+// CPU reference kernels of the FMHA family: fmha_fwd(_out), fmha_combine(_out),
+// get_scheduler_metadata. Tiled flash attention with an online softmax:
+// each work item is (sequence, kv head, block of query rows with their GQA group,
+// key split); memory per thread is O(tile), never Sq x Sk.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "../common/fmha_checks.h"
+#include "../common/fmha_math.h"
+#include "../common/scheduler.h"
+#include "cpu_blas.h"
+#include "cpu_math.h"
+
+namespace mate::cpu {
+namespace {
+
+constexpr int kRowsPerTile = 128;  // GQA-packed query rows per work item
+constexpr int kKeysPerTile = 256;  // keys per inner step
+
+// Element type the GEMMs read for a given storage type: fp8 is dequantized to fp32.
+template <typename T> struct MathType { using type = T; };
+template <> struct MathType<c10::Float8_e4m3fn> { using type = float; };
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+template <>
+inline float to_float(c10::Float8_e4m3fn x) { return fp8_e4m3_to_float(x.x); }
+
+// Copy n values of storage type T to math type MT, multiplying by `scale` (fp8 descale).
+template <typename T, typename MT>
+inline void load_row(MT* dst, const T* src, int n, float scale) {
+  if constexpr (std::is_same_v<T, MT>) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else {
+    for (int i = 0; i < n; ++i) dst[i] = static_cast<MT>(to_float(src[i]) * scale);
+  }
+}
+
+// Per-thread scratch, grown on demand and reused across items and calls.
+template <typename MT>
+struct Scratch {
+  std::vector<MT> q, qv, k, v, p;
+  std::vector<float> s, acc, m, l;
+  std::vector<int> lo, hi;
+};
+
+template <typename MT>
+Scratch<MT>& scratch() {
+  static thread_local Scratch<MT> s;
+  return s;
+}
+
+template <typename V>
+V* grow(std::vector<V>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+struct SplitOutputs {  // where a split writes its partial result (num_splits > 1)
+  float* out = nullptr;  // (splits, total_q, H, Dv)
+  float* lse = nullptr;  // (splits, total_q, H)
+};
+
+// Global query-row index of row i of sequence b (for split buffers).
+inline int64_t global_row(const FmhaParams& p, const SeqInfo& s, int b, int i) {
+  return p.q_is_ragged ? s.q_row0 + i : static_cast<int64_t>(b) * p.seqlen_q + i;
+}
+
+// Runs one work item: query rows [i0, i1) of sequence b, kv head hk, keys of split `split`.
+template <typename T>
+void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, int num_splits,
+                 const SplitOutputs& parts) {
+  using MT = typename MathType<T>::type;
+  constexpr bool kDequant = !std::is_same_v<T, MT>;
+  const SeqInfo s = seq_info(p, b);
+  const int G = p.num_heads / p.num_heads_k;
+  const int nq = i1 - i0, M = nq * G;
+  const int D = p.head_dim, Dv = p.head_dim_v;
+  auto& sc = scratch<MT>();
+
+  int split_lo = 0, split_hi = s.k_len;
+  if (num_splits > 1) split_key_range(s.k_len, kSplitKeyBlock, split, num_splits, split_lo, split_hi);
+
+  // Key interval per query row, clipped to this split; the union bounds the key loop.
+  int* lo = grow(sc.lo, nq);
+  int* hi = grow(sc.hi, nq);
+  int kmin = split_hi, kmax = split_lo;
+  for (int qi = 0; qi < nq; ++qi) {
+    key_range_for_row(p, s, i0 + qi, lo[qi], hi[qi]);
+    lo[qi] = imax(lo[qi], split_lo);
+    hi[qi] = imax(lo[qi], imin(hi[qi], split_hi));
+    if (lo[qi] < hi[qi]) {
+      kmin = imin(kmin, lo[qi]);
+      kmax = imax(kmax, hi[qi]);
+    }
+  }
+
+  const T* qbase = static_cast<const T*>(p.q);
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  const T* qvbase = static_cast<const T*>(p.qv);
+  const int cache_b = s.cache_row;
+  const float qd = p.q_descale ? p.q_descale[b * p.q_descale_batch_stride + hk * p.q_descale_head_stride] : 1.f;
+  const float kd = p.k_descale ? p.k_descale[b * p.k_descale_batch_stride + hk * p.k_descale_head_stride] : 1.f;
+  const float vd = p.v_descale ? p.v_descale[b * p.v_descale_batch_stride + hk * p.v_descale_head_stride] : 1.f;
+  (void)cache_b;
+
+  float* m = grow(sc.m, M);
+  float* l = grow(sc.l, M);
+  float* acc = grow(sc.acc, static_cast<size_t>(M) * Dv);
+  std::fill(m, m + M, -INFINITY);
+  std::fill(l, l + M, 0.f);
+  std::fill(acc, acc + static_cast<size_t>(M) * Dv, 0.f);
+
+  if (kmin < kmax) {
+    // Q (and qv) rows, GQA-packed: row r = qi * G + g is head hk * G + g.
+    MT* qt = grow(sc.q, static_cast<size_t>(M) * D);
+    MT* qvt = p.qv ? grow(sc.qv, static_cast<size_t>(M) * Dv) : nullptr;
+    for (int qi = 0; qi < nq; ++qi) {
+      const int64_t row = s.q_row0 + i0 + qi;
+      for (int g = 0; g < G; ++g) {
+        const int h = hk * G + g;
+        load_row<T, MT>(qt + (qi * G + g) * static_cast<int64_t>(D),
+                        qbase + b * p.q_batch_stride + row * p.q_row_stride + h * p.q_head_stride, D, qd);
+        if (qvt)
+          load_row<T, MT>(qvt + (qi * G + g) * static_cast<int64_t>(Dv),
+                          qvbase + b * p.qv_batch_stride + row * p.qv_row_stride + h * p.qv_head_stride,
+                          Dv, qd);
+      }
+    }
+
+    float* S = grow(sc.s, static_cast<size_t>(M) * kKeysPerTile);
+    MT* P = grow(sc.p, static_cast<size_t>(M) * kKeysPerTile);
+    for (int n0 = kmin; n0 < kmax; n0 += kKeysPerTile) {
+      const int n = imin(kKeysPerTile, kmax - n0);
+      // K / V tiles: read in place when the keys are one strided run of the same type,
+      // else gathered (pages) and converted (fp8) into scratch.
+      const int t0 = s.k_start + n0;
+      const bool one_run = p.page_size == 0 || (t0 / p.page_size == (t0 + n - 1) / p.page_size);
+      const MT *kt, *vt;
+      int64_t ldk, ldv;
+      if (!kDequant && one_run) {
+        kt = reinterpret_cast<const MT*>(kbase + key_offset(p, s, t0, p.k_batch_stride, p.k_row_stride) +
+                                         hk * p.k_head_stride);
+        vt = reinterpret_cast<const MT*>(vbase + key_offset(p, s, t0, p.v_batch_stride, p.v_row_stride) +
+                                         hk * p.v_head_stride);
+        ldk = p.k_row_stride;
+        ldv = p.v_row_stride;
+      } else {
+        MT* kg = grow(sc.k, static_cast<size_t>(kKeysPerTile) * D);
+        MT* vg = grow(sc.v, static_cast<size_t>(kKeysPerTile) * Dv);
+        for (int j = 0; j < n; ++j) {
+          load_row<T, MT>(kg + j * static_cast<int64_t>(D),
+                          kbase + key_offset(p, s, t0 + j, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride,
+                          D, kd);
+          load_row<T, MT>(vg + j * static_cast<int64_t>(Dv),
+                          vbase + key_offset(p, s, t0 + j, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride,
+                          Dv, vd);
+        }
+        kt = kg;
+        vt = vg;
+        ldk = D;
+        ldv = Dv;
+      }
+
+      gemm_nt(M, n, D, qt, D, kt, ldk, 0.f, S, kKeysPerTile);
+      if (qvt) gemm_nt(M, n, Dv, qvt, Dv, vt, ldv, 1.f, S, kKeysPerTile);
+
+      for (int r = 0; r < M; ++r) {
+        const int qi = r / G;
+        const int c0 = imax(lo[qi] - n0, 0), c1 = imin(hi[qi] - n0, n);
+        float* srow = S + static_cast<int64_t>(r) * kKeysPerTile;
+        MT* prow = P + static_cast<int64_t>(r) * kKeysPerTile;
+        if (c0 >= c1) {
+          std::fill(prow, prow + n, MT(0));
+          continue;
+        }
+        const float row_max = scale_softcap_max(srow + c0, c1 - c0, p.softmax_scale, p.softcap);
+        const float m_new = std::max(m[r], row_max);
+        const float corr = fast_exp(m[r] - m_new);  // 0 when m[r] was -inf
+        const float sum = exp_shift_store(srow + c0, c1 - c0, m_new, prow + c0);
+        std::fill(prow, prow + c0, MT(0));
+        std::fill(prow + c1, prow + n, MT(0));
+        l[r] = l[r] * corr + sum;
+        m[r] = m_new;
+        if (corr != 1.f) scale_row(acc + static_cast<int64_t>(r) * Dv, Dv, corr);
+      }
+      gemm_nn(M, Dv, n, P, kKeysPerTile, vt, ldv, 1.f, acc, Dv);
+    }
+  }
+
+  // Normalize and store: final output, or this split's partial result.
+  const float* sink = p.learnable_sink;
+  for (int qi = 0; qi < nq; ++qi) {
+    const int i = i0 + qi;
+    for (int g = 0; g < G; ++g) {
+      const int r = qi * G + g, h = hk * G + g;
+      float lse = -INFINITY, inv = 0.f;
+      if (l[r] > 0.f) {
+        lse = m[r] + std::log(l[r]);
+        inv = 1.f / l[r];
+      }
+      float* arow = acc + static_cast<int64_t>(r) * Dv;
+      if (num_splits > 1) {
+        const int64_t grow_idx = (split * static_cast<int64_t>(p.total_q) + global_row(p, s, b, i)) * p.num_heads + h;
+        float* dst = parts.out + grow_idx * Dv;
+        for (int c = 0; c < Dv; ++c) dst[c] = arow[c] * inv;
+        parts.lse[grow_idx] = lse;
+        continue;
+      }
+      if (sink) inv *= apply_fmha_sink(lse, sink[h]);
+      scale_row(arow, Dv, inv);
+      const int64_t row = s.q_row0 + i;
+      store_row(p.out, p.out_dtype, b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride,
+                arow, Dv);
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+    }
+  }
+}
+
+// Output rows that no key reaches by construction are written as 0 / -inf: rows past
+// seqused_q[b], and rows of a ragged q that belong to no sequence.
+void zero_rows(const FmhaParams& p, int b, int64_t row_begin, int64_t row_end) {
+  std::vector<float> zeros(p.head_dim_v, 0.f);
+  for (int64_t row = row_begin; row < row_end; ++row)
+    for (int h = 0; h < p.num_heads; ++h) {
+      store_row(p.out, p.out_dtype, b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride,
+                zeros.data(), p.head_dim_v);
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = -INFINITY;
+    }
+}
+
+void zero_unused_rows(const FmhaParams& p) {
+  at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const SeqInfo s = seq_info(p, static_cast<int>(b));
+      zero_rows(p, static_cast<int>(b), s.q_row0 + s.q_len, s.q_row0 + s.q_len_full);
+    }
+  });
+  if (p.q_is_ragged) {
+    zero_rows(p, 0, 0, p.batch > 0 ? p.cu_seqlens_q[0] : p.total_q);
+    if (p.batch > 0) zero_rows(p, 0, p.cu_seqlens_q[p.batch], p.total_q);
+  }
+}
+
+// Runs fn(item) for item in [0, n) on all threads, taking items one at a time so
+// that uneven items (causal) balance; items are ordered heaviest first by the caller.
+template <typename F>
+void parallel_items(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+struct Item {
+  int b, hk, i0, i1, split, num_splits;
+};
+
+template <typename T>
+void run_fmha(const FmhaParams& p) {
+  const int G = p.num_heads / p.num_heads_k;
+  const int rows_per_item = imax(1, kRowsPerTile / G);
+
+  // Splits: from the scheduler metadata when given, else requested / heuristic.
+  int max_k = 0, max_q = 0;
+  for (int b = 0; b < p.batch; ++b) {
+    const SeqInfo s = seq_info(p, b);
+    max_k = imax(max_k, s.k_len);
+    max_q = imax(max_q, s.q_len);
+  }
+  const int requested = resolve_num_splits(p.num_splits, p.batch, p.num_heads_k, max_q, G, max_k,
+                                           at::get_num_threads());
+  std::vector<Item> items;
+  int max_splits = 1;
+  for (int b = 0; b < p.batch; ++b) {
+    const SeqInfo s = seq_info(p, b);
+    const int key_blocks = imax(1, (s.k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
+    const int want = p.scheduler_metadata ? p.scheduler_metadata[1 + b] : requested;
+    const int ns = imin(want, key_blocks);
+    max_splits = imax(max_splits, ns);
+    for (int i0 = 0; i0 < s.q_len; i0 += rows_per_item)
+      for (int hk = 0; hk < p.num_heads_k; ++hk)
+        for (int sp = 0; sp < ns; ++sp) items.push_back({b, hk, i0, imin(i0 + rows_per_item, s.q_len), sp, ns});
+  }
+  // Heaviest first: later query blocks see more keys under causal masks.
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.i0 > y.i0; });
+
+  SplitOutputs parts;
+  at::Tensor part_out, part_lse;
+  if (max_splits > 1) {
+    part_out = at::empty({max_splits, p.total_q, p.num_heads, p.head_dim_v}, at::kFloat);
+    part_lse = at::empty({max_splits, p.total_q, p.num_heads}, at::kFloat);
+    parts.out = part_out.data_ptr<float>();
+    parts.lse = part_lse.data_ptr<float>();
+  }
+  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t idx) {
+    const Item& it = items[idx];
+    attend_tile<T>(p, it.b, it.hk, it.i0, it.i1, it.split, it.num_splits, parts);
+  });
+  zero_unused_rows(p);
+  if (max_splits == 1) return;
+
+  // Merge the splits of every (row, head) exactly as fmha_combine does, then the sink.
+  std::vector<int> item_splits(p.batch, 1);
+  for (const Item& it : items) item_splits[it.b] = it.num_splits;
+  at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> o(p.head_dim_v);
+    for (int64_t b = b0; b < b1; ++b) {
+      const SeqInfo s = seq_info(p, static_cast<int>(b));
+      const int ns = item_splits[b];
+      for (int i = 0; i < s.q_len; ++i) {
+        const int64_t grow_idx0 = global_row(p, s, static_cast<int>(b), i) * p.num_heads;
+        const int64_t row = s.q_row0 + i;
+        for (int h = 0; h < p.num_heads; ++h) {
+          const int64_t gi = grow_idx0 + h;
+          const int64_t lse_stride = static_cast<int64_t>(p.total_q) * p.num_heads;
+          float lse = combine_rows(parts.lse + gi, lse_stride, parts.out + gi * p.head_dim_v,
+                                   lse_stride * p.head_dim_v, ns, p.head_dim_v, o.data());
+          if (p.learnable_sink) scale_row(o.data(), p.head_dim_v, apply_fmha_sink(lse, p.learnable_sink[h]));
+          store_row(p.out, p.out_dtype, b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride,
+                    o.data(), p.head_dim_v);
+          p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+        }
+      }
+    }
+  });
+}
+
+void fmha_cpu(FmhaProblem& prob) {
+  const FmhaParams& p = prob.params;
+  check_fmha_index_values(p);
+  switch (p.in_dtype) {
+    case DType::kFloat32: return run_fmha<float>(p);
+    case DType::kFloat16: return run_fmha<c10::Half>(p);
+    case DType::kBFloat16: return run_fmha<c10::BFloat16>(p);
+    case DType::kFloat8E4M3: return run_fmha<c10::Float8_e4m3fn>(p);
+  }
+}
+
+FmhaInputs make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                       std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,
+                       const std::optional<at::Tensor>& seqused_q, const std::optional<at::Tensor>& seqused_k,
+                       const std::optional<at::Tensor>& page_table, const std::optional<at::Tensor>& cache_batch_idx,
+                       const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& qv,
+                       const std::optional<at::Tensor>& q_descale, const std::optional<at::Tensor>& k_descale,
+                       const std::optional<at::Tensor>& v_descale, std::optional<double> softmax_scale, bool causal,
+                       int64_t window_size_left, int64_t window_size_right,
+                       const std::optional<at::Tensor>& learnable_sink, int64_t attention_chunk, double softcap,
+                       const std::optional<at::Tensor>& scheduler_metadata, int64_t num_splits,
+                       std::optional<bool> pack_gqa, int64_t cp_world_size, int64_t cp_rank,
+                       const std::optional<at::Tensor>& cp_tot_seqused_k) {
+  FmhaInputs in;
+  in.q = q; in.k = k; in.v = v;
+  in.cu_seqlens_q = cu_seqlens_q; in.cu_seqlens_k = cu_seqlens_k;
+  in.max_seqlen_q = max_seqlen_q; in.max_seqlen_k = max_seqlen_k;
+  in.seqused_q = seqused_q; in.seqused_k = seqused_k;
+  in.page_table = page_table; in.cache_batch_idx = cache_batch_idx; in.cache_leftpad = cache_leftpad;
+  in.qv = qv; in.q_descale = q_descale; in.k_descale = k_descale; in.v_descale = v_descale;
+  in.softmax_scale = softmax_scale; in.causal = causal;
+  in.window_size_left = window_size_left; in.window_size_right = window_size_right;
+  in.learnable_sink = learnable_sink; in.attention_chunk = attention_chunk; in.softcap = softcap;
+  in.scheduler_metadata = scheduler_metadata; in.num_splits = num_splits; in.pack_gqa = pack_gqa;
+  in.cp_world_size = cp_world_size; in.cp_rank = cp_rank; in.cp_tot_seqused_k = cp_tot_seqused_k;
+  return in;
+}
+
+// The op argument list shared by fmha_fwd and fmha_fwd_out (schema order after q, k, v [, out, lse]).
+#define MATE_FMHA_ARGS                                                                              \
+  const std::optional<at::Tensor>&cu_seqlens_q, const std::optional<at::Tensor>&cu_seqlens_k,     \
+      std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,                   \
+      const std::optional<at::Tensor>&seqused_q, const std::optional<at::Tensor>&seqused_k,       \
+      const std::optional<at::Tensor>&page_table, const std::optional<at::Tensor>&cache_batch_idx, \
+      const std::optional<at::Tensor>&cache_leftpad, const std::optional<at::Tensor>&qv,          \
+      const std::optional<at::Tensor>&q_descale, const std::optional<at::Tensor>&k_descale,       \
+      const std::optional<at::Tensor>&v_descale, std::optional<double> softmax_scale, bool causal, \
+      int64_t window_size_left, int64_t window_size_right,                                        \
+      const std::optional<at::Tensor>&learnable_sink, int64_t attention_chunk, double softcap,    \
+      const std::optional<at::Tensor>&scheduler_metadata, int64_t num_splits,                     \
+      std::optional<bool> pack_gqa, int64_t cp_world_size, int64_t cp_rank,                       \
+      const std::optional<at::Tensor>&cp_tot_seqused_k
+#define MATE_FMHA_ARG_NAMES                                                                        \
+  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table,         \
+      cache_batch_idx, cache_leftpad, qv, q_descale, k_descale, v_descale, softmax_scale, causal,   \
+      window_size_left, window_size_right, learnable_sink, attention_chunk, softcap,                \
+      scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank, cp_tot_seqused_k
+
+std::tuple<at::Tensor, at::Tensor> fmha_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            MATE_FMHA_ARGS, std::optional<at::ScalarType> out_dtype) {
+  FmhaInputs in = make_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
+  in.out_dtype = out_dtype;
+  FmhaProblem prob = check_fmha_inputs(in);
+  at::Tensor out = at::empty(prob.out_shape, q.options().dtype(prob.out_dtype));
+  at::Tensor lse = at::empty(prob.lse_shape, q.options().dtype(at::kFloat));
+  set_fmha_outputs(prob, out, lse);
+  fmha_cpu(prob);
+  return {out, lse};
+}
+
+void fmha_fwd_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                  const at::Tensor& lse, MATE_FMHA_ARGS) {
+  FmhaInputs in = make_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
+  in.out_dtype = out.scalar_type();
+  FmhaProblem prob = check_fmha_inputs(in);
+  TORCH_CHECK(out.device() == q.device(), "out must be on the device of q");
+  set_fmha_outputs(prob, out, lse);
+  fmha_cpu(prob);
+}
+
+void combine_cpu(const CombineParams& c) {
+  at::parallel_for(0, c.rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> o(c.head_dim_v);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float lse = combine_rows(c.lse_partial + r * c.lse_row_stride, c.lse_split_stride,
+                                     c.out_partial + r * c.op_row_stride, c.op_split_stride, c.num_splits,
+                                     c.head_dim_v, o.data());
+      store_row(c.out, c.out_dtype, r * c.head_dim_v, o.data(), c.head_dim_v);
+      c.lse[r] = lse;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fmha_combine(const at::Tensor& out_partial, const at::Tensor& lse_partial,
+                                                std::optional<at::ScalarType> out_dtype) {
+  CombineProblem prob = check_combine_inputs(out_partial, lse_partial, out_dtype);
+  at::Tensor out = at::empty(prob.out_shape, out_partial.options().dtype(prob.out_dtype));
+  at::Tensor lse = at::empty(prob.lse_shape, out_partial.options());
+  set_combine_outputs(prob, out, lse);
+  combine_cpu(prob.params);
+  return {out, lse};
+}
+
+void fmha_combine_out(const at::Tensor& out_partial, const at::Tensor& lse_partial, const at::Tensor& out,
+                      const at::Tensor& lse) {
+  CombineProblem prob = check_combine_inputs(out_partial, lse_partial, out.scalar_type());
+  set_combine_outputs(prob, out, lse);
+  combine_cpu(prob.params);
+}
+
+at::Tensor get_scheduler_metadata(int64_t batch_size, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                  int64_t num_heads_q, int64_t num_heads_kv, int64_t headdim,
+                                  int64_t headdim_v, at::ScalarType qkv_dtype, const at::Tensor& seqused_k,
+                                  const std::optional<at::Tensor>& cu_seqlens_q,
+                                  const std::optional<at::Tensor>& cu_seqlens_k,
+                                  const std::optional<at::Tensor>& cu_seqlens_k_new,
+                                  const std::optional<at::Tensor>& seqused_q,
+                                  const std::optional<at::Tensor>& cache_leftpad, std::optional<int64_t> page_size,
+                                  int64_t max_seqlen_k_new, bool causal, int64_t window_size_left,
+                                  int64_t window_size_right, int64_t attention_chunk, bool has_softcap,
+                                  int64_t num_splits, std::optional<bool> pack_gqa, int64_t sm_margin) {
+  const int splits = check_scheduler_args(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv,
+                                          headdim, headdim_v, seqused_k, max_seqlen_k_new, num_splits,
+                                          at::get_num_threads());
+  at::Tensor meta = at::empty({scheduler_metadata_size(batch_size)}, seqused_k.options().dtype(at::kInt));
+  meta.fill_(splits);
+  return meta;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mate, CPU, m) {
+  m.impl("fmha_fwd", &fmha_fwd);
+  m.impl("fmha_fwd_out", &fmha_fwd_out);
+  m.impl("fmha_combine", &fmha_combine);
+  m.impl("fmha_combine_out", &fmha_combine_out);
+  m.impl("get_scheduler_metadata", &get_scheduler_metadata);
+}
+
+}  // namespace mate::cpu

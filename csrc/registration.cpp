@@ -1,0 +1,54 @@
+// The one TORCH_LIBRARY(mate, m): every schema of torch.ops.mate.*, in one place.
+// Kernels register elsewhere (csrc/cpu_ref: CPU, csrc/musa: CUDA / PrivateUse1),
+// fake kernels in meta_kernels/ (Python).
+//
+// Rules (DESIGN.md): lengths and sizes are SymInt; mutated arguments are annotated
+// (a!); mutating ops return (); no returned tensor aliases an input. Never remove
+// or reorder an argument once released: append new ones at the end with defaults.
+// tests/test_schemas.py pins every string below.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing mate_ops._C (a normal Python extension module) runs the registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+// Arguments shared by fmha_fwd and fmha_fwd_out after (q, k, v[, out, lse]).
+#define MATE_FMHA_SCHEMA_ARGS                                                              \
+  "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "                                \
+  "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, "                                \
+  "Tensor? seqused_q=None, Tensor? seqused_k=None, Tensor? page_table=None, "            \
+  "Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, Tensor? qv=None, "          \
+  "Tensor? q_descale=None, Tensor? k_descale=None, Tensor? v_descale=None, "             \
+  "float? softmax_scale=None, bool causal=False, int window_size_left=-1, "              \
+  "int window_size_right=-1, Tensor? learnable_sink=None, int attention_chunk=0, "       \
+  "float softcap=0.0, Tensor? scheduler_metadata=None, int num_splits=1, "               \
+  "bool? pack_gqa=None, int cp_world_size=1, int cp_rank=0, Tensor? cp_tot_seqused_k=None"
+
+TORCH_LIBRARY(mate, m) {
+  // FMHA forward (SEMANTICS §1): dense / ragged / padded / paged, GQA, qv, fp8,
+  // masks, softcap, sink, splits, context parallel. Returns (out, lse).
+  m.def("fmha_fwd(Tensor q, Tensor k, Tensor v, " MATE_FMHA_SCHEMA_ARGS
+        ", ScalarType? out_dtype=None) -> (Tensor out, Tensor lse)");
+  // The same, writing into the caller's out and lse.
+  m.def("fmha_fwd_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, "
+        MATE_FMHA_SCHEMA_ARGS ") -> ()");
+  // Split-KV combine (SEMANTICS §2).
+  m.def("fmha_combine(Tensor out_partial, Tensor lse_partial, ScalarType? out_dtype=None) "
+        "-> (Tensor out, Tensor lse)");
+  m.def("fmha_combine_out(Tensor out_partial, Tensor lse_partial, Tensor(a!) out, "
+        "Tensor(b!) lse) -> ()");
+  // Scheduler metadata: int32 (batch_size + 1,), reusable across calls with the same arguments.
+  m.def("get_scheduler_metadata(SymInt batch_size, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+        "SymInt num_heads_q, SymInt num_heads_kv, SymInt headdim, SymInt headdim_v, "
+        "ScalarType qkv_dtype, Tensor seqused_k, Tensor? cu_seqlens_q=None, "
+        "Tensor? cu_seqlens_k=None, Tensor? cu_seqlens_k_new=None, Tensor? seqused_q=None, "
+        "Tensor? cache_leftpad=None, SymInt? page_size=None, SymInt max_seqlen_k_new=0, "
+        "bool causal=False, int window_size_left=-1, int window_size_right=-1, "
+        "int attention_chunk=0, bool has_softcap=False, int num_splits=0, bool? pack_gqa=None, "
+        "int sm_margin=0) -> Tensor");
+}

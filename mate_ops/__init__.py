@@ -1,0 +1,17 @@
+"""mate_ops: every attention entry point of Moore Threads' MATE as ``torch.ops.mate.*``
+custom ops (C++ CPU reference, device kernels, fake kernels), plus drop-in Python APIs.
+
+Importing the package registers the ops and their fake kernels.
+"""
+import torch  # noqa: F401  (the extension links against torch)
+
+from . import _C  # noqa: F401  registers the schemas and the compiled kernels
+from . import meta_kernels  # noqa: F401  registers the fake kernels
+from . import mha_interface, testing  # noqa: F401
+from .mha_interface import (  # noqa: F401
+    flash_attn_combine,
+    flash_attn_varlen_func,
+    get_scheduler_metadata,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,206 @@
+"""MATE's ``mate.mha_interface`` surface on ``torch.ops.mate``: same names, argument
+orders, defaults and return values as Moore Threads' MATE.
+
+Forward only: MATE's autograd backward is not implemented yet, so these functions
+return tensors that do not require grad.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._common import check_backend, default_device, normalize_window
+
+__all__ = ["flash_attn_varlen_func", "flash_attn_combine", "get_scheduler_metadata"]
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    seqused_q: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    page_table: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    qv: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
+    window_size: Union[Sequence[int], None] = (-1, -1),
+    learnable_sink: Optional[torch.Tensor] = None,
+    attention_chunk: int = 0,
+    softcap: float = 0.0,
+    scheduler_metadata: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    pack_gqa: Optional[bool] = None,
+    deterministic: bool = False,
+    sm_margin: int = 0,
+    return_softmax_lse: bool = False,
+    backend: str = "auto",
+    cp_world_size: int = 1,
+    cp_rank: int = 0,
+    cp_tot_seqused_k: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+):
+    """Flash attention forward over ragged, dense, padded or paged sequences (MATE signature).
+
+    Layouts (SEMANTICS §1): with ``cu_seqlens_q`` (int32, ``(B+1,)``) q is ``(total_q, H, D)``;
+    without it q is dense ``(B, Sq, H, D)``. k/v are ragged ``(total_k, Hk, D)`` with
+    ``cu_seqlens_k``, paged ``(num_pages, page_size, Hk, D)`` with ``page_table`` (int32
+    ``(B, max_pages)``; then ``seqused_k`` gives the key lengths), or dense ``(B, Sk, Hk, D)``.
+    ``seqused_q``/``seqused_k`` (int32 ``(B,)``) mark only the first rows of a sequence as real.
+
+    Args:
+        softmax_scale: defaults to ``1/sqrt(D)``, or ``1/sqrt(D + Dv)`` when ``qv`` is given.
+        causal / window_size / attention_chunk: bottom-right aligned masks; ``-1`` = unbounded.
+        qv: ``(..., H, Dv)``; adds ``scale * <qv_i, v_j>`` to the scores.
+        q_descale, k_descale, v_descale: fp32 ``(B, Hk)`` dequantization scales for float8 inputs.
+        learnable_sink: ``(H,)`` one unscaled logit per head that joins only the softmax denominator.
+        softcap: ``softcap * tanh(s / softcap)`` when > 0.
+        scheduler_metadata: from :func:`get_scheduler_metadata`; never changes the result.
+        num_splits: 1 = no split-KV, 0 = heuristic, n > 1 = n key splits merged exactly as
+            :func:`flash_attn_combine` does. ``pack_gqa`` is a hint too.
+        deterministic, sm_margin: accepted for compatibility; the forward is deterministic.
+        return_softmax_lse: also return the natural-log lse, fp32 ``(B, H, Sq)`` or ``(H, total_q)``.
+        backend: ``"auto"``, ``"mutlass"`` or ``"mubin"`` (MATE's MUSA kernel families); all
+            compute the same result here. Anything else raises ``ValueError``.
+        cp_world_size, cp_rank, cp_tot_seqused_k: context parallel; keys of this rank are the
+            global keys ``j * cp_world_size + cp_rank``; ``cp_tot_seqused_k`` int32 ``(B,)``.
+        out: optional output tensor, written in place and returned.
+
+    Returns:
+        ``out`` of shape ``q.shape[:-1] + (Dv,)`` (bf16 for float8 inputs), or ``(out, lse)``
+        when ``return_softmax_lse``.
+    """
+    check_backend(backend)
+    left, right = normalize_window(window_size)
+    args = dict(
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        seqused_q=seqused_q,
+        seqused_k=seqused_k,
+        page_table=page_table,
+        qv=qv,
+        q_descale=q_descale,
+        k_descale=k_descale,
+        v_descale=v_descale,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size_left=left,
+        window_size_right=right,
+        learnable_sink=learnable_sink,
+        attention_chunk=attention_chunk or 0,
+        softcap=softcap,
+        scheduler_metadata=scheduler_metadata,
+        num_splits=num_splits,
+        pack_gqa=pack_gqa,
+        cp_world_size=cp_world_size,
+        cp_rank=cp_rank,
+        cp_tot_seqused_k=cp_tot_seqused_k,
+    )
+    if out is None:
+        out, lse = torch.ops.mate.fmha_fwd(q, k, v, **args)
+    else:
+        lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+        lse = q.new_empty(lse_shape, dtype=torch.float32)
+        torch.ops.mate.fmha_fwd_out(q, k, v, out, lse, **args)
+    return (out, lse) if return_softmax_lse else out
+
+
+def flash_attn_combine(
+    out_partial: torch.Tensor,
+    lse_partial: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge split-KV partial results (SEMANTICS §2; MATE/FA3 signature).
+
+    Args:
+        out_partial: fp32 ``(num_splits, B, Sq, H, Dv)`` (or varlen ``(num_splits, total_q, H, Dv)``).
+        lse_partial: fp32 ``(num_splits, B, Sq, H)`` (or ``(num_splits, total_q, H)``), natural log.
+        out: optional output ``(B, Sq, H, Dv)``, written in place.
+        out_dtype: output dtype (fp32, fp16 or bf16); defaults to ``out.dtype`` or fp32.
+
+    Returns:
+        ``(out, lse)``: ``out = sum_s exp(lse_s - lse) * out_s`` with ``lse = logsumexp_s lse_s``;
+        splits whose lse is -inf or NaN weigh 0; all -inf gives 0 / -inf. lse is fp32 ``(B, Sq, H)``.
+    """
+    if out is None:
+        return torch.ops.mate.fmha_combine(out_partial, lse_partial, out_dtype)
+    if out_dtype is not None and out.dtype != out_dtype:
+        raise ValueError(f"out has dtype {out.dtype} but out_dtype is {out_dtype}")
+    lse = lse_partial.new_empty(lse_partial.shape[1:])
+    torch.ops.mate.fmha_combine_out(out_partial, lse_partial, out, lse)
+    return out, lse
+
+
+def get_scheduler_metadata(
+    batch_size: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_heads_q: int,
+    num_heads_kv: int,
+    headdim: int,
+    seqused_q: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    qkv_dtype: torch.dtype = torch.bfloat16,
+    headdim_v: Optional[int] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    cu_seqlens_k_new: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    page_size: Optional[int] = None,
+    max_seqlen_k_new: int = 0,
+    causal: bool = False,
+    window_size: Union[Sequence[int], None] = (-1, -1),
+    attention_chunk: int = 0,
+    has_softcap: bool = False,
+    num_splits: int = 0,
+    pack_gqa: Optional[bool] = None,
+    has_qv: bool = False,
+    mp_margin: int = 0,
+) -> torch.Tensor:
+    """Scheduling metadata for later attention calls with the same arguments (MATE signature).
+
+    ``seqused_k`` holds the key (cache) lengths, int32 ``(B,)``; when omitted every sequence is
+    taken to have ``max_seqlen_k`` keys. Returns an int32 tensor of shape ``(batch_size + 1,)``
+    (entry 0: the split count, entry ``1 + b``: splits of sequence b), on the device of the
+    given tensors. Its size depends only on ``batch_size``; passing it to an attention call gives
+    the same result as not passing it. ``has_qv`` and ``mp_margin`` are accepted for compatibility.
+    """
+    device = default_device(seqused_k, seqused_q, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new)
+    if seqused_k is None:
+        seqused_k = torch.full((batch_size,), max_seqlen_k, dtype=torch.int32, device=device)
+    left, right = normalize_window(window_size)
+    return torch.ops.mate.get_scheduler_metadata(
+        batch_size,
+        max_seqlen_q,
+        max_seqlen_k,
+        num_heads_q,
+        num_heads_kv,
+        headdim,
+        headdim_v if headdim_v is not None else headdim,
+        qkv_dtype,
+        seqused_k,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_k_new=cu_seqlens_k_new,
+        seqused_q=seqused_q,
+        cache_leftpad=cache_leftpad,
+        page_size=page_size,
+        max_seqlen_k_new=max_seqlen_k_new,
+        causal=causal,
+        window_size_left=left,
+        window_size_right=right,
+        attention_chunk=attention_chunk,
+        has_softcap=has_softcap,
+        num_splits=num_splits,
+        pack_gqa=pack_gqa,
+        sm_margin=mp_margin,
+    )
