@@ -317,6 +317,7 @@ void run_fmha(const FmhaParams& p) {
     for (int64_t b = b0; b < b1; ++b) {
       const SeqInfo s = seq_info(p, static_cast<int>(b));
       const int ns = item_splits[b];
+      if (ns == 1) continue;  // written directly by attend_tile
       for (int i = 0; i < s.q_len; ++i) {
         const int64_t grow_idx0 = global_row(p, s, static_cast<int>(b), i) * p.num_heads;
         const int64_t row = s.q_row0 + i;

@@ -1,0 +1,49 @@
+"""Shared pytest fixtures: the device fixture runs every test on each available device."""
+import pytest
+import torch
+
+import mate_ops  # noqa: F401  (registers torch.ops.mate.*)
+
+
+def _has_device_kernels(key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_fwd", key)
+
+
+def available_devices():
+    devices = ["cpu"]
+    if torch.cuda.is_available() and _has_device_kernels("CUDA"):
+        devices.append("cuda")
+    if hasattr(torch, "musa") and torch.musa.is_available() and _has_device_kernels("PrivateUse1"):
+        devices.append("musa")
+    return devices
+
+
+DEVICES = available_devices()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every device this build has kernels for: ``cpu`` always, ``cuda``/``musa`` when present."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: larger shapes, skipped unless --run-slow")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

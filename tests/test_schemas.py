@@ -1,0 +1,31 @@
+"""Pins the schema string of every op in the ``mate`` namespace (csrc/registration.cpp).
+
+Schemas are public API: never remove or reorder arguments. Append new ones at the
+end with defaults, then re-accept the pinned text with
+``EXPECTTEST_ACCEPT=1 python3 -m pytest tests/test_schemas.py`` and review the diff.
+"""
+import expecttest
+import torch
+
+import mate_ops  # noqa: F401  (registers torch.ops.mate.*)
+
+
+def mate_schemas() -> str:
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mate::"))
+    lines = []
+    for qualname in names:
+        name = qualname[len("mate::"):]
+        lines.append(str(getattr(torch.ops.mate, name).default._schema))
+    return "\n".join(lines)
+
+
+class TestSchemas(expecttest.TestCase):
+    def test_mate_schemas(self):
+        # Schemas are public API: never remove or reorder arguments; append new ones
+        # (with defaults) at the end, then re-accept with EXPECTTEST_ACCEPT=1.
+        self.assertExpectedInline(mate_schemas(), """\
+mate::fmha_combine(Tensor out_partial, Tensor lse_partial, ScalarType? out_dtype=None) -> (Tensor out, Tensor lse)
+mate::fmha_combine_out(Tensor out_partial, Tensor lse_partial, Tensor(a!) out, Tensor(b!) lse) -> ()
+mate::fmha_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, Tensor? seqused_q=None, Tensor? seqused_k=None, Tensor? page_table=None, Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, Tensor? qv=None, Tensor? q_descale=None, Tensor? k_descale=None, Tensor? v_descale=None, float? softmax_scale=None, bool causal=False, int window_size_left=-1, int window_size_right=-1, Tensor? learnable_sink=None, int attention_chunk=0, float softcap=0., Tensor? scheduler_metadata=None, int num_splits=1, bool? pack_gqa=None, int cp_world_size=1, int cp_rank=0, Tensor? cp_tot_seqused_k=None, ScalarType? out_dtype=None) -> (Tensor out, Tensor lse)
+mate::fmha_fwd_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, Tensor? seqused_q=None, Tensor? seqused_k=None, Tensor? page_table=None, Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, Tensor? qv=None, Tensor? q_descale=None, Tensor? k_descale=None, Tensor? v_descale=None, float? softmax_scale=None, bool causal=False, int window_size_left=-1, int window_size_right=-1, Tensor? learnable_sink=None, int attention_chunk=0, float softcap=0., Tensor? scheduler_metadata=None, int num_splits=1, bool? pack_gqa=None, int cp_world_size=1, int cp_rank=0, Tensor? cp_tot_seqused_k=None) -> ()
+mate::get_scheduler_metadata(SymInt batch_size, SymInt max_seqlen_q, SymInt max_seqlen_k, SymInt num_heads_q, SymInt num_heads_kv, SymInt headdim, SymInt headdim_v, ScalarType qkv_dtype, Tensor seqused_k, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, Tensor? cu_seqlens_k_new=None, Tensor? seqused_q=None, Tensor? cache_leftpad=None, SymInt? page_size=None, SymInt max_seqlen_k_new=0, bool causal=False, int window_size_left=-1, int window_size_right=-1, int attention_chunk=0, bool has_softcap=False, int num_splits=0, bool? pack_gqa=None, int sm_margin=0) -> Tensor""")
