@@ -39,33 +39,47 @@ inline float fast_exp(float x) {
   return x < -87.f ? 0.f : y;
 }
 
+// Reductions keep kLanes independent partial results so the compiler vectorizes them
+// without -ffast-math (a single running sum or max would be a serial dependency).
+constexpr int kLanes = 16;
+
 // s = scale * s (then softcap * tanh(s / softcap) when softcap > 0); returns max(s).
 inline float scale_softcap_max(float* s, int n, float scale, float softcap) {
-  float mx = -INFINITY;
   if (softcap > 0.f) {
     const float inv = scale / softcap;
-    for (int i = 0; i < n; ++i) {
-      s[i] = softcap * std::tanh(s[i] * inv);
-      mx = s[i] > mx ? s[i] : mx;
-    }
-  } else {
-    for (int i = 0; i < n; ++i) {
-      s[i] *= scale;
-      mx = s[i] > mx ? s[i] : mx;
-    }
+    for (int i = 0; i < n; ++i) s[i] = softcap * std::tanh(s[i] * inv);
   }
+  float lane[kLanes];
+  for (int j = 0; j < kLanes; ++j) lane[j] = -INFINITY;
+  const float mul = softcap > 0.f ? 1.f : scale;
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const float x = s[i + j] * mul;
+      s[i + j] = x;
+      lane[j] = x > lane[j] ? x : lane[j];
+    }
+  for (; i < n; ++i) {
+    s[i] *= mul;
+    lane[0] = s[i] > lane[0] ? s[i] : lane[0];
+  }
+  float mx = lane[0];
+  for (int j = 1; j < kLanes; ++j) mx = lane[j] > mx ? lane[j] : mx;
   return mx;
 }
 
-// p[i] = exp(s[i] - m) in type T; returns sum of the fp32 values.
+// p[i] = exp(s[i] - m) in type T (s is overwritten with the fp32 values); returns their sum.
 template <typename T>
-inline float exp_shift_store(const float* s, int n, float m, T* p) {
+inline float exp_shift_store(float* s, int n, float m, T* p) {
+  for (int i = 0; i < n; ++i) s[i] = fast_exp(s[i] - m);
+  float lane[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += s[i + j];
+  for (; i < n; ++i) lane[0] += s[i];
+  for (int j = 0; j < n; ++j) p[j] = static_cast<T>(s[j]);
   float sum = 0.f;
-  for (int i = 0; i < n; ++i) {
-    const float e = fast_exp(s[i] - m);
-    sum += e;
-    p[i] = static_cast<T>(e);
-  }
+  for (int j = 0; j < kLanes; ++j) sum += lane[j];
   return sum;
 }
 

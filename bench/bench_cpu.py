@@ -1,0 +1,118 @@
+"""CPU benchmark: mate_ops FMHA forward vs torch.nn.functional.scaled_dot_product_attention
+on the same tensors, in one run. Prints a markdown table (times, TFLOP/s, ratio).
+
+    python3 bench/bench_cpu.py             # the table of docs/performance.md
+    python3 bench/bench_cpu.py --quick     # fewer repetitions
+
+ratio = SDPA time / our time (> 1: we are faster). FLOPs are counted as
+4 * H * D * sum(Sq * Sk_eff) (QK^T and PV; causal halves Sk_eff), as in DESIGN.md.
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mate_ops  # noqa: F401
+from mate_ops import mha_interface as mi
+from mate_ops import testing as T
+
+
+def timeit(fn, reps):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def causal_pairs(sq, sk, causal):
+    if not causal:
+        return sq * sk
+    return sum(min(sk, max(0, i + sk - sq + 1)) for i in range(sq))
+
+
+def row(name, ours, peer, flops):
+    return f"| {name} | {ours * 1e3:.1f} | {peer * 1e3:.1f} | {flops / ours / 1e9:.0f} | {flops / peer / 1e9:.0f} | {peer / ours:.2f} |"
+
+
+def dense_case(B, H, S, D, causal, dtype, reps):
+    q = torch.randn(B, S, H, D, dtype=dtype)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA's (B, H, S, D) views of the same data
+    ours = timeit(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal), reps)
+    peer = timeit(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), reps)
+    flops = 4 * B * H * D * causal_pairs(S, S, causal)
+    name = f"B{B} H{H} S{S} D{D} {'causal' if causal else 'full'} {str(dtype).split('.')[-1]}"
+    return row(name, ours, peer, flops)
+
+
+def varlen_case(lens, H, D, dtype, reps):
+    """Ragged batch: we run it as is; SDPA needs padding to the longest length and a mask."""
+    cu = T.random_cu_seqlens(lens)
+    q = torch.randn(sum(lens), H, D, dtype=dtype)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    B, S = len(lens), max(lens)
+    pad = lambda x: torch.stack([torch.nn.functional.pad(x[cu[b]:cu[b + 1]], (0, 0, 0, 0, 0, S - lens[b]))  # noqa: E731
+                                 for b in range(B)]).transpose(1, 2)
+    causal_mask = torch.ones(S, S, dtype=torch.bool).tril()
+    valid = torch.arange(S)[None, :] < torch.tensor(lens)[:, None]
+    mask = (causal_mask[None] & valid[:, None, :])[:, None]  # (B, 1, S, S)
+
+    ours = timeit(lambda: mi.flash_attn_varlen_func(q, k, v, cu, cu, S, S, causal=True), reps)
+    peer = timeit(lambda: F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask), reps)
+    flops = 4 * H * D * sum(causal_pairs(n, n, True) for n in lens)
+    return row(f"varlen {lens} H{H} D{D} causal {str(dtype).split('.')[-1]} (SDPA padded)", ours, peer, flops)
+
+
+PEAK_MEMORY = r"""
+import sys, time, torch, mate_ops
+import torch.nn.functional as F
+def hwm():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024
+S, which = int(sys.argv[1]), sys.argv[2]
+q = torch.randn(1, S, 4, 64, dtype=torch.bfloat16); k = torch.randn_like(q); v = torch.randn_like(q)
+base = hwm(); t = time.perf_counter()
+if which == 'ours':
+    torch.ops.mate.fmha_fwd(q, k, v, causal=True)
+else:
+    F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+print(f"{hwm() - base:.0f} {time.perf_counter() - t:.2f}")
+"""
+
+
+def peak_memory(seqlen, which):
+    res = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(seqlen), which], capture_output=True, text=True)
+    if res.returncode != 0:
+        return f"failed: {res.stderr.strip().splitlines()[-1]}"
+    mib, secs = res.stdout.split()
+    return f"peak RSS growth {mib} MiB, {secs} s"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    reps = 2 if args.quick else 5
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU BLAS symbols from torch; "
+          f"ratio = SDPA time / our time\n")
+    print("| shape | ours ms | SDPA ms | ours GFLOP/s | SDPA GFLOP/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    for case in [(1, 16, 2048, 128, True, bf16), (1, 16, 2048, 128, False, fp32), (4, 32, 512, 64, True, bf16),
+                 (2, 8, 1024, 256, True, fp16), (1, 16, 2048, 128, True, fp32), (1, 16, 2048, 128, False, bf16)]:
+        print(dense_case(*case, reps=reps), flush=True)
+    print(varlen_case([1500, 200, 700, 64], 16, 128, bf16, reps), flush=True)
+    print()
+    print(f"one 32k-token causal sequence (H4 D64 bf16), ours: {peak_memory(32768, 'ours')}")
+    print(f"same with SDPA:                                  {peak_memory(32768, 'sdpa')}")
+
+
+if __name__ == "__main__":
+    main()
