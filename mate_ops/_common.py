@@ -10,7 +10,7 @@ def normalize_window(window_size: Union[Sequence[int], None]) -> Tuple[int, int]
     """MATE/FA3 ``window_size``: a ``(left, right)`` pair, ``-1`` (or ``None``) = unbounded."""
     if window_size is None:
         return -1, -1
-    if len(window_size) != 2:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a (left, right) pair, got {window_size!r}")
     left, right = (int(w) for w in window_size)
     # any negative side means unbounded (FA3 treats every negative value so)

@@ -107,7 +107,11 @@ def flash_attn_varlen_func(
     if out is None:
         out, lse = torch.ops.mate.fmha_fwd(q, k, v, **args)
     else:
-        lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+        ragged = cu_seqlens_q is not None
+        if q.dim() != (3 if ragged else 4):
+            raise ValueError(f"q must be {'(total_q, H, D) with cu_seqlens_q' if ragged else '(B, Sq, H, D)'}, "
+                             f"got shape {tuple(q.shape)}")
+        lse_shape = (q.shape[1], q.shape[0]) if ragged else (q.shape[0], q.shape[2], q.shape[1])
         lse = q.new_empty(lse_shape, dtype=torch.float32)
         torch.ops.mate.fmha_fwd_out(q, k, v, out, lse, **args)
     return (out, lse) if return_softmax_lse else out
@@ -176,6 +180,8 @@ def get_scheduler_metadata(
     """
     device = default_device(seqused_k, seqused_q, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new)
     if seqused_k is None:
+        if batch_size < 0 or max_seqlen_k < 0:
+            raise ValueError(f"batch_size and max_seqlen_k must be >= 0, got {batch_size} and {max_seqlen_k}")
         seqused_k = torch.full((batch_size,), max_seqlen_k, dtype=torch.int32, device=device)
     left, right = normalize_window(window_size)
     return torch.ops.mate.get_scheduler_metadata(

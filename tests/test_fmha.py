@@ -158,6 +158,14 @@ def test_padded_seqused(device):
     check_fmha(q, k, v, device=device, seqused_q=seqused_q, seqused_k=seqused_k, causal=True)
 
 
+def test_varlen_seqused_k_past_own_segment(device):
+    """FA3: sequence b reads seqused_k[b] keys from cu_seqlens_k[b], even past cu_seqlens_k[b+1]."""
+    lq, lk = [3, 4], [5, 6]
+    q, k, v = rand(7, 2, 64), rand(11, 2, 64), rand(11, 2, 64)
+    check_fmha(q, k, v, device=device, cu_seqlens_q=T.random_cu_seqlens(lq), cu_seqlens_k=T.random_cu_seqlens(lk),
+               max_seqlen_q=4, max_seqlen_k=8, seqused_k=torch.tensor([8, 2], dtype=torch.int32))
+
+
 def test_varlen_q_dense_k_with_seqused(device):
     lq = [4, 9, 1]
     q = rand(sum(lq), 4, 64)

@@ -41,6 +41,11 @@ void check_int32_vector(const std::optional<at::Tensor>& t, const char* name, in
   check_same_device(*t, q, name);
 }
 
+// Integer options are int64 in the schema and int in the kernels: refuse what does not fit.
+void check_int_range(int64_t value, int64_t lo, const char* name) {
+  TORCH_CHECK(value >= lo && value <= INT32_MAX, name, " must be in [", lo, ", 2^31 - 1], got ", value);
+}
+
 const int32_t* int_ptr(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<int32_t>() : nullptr;
 }
@@ -86,6 +91,8 @@ FmhaProblem check_fmha_inputs(const FmhaInputs& in) {
   TORCH_CHECK(!(paged && in.cu_seqlens_k), "page_table and cu_seqlens_k cannot both be given: "
               "a paged cache takes its key lengths from seqused_k");
   const bool k_ragged = in.cu_seqlens_k.has_value();
+  TORCH_CHECK(!(k_ragged && in.cache_batch_idx), "cache_batch_idx selects rows of a dense or paged "
+              "cache and cannot be used with cu_seqlens_k (ragged k)");
   TORCH_CHECK(q.dim() == (q_ragged ? 3 : 4), "q must be ",
               q_ragged ? "(total_q, num_heads, head_dim) when cu_seqlens_q is given"
                        : "(batch_size, seqlen_q, num_heads, head_dim)",
@@ -101,13 +108,14 @@ FmhaProblem check_fmha_inputs(const FmhaInputs& in) {
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
 
-  const int64_t batch = q_ragged ? in.cu_seqlens_q->size(0) - 1 : q.size(0);
   TORCH_CHECK(!q_ragged || in.cu_seqlens_q->dim() == 1,
               "cu_seqlens_q must be 1-D (batch_size + 1), got shape ", in.cu_seqlens_q->sizes());
+  const int64_t batch = q_ragged ? in.cu_seqlens_q->size(0) - 1 : q.size(0);
   TORCH_CHECK(batch >= 1 || (q_ragged && batch == 0) || (!q_ragged && q.size(0) == 0),
               "cu_seqlens_q must have at least 1 entry");
   const int64_t heads = q.size(-2), heads_k = k.size(-2);
   const int64_t head_dim = q.size(-1), head_dim_v = v.size(-1);
+  TORCH_CHECK(heads >= 1, "q must have at least one head, got num_heads = ", heads);
   TORCH_CHECK(heads_k >= 1 && heads % heads_k == 0, "num_heads (", heads,
               ") must be a multiple of num_heads_k (", heads_k, ")");
   TORCH_CHECK(k.size(-1) == head_dim, "k head_dim (", k.size(-1), ") must equal q head_dim (",
@@ -155,10 +163,11 @@ FmhaProblem check_fmha_inputs(const FmhaInputs& in) {
   }
 
   // options
-  TORCH_CHECK(in.window_size_left >= -1 && in.window_size_right >= -1,
-              "window_size entries must be >= -1 (-1 = unbounded), got (", in.window_size_left, ", ",
-              in.window_size_right, ")");
-  TORCH_CHECK(in.attention_chunk >= 0, "attention_chunk must be >= 0, got ", in.attention_chunk);
+  check_int_range(in.window_size_left, -1, "window_size_left (-1 = unbounded)");
+  check_int_range(in.window_size_right, -1, "window_size_right (-1 = unbounded)");
+  check_int_range(in.attention_chunk, 0, "attention_chunk");
+  check_int_range(in.cp_world_size, 1, "cp_world_size");
+  check_int_range(in.cp_rank, 0, "cp_rank");
   TORCH_CHECK(in.softcap >= 0 && std::isfinite(in.softcap), "softcap must be a finite value >= 0, got ", in.softcap);
   TORCH_CHECK(in.num_splits >= 0 && in.num_splits <= kMaxSplits, "num_splits must be in [0, ",
               kMaxSplits, "], got ", in.num_splits);
@@ -318,11 +327,13 @@ void check_fmha_index_values(const FmhaParams& p) {
     if (p.seqused_q)
       TORCH_CHECK(p.seqused_q[b] >= 0 && p.seqused_q[b] <= q_full, "seqused_q[", b, "] = ",
                   p.seqused_q[b], " must be in [0, ", q_full, "]");
-    int cap = p.k_is_ragged ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : p.seqlen_k;
+    // a ragged sequence may use keys past its cu_seqlens_k segment, as long as they lie in k (FA3)
+    int cap = p.k_is_ragged ? p.total_k - p.cu_seqlens_k[b] : p.seqlen_k;
     if (p.seqused_k)
       TORCH_CHECK(p.seqused_k[b] >= 0 && p.seqused_k[b] <= cap, "seqused_k[", b, "] = ",
                   p.seqused_k[b], " must be in [0, ", cap, "] (the key capacity of sequence ", b, ")");
-    const int end = p.seqused_k ? p.seqused_k[b] : cap;
+    const int own = p.k_is_ragged ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : p.seqlen_k;
+    const int end = p.seqused_k ? p.seqused_k[b] : own;
     if (p.cache_leftpad)
       TORCH_CHECK(p.cache_leftpad[b] >= 0 && p.cache_leftpad[b] <= end, "cache_leftpad[", b, "] = ",
                   p.cache_leftpad[b], " must be in [0, ", end, "]");
@@ -347,10 +358,14 @@ int check_scheduler_args(int64_t batch_size, int64_t max_seqlen_q, int64_t max_s
                          int64_t num_heads_q, int64_t num_heads_kv, int64_t headdim,
                          int64_t headdim_v, const at::Tensor& seqused_k, int64_t max_seqlen_k_new,
                          int64_t num_splits, int num_workers) {
-  TORCH_CHECK(batch_size >= 0, "batch_size must be >= 0, got ", batch_size);
-  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_k_new >= 0,
-              "max_seqlen_q, max_seqlen_k and max_seqlen_k_new must be >= 0");
-  TORCH_CHECK(num_heads_kv >= 1 && num_heads_q % num_heads_kv == 0, "num_heads_q (", num_heads_q,
+  check_int_range(batch_size, 0, "batch_size");
+  check_int_range(max_seqlen_q, 0, "max_seqlen_q");
+  check_int_range(max_seqlen_k, 0, "max_seqlen_k");
+  check_int_range(max_seqlen_k_new, 0, "max_seqlen_k_new");
+  TORCH_CHECK(max_seqlen_k + max_seqlen_k_new <= INT32_MAX, "max_seqlen_k + max_seqlen_k_new must fit in int32");
+  check_int_range(num_heads_q, 1, "num_heads_q");
+  check_int_range(num_heads_kv, 1, "num_heads_kv");
+  TORCH_CHECK(num_heads_q % num_heads_kv == 0, "num_heads_q (", num_heads_q,
               ") must be a multiple of num_heads_kv (", num_heads_kv, ")");
   TORCH_CHECK(headdim >= 1 && headdim <= kMaxHeadDim && headdim_v >= 1 && headdim_v <= kMaxHeadDim,
               "headdim and headdim_v must be in [1, ", kMaxHeadDim, "], got ", headdim, " and ", headdim_v);

@@ -93,7 +93,8 @@ MATE_HD void split_key_range(int k_len, int block, int split, int num_splits, in
 // query block) units cannot fill the machine (SMs on a GPU, threads on the CPU).
 MATE_HD int num_splits_heuristic(int64_t work_units, int num_workers, int num_key_blocks,
                                  int max_splits) {
-  if (num_key_blocks <= 1 || work_units * 5 >= static_cast<int64_t>(num_workers) * 4) return 1;
+  if (num_key_blocks <= 1 || work_units <= 0 || work_units * 5 >= static_cast<int64_t>(num_workers) * 4)
+    return 1;
   int splits = static_cast<int>((num_workers + work_units - 1) / work_units);
   splits = imin(splits, num_key_blocks);
   splits = imin(splits, max_splits);
