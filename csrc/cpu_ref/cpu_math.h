@@ -77,7 +77,8 @@ inline float exp_shift_store(float* s, int n, float m, T* p) {
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) lane[j] += s[i + j];
   for (; i < n; ++i) lane[0] += s[i];
-  for (int j = 0; j < n; ++j) p[j] = static_cast<T>(s[j]);
+  if (static_cast<const void*>(p) != static_cast<const void*>(s))
+    for (int j = 0; j < n; ++j) p[j] = static_cast<T>(s[j]);
   float sum = 0.f;
   for (int j = 0; j < kLanes; ++j) sum += lane[j];
   return sum;

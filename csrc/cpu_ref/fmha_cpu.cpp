@@ -136,7 +136,10 @@ void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, 
     }
 
     float* S = grow(sc.s, static_cast<size_t>(M) * kKeysPerTile);
-    MT* P = grow(sc.p, static_cast<size_t>(M) * kKeysPerTile);
+    // Probabilities in the GEMM's input type; for fp32 they overwrite the scores in place.
+    MT* P;
+    if constexpr (std::is_same_v<MT, float>) P = S;
+    else P = grow(sc.p, static_cast<size_t>(M) * kKeysPerTile);
     for (int n0 = kmin; n0 < kmax; n0 += kKeysPerTile) {
       const int n = imin(kKeysPerTile, kmax - n0);
       // K / V tiles: read in place when the keys are one strided run of the same type,
