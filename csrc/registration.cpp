@@ -42,6 +42,18 @@ TORCH_LIBRARY(mate, m) {
         "-> (Tensor out, Tensor lse)");
   m.def("fmha_combine_out(Tensor out_partial, Tensor lse_partial, Tensor(a!) out, "
         "Tensor(b!) lse) -> ()");
+  // KV cache (SEMANTICS §1 "Append and rotary"): writes new keys/values in place at
+  // [cache_seqlens[b], cache_seqlens[b] + new_len[b]) of a dense or paged cache; keys are
+  // rotated at rotary_seqlens (or cache_seqlens) + t when rotary tables are given.
+  m.def("kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
+        "Tensor cache_seqlens, Tensor? cu_seqlens_k_new=None, Tensor? page_table=None, "
+        "Tensor? cache_batch_idx=None, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
+        "Tensor? rotary_seqlens=None, bool rotary_interleaved=True) -> ()");
+  // Rotary embedding of q: row t of sequence b at seqlen_offsets[b] + t (positions_per_row)
+  // or every row at seqlen_offsets[b].
+  m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, Tensor seqlen_offsets, "
+        "Tensor? cu_seqlens=None, SymInt? max_seqlen=None, bool interleaved=True, "
+        "bool positions_per_row=True) -> Tensor");
   // Scheduler metadata: int32 (batch_size + 1,), reusable across calls with the same arguments.
   m.def("get_scheduler_metadata(SymInt batch_size, SymInt max_seqlen_q, SymInt max_seqlen_k, "
         "SymInt num_heads_q, SymInt num_heads_kv, SymInt headdim, SymInt headdim_v, "

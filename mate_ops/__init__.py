@@ -11,6 +11,7 @@ from . import mha_interface, testing  # noqa: F401
 from .mha_interface import (  # noqa: F401
     flash_attn_combine,
     flash_attn_varlen_func,
+    flash_attn_with_kvcache,
     get_scheduler_metadata,
 )
 

@@ -10,7 +10,7 @@ import torch
 
 from ._common import check_backend, default_device, normalize_window
 
-__all__ = ["flash_attn_varlen_func", "flash_attn_combine", "get_scheduler_metadata"]
+__all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "flash_attn_combine", "get_scheduler_metadata"]
 
 
 def flash_attn_varlen_func(
@@ -115,6 +115,138 @@ def flash_attn_varlen_func(
         lse = q.new_empty(lse_shape, dtype=torch.float32)
         torch.ops.mate.fmha_fwd_out(q, k, v, out, lse, **args)
     return (out, lse) if return_softmax_lse else out
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    qv: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    page_table: Optional[torch.Tensor] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k_new: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    rotary_seqlens: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Union[Sequence[int], None] = (-1, -1),
+    learnable_sink: Optional[torch.Tensor] = None,
+    attention_chunk: int = 0,
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    scheduler_metadata: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    pack_gqa: Optional[bool] = None,
+    sm_margin: int = 0,
+    return_softmax_lse: bool = False,
+    cp_world_size: int = 1,
+    cp_rank: int = 0,
+    cp_tot_seqused_k: Optional[torch.Tensor] = None,
+):
+    """Attention against a kv cache, optionally appending new keys/values first (MATE signature).
+
+    Steps (SEMANTICS §1, "Append and rotary"):
+
+    1. With ``rotary_cos``/``rotary_sin`` (``(seqlen_ro, R/2)``, q's dtype, ``R % 16 == 0``,
+       ``R <= D``; only together with ``k``/``v``), q is rotated: row t of sequence b at
+       position ``off[b] + t`` when causal or local, else every row at ``off[b]``, where
+       ``off = rotary_seqlens`` if given, else ``cache_seqlens``. ``rotary_interleaved``
+       picks GPT-J pairs ``(2m, 2m+1)`` (True) or NeoX pairs ``(m, m + R/2)`` (False).
+    2. With ``k``/``v`` (``(B, Snew, Hk, D)``, or packed ``(total_new, Hk, D)`` with
+       ``cu_seqlens_k_new``), the new keys (rotated at ``off[b] + t``) and values are written
+       in place into ``k_cache``/``v_cache`` at ``[cache_seqlens[b], cache_seqlens[b] + new_len)``
+       of sequence b's cache row (``cache_batch_idx[b]`` or b; through ``page_table`` when paged).
+    3. Attention of q over keys ``[cache_leftpad[b], cache_seqlens[b] + new_len)`` of the cache.
+
+    Args:
+        q: ``(B, Sq, H, D)``, or ``(total_q, H, D)`` with ``cu_seqlens_q`` and ``max_seqlen_q``.
+        k_cache, v_cache: dense ``(B_cache, Sk, Hk, D/Dv)`` or paged ``(num_pages, page_size, Hk, D/Dv)``
+            with ``page_table`` int32 ``(B, max_pages)``. Modified in place when ``k``/``v`` are given.
+        cache_seqlens: int or int32 ``(B,)``: keys already in each cache row (absolute end index,
+            counting left padding). Defaults to the full dense cache length.
+        qv, q_descale, k_descale, v_descale, softmax_scale, causal, window_size, learnable_sink,
+        attention_chunk, softcap, scheduler_metadata, num_splits, pack_gqa, cp_*: as in
+            :func:`flash_attn_varlen_func`. ``num_splits=0`` (the default) picks splits by heuristic.
+        sm_margin: accepted for compatibility.
+
+    Returns:
+        ``out`` (``q.shape[:-1] + (Dv,)``), or with ``return_softmax_lse`` what MATE returns:
+        ``(out, lse, out_accum, lse_accum)``. We merge splits inside the op, so the two
+        accumulators are empty tensors. MATE's MLA route (q head dim 64 with a 512-wide ``qv``)
+        returns ``(out, lse)``.
+    """
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if rotary_cos is not None and k is None:
+        raise ValueError("rotary_cos/rotary_sin are only used when appending new keys: pass k and v too")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    left, right = normalize_window(window_size)
+    batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+    if cache_seqlens is None:
+        if page_table is not None:
+            raise ValueError("cache_seqlens is required with page_table")
+        cache_seqlens = torch.full((batch,), k_cache.shape[1], dtype=torch.int32, device=q.device)
+        if k is not None:
+            raise ValueError("cache_seqlens is required when appending k/v")
+    elif isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+
+    seqused_k = cache_seqlens
+    if k is not None:
+        offsets = rotary_seqlens if rotary_seqlens is not None else cache_seqlens
+        if rotary_cos is not None:
+            per_row = causal or left >= 0 or right >= 0
+            q = torch.ops.mate.rotary_embedding(q, rotary_cos, rotary_sin, offsets, cu_seqlens_q, max_seqlen_q,
+                                                rotary_interleaved, per_row)
+        torch.ops.mate.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_k_new, page_table,
+                                      cache_batch_idx, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved)
+        if cu_seqlens_k_new is not None:
+            seqused_k = cache_seqlens + (cu_seqlens_k_new[1:] - cu_seqlens_k_new[:-1])
+        else:
+            seqused_k = cache_seqlens + k.shape[1]
+
+    out, lse = torch.ops.mate.fmha_fwd(
+        q, k_cache, v_cache,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max_seqlen_q,
+        seqused_k=seqused_k,
+        page_table=page_table,
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        qv=qv,
+        q_descale=q_descale,
+        k_descale=k_descale,
+        v_descale=v_descale,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size_left=left,
+        window_size_right=right,
+        learnable_sink=learnable_sink,
+        attention_chunk=attention_chunk or 0,
+        softcap=softcap,
+        scheduler_metadata=scheduler_metadata,
+        num_splits=num_splits,
+        pack_gqa=pack_gqa,
+        cp_world_size=cp_world_size,
+        cp_rank=cp_rank,
+        cp_tot_seqused_k=cp_tot_seqused_k,
+    )
+    if not return_softmax_lse:
+        return out
+    if qv is not None and q.shape[-1] == 64 and qv.shape[-1] == 512:
+        return out, lse  # MATE's MLA route returns two values
+    return out, lse, out.new_empty(0, dtype=torch.float32), lse.new_empty(0)
 
 
 def flash_attn_combine(

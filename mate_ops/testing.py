@@ -51,6 +51,8 @@ Tensor = torch.Tensor
 __all__ = [
     "fmha_ref",
     "combine_ref",
+    "rotary_ref",
+    "kvcache_append_ref",
     "assert_close_fa3",
     "DEFAULT_ATOL",
     "poison_",
@@ -467,6 +469,74 @@ def fmha_ref(
             lse[b, :, :sq] = lse_b
 
     return out.to(device=q.device, dtype=out_dtype), lse.to(device=q.device, dtype=torch.float32)
+
+
+def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor, positions: Sequence[int], interleaved: bool = True) -> Tensor:
+    """Rotary embedding of SEMANTICS §1 for rows of ``x`` ``(rows, H, D)``.
+
+    Row r is rotated at ``positions[r]``: with ``R = 2 * cos.shape[1]``, channel pairs
+    ``(2m, 2m+1)`` (``interleaved``, GPT-J) or ``(m, m + R/2)`` (NeoX) become
+    ``(x1 cos - x2 sin, x1 sin + x2 cos)`` with ``cos = cos[p, m]``; channels ``>= R`` pass
+    through. Computed in fp64 and rounded once to ``x.dtype``.
+    """
+    R = 2 * cos.shape[1]
+    out = x.to(torch.float64).clone()
+    for r, pos in enumerate(int(p) for p in positions):
+        c = cos[pos].to(torch.float64)
+        s_ = sin[pos].to(torch.float64)
+        for m in range(R // 2):
+            c1, c2 = (2 * m, 2 * m + 1) if interleaved else (m, m + R // 2)
+            x1, x2 = out[r, :, c1].clone(), out[r, :, c2].clone()
+            out[r, :, c1] = x1 * c[m] - x2 * s_[m]
+            out[r, :, c2] = x1 * s_[m] + x2 * c[m]
+    return out.to(x.dtype)
+
+
+def kvcache_append_ref(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_seqlens: Sequence[int],
+    *,
+    cu_seqlens_k_new: Optional[Tensor] = None,
+    page_table: Optional[Tensor] = None,
+    cache_batch_idx: Optional[Tensor] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    rotary_seqlens: Optional[Sequence[int]] = None,
+    rotary_interleaved: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """The caches after ``kvcache_append`` (SEMANTICS §1, "Append and rotary"), as new tensors.
+
+    New key t of sequence b (``k[b, t]``, or packed row ``cu_seqlens_k_new[b] + t``) goes to
+    position ``cache_seqlens[b] + t`` of cache row ``cache_batch_idx[b]`` (or b): directly in a
+    dense cache, or at ``[page_table[row, pos // P], pos % P]`` in a paged one. Keys are rotated
+    (see :func:`rotary_ref`) at ``rotary_seqlens[b] + t`` (default ``cache_seqlens[b] + t``).
+    Nothing else changes.
+    """
+    kc, vc = k_cache.clone(), v_cache.clone()
+    lens = [int(x) for x in cache_seqlens]
+    B = len(lens)
+    offs = [int(x) for x in rotary_seqlens] if rotary_seqlens is not None else lens
+    for b in range(B):
+        if cu_seqlens_k_new is not None:
+            rows = range(int(cu_seqlens_k_new[b]), int(cu_seqlens_k_new[b + 1]))
+            kb, vb = k[list(rows)], v[list(rows)]
+        else:
+            kb, vb = k[b], v[b]
+        if rotary_cos is not None and kb.shape[0] > 0:
+            kb = rotary_ref(kb, rotary_cos, rotary_sin, [offs[b] + t for t in range(kb.shape[0])], rotary_interleaved)
+        row = int(cache_batch_idx[b]) if cache_batch_idx is not None else b
+        for t in range(kb.shape[0]):
+            pos = lens[b] + t
+            if page_table is not None:
+                P = kc.shape[1]
+                page = int(page_table[row, pos // P])
+                kc[page, pos % P], vc[page, pos % P] = kb[t], vb[t]
+            else:
+                kc[row, pos], vc[row, pos] = kb[t], vb[t]
+    return kc, vc
 
 
 def combine_ref(

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "fmha_math.h"
+#include "check_utils.h"
 #include "scheduler.h"
 
 namespace mate {
@@ -18,37 +19,6 @@ DType to_dtype(at::ScalarType t) {
 }
 
 namespace {
-
-void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.device() == q.device(), name, " must be on the same device as q (", q.device(),
-              "), got ", t.device());
-}
-
-void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
-              " must have a contiguous last dimension (stride 1), got stride ", t.stride(-1));
-}
-
-// An int32 vector of `len` entries (len < 0: any length), on q's device.
-void check_int32_vector(const std::optional<at::Tensor>& t, const char* name, int64_t len,
-                        const at::Tensor& q) {
-  if (!t) return;
-  TORCH_CHECK(t->scalar_type() == at::kInt, name, " must be int32, got ", t->scalar_type());
-  TORCH_CHECK(t->dim() == 1, name, " must be 1-D, got shape ", t->sizes());
-  TORCH_CHECK(len < 0 || t->size(0) == len, name, " must have ", len, " entries, got ",
-              t->size(0));
-  TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
-  check_same_device(*t, q, name);
-}
-
-// Integer options are int64 in the schema and int in the kernels: refuse what does not fit.
-void check_int_range(int64_t value, int64_t lo, const char* name) {
-  TORCH_CHECK(value >= lo && value <= INT32_MAX, name, " must be in [", lo, ", 2^31 - 1], got ", value);
-}
-
-const int32_t* int_ptr(const std::optional<at::Tensor>& t) {
-  return t ? t->data_ptr<int32_t>() : nullptr;
-}
 
 void check_descale(const std::optional<at::Tensor>& t, const char* name, int64_t batch,
                    int64_t heads_k, const at::Tensor& q, const float*& ptr, int64_t& sb,
