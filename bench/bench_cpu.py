@@ -70,6 +70,33 @@ def varlen_case(lens, H, D, dtype, reps):
     return row(f"varlen {lens} H{H} D{D} causal {str(dtype).split('.')[-1]} (SDPA padded)", ours, peer, flops)
 
 
+def decode_case(page_size, reps, B=32, Sk=4096, H=32, Hk=8, D=128, dtype=torch.bfloat16):
+    """One decode step on a paged cache: append one token + attend. Peer: gather the pages into a
+    dense cache, then SDPA (with GQA) on it. GB/s counts the K and V bytes one step must read."""
+    pages_per_seq = (Sk + 1 + page_size - 1) // page_size
+    num_pages = B * pages_per_seq
+    k_cache = torch.randn(num_pages, page_size, Hk, D, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    page_table = torch.randperm(num_pages, dtype=torch.int32).view(B, pages_per_seq)
+    cache_seqlens = torch.full((B,), Sk - 1, dtype=torch.int32)
+    q = torch.randn(B, 1, H, D, dtype=dtype)
+    k_new, v_new = torch.randn(B, 1, Hk, D, dtype=dtype), torch.randn(B, 1, Hk, D, dtype=dtype)
+
+    def ours():
+        mi.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens,
+                                   page_table=page_table, causal=True)
+
+    def peer():
+        kd = k_cache[page_table.long()].flatten(1, 2)[:, :Sk].transpose(1, 2)  # (B, Hk, Sk, D)
+        vd = v_cache[page_table.long()].flatten(1, 2)[:, :Sk].transpose(1, 2)
+        F.scaled_dot_product_attention(q.transpose(1, 2), kd, vd, enable_gqa=True)
+
+    t_ours, t_peer = timeit(ours, reps), timeit(peer, reps)
+    nbytes = 2 * B * Sk * Hk * D * k_cache.element_size()
+    return (f"| paged decode P{page_size} B{B} Sk{Sk} H{H}/{Hk} D{D} bf16 | {t_ours * 1e3:.1f} | {t_peer * 1e3:.1f} | "
+            f"{nbytes / t_ours / 1e9:.1f} | {nbytes / t_peer / 1e9:.1f} | {t_peer / t_ours:.2f} |")
+
+
 PEAK_MEMORY = r"""
 import sys, time, torch, mate_ops
 import torch.nn.functional as F
@@ -109,6 +136,11 @@ def main():
                  (2, 8, 1024, 256, True, fp16), (1, 16, 2048, 128, True, fp32), (1, 16, 2048, 128, False, bf16)]:
         print(dense_case(*case, reps=reps), flush=True)
     print(varlen_case([1500, 200, 700, 64], 16, 128, bf16, reps), flush=True)
+    print()
+    print("| decode step (append 1 token + attention) | ours ms | gather + SDPA ms | ours K+V GB/s | peer K+V GB/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for page_size in (16, 64):
+        print(decode_case(page_size, reps), flush=True)
     print()
     print(f"one 32k-token causal sequence (H4 D64 bf16), ours: {peak_memory(32768, 'ours')}")
     print(f"same with SDPA:                                  {peak_memory(32768, 'sdpa')}")

@@ -59,6 +59,24 @@ def main():
     out = mi.flash_attn_varlen_func(q.to(dev), k.to(dev), v.to(dev), learnable_sink=sink.to(dev), num_splits=3)
     errors.append(report("learnable sink, 3 splits", out, T.fmha_ref(q, k, v, learnable_sink=sink)[0]))
 
+    print("flash_attn_with_kvcache: paged cache, append 1 token with NeoX rotary, then attend")
+    kd, vd = torch.randn(2, 128, 2, 64, dtype=bf16), torch.randn(2, 128, 2, 64, dtype=bf16)
+    kc, vc, pt = T.make_paged_kv(kd, vd, [128, 128], page_size=16)
+    lens = torch.tensor([40, 99], dtype=torch.int32)
+    qn, kn, vn = torch.randn(2, 1, 8, 64, dtype=bf16), torch.randn(2, 1, 2, 64, dtype=bf16), torch.randn(2, 1, 2, 64, dtype=bf16)
+    angle = torch.rand(256, 16, dtype=torch.float64) * 6.28
+    cos, sin = angle.cos().to(bf16), angle.sin().to(bf16)
+    kc_exp, vc_exp = T.kvcache_append_ref(kc, vc, kn, vn, lens, page_table=pt, rotary_cos=cos, rotary_sin=sin,
+                                          rotary_interleaved=False)
+    q_rot = T.rotary_ref(qn.flatten(0, 1), cos, sin, lens.tolist(), interleaved=False).view_as(qn)
+    ref = T.fmha_ref(q_rot, kc_exp, vc_exp, seqused_k=lens + 1, page_table=pt, causal=True)[0]
+    kc_d, vc_d = kc.to(dev), vc.to(dev)
+    out = mi.flash_attn_with_kvcache(qn.to(dev), kc_d, vc_d, kn.to(dev), vn.to(dev), rotary_cos=cos.to(dev),
+                                     rotary_sin=sin.to(dev), cache_seqlens=lens.to(dev), page_table=pt.to(dev),
+                                     causal=True, rotary_interleaved=False)
+    errors.append(report("decode step output", out, ref))
+    errors.append(report("cache after the append", torch.nan_to_num(kc_d.float().cpu()), torch.nan_to_num(kc_exp.float())))
+
     print("flash_attn_combine")
     op, lp = torch.randn(4, 2, 3, 8, 64), torch.randn(4, 2, 3, 8)
     out, lse = mi.flash_attn_combine(op.to(dev), lp.to(dev))
