@@ -54,6 +54,21 @@ TORCH_LIBRARY(mate, m) {
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, Tensor seqlen_offsets, "
         "Tensor? cu_seqlens=None, SymInt? max_seqlen=None, bool interleaved=True, "
         "bool positions_per_row=True) -> Tensor");
+  // MLA (SEMANTICS §3). Metadata: (num_parts, 8) int32 schedule + (batch_size + 1,) int32
+  // cumulative splits; num_parts depends only on arguments and the device's worker count.
+  m.def("get_mla_metadata(Tensor cache_seqlens, SymInt num_q_tokens_per_head_k, SymInt num_heads_k, "
+        "SymInt? num_heads_q=None, bool is_fp8_kvcache=False, SymInt? topk=None, SymInt? extra_topk=None) "
+        "-> (Tensor tile_scheduler_metadata, Tensor num_splits)");
+  // MLA decode: dense (block_table + cache_seqlens, causal) or sparse (indices [+ extra cache]);
+  // bf16/fp16 or FP8 (V3.2 656 B, MODEL1 584 B per token) caches; attn_sink. lse (B, Hq, Sq).
+  m.def("mla_decode(Tensor q, Tensor k_cache, Tensor? block_table, Tensor? cache_seqlens, "
+        "SymInt head_dim_v, Tensor? tile_scheduler_metadata=None, Tensor? num_splits=None, "
+        "float? softmax_scale=None, bool causal=False, bool is_fp8_kvcache=False, Tensor? indices=None, "
+        "Tensor? attn_sink=None, Tensor? extra_k_cache=None, Tensor? extra_indices_in_kvcache=None, "
+        "Tensor? topk_length=None, Tensor? extra_topk_length=None) -> (Tensor out, Tensor lse)");
+  // Sparse MLA prefill: q (Sq, Hq, Dqk), kv (Skv, 1, Dqk), indices (Sq, 1, topk).
+  m.def("mla_sparse_prefill(Tensor q, Tensor kv, Tensor indices, float sm_scale, SymInt d_v=512, "
+        "Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor out, Tensor max_logits, Tensor lse)");
   // Scheduler metadata: int32 (batch_size + 1,), reusable across calls with the same arguments.
   m.def("get_scheduler_metadata(SymInt batch_size, SymInt max_seqlen_q, SymInt max_seqlen_k, "
         "SymInt num_heads_q, SymInt num_heads_kv, SymInt headdim, SymInt headdim_v, "

@@ -7,7 +7,7 @@ import torch  # noqa: F401  (the extension links against torch)
 
 from . import _C  # noqa: F401  registers the schemas and the compiled kernels
 from . import meta_kernels  # noqa: F401  registers the fake kernels
-from . import mha_interface, testing  # noqa: F401
+from . import flashinfer, flashmla, mha_interface, testing  # noqa: F401
 from .mha_interface import (  # noqa: F401
     flash_attn_combine,
     flash_attn_varlen_func,

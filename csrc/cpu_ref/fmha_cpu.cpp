@@ -16,6 +16,7 @@
 #include "../common/scheduler.h"
 #include "cpu_blas.h"
 #include "cpu_math.h"
+#include "cpu_parallel.h"
 
 namespace mate::cpu {
 namespace {
@@ -250,18 +251,6 @@ void zero_unused_rows(const FmhaParams& p) {
     zero_rows(p, 0, 0, p.batch > 0 ? p.cu_seqlens_q[0] : p.total_q);
     if (p.batch > 0) zero_rows(p, 0, p.cu_seqlens_q[p.batch], p.total_q);
   }
-}
-
-// Runs fn(item) for item in [0, n) on all threads, taking items one at a time so
-// that uneven items (causal) balance; items are ordered heaviest first by the caller.
-template <typename F>
-void parallel_items(int64_t n, const F& fn) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
-  });
 }
 
 struct Item {

@@ -1,0 +1,108 @@
+// Parameters and cache formats of the MLA family (SEMANTICS §3): mla_decode (dense,
+// sparse top-k, FP8 V3.2 / MODEL1 caches, attn_sink, extra cache) and
+// mla_sparse_prefill. Torch-free: device kernels include this file.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "fmha_math.h"
+#include "fmha_params.h"
+
+namespace mate {
+
+enum class MlaCacheFormat : int32_t {
+  kBFloat16 = 0,
+  kFloat16 = 1,
+  kFloat32 = 2,
+  kFp8V32 = 3,     // 656 B/token: 512 e4m3 | 4 fp32 scales (per 128) | 64 bf16 rope; Dqk 576
+  kFp8Model1 = 4,  // per block: P x (448 e4m3 | 64 bf16) then P x (7 ue8m0 scales + pad); Dqk 512
+};
+
+constexpr int kMlaV32TokenBytes = 656;
+constexpr int kMlaModel1TokenBytes = 584;  // 576 data + 8 scale bytes
+constexpr int kMlaModel1DataBytes = 576;
+
+// One paged latent cache: token `off` of block `blk`, kv head `h`.
+struct MlaCache {
+  const uint8_t* base = nullptr;
+  int64_t block_stride = 0, token_stride = 0, head_stride = 0;  // bytes
+  int page_size = 0, num_blocks = 0;
+  MlaCacheFormat format = MlaCacheFormat::kBFloat16;
+};
+
+struct MlaParams {
+  const void* q = nullptr;  // (B, Sq, Hq, Dqk)
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  void* out = nullptr;      // (B, Sq, Hq, Dv) contiguous
+  float* lse = nullptr;     // (B, Hq, Sq) contiguous
+  float* max_logits = nullptr;  // (B, Sq, Hq) contiguous, optional (sparse prefill)
+
+  MlaCache cache, extra;
+  const int32_t* block_table = nullptr;   // dense: (B, max_blocks)
+  int64_t block_table_stride = 0;
+  int max_blocks = 0;
+  const int32_t* cache_seqlens = nullptr; // dense: (B)
+  const int32_t* indices = nullptr;       // sparse: (B, Sq, topk)
+  int64_t indices_batch_stride = 0, indices_row_stride = 0;
+  int topk = 0;
+  const int32_t* topk_length = nullptr;   // (B)
+  const int32_t* extra_indices = nullptr; // (B, Sq, extra_topk)
+  int64_t extra_batch_stride = 0, extra_row_stride = 0;
+  int extra_topk = 0;
+  const int32_t* extra_topk_length = nullptr;
+  const float* attn_sink = nullptr;       // (Hq)
+
+  int batch = 0, seqlen_q = 0, heads_q = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
+  float softmax_scale = 1.f;
+  bool causal = false;
+  DType q_dtype = DType::kBFloat16, out_dtype = DType::kBFloat16;
+};
+
+MATE_HD float bf16_bits_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Dequantizes the Dqk channels of one FP8 token into dst (fp32).
+MATE_HD void load_mla_fp8_token(const MlaCache& c, int blk, int off, float* dst) {
+  const uint8_t* block = c.base + blk * c.block_stride;
+  if (c.format == MlaCacheFormat::kFp8V32) {
+    const uint8_t* tok = block + off * c.token_stride;
+    float scales[4];
+    memcpy(scales, tok + 512, 16);
+    for (int i = 0; i < 512; ++i) dst[i] = fp8_e4m3_to_float(tok[i]) * scales[i / 128];
+    for (int i = 0; i < 64; ++i) {
+      uint16_t h;
+      memcpy(&h, tok + 528 + 2 * i, 2);
+      dst[512 + i] = bf16_bits_to_float(h);
+    }
+  } else {  // MODEL1
+    const uint8_t* tok = block + off * kMlaModel1DataBytes;
+    const uint8_t* sc = block + static_cast<int64_t>(c.page_size) * kMlaModel1DataBytes + off * 8;
+    for (int i = 0; i < 448; ++i) {
+      const int e = sc[i / 64];
+      dst[i] = ldexpf(fp8_e4m3_to_float(tok[i]), e - 127);
+    }
+    for (int i = 0; i < 64; ++i) {
+      uint16_t h;
+      memcpy(&h, tok + 448 + 2 * i, 2);
+      dst[448 + i] = bf16_bits_to_float(h);
+    }
+  }
+}
+
+// Tile scheduler metadata of get_mla_metadata: (num_parts, 8) int32 rows
+// [begin_batch, begin_block, end_batch, end_block, first_split, 0, 0, 0] and
+// num_splits (B+1) cumulative split counts. Parts depend on workers and arguments only.
+constexpr int kMlaMetadataCols = 8;
+constexpr int kMlaBlockTokens = 64;
+
+MATE_HD int mla_num_parts(int num_workers, int num_heads_k, int num_q_tokens_per_head_k) {
+  const int m_blocks = imax(1, (num_q_tokens_per_head_k + 63) / 64);
+  return imax(1, num_workers / imax(1, num_heads_k) / m_blocks);
+}
+
+}  // namespace mate

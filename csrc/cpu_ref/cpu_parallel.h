@@ -1,0 +1,24 @@
+// Dynamic work distribution over at::parallel_for threads, shared by the CPU kernels.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace mate::cpu {
+
+// Runs fn(item) for item in [0, n) on all threads, taking items one at a time so
+// that uneven items (causal) balance; items are ordered heaviest first by the caller.
+template <typename F>
+inline void parallel_items(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+}  // namespace mate::cpu

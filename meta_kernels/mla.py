@@ -1,0 +1,41 @@
+"""Fake kernels of the MLA family: get_mla_metadata, mla_decode, mla_sparse_prefill."""
+import torch
+
+
+def _num_workers(device: torch.device) -> int:
+    """Parallel workers the kernels schedule over: SMs on a GPU, threads on the CPU
+    (the same numbers csrc/cpu_ref and csrc/musa read)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type in ("musa", "privateuseone"):
+        return torch.musa.get_device_properties(device).multi_processor_count
+    return torch.get_num_threads()
+
+
+@torch.library.register_fake("mate::get_mla_metadata")
+def get_mla_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None,
+                          is_fp8_kvcache=False, topk=None, extra_topk=None):
+    # mla_num_parts of csrc/common/mla_params.h
+    m_blocks = max(1, (num_q_tokens_per_head_k + 63) // 64)
+    parts = max(1, _num_workers(cache_seqlens.device) // max(1, num_heads_k) // m_blocks)
+    meta = cache_seqlens.new_empty((parts, 8), dtype=torch.int32)
+    splits = cache_seqlens.new_empty((cache_seqlens.shape[0] + 1,), dtype=torch.int32)
+    return meta, splits
+
+
+@torch.library.register_fake("mate::mla_decode")
+def mla_decode_fake(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata=None,
+                    num_splits=None, softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None,
+                    attn_sink=None, extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None,
+                    extra_topk_length=None):
+    B, Sq, Hq, _ = q.shape
+    out = q.new_empty((B, Sq, Hq, head_dim_v))
+    lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("mate::mla_sparse_prefill")
+def mla_sparse_prefill_fake(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
+    Sq, Hq, _ = q.shape
+    out = q.new_empty((Sq, Hq, d_v))
+    return out, q.new_empty((Sq, Hq), dtype=torch.float32), q.new_empty((Sq, Hq), dtype=torch.float32)
