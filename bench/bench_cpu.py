@@ -97,6 +97,33 @@ def decode_case(page_size, reps, B=32, Sk=4096, H=32, Hk=8, D=128, dtype=torch.b
             f"{nbytes / t_ours / 1e9:.1f} | {nbytes / t_peer / 1e9:.1f} | {t_peer / t_ours:.2f} |")
 
 
+def mla_case(kind, reps, B=16, Hq=128, Sk=4096, P=64, topk=2048):
+    """MLA decode, one query token: dense bf16 over Sk keys, or sparse top-k over an FP8 V3.2
+    cache. GB/s counts the cache bytes one step reads (Sk or topk tokens per sequence)."""
+    from mate_ops import flashmla as fm
+
+    nb = B * Sk // P
+    q = torch.randn(B, 1, Hq, 576, dtype=torch.bfloat16)
+    kv = torch.randn(nb, P, 1, 576, dtype=torch.bfloat16)
+    lens = torch.full((B,), Sk, dtype=torch.int32)
+    if kind == "dense":
+        table = torch.randperm(nb, dtype=torch.int32).view(B, Sk // P)
+        meta = fm.get_mla_metadata(lens, Hq, 1)
+        fn = lambda: fm.flash_mla_with_kvcache(q, kv, table, lens, 512, *meta)  # noqa: E731
+        nbytes = B * Sk * 576 * 2
+        name = f"MLA dense decode B{B} Hq{Hq} Sk{Sk} P{P} bf16"
+    else:
+        cache = fm.quantize_k_cache(kv, "v32")
+        idx = torch.randint(0, nb * P, (B, 1, topk), dtype=torch.int32)
+        meta = fm.get_mla_metadata(lens, Hq, 1, topk=topk)
+        fn = lambda: fm.flash_mla_with_kvcache(q, cache, None, lens, 512, *meta, is_fp8_kvcache=True,  # noqa: E731
+                                               indices=idx)
+        nbytes = B * topk * 656
+        name = f"MLA sparse decode B{B} Hq{Hq} topk{topk} P{P} FP8 V3.2"
+    t = timeit(fn, reps)
+    return f"| {name} | {t * 1e3:.1f} | {nbytes / t / 1e9:.2f} |"
+
+
 PEAK_MEMORY = r"""
 import sys, time, torch, mate_ops
 import torch.nn.functional as F
@@ -141,6 +168,11 @@ def main():
     print("|---|---|---|---|---|---|")
     for page_size in (16, 64):
         print(decode_case(page_size, reps), flush=True)
+    print()
+    print("| MLA decode (one query token) | ours ms | ours cache GB/s |")
+    print("|---|---|---|")
+    for kind in ("dense", "sparse"):
+        print(mla_case(kind, reps), flush=True)
     print()
     print(f"one 32k-token causal sequence (H4 D64 bf16), ours: {peak_memory(32768, 'ours')}")
     print(f"same with SDPA:                                  {peak_memory(32768, 'sdpa')}")

@@ -45,10 +45,12 @@ TORCH_LIBRARY(mate, m) {
   // KV cache (SEMANTICS §1 "Append and rotary"): writes new keys/values in place at
   // [cache_seqlens[b], cache_seqlens[b] + new_len[b]) of a dense or paged cache; keys are
   // rotated at rotary_seqlens (or cache_seqlens) + t when rotary tables are given.
+  // cache_leftpad is only validated (0 <= leftpad <= the new length), so that the attention
+  // that follows cannot reject it after the cache was written.
   m.def("kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
         "Tensor cache_seqlens, Tensor? cu_seqlens_k_new=None, Tensor? page_table=None, "
         "Tensor? cache_batch_idx=None, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
-        "Tensor? rotary_seqlens=None, bool rotary_interleaved=True) -> ()");
+        "Tensor? rotary_seqlens=None, bool rotary_interleaved=True, Tensor? cache_leftpad=None) -> ()");
   // Rotary embedding of q: row t of sequence b at seqlen_offsets[b] + t (positions_per_row)
   // or every row at seqlen_offsets[b].
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin, Tensor seqlen_offsets, "

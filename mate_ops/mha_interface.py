@@ -204,13 +204,19 @@ def flash_attn_with_kvcache(
 
     seqused_k = cache_seqlens
     if k is not None:
-        offsets = rotary_seqlens if rotary_seqlens is not None else cache_seqlens
+        # Checks of the attention step that can be made from shapes alone run before the
+        # cache is written, so that a rejected call leaves the cache untouched.
+        # (q is rotated first for the same reason: its table-length check must precede the append.)
+        _check_kvcache_attention_args(q, k_cache, v_cache, cache_seqlens, batch, cache_leftpad, learnable_sink,
+                                      num_splits, attention_chunk, softcap)
         if rotary_cos is not None:
+            offsets = rotary_seqlens if rotary_seqlens is not None else cache_seqlens
             per_row = causal or left >= 0 or right >= 0
             q = torch.ops.mate.rotary_embedding(q, rotary_cos, rotary_sin, offsets, cu_seqlens_q, max_seqlen_q,
                                                 rotary_interleaved, per_row)
         torch.ops.mate.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_k_new, page_table,
-                                      cache_batch_idx, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved)
+                                      cache_batch_idx, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved,
+                                      cache_leftpad)
         if cu_seqlens_k_new is not None:
             seqused_k = cache_seqlens + (cu_seqlens_k_new[1:] - cu_seqlens_k_new[:-1])
         else:
@@ -247,6 +253,32 @@ def flash_attn_with_kvcache(
     if qv is not None and q.shape[-1] == 64 and qv.shape[-1] == 512:
         return out, lse  # MATE's MLA route returns two values
     return out, lse, out.new_empty(0, dtype=torch.float32), lse.new_empty(0)
+
+
+def _check_kvcache_attention_args(q, k_cache, v_cache, cache_seqlens, batch, cache_leftpad, learnable_sink,
+                                  num_splits, attention_chunk, softcap):
+    """Shape/dtype checks of the attention step of flash_attn_with_kvcache (ValueError)."""
+    fp8 = torch.float8_e4m3fn
+    if q.dtype != k_cache.dtype and not (q.dtype == fp8 and k_cache.dtype == fp8):
+        raise ValueError(f"q ({q.dtype}) and k_cache ({k_cache.dtype}) must have the same dtype")
+    if q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(f"q head_dim ({q.shape[-1]}) must equal k_cache head_dim ({k_cache.shape[-1]})")
+    if k_cache.dim() != 4 or q.shape[-2] % k_cache.shape[-2] != 0:
+        raise ValueError(f"num_heads of q ({q.shape[-2]}) must be a multiple of num_heads_k of k_cache "
+                         f"({k_cache.shape[-2] if k_cache.dim() == 4 else '?'})")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must be int32 of shape (batch_size,) = ({batch},), got "
+                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if cache_leftpad is not None and (cache_leftpad.dtype != torch.int32 or tuple(cache_leftpad.shape) != (batch,)):
+        raise ValueError(f"cache_leftpad must be int32 of shape ({batch},), got {cache_leftpad.dtype} "
+                         f"{tuple(cache_leftpad.shape)}")
+    if learnable_sink is not None and tuple(learnable_sink.shape) != (q.shape[-2],):
+        raise ValueError(f"learnable_sink must have shape (num_heads,) = ({q.shape[-2]},), got "
+                         f"{tuple(learnable_sink.shape)}")
+    if not 0 <= num_splits <= 256:
+        raise ValueError(f"num_splits must be in [0, 256], got {num_splits}")
+    if (attention_chunk or 0) < 0 or softcap < 0:
+        raise ValueError("attention_chunk and softcap must be >= 0")
 
 
 def flash_attn_combine(

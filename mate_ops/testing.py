@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference oracle for mate_ops (SEMANTICS.md sections 1 and 2).
+"""Pure-PyTorch reference oracle for mate_ops (SEMANTICS.md sections 1 to 4).
 
 This module is deliberately slow and simple: per-sequence Python loops, explicit
 boolean masks, no fused kernels and no dependence on the compiled extension.  It
@@ -14,6 +14,13 @@ Public functions
                              error" tolerance rule.
 - :func:`poison_`, :func:`random_seqlens`, :func:`random_cu_seqlens`,
   :func:`make_paged_kv`   -- small helpers for tests.
+- :func:`mla_decode_ref`  -- flash_mla_with_kvcache (dense, sparse, FP8 caches; section 3).
+- :func:`mla_sparse_prefill_ref` -- flash_mla_sparse_fwd (section 3).
+- :func:`mla_paged_ref`   -- FlashInfer BatchMLAPagedAttentionWrapper (section 4).
+- :func:`quantize_mla_v32`, :func:`dequantize_mla_v32`, :func:`quantize_mla_model1`,
+  :func:`dequantize_mla_model1`, :func:`mla_model1_block_stride` -- the FP8 MLA cache
+  layouts (build caches in tests; the oracle reads them). The MLA decisions are listed
+  in the comment block above those functions.
 
 Decisions on points SEMANTICS.md leaves open (each one follows FlashAttention-3
 where FA3 decides it):
@@ -59,6 +66,14 @@ __all__ = [
     "random_seqlens",
     "random_cu_seqlens",
     "make_paged_kv",
+    "quantize_mla_v32",
+    "dequantize_mla_v32",
+    "quantize_mla_model1",
+    "dequantize_mla_model1",
+    "mla_model1_block_stride",
+    "mla_decode_ref",
+    "mla_sparse_prefill_ref",
+    "mla_paged_ref",
 ]
 
 _FP8_DTYPES = tuple(
@@ -746,3 +761,640 @@ def make_paged_kv(
             k_pages[page, : t1 - t0] = k_dense[b, t0:t1]
             v_pages[page, : t1 - t0] = v_dense[b, t0:t1]
     return k_pages, v_pages, page_table.to(k_dense.device)
+
+
+# =====================================================================================
+# MLA (SEMANTICS.md sections 3 and 4)
+# =====================================================================================
+#
+# Decisions on points SEMANTICS.md sections 3/4 leave open (following FlashMLA's
+# tests/ref.py, tests/quant.py and flash_mla_interface.py, or FlashInfer):
+#
+# - Sparse indices: every negative value (not only -1) and every value >= the number of
+#   slots is invalid and ignored (FlashMLA's sparse-prefill reference uses ``< 0``).
+#   Duplicate valid indices are attended once per occurrence (they are gathered twice).
+# - ``topk_length`` / ``extra_topk_length`` values outside ``[0, topk]`` raise ValueError
+#   (a kernel would read past the index row; the oracle never clamps).
+# - ``causal=True`` together with ``indices`` raises ValueError (FlashMLA asserts it).
+#   Unlike FlashMLA, the oracle allows ``attn_sink`` in dense mode and non-fp8 caches in
+#   sparse mode; the sink rule is the same everywhere.
+# - ``extra_k_cache`` may have its own page size and number of blocks; its slots are
+#   ``block * P_extra + offset``. It uses the same format (bf16 or fp8) as ``k_cache``.
+# - The MLA sink factor ``exp(lse) / (exp(lse) + exp(sink))`` is evaluated as
+#   ``1 / (1 + exp(sink - lse))``: sink +inf -> 0, sink -inf -> 1, rows without keys stay
+#   0 whatever the sink (and keep lse +inf).
+# - FP8 quantizers: the scale exponent ``k = ceil(log2(amax / 448))`` is computed exactly
+#   (smallest k with ``amax <= 448 * 2**k``), then clamped to ``k >= -126`` so the scale
+#   is always a normal fp32 / a nonzero ue8m0 (only matters for amax < ~5e-36); amax 0
+#   gives scale 1. Non-finite inputs raise ValueError. FlashMLA's own quantizer clamps
+#   amax/448 at 1e-4 instead; the kernels only read the scales, so both are valid caches.
+# - A ue8m0 byte 255 (NaN in float8_e8m0fnu) dequantizes to NaN.
+# - FlashInfer reference: rows with no key give out 0 and lse -inf (FlashInfer's
+#   convention, unlike FlashMLA's +inf); query rows past ``qo_indptr[-1]`` likewise.
+
+_V32_BYTES = 656  # 512 e4m3 + 4 fp32 scales + 64 bf16
+_MODEL1_BYTES = 584  # 448 e4m3 + 64 bf16 (576 bytes) + 8 scale bytes (7 ue8m0 + pad)
+_FP8_MAX = 448.0
+
+
+def _pow2_exponent(amax: Tensor) -> Tensor:
+    """Smallest integer k with ``amax <= 448 * 2**k`` (int64), clamped to k >= -126; amax 0 -> 0.
+
+    Starts from ``ceil(log2(amax / 448))`` in fp64 and then corrects it with exact
+    comparisons (multiplying by a power of two is exact), so rounding in log2 can never
+    give a scale that makes ``|x| / scale > 448``.
+    """
+    a = amax.to(torch.float64)
+    if not torch.isfinite(a).all():
+        raise ValueError("kv must be finite to be quantized to fp8")
+    pos = a > 0
+    safe = torch.where(pos, a, torch.ones_like(a))
+    k = torch.ceil(torch.log2(safe / _FP8_MAX))
+    k = torch.where(safe > _FP8_MAX * torch.pow(2.0, k), k + 1, k)  # too small: bump up
+    k = torch.where(safe <= _FP8_MAX * torch.pow(2.0, k - 1), k - 1, k)  # not minimal: step down
+    k = torch.clamp(k, min=-126.0)
+    k = torch.where(pos, k, torch.zeros_like(k))
+    return k.to(torch.int64)
+
+
+def _to_e4m3_bytes(x: Tensor) -> Tensor:
+    """float values (|x| <= 448) -> their float8_e4m3fn bit patterns as uint8 (round to nearest even)."""
+    return x.to(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def _from_e4m3_bytes(b: Tensor) -> Tensor:
+    """uint8 float8_e4m3fn bit patterns -> float64 values."""
+    return b.contiguous().view(torch.float8_e4m3fn).to(torch.float64)
+
+
+def _u32_to_le_bytes(bits: Tensor) -> Tensor:
+    """int64 tensor of 32-bit patterns (...,) -> uint8 (..., 4), little-endian byte order."""
+    return torch.stack([(bits >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8)
+
+
+def _le_bytes_to_u32(b: Tensor) -> Tensor:
+    """uint8 (..., 4) little-endian -> int64 32-bit pattern (...,)."""
+    b = b.to(torch.int64)
+    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+
+
+def _f32_to_le_bytes(x: Tensor) -> Tensor:
+    """float32 (...,) -> its IEEE bytes (..., 4), little-endian."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return _u32_to_le_bytes(bits)
+
+
+def _le_bytes_to_f32(b: Tensor) -> Tensor:
+    """uint8 (..., 4) little-endian IEEE float32 bytes -> float32 (...,)."""
+    bits = _le_bytes_to_u32(b)
+    bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits)  # as signed int32
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def _bf16_to_le_bytes(x: Tensor) -> Tensor:
+    """(...,) values rounded to bfloat16 -> their bytes (..., 2), little-endian."""
+    bits = x.to(torch.bfloat16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    return torch.stack([bits & 0xFF, bits >> 8], dim=-1).to(torch.uint8)
+
+
+def _le_bytes_to_bf16(b: Tensor) -> Tensor:
+    """uint8 (..., 2) little-endian bfloat16 bytes -> bfloat16 (...,)."""
+    b = b.to(torch.int64)
+    bits = b[..., 0] | (b[..., 1] << 8)
+    bits = torch.where(bits >= 2 ** 15, bits - 2 ** 16, bits)  # as signed int16
+    return bits.to(torch.int16).view(torch.bfloat16)
+
+
+def _as_bytes(cache: Tensor, name: str) -> Tensor:
+    """View a 1-byte-dtype tensor as uint8 (same shape, strides and storage)."""
+    if cache.element_size() != 1:
+        raise ValueError(f"{name} must have a 1-byte dtype (uint8, int8, float8), got {cache.dtype}")
+    return cache if cache.dtype == torch.uint8 else cache.view(torch.uint8)
+
+
+def quantize_mla_v32(kv: Tensor) -> Tensor:
+    """Quantize a bf16 MLA cache to FlashMLA's V3.2 FP8 layout (SEMANTICS §3, "FP8 caches").
+
+    ``kv`` ``(num_blocks, P, 1, 576)`` (512 latent + 64 rope channels; bf16 expected, other
+    float dtypes are accepted and their rope part is rounded to bf16). Returns a new
+    contiguous uint8 tensor ``(num_blocks, P, 1, 656)``; per token:
+
+    * bytes ``[0, 512)``: the 512 latent values as float8_e4m3fn, ``round(x / scale)``;
+    * bytes ``[512, 528)``: 4 float32 scales (little-endian), scale g covering latent
+      channels ``[128 g, 128 g + 128)``;
+    * bytes ``[528, 656)``: the 64 rope values as bf16 (little-endian), unquantized.
+
+    Each scale is ``2 ** ceil(log2(amax / 448))`` over its 128-group (so every quantized
+    value lies in ``[-448, 448]``); amax 0 gives scale 1; the exponent is clamped to
+    ``>= -126`` (normal fp32). Use :func:`dequantize_mla_v32` to read it back.
+    """
+    if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != 576:
+        raise ValueError(f"kv must be (num_blocks, P, 1, 576), got {tuple(kv.shape)}")
+    if not kv.is_floating_point():
+        raise ValueError(f"kv must be floating point, got {kv.dtype}")
+    nb, P = kv.shape[0], kv.shape[1]
+    x = kv.detach().cpu().reshape(nb, P, 576)
+    latent = x[..., :512].to(torch.float64).reshape(nb, P, 4, 128)
+    rope = x[..., 512:]
+    k = _pow2_exponent(latent.abs().amax(dim=-1))  # (nb, P, 4)
+    scale = torch.pow(2.0, k.to(torch.float64))  # exact powers of two
+    q8 = _to_e4m3_bytes(latent / scale.unsqueeze(-1)).reshape(nb, P, 512)
+    out = torch.zeros(nb, P, _V32_BYTES, dtype=torch.uint8)
+    out[..., 0:512] = q8
+    out[..., 512:528] = _f32_to_le_bytes(scale.to(torch.float32)).reshape(nb, P, 16)
+    out[..., 528:656] = _bf16_to_le_bytes(rope).reshape(nb, P, 128)
+    return out.reshape(nb, P, 1, _V32_BYTES).to(kv.device)
+
+
+def dequantize_mla_v32(cache: Tensor) -> Tensor:
+    """Read a V3.2 FP8 MLA cache (see :func:`quantize_mla_v32`) back to float32.
+
+    ``cache`` ``(num_blocks, P, 1, 656)`` of any 1-byte dtype (uint8, int8, float8; it is
+    reinterpreted as raw bytes). Returns float32 ``(num_blocks, P, 1, 576)``: latent
+    channel c is ``e4m3(byte c) * scale[c // 128]`` (product rounded to fp32, as a kernel
+    computes it) and rope channel ``512 + r`` is the bf16 at bytes ``528 + 2r``.
+    """
+    u8 = _as_bytes(cache, "cache")
+    if u8.dim() != 4 or u8.shape[2] != 1 or u8.shape[3] != _V32_BYTES:
+        raise ValueError(f"a V3.2 fp8 cache must be (num_blocks, P, 1, 656), got {tuple(u8.shape)}")
+    nb, P = u8.shape[0], u8.shape[1]
+    b = u8.detach().cpu().reshape(nb, P, _V32_BYTES)
+    fp8 = _from_e4m3_bytes(b[..., 0:512]).reshape(nb, P, 4, 128)
+    scale = _le_bytes_to_f32(b[..., 512:528].reshape(nb, P, 4, 4)).to(torch.float64)
+    latent = (fp8 * scale.unsqueeze(-1)).to(torch.float32).reshape(nb, P, 512)
+    rope = _le_bytes_to_bf16(b[..., 528:656].reshape(nb, P, 64, 2)).to(torch.float32)
+    return torch.cat([latent, rope], dim=-1).reshape(nb, P, 1, 576).to(cache.device)
+
+
+def mla_model1_block_stride(page_size: int) -> int:
+    """Byte stride of one block of a MODEL1 FP8 cache: ``P * 584`` rounded up to a multiple of 576."""
+    raw = int(page_size) * _MODEL1_BYTES
+    return (raw + 575) // 576 * 576
+
+
+def quantize_mla_model1(kv: Tensor) -> Tensor:
+    """Quantize a bf16 MLA cache to FlashMLA's MODEL1 FP8 layout (SEMANTICS §3, "FP8 caches").
+
+    ``kv`` ``(num_blocks, P, 1, 512)``: 448 latent + 64 rope channels (bf16 expected).
+    Byte layout of block n, which starts at byte ``n * block_stride`` of a flat buffer
+    (``block_stride = mla_model1_block_stride(P)``, i.e. ``P * 584`` rounded up to a
+    multiple of 576):
+
+    * bytes ``[576 t, 576 t + 448)``: token t's 448 latent values as float8_e4m3fn;
+    * bytes ``[576 t + 448, 576 t + 576)``: token t's 64 rope values as bf16 (little-endian);
+    * bytes ``[576 P + 8 t, 576 P + 8 t + 7)``: token t's 7 ue8m0 scale exponents ``e``
+      (scale ``2 ** (e - 127)``, one per 64 latent channels), then 1 zero pad byte;
+    * the rest of the block stride is zero padding.
+
+    Scale exponents: ``e = 127 + ceil(log2(amax / 448))`` (amax 0 -> e = 127; clamped to
+    ``e >= 1``).
+
+    Returns a uint8 tensor VIEW of shape ``(num_blocks, P, 1, 584)`` with strides
+    ``(block_stride, 584, 584, 1)`` over a flat buffer of ``num_blocks * block_stride``
+    bytes (what FlashMLA's kernels take). Only the shape and the block stride are
+    meaningful: ``view[n, t]`` is NOT token t's data (tokens are split into the
+    576-byte part and the 8-byte scale part above). Read it with
+    :func:`dequantize_mla_model1`; do not ``.contiguous()`` / ``.clone()`` it (that
+    drops the padding and the real layout).
+    """
+    if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != 512:
+        raise ValueError(f"kv must be (num_blocks, P, 1, 512), got {tuple(kv.shape)}")
+    if not kv.is_floating_point():
+        raise ValueError(f"kv must be floating point, got {kv.dtype}")
+    nb, P = kv.shape[0], kv.shape[1]
+    stride = mla_model1_block_stride(P)
+    x = kv.detach().cpu().reshape(nb, P, 512)
+    latent = x[..., :448].to(torch.float64).reshape(nb, P, 7, 64)
+    rope = x[..., 448:]
+    k = _pow2_exponent(latent.abs().amax(dim=-1))  # (nb, P, 7)
+    scale = torch.pow(2.0, k.to(torch.float64))
+    q8 = _to_e4m3_bytes(latent / scale.unsqueeze(-1)).reshape(nb, P, 448)
+    exps = (k + 127).to(torch.uint8)  # (nb, P, 7), in [1, 254]
+
+    flat = torch.zeros(nb, stride, dtype=torch.uint8)
+    tok = flat[:, : P * 576].view(nb, P, 576)  # the per-token data part
+    tok[..., 0:448] = q8
+    tok[..., 448:576] = _bf16_to_le_bytes(rope).reshape(nb, P, 128)
+    sc = flat[:, P * 576: P * 576 + P * 8].view(nb, P, 8)  # the scale part
+    sc[..., 0:7] = exps
+    sc[..., 7] = 0
+    flat = flat.reshape(-1).to(kv.device)
+    return torch.as_strided(flat, (nb, P, 1, _MODEL1_BYTES), (stride, _MODEL1_BYTES, _MODEL1_BYTES, 1), 0)
+
+
+def dequantize_mla_model1(cache: Tensor) -> Tensor:
+    """Read a MODEL1 FP8 MLA cache (see :func:`quantize_mla_model1`) back to float32.
+
+    ``cache`` is a ``(num_blocks, P, 1, 584)`` view of any 1-byte dtype whose
+    ``stride(0)`` is the block's byte stride (>= ``P * 584``); block n's bytes start at
+    ``cache.storage_offset() + n * cache.stride(0)`` of its storage. The other strides
+    are ignored. Returns float32 ``(num_blocks, P, 1, 512)``: latent channel c of token t
+    is ``e4m3(byte 576 t + c) * 2 ** (e_{c // 64} - 127)``, rope channel ``448 + r`` the
+    bf16 at bytes ``576 t + 448 + 2 r``, with the exponents ``e`` at ``576 P + 8 t``.
+    """
+    u8 = _as_bytes(cache, "cache")
+    if u8.dim() != 4 or u8.shape[2] != 1 or u8.shape[3] != _MODEL1_BYTES:
+        raise ValueError(f"a MODEL1 fp8 cache must be (num_blocks, P, 1, 584), got {tuple(u8.shape)}")
+    nb, P = u8.shape[0], u8.shape[1]
+    stride = u8.stride(0) if nb > 1 else max(u8.stride(0), P * _MODEL1_BYTES)
+    if stride < P * _MODEL1_BYTES:
+        raise ValueError(f"cache block stride {stride} bytes is smaller than P * 584 = {P * _MODEL1_BYTES}")
+    # The raw bytes of every block: (nb, P * 584) starting at each block's first byte.
+    # as_strided checks that this stays inside the tensor's storage.
+    blocks = torch.as_strided(u8.detach(), (nb, P * _MODEL1_BYTES), (stride, 1), u8.storage_offset())
+    blocks = blocks.cpu().clone()
+    tok = blocks[:, : P * 576].reshape(nb, P, 576)
+    exps = blocks[:, P * 576:].reshape(nb, P, 8)[..., :7].to(torch.float64)  # (nb, P, 7)
+    scale = torch.where(exps == 255, torch.full_like(exps, math.nan), torch.pow(2.0, exps - 127))
+    fp8 = _from_e4m3_bytes(tok[..., 0:448]).reshape(nb, P, 7, 64)
+    latent = (fp8 * scale.unsqueeze(-1)).to(torch.float32).reshape(nb, P, 448)
+    rope = _le_bytes_to_bf16(tok[..., 448:576].reshape(nb, P, 64, 2)).to(torch.float32)
+    return torch.cat([latent, rope], dim=-1).reshape(nb, P, 1, 512).to(cache.device)
+
+
+def _mla_precision(compute_dtype: torch.dtype) -> Tuple[torch.dtype, torch.dtype, Optional[torch.dtype]]:
+    """(accumulate dtype, matmul dtype, probability rounding dtype) -- same modes as fmha_ref."""
+    if compute_dtype == torch.float64:
+        return torch.float64, torch.float64, None
+    if compute_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float32, compute_dtype, None
+    if _is_fp8(compute_dtype):
+        return torch.float32, torch.bfloat16, compute_dtype
+    raise ValueError(f"unsupported compute_dtype {compute_dtype}")
+
+
+def _mla_attend(
+    q_rows: Tensor,
+    keys: Tensor,
+    allowed: Optional[Tensor],
+    scale: float,
+    dv: int,
+    prec: Tuple[torch.dtype, torch.dtype, Optional[torch.dtype]],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Softmax attention of ``n`` query rows over one shared key list.
+
+    ``q_rows (n, H, D)``; ``keys (nk, Hk, D)`` (already dequantized; V = ``keys[..., :dv]``);
+    ``allowed (n, nk)`` bool or None (all allowed). GQA: head h uses kv head ``h // (H // Hk)``.
+    Returns ``out (n, H, dv)``, ``lse (n, H)`` and ``max_logit (n, H)`` in the accumulate
+    dtype, with out 0 and lse/max_logit -inf for rows that have no allowed key. No sink.
+    """
+    acc, mm, p_round = prec
+    n, H, D = q_rows.shape
+    nk, Hk = keys.shape[0], keys.shape[1]
+    G = H // Hk
+    if nk == 0:
+        return (torch.zeros(n, H, dv, dtype=acc), torch.full((n, H), -math.inf, dtype=acc),
+                torch.full((n, H), -math.inf, dtype=acc))
+    q_e = q_rows.detach().cpu().to(acc).to(mm).reshape(n, Hk, G, D)
+    k_e = keys.detach().cpu().to(acc).to(mm)  # (nk, Hk, D)
+    v_e = k_e[..., :dv]
+    s = torch.einsum("ikgd,jkd->kgij", q_e, k_e).to(acc).reshape(H, n, nk) * scale
+    if allowed is None:
+        allowed = torch.ones(n, nk, dtype=torch.bool)
+    allowed = allowed.unsqueeze(0).expand(H, n, nk)
+    s_m = torch.where(allowed, s, torch.full_like(s, -math.inf))
+    lse = torch.logsumexp(s_m, dim=-1)  # (H, n), -inf for rows without a key
+    mx = s_m.amax(dim=-1)
+    ok = torch.isfinite(lse).unsqueeze(-1)
+    safe = torch.where(ok, lse.unsqueeze(-1), torch.zeros_like(lse).unsqueeze(-1))
+    p = torch.where(allowed & ok, torch.exp(s - safe), torch.zeros_like(s))
+    if p_round is not None:
+        p = p.to(p_round).to(acc)
+    o = torch.einsum("kgij,jkd->ikgd", p.to(mm).reshape(Hk, G, n, nk), v_e).to(acc).reshape(n, H, dv)
+    return o, lse.transpose(0, 1), mx.transpose(0, 1)
+
+
+def _mla_sink_factor(lse: Tensor, sink: Optional[Tensor]) -> Optional[Tensor]:
+    """``exp(lse) / (exp(lse) + exp(sink))`` per (row, head); lse (n, H), sink (H,). 0 where lse = -inf."""
+    if sink is None:
+        return None
+    sink = sink.view(1, -1).expand_as(lse)
+    f = 1.0 / (1.0 + torch.exp(sink - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))))
+    f = torch.where(sink == math.inf, torch.zeros_like(f), f)
+    f = torch.where(sink == -math.inf, torch.ones_like(f), f)
+    return torch.where(lse == -math.inf, torch.zeros_like(f), f)
+
+
+def _mla_cache_keys(cache: Tensor, is_fp8: bool, dqk: int, name: str) -> Tensor:
+    """A (possibly fp8) MLA cache as float (num_blocks, P, Hkv, Dqk) on the CPU."""
+    if cache.dim() != 4:
+        raise ValueError(f"{name} must be (num_blocks, P, Hkv, D), got shape {tuple(cache.shape)}")
+    if not is_fp8:
+        if cache.element_size() == 1 or not cache.is_floating_point():
+            raise ValueError(f"{name} has dtype {cache.dtype}: pass is_fp8_kvcache=True for fp8 caches")
+        if cache.shape[3] != dqk:
+            raise ValueError(f"{name} head dim {cache.shape[3]} != q head dim {dqk}")
+        return cache.detach().cpu()
+    if cache.shape[2] != 1:
+        raise ValueError(f"fp8 {name} must have 1 kv head, got {cache.shape[2]}")
+    if cache.shape[3] == _V32_BYTES and dqk == 576:
+        return dequantize_mla_v32(cache).cpu()
+    if cache.shape[3] == _MODEL1_BYTES and dqk == 512:
+        return dequantize_mla_model1(cache).cpu()
+    raise ValueError(
+        f"fp8 {name} must be V3.2 (last dim 656, q head dim 576) or MODEL1 (last dim 584, q head "
+        f"dim 512); got last dim {cache.shape[3]} with q head dim {dqk}")
+
+
+def _sparse_slots(idx_row: list, n_valid: int, num_slots: int) -> list:
+    """The valid slots among the first ``n_valid`` entries of an index row (duplicates kept)."""
+    return [s for s in idx_row[:n_valid] if 0 <= s < num_slots]
+
+
+def _topk_lengths(t: Optional[Tensor], n: int, topk: int, name: str) -> list:
+    if t is None:
+        return [topk] * n
+    lens = _ints(t, name)
+    _check_len(lens, n, name)
+    for i, x in enumerate(lens):
+        if not (0 <= x <= topk):
+            raise ValueError(f"{name}[{i}]={x} outside [0, {topk}]")
+    return lens
+
+
+def mla_decode_ref(
+    q: Tensor,
+    k_cache: Tensor,
+    block_table: Optional[Tensor],
+    cache_seqlens: Optional[Tensor],
+    head_dim_v: int,
+    *,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: Optional[Tensor] = None,
+    attn_sink: Optional[Tensor] = None,
+    extra_k_cache: Optional[Tensor] = None,
+    extra_indices_in_kvcache: Optional[Tensor] = None,
+    topk_length: Optional[Tensor] = None,
+    extra_topk_length: Optional[Tensor] = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, Tensor]:
+    """Reference ``flash_mla_with_kvcache`` (SEMANTICS.md section 3), returns ``(out, lse)``.
+
+    ``q (B, Sq, Hq, Dqk)``; ``k_cache (num_blocks, P, Hkv, Dqk)`` in a float dtype, or with
+    ``is_fp8_kvcache=True`` an FP8 cache of a 1-byte dtype: ``(.., 1, 656)`` (V3.2, Dqk 576,
+    see :func:`quantize_mla_v32`) or ``(.., 1, 584)`` (MODEL1, Dqk 512, see
+    :func:`quantize_mla_model1`), dequantized before use. V is the first ``head_dim_v``
+    channels of (dequantized) K. Scores ``s = scale * <q, k>``, default scale ``1/sqrt(Dqk)``.
+
+    * Dense (``indices`` None): sequence b's keys are tokens ``[0, cache_seqlens[b])``,
+      token t at ``k_cache[block_table[b, t // P], t % P]``; ``causal`` is bottom-right
+      aligned (row i sees key j iff ``j <= i + Sk - Sq``); GQA head h reads kv head
+      ``h // (Hq // Hkv)``.
+    * Sparse (``indices (B, Sq, topk)`` given; ``block_table``/``cache_seqlens`` unused,
+      ``Hkv`` must be 1, ``causal`` must be False): row (b, i) attends to the slots
+      ``indices[b, i, :topk_length[b]]`` (slot = ``block * P + offset``); negative slots and
+      slots ``>= num_blocks * P`` are ignored, duplicates count once per occurrence.
+      ``extra_k_cache`` + ``extra_indices_in_kvcache`` (+ ``extra_topk_length``) add the
+      keys of a second cache (same format, own page size) to the same softmax.
+
+    ``attn_sink (Hq,)``: the output is multiplied by ``exp(lse) / (exp(lse) + exp(sink))``;
+    the returned lse excludes the sink (sink +inf -> out 0; -inf -> no change).
+    A row with no key gives out 0 and lse **+inf** (FlashMLA's convention).
+
+    Returns out ``(B, Sq, Hq, head_dim_v)`` in ``q.dtype`` and lse float32 ``(B, Hq, Sq)``
+    (natural log). ``compute_dtype`` has :func:`fmha_ref`'s meaning (fp64 oracle, or the
+    low-precision reference for :func:`assert_close_fa3`).
+    """
+    prec = _mla_precision(compute_dtype)
+    acc = prec[0]
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, Sq, Hq, Dqk), got shape {tuple(q.shape)}")
+    B, Sq, Hq, Dqk = q.shape
+    dv = int(head_dim_v)
+    if not (0 < dv <= Dqk):
+        raise ValueError(f"head_dim_v={dv} must be in [1, {Dqk}]")
+    keys_all = _mla_cache_keys(k_cache, is_fp8_kvcache, Dqk, "k_cache")  # (nb, P, Hkv, Dqk)
+    nb, P, Hkv = keys_all.shape[0], keys_all.shape[1], keys_all.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"Hq={Hq} must be a multiple of the kv heads {Hkv}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(Dqk)
+    sink = None
+    if attn_sink is not None:
+        if attn_sink.numel() != Hq:
+            raise ValueError(f"attn_sink must have shape ({Hq},), got {tuple(attn_sink.shape)}")
+        sink = attn_sink.detach().cpu().reshape(Hq).to(acc)
+
+    out = torch.zeros(B, Sq, Hq, dv, dtype=acc)
+    lse = torch.full((B, Hq, Sq), math.inf, dtype=acc)
+
+    def finish(b: int, rows: slice, o: Tensor, l: Tensor) -> None:
+        """Apply the sink and the no-key convention, store rows of sequence b."""
+        f = _mla_sink_factor(l, sink)
+        if f is not None:
+            o = o * f.unsqueeze(-1)
+        o = torch.where((l == -math.inf).unsqueeze(-1), torch.zeros_like(o), o)
+        l = torch.where(l == -math.inf, torch.full_like(l, math.inf), l)
+        out[b, rows] = o
+        lse[b, :, rows] = l.transpose(0, 1)
+
+    if indices is None:
+        # ------------------------------------------------------------ dense
+        for nm, t in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
+                      ("topk_length", topk_length), ("extra_topk_length", extra_topk_length)):
+            if t is not None:
+                raise ValueError(f"{nm} needs sparse attention (indices)")
+        if block_table is None or cache_seqlens is None:
+            raise ValueError("dense MLA decode needs block_table and cache_seqlens")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must be ({B}, max_blocks), got {tuple(block_table.shape)}")
+        bt = block_table.detach().cpu().to(torch.int64)
+        lens = _ints(cache_seqlens, "cache_seqlens")
+        _check_len(lens, B, "cache_seqlens")
+        for b in range(B):
+            sk = lens[b]
+            if not (0 <= sk <= bt.shape[1] * P):
+                raise ValueError(f"cache_seqlens[{b}]={sk} outside [0, {bt.shape[1] * P}]")
+            blocks = [int(bt[b, t // P]) for t in range(sk)]
+            for t, blk in enumerate(blocks):
+                if not (0 <= blk < nb):
+                    raise ValueError(f"block_table[{b}, {t // P}]={blk} outside [0, {nb})")
+            if sk > 0:
+                keys = keys_all[torch.tensor(blocks), torch.tensor([t % P for t in range(sk)])]
+            else:
+                keys = keys_all.new_zeros((0, Hkv, Dqk))
+            allowed = _allowed_mask(Sq, sk, torch.arange(sk), causal, (-1, -1), 0)
+            o, l, _ = _mla_attend(q[b], keys, allowed, scale, dv, prec)
+            finish(b, slice(0, Sq), o, l)
+    else:
+        # ------------------------------------------------------------ sparse
+        if causal:
+            raise ValueError("causal must be False when indices are given (sparse attention)")
+        if Hkv != 1:
+            raise ValueError(f"sparse MLA needs 1 kv head, k_cache has {Hkv}")
+        if indices.dim() != 3 or tuple(indices.shape[:2]) != (B, Sq):
+            raise ValueError(f"indices must be ({B}, {Sq}, topk), got {tuple(indices.shape)}")
+        if (extra_k_cache is None) != (extra_indices_in_kvcache is None):
+            raise ValueError("extra_k_cache and extra_indices_in_kvcache must be given together")
+        if extra_topk_length is not None and extra_k_cache is None:
+            raise ValueError("extra_topk_length needs extra_k_cache")
+        flat = keys_all.reshape(nb * P, 1, Dqk)
+        idx = _ints(indices, "indices")
+        topk = indices.shape[2]
+        tl = _topk_lengths(topk_length, B, topk, "topk_length")
+        flat_x, idx_x, etopk, etl = None, None, 0, None
+        if extra_k_cache is not None:
+            kx = _mla_cache_keys(extra_k_cache, is_fp8_kvcache, Dqk, "extra_k_cache")
+            if kx.shape[2] != 1:
+                raise ValueError(f"extra_k_cache must have 1 kv head, got {kx.shape[2]}")
+            flat_x = kx.reshape(kx.shape[0] * kx.shape[1], 1, Dqk)
+            ei = extra_indices_in_kvcache
+            if ei.dim() != 3 or tuple(ei.shape[:2]) != (B, Sq):
+                raise ValueError(f"extra_indices_in_kvcache must be ({B}, {Sq}, extra_topk), got {tuple(ei.shape)}")
+            idx_x = _ints(ei, "extra_indices_in_kvcache")
+            etopk = ei.shape[2]
+            etl = _topk_lengths(extra_topk_length, B, etopk, "extra_topk_length")
+        for b in range(B):
+            for i in range(Sq):
+                r0 = (b * Sq + i) * topk
+                slots = _sparse_slots(idx[r0:r0 + topk], tl[b], flat.shape[0])
+                keys = flat[torch.tensor(slots, dtype=torch.int64)]
+                if flat_x is not None:
+                    r1 = (b * Sq + i) * etopk
+                    slots_x = _sparse_slots(idx_x[r1:r1 + etopk], etl[b], flat_x.shape[0])
+                    keys = torch.cat([keys.to(acc), flat_x[torch.tensor(slots_x, dtype=torch.int64)].to(acc)])
+                o, l, _ = _mla_attend(q[b, i:i + 1], keys, None, scale, dv, prec)
+                finish(b, slice(i, i + 1), o, l)
+
+    return out.to(device=q.device, dtype=q.dtype), lse.to(device=q.device, dtype=torch.float32)
+
+
+def mla_sparse_prefill_ref(
+    q: Tensor,
+    kv: Tensor,
+    indices: Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    attn_sink: Optional[Tensor] = None,
+    topk_length: Optional[Tensor] = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference ``flash_mla_sparse_fwd`` (SEMANTICS.md section 3, "Sparse prefill").
+
+    ``q (Sq, Hq, Dqk)``, ``kv (Skv, 1, Dqk)``, ``indices (Sq, 1, topk)`` (rows of kv; any
+    negative value or value ``>= Skv`` is ignored, duplicates count once per occurrence),
+    ``topk_length (Sq,)``: row i only uses ``indices[i, 0, :topk_length[i]]``.
+    Scores ``sm_scale * <q, k>``, V = ``kv[..., :d_v]``.
+
+    Returns ``(out (Sq, Hq, d_v) in q.dtype, max_logits (Sq, Hq) fp32, lse (Sq, Hq) fp32)``:
+    max_logits is the largest scaled score over the valid keys (-inf when there is none);
+    lse is the natural-log logsumexp of the scaled scores, +inf when there is no valid key,
+    and excludes the sink. ``attn_sink (Hq,)`` multiplies out by
+    ``exp(lse) / (exp(lse) + exp(sink))`` (+inf -> 0, -inf -> unchanged). Rows without a
+    key give out 0. ``compute_dtype`` as in :func:`fmha_ref`.
+    """
+    prec = _mla_precision(compute_dtype)
+    acc = prec[0]
+    if q.dim() != 3 or kv.dim() != 3:
+        raise ValueError(f"q must be (Sq, Hq, Dqk) and kv (Skv, 1, Dqk); got {tuple(q.shape)}, {tuple(kv.shape)}")
+    Sq, Hq, Dqk = q.shape
+    Skv = kv.shape[0]
+    if kv.shape[1] != 1 or kv.shape[2] != Dqk:
+        raise ValueError(f"kv must be ({Skv}, 1, {Dqk}), got {tuple(kv.shape)}")
+    if indices.dim() != 3 or indices.shape[0] != Sq or indices.shape[1] != 1:
+        raise ValueError(f"indices must be ({Sq}, 1, topk), got {tuple(indices.shape)}")
+    dv = int(d_v)
+    if not (0 < dv <= Dqk):
+        raise ValueError(f"d_v={dv} must be in [1, {Dqk}]")
+    topk = indices.shape[2]
+    idx = _ints(indices, "indices")
+    tl = _topk_lengths(topk_length, Sq, topk, "topk_length")
+    sink = None
+    if attn_sink is not None:
+        if attn_sink.numel() != Hq:
+            raise ValueError(f"attn_sink must have shape ({Hq},), got {tuple(attn_sink.shape)}")
+        sink = attn_sink.detach().cpu().reshape(Hq).to(acc)
+    kv_c = kv.detach().cpu()
+    out = torch.zeros(Sq, Hq, dv, dtype=acc)
+    max_logits = torch.full((Sq, Hq), -math.inf, dtype=acc)
+    lse = torch.full((Sq, Hq), math.inf, dtype=acc)
+    for i in range(Sq):
+        slots = _sparse_slots(idx[i * topk:(i + 1) * topk], tl[i], Skv)
+        keys = kv_c[torch.tensor(slots, dtype=torch.int64)]
+        o, l, m = _mla_attend(q[i:i + 1], keys, None, float(sm_scale), dv, prec)
+        f = _mla_sink_factor(l, sink)
+        if f is not None:
+            o = o * f.unsqueeze(-1)
+        empty = l == -math.inf
+        out[i] = torch.where(empty.unsqueeze(-1), torch.zeros_like(o), o)[0]
+        lse[i] = torch.where(empty, torch.full_like(l, math.inf), l)[0]
+        max_logits[i] = m[0]
+    return (out.to(device=q.device, dtype=q.dtype), max_logits.to(device=q.device, dtype=torch.float32),
+            lse.to(device=q.device, dtype=torch.float32))
+
+
+def mla_paged_ref(
+    q_nope: Tensor,
+    q_pe: Tensor,
+    ckv_cache: Tensor,
+    kpe_cache: Tensor,
+    qo_indptr: Tensor,
+    kv_indptr: Tensor,
+    kv_indices: Tensor,
+    kv_len_arr: Tensor,
+    sm_scale: float,
+    causal: bool,
+    return_lse_base2: bool = True,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, Tensor]:
+    """Reference FlashInfer ``BatchMLAPagedAttentionWrapper`` plan+run (SEMANTICS.md section 4).
+
+    ``q_nope (Tq, H, Dc)``, ``q_pe (Tq, H, Dp)`` (512 / 64), ``ckv_cache (pages, P, Dc)``,
+    ``kpe_cache (pages, P, Dp)``. Sequence b owns query rows ``qo_indptr[b]:qo_indptr[b+1]``,
+    the pages ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` and ``kv_len_arr[b]`` keys (key t on
+    page ``kv_indices[kv_indptr[b] + t // P]``, slot ``t % P``). Score
+    ``sm_scale * (<q_nope, ckv> + <q_pe, kpe>)``, value ``ckv``; ``causal`` is bottom-right
+    aligned. Every head shares the single latent kv head.
+
+    Returns ``out (Tq, H, Dc)`` in ``q_nope.dtype`` and ``lse (Tq, H)`` float32, base 2 by
+    default (``lse_natural / ln 2``), natural log with ``return_lse_base2=False``.
+    Rows with no key (and rows past ``qo_indptr[-1]``) give out 0 and lse **-inf**
+    (FlashInfer's convention; FlashMLA uses +inf). ``compute_dtype`` as in :func:`fmha_ref`.
+    """
+    prec = _mla_precision(compute_dtype)
+    acc = prec[0]
+    if q_nope.dim() != 3 or q_pe.dim() != 3 or q_nope.shape[:2] != q_pe.shape[:2]:
+        raise ValueError(f"q_nope (Tq, H, Dc) and q_pe (Tq, H, Dp) disagree: "
+                         f"{tuple(q_nope.shape)}, {tuple(q_pe.shape)}")
+    Tq, H, Dc = q_nope.shape
+    Dp = q_pe.shape[2]
+    if ckv_cache.dim() != 3 or kpe_cache.dim() != 3 or ckv_cache.shape[:2] != kpe_cache.shape[:2] \
+            or ckv_cache.shape[2] != Dc or kpe_cache.shape[2] != Dp:
+        raise ValueError(f"ckv_cache must be (pages, P, {Dc}) and kpe_cache (pages, P, {Dp}); got "
+                         f"{tuple(ckv_cache.shape)}, {tuple(kpe_cache.shape)}")
+    num_pages, P = ckv_cache.shape[0], ckv_cache.shape[1]
+    qo = _ints(qo_indptr, "qo_indptr")
+    kvp = _ints(kv_indptr, "kv_indptr")
+    kvi = _ints(kv_indices, "kv_indices")
+    kvl = _ints(kv_len_arr, "kv_len_arr")
+    B = len(qo) - 1
+    _check_len(kvp, B + 1, "kv_indptr")
+    _check_len(kvl, B, "kv_len_arr")
+    if B < 0 or qo[0] != 0 or any(qo[b + 1] < qo[b] for b in range(B)) or qo[-1] > Tq:
+        raise ValueError(f"invalid qo_indptr {qo} for {Tq} query rows")
+    if kvp[0] != 0 or any(kvp[b + 1] < kvp[b] for b in range(B)) or kvp[-1] > len(kvi):
+        raise ValueError(f"invalid kv_indptr {kvp} for {len(kvi)} kv_indices")
+    # one latent kv head holding [ckv | kpe]; V = the first Dc channels
+    q_all = torch.cat([q_nope.detach().cpu().to(acc), q_pe.detach().cpu().to(acc)], dim=-1)
+    k_all = torch.cat([ckv_cache.detach().cpu().to(acc), kpe_cache.detach().cpu().to(acc)], dim=-1)
+    out = torch.zeros(Tq, H, Dc, dtype=acc)
+    lse = torch.full((Tq, H), -math.inf, dtype=acc)
+    for b in range(B):
+        pages = kvi[kvp[b]:kvp[b + 1]]
+        sk, sq = kvl[b], qo[b + 1] - qo[b]
+        if not (0 <= sk <= len(pages) * P):
+            raise ValueError(f"kv_len_arr[{b}]={sk} outside [0, {len(pages) * P}] ({len(pages)} pages of {P})")
+        for t in range(sk):
+            if not (0 <= pages[t // P] < num_pages):
+                raise ValueError(f"kv_indices[{kvp[b] + t // P}]={pages[t // P]} outside [0, {num_pages})")
+        keys = k_all[torch.tensor([pages[t // P] for t in range(sk)], dtype=torch.int64),
+                     torch.tensor([t % P for t in range(sk)], dtype=torch.int64)].unsqueeze(1)  # (sk, 1, D)
+        allowed = _allowed_mask(sq, sk, torch.arange(sk), causal, (-1, -1), 0)
+        # the inputs were already rounded to acc; _mla_attend rounds them to the matmul dtype
+        o, l, _ = _mla_attend(q_all[qo[b]:qo[b + 1]], keys, allowed, float(sm_scale), Dc, prec)
+        out[qo[b]:qo[b + 1]] = o
+        lse[qo[b]:qo[b + 1]] = l  # -inf for rows without a key; o is 0 there
+    if return_lse_base2:
+        lse = lse * (1.0 / math.log(2.0))
+    return out.to(device=q_nope.device, dtype=q_nope.dtype), lse.to(device=q_nope.device, dtype=torch.float32)

@@ -6,7 +6,7 @@ import torch
 @torch.library.register_fake("mate::kvcache_append")
 def kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_k_new=None, page_table=None,
                         cache_batch_idx=None, rotary_cos=None, rotary_sin=None, rotary_seqlens=None,
-                        rotary_interleaved=True):
+                        rotary_interleaved=True, cache_leftpad=None):
     return None
 
 

@@ -1,5 +1,7 @@
 #include "kvcache_checks.h"
 
+#include <algorithm>
+
 #include "check_utils.h"
 #include "fmha_checks.h"
 
@@ -48,7 +50,7 @@ AppendParams check_append_inputs(const at::Tensor& k_cache, const at::Tensor& v_
                                  const std::optional<at::Tensor>& rotary_cos,
                                  const std::optional<at::Tensor>& rotary_sin,
                                  const std::optional<at::Tensor>& rotary_seqlens,
-                                 bool rotary_interleaved) {
+                                 bool rotary_interleaved, const std::optional<at::Tensor>& cache_leftpad) {
   AppendParams p;
   const auto dt = k_cache.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat8_e4m3fn,
@@ -77,14 +79,19 @@ AppendParams check_append_inputs(const at::Tensor& k_cache, const at::Tensor& v_
   for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&k, "k"}, {&v, "v"}})
     check_last_dim_contiguous(*t, name);
 
-  TORCH_CHECK(cache_seqlens.dim() == 1, "cache_seqlens must be 1-D (batch_size,), got shape ",
-              cache_seqlens.sizes());
-  const int64_t batch = cache_seqlens.size(0);
-  check_int32_vector(cache_seqlens, "cache_seqlens", batch, k_cache, "k_cache");
+  // the batch comes from the new keys: k's first dimension, or cu_seqlens_k_new when packed
+  if (packed)
+    TORCH_CHECK(cu_seqlens_k_new->dim() == 1 && cu_seqlens_k_new->size(0) >= 1,
+                "cu_seqlens_k_new must be 1-D (batch_size + 1,), got shape ", cu_seqlens_k_new->sizes());
+  const int64_t batch = packed ? cu_seqlens_k_new->size(0) - 1 : k.size(0);
   check_int32_vector(cu_seqlens_k_new, "cu_seqlens_k_new", batch + 1, k_cache, "k_cache");
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch,
+              "cache_seqlens must have shape (batch_size,) = (", batch, ",), got ", cache_seqlens.sizes());
+  check_int32_vector(cache_seqlens, "cache_seqlens", batch, k_cache, "k_cache");
   check_int32_vector(cache_batch_idx, "cache_batch_idx", batch, k_cache, "k_cache");
   check_int32_vector(rotary_seqlens, "rotary_seqlens", batch, k_cache, "k_cache");
-  TORCH_CHECK(packed || k.size(0) == batch, "k must have batch_size (", batch, ") sequences, got ", k.size(0));
+  check_int32_vector(cache_leftpad, "cache_leftpad", batch, k_cache, "k_cache");
+  p.cache_leftpad = int_ptr(cache_leftpad);
   if (page_table) {
     const auto& pt = *page_table;
     TORCH_CHECK(pt.scalar_type() == at::kInt && pt.dim() == 2,
@@ -100,12 +107,12 @@ AppendParams check_append_inputs(const at::Tensor& k_cache, const at::Tensor& v_
     p.max_pages = static_cast<int>(pt.size(1));
     p.cache_rows = static_cast<int>(pt.size(0));
     p.num_pages = static_cast<int>(k_cache.size(0));
-    p.capacity = p.page_size * p.max_pages;
+    p.capacity = static_cast<int64_t>(p.page_size) * p.max_pages;
   } else {
     TORCH_CHECK(cache_batch_idx || k_cache.size(0) == batch, "k_cache must have batch_size (", batch,
                 ") rows, got ", k_cache.size(0), " (pass cache_batch_idx to index a larger cache)");
     p.cache_rows = static_cast<int>(k_cache.size(0));
-    p.capacity = static_cast<int>(k_cache.size(1));
+    p.capacity = k_cache.size(1);
   }
 
   p.k_cache = k_cache.data_ptr();
@@ -130,6 +137,7 @@ AppendParams check_append_inputs(const at::Tensor& k_cache, const at::Tensor& v_
   p.rotary_seqlens = int_ptr(rotary_seqlens);
   p.batch = static_cast<int>(batch);
   p.seqlen_new = packed ? 0 : static_cast<int>(k.size(1));
+  p.total_new = packed ? k.size(0) : 0;
   p.heads_k = static_cast<int>(heads_k);
   p.head_dim = static_cast<int>(head_dim);
   p.head_dim_v = static_cast<int>(head_dim_v);
@@ -145,18 +153,27 @@ void check_append_index_values(const AppendParams& p) {
     TORCH_CHECK(p.cu_seqlens_k_new[0] >= 0, "cu_seqlens_k_new[0] must be >= 0");
     for (int b = 0; b < p.batch; ++b)
       TORCH_CHECK(p.cu_seqlens_k_new[b + 1] >= p.cu_seqlens_k_new[b], "cu_seqlens_k_new must be non-decreasing");
+    TORCH_CHECK(p.cu_seqlens_k_new[p.batch] <= p.total_new, "cu_seqlens_k_new[-1] = ", p.cu_seqlens_k_new[p.batch],
+                " exceeds the ", p.total_new, " rows of k and v");
   }
   for (int b = 0; b < p.batch; ++b) {
     const int start = p.cache_seqlens[b], n = new_len(p, b);
     TORCH_CHECK(start >= 0, "cache_seqlens[", b, "] = ", start, " must be >= 0");
-    TORCH_CHECK(static_cast<int64_t>(start) + n <= p.capacity, "appending ", n, " keys at cache_seqlens[", b,
+    // positions start + t must be int32; the attention after the append reads [0, start + n)
+    TORCH_CHECK(static_cast<int64_t>(start) + n <= std::min<int64_t>(p.capacity, 1LL << 31), "appending ", n, " keys at cache_seqlens[", b,
                 "] = ", start, " overflows the cache of ", p.capacity, " keys per sequence");
+    if (p.cache_leftpad)
+      TORCH_CHECK(p.cache_leftpad[b] >= 0 && p.cache_leftpad[b] <= static_cast<int64_t>(start) + n,
+                  "cache_leftpad[", b, "] = ", p.cache_leftpad[b], " must be in [0, ", static_cast<int64_t>(start) + n,
+                  "] (cache_seqlens + new keys)");
     const int row = p.cache_batch_idx ? p.cache_batch_idx[b] : b;
     TORCH_CHECK(row >= 0 && row < p.cache_rows, "cache_batch_idx[", b, "] = ", row, " is out of range [0, ",
                 p.cache_rows, ")");
-    if (p.page_size > 0 && n > 0) {
+    if (p.page_size > 0 && start + n > 0) {
+      // every page of the sequence after the append, not only the written ones: the attention
+      // that follows reads them all, and a bad entry must fail before the cache is touched
       const int32_t* pages = p.page_table + row * p.page_table_batch_stride;
-      for (int i = start / p.page_size; i <= (start + n - 1) / p.page_size; ++i)
+      for (int64_t i = 0; i <= (static_cast<int64_t>(start) + n - 1) / p.page_size; ++i)
         TORCH_CHECK(pages[i] >= 0 && pages[i] < p.num_pages, "page_table[", row, ", ", i, "] = ", pages[i],
                     " is out of range [0, ", p.num_pages, ")");
     }
@@ -175,8 +192,8 @@ RotaryApplyParams check_rotary_inputs(const at::Tensor& x, const at::Tensor& cos
                                       bool positions_per_row) {
   RotaryApplyParams p;
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat8_e4m3fn,
-              "x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "x must be float32, float16 or bfloat16 (rotary embedding is not supported with float8), got ", dt);
   const bool ragged = cu_seqlens.has_value();
   TORCH_CHECK(x.dim() == (ragged ? 3 : 4), "x must be ",
               ragged ? "(total, num_heads, head_dim) with cu_seqlens" : "(batch_size, seqlen, num_heads, head_dim)",
@@ -217,6 +234,7 @@ void check_rotary_index_values(const RotaryApplyParams& p) {
       TORCH_CHECK(p.cu_seqlens[b] >= 0 && len >= 0 && p.cu_seqlens[b + 1] <= p.total_rows,
                   "cu_seqlens must be non-decreasing and within the ", p.total_rows, " rows of x");
     const int off = p.seqlen_offsets[b];
+    TORCH_CHECK(off >= 0, "seqlen_offsets[", b, "] = ", off, " must be >= 0 (a rotary position)");
     const int64_t last = len == 0 ? off : (p.positions_per_row ? static_cast<int64_t>(off) + len - 1 : off);
     TORCH_CHECK(off >= 0 && (len == 0 || last < p.rotary.max_positions), "rotary_cos/rotary_sin have ",
                 p.rotary.max_positions, " positions, but sequence ", b, " needs position ", last);

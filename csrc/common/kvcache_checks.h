@@ -20,7 +20,8 @@ AppendParams check_append_inputs(const at::Tensor& k_cache, const at::Tensor& v_
                                  const std::optional<at::Tensor>& rotary_cos,
                                  const std::optional<at::Tensor>& rotary_sin,
                                  const std::optional<at::Tensor>& rotary_seqlens,
-                                 bool rotary_interleaved);
+                                 bool rotary_interleaved,
+                                 const std::optional<at::Tensor>& cache_leftpad = std::nullopt);
 void check_append_index_values(const AppendParams& p);
 
 RotaryApplyParams check_rotary_inputs(const at::Tensor& x, const at::Tensor& cos,

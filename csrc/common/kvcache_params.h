@@ -36,12 +36,14 @@ struct AppendParams {
   int64_t page_table_batch_stride = 0;
   const int32_t* cache_batch_idx = nullptr;   // (B)
   const int32_t* rotary_seqlens = nullptr;    // (B): rotary position of the first new key
+  const int32_t* cache_leftpad = nullptr;     // (B): validated only (see kvcache_append)
 
   int batch = 0, seqlen_new = 0, heads_k = 0, head_dim = 0, head_dim_v = 0;
   int page_size = 0, max_pages = 0;
   int cache_rows = 0;      // dense: cache rows; paged: page-table rows
   int num_pages = 0;       // paged: pages in the pool
-  int capacity = 0;        // keys one sequence can hold (Sk, or max_pages * P)
+  int64_t capacity = 0;    // keys one sequence can hold (Sk, or max_pages * P)
+  int64_t total_new = 0;   // rows of a packed k / v
   DType dtype = DType::kBFloat16;
   RotaryParams rotary;
 };

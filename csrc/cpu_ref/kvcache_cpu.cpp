@@ -62,10 +62,11 @@ void kvcache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
                     const std::optional<at::Tensor>& page_table,
                     const std::optional<at::Tensor>& cache_batch_idx,
                     const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
-                    const std::optional<at::Tensor>& rotary_seqlens, bool rotary_interleaved) {
+                    const std::optional<at::Tensor>& rotary_seqlens, bool rotary_interleaved,
+                    const std::optional<at::Tensor>& cache_leftpad) {
   const AppendParams p = check_append_inputs(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_k_new, page_table,
                                              cache_batch_idx, rotary_cos, rotary_sin, rotary_seqlens,
-                                             rotary_interleaved);
+                                             rotary_interleaved, cache_leftpad);
   check_append_index_values(p);
   switch (p.dtype) {
     case DType::kFloat32: return run_append<float>(p);

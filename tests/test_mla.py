@@ -1,0 +1,186 @@
+"""MLA (mla_decode, mla_sparse_prefill, get_mla_metadata, FlashInfer wrapper) against the
+pure-PyTorch oracle. Unused cache slots are NaN (or garbage FP8 bytes) and must never leak."""
+import math
+
+import pytest
+import torch
+
+from mate_ops import flashmla as fm
+from mate_ops import testing as T
+from mate_ops.flashinfer import BatchMLAPagedAttentionWrapper
+
+BF16 = torch.bfloat16
+
+
+def paged_cache(lens, P, Hkv, D, dtype=BF16, gen=None):
+    """A shuffled page pool holding `lens` tokens per sequence; every other slot is NaN."""
+    B = len(lens)
+    dense = torch.randn(B, max(lens + [1]), Hkv, D, dtype=dtype)
+    kp, _, table = T.make_paged_kv(dense, dense[..., :1], lens, P, generator=gen)
+    return kp, table
+
+
+def check_mla(out, lse, ref_out, ref_lse, low_out, input_dtype=BF16):
+    T.assert_close_fa3(out, ref_out, low_out, input_dtype=input_dtype)
+    assert out.dtype == ref_out.dtype and lse.shape == ref_lse.shape
+    inf = torch.isinf(ref_lse)
+    assert torch.equal(lse.cpu()[inf], ref_lse[inf]), "lse infinities differ (a query with no key has lse +inf)"
+    torch.testing.assert_close(lse.cpu()[~inf], ref_lse[~inf], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,Sq,Hq,Hkv,P,causal", [
+    (1, 1, 1, 1, 64, False), (2, 2, 16, 1, 64, True), (3, 4, 128, 1, 64, True), (64, 1, 8, 1, 16, False),
+    (4, 3, 16, 2, 5, True), (2, 1, 32, 4, 1, False),
+])
+@pytest.mark.parametrize("dqk", [576, 512])
+def test_dense_decode(device, B, Sq, Hq, Hkv, P, causal, dqk):
+    gen = torch.Generator().manual_seed(B * 100 + Hq)
+    lens = [int(x) for x in torch.randint(0, 200, (B,), generator=gen)]
+    lens[0] = 0 if B > 1 else lens[0]  # a zero-length cache
+    kc, table = paged_cache(lens, P, Hkv, dqk, gen=gen)
+    q = torch.randn(B, Sq, Hq, dqk, dtype=BF16)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    meta = fm.get_mla_metadata(seqlens.to(device), Sq * Hq // Hkv, Hkv)
+    out, lse = fm.flash_mla_with_kvcache(q.to(device), kc.to(device), table.to(device), seqlens.to(device), 512,
+                                         *meta, causal=causal)
+    ref = T.mla_decode_ref(q, kc, table, seqlens, 512, causal=causal)
+    low = T.mla_decode_ref(q, kc, table, seqlens, 512, causal=causal, compute_dtype=BF16)
+    check_mla(out, lse, *ref, low[0])
+    # metadata is only a hint: the result is identical without it
+    out2, _ = fm.flash_mla_with_kvcache(q.to(device), kc.to(device), table.to(device), seqlens.to(device), 512,
+                                        None, None, causal=causal)
+    torch.testing.assert_close(out, out2, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("topk", [1, 64, 100, 2048 // 16])
+@pytest.mark.parametrize("with_extra", [False, True])
+@pytest.mark.parametrize("sink", [None, "finite", "+inf", "-inf"])
+def test_sparse_decode(device, topk, with_extra, sink):
+    gen = torch.Generator().manual_seed(topk)
+    B, Sq, Hq, P, nb = 3, 2, 16, 64, 5
+    kc = torch.randn(nb, P, 1, 576, dtype=BF16)
+    q = torch.randn(B, Sq, Hq, 576, dtype=BF16)
+    idx = torch.randint(-1, nb * P + 20, (B, Sq, topk), dtype=torch.int32, generator=gen)  # some -1 / out of range
+    idx[1, 0] = -1                                   # a row with no valid index: out 0, lse +inf
+    topk_length = torch.tensor([topk, max(topk // 2, 1), topk], dtype=torch.int32)
+    kw = dict(indices=idx, topk_length=topk_length)
+    if with_extra:
+        ekc = torch.randn(3, 16, 1, 576, dtype=BF16)
+        kw.update(extra_k_cache=ekc, extra_indices_in_kvcache=torch.randint(-1, 48, (B, Sq, 7), dtype=torch.int32),
+                  extra_topk_length=torch.tensor([7, 0, 3], dtype=torch.int32))
+        kw["extra_indices_in_kvcache"][1, 0] = -1
+    if sink is not None:
+        s = torch.randn(Hq) if sink == "finite" else torch.full((Hq,), math.inf if sink == "+inf" else -math.inf)
+        kw["attn_sink"] = s
+    dev = {k: v.to(device) for k, v in kw.items()}
+    out, lse = fm.flash_mla_with_kvcache(q.to(device), kc.to(device), None, None, 512, None, None, **dev)
+    ref = T.mla_decode_ref(q, kc, None, None, 512, **kw)
+    low = T.mla_decode_ref(q, kc, None, None, 512, compute_dtype=BF16, **kw)
+    check_mla(out, lse, *ref, low[0])
+    assert (out[1, 0].float() == 0).all() and torch.isposinf(lse[1, :, 0]).all()
+    if sink == "+inf":
+        assert (out.float() == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["v32", "model1"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fp8_caches(device, layout, sparse):
+    dqk = 576 if layout == "v32" else 512
+    B, Sq, Hq, P, nb = 2, 1, 16, 64, 6
+    kv = torch.randn(nb, P, 1, dqk, dtype=BF16)
+    cache = fm.quantize_k_cache(kv, layout)
+    back = fm.dequantize_k_cache(cache)
+    assert back.shape == kv.shape
+    assert ((back - kv.float()).abs() <= kv.float().abs() * 0.07 + 1e-2).all(), "FP8 round trip too lossy"
+    q = torch.randn(B, Sq, Hq, dqk, dtype=BF16)
+    if sparse:
+        idx = torch.randint(-1, nb * P, (B, Sq, 150), dtype=torch.int32)
+        args = (None, None)
+        kw = dict(indices=idx)
+    else:
+        lens = torch.tensor([130, 300], dtype=torch.int32)
+        table = torch.tensor([[5, 1, 3, 0, 0], [2, 4, 0, 3, 1]], dtype=torch.int32)
+        args = (table, lens)
+        kw = dict(causal=False)
+    dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    out, lse = fm.flash_mla_with_kvcache(dev(q), dev(cache), dev(args[0]), dev(args[1]), 512, None, None,
+                                         is_fp8_kvcache=True, **{k: dev(v) for k, v in kw.items()})
+    ref = T.mla_decode_ref(q, cache, *args, 512, is_fp8_kvcache=True, **kw)
+    low = T.mla_decode_ref(q, cache, *args, 512, is_fp8_kvcache=True, compute_dtype=BF16, **kw)
+    check_mla(out, lse, *ref, low[0])
+
+
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_sparse_prefill(device, with_sink):
+    Sq, Hq, Skv, topk = 37, 16, 300, 90
+    q = torch.randn(Sq, Hq, 576, dtype=BF16)
+    kv = torch.randn(Skv, 1, 576, dtype=BF16)
+    idx = torch.randint(-1, Skv + 5, (Sq, 1, topk), dtype=torch.int32)
+    idx[3] = -1
+    kw = dict(topk_length=torch.randint(0, topk + 1, (Sq,), dtype=torch.int32))
+    if with_sink:
+        kw["attn_sink"] = torch.randn(Hq)
+    scale = 0.05
+    out, max_logits, lse = fm.flash_mla_sparse_fwd(q.to(device), kv.to(device), idx.to(device), scale, 512,
+                                                   **{k: v.to(device) for k, v in kw.items()})
+    ref_out, ref_max, ref_lse = T.mla_sparse_prefill_ref(q, kv, idx, scale, 512, **kw)
+    low = T.mla_sparse_prefill_ref(q, kv, idx, scale, 512, compute_dtype=BF16, **kw)
+    check_mla(out, lse, ref_out, ref_lse, low[0])
+    inf = torch.isinf(ref_max)
+    assert torch.equal(max_logits.cpu()[inf], ref_max[inf])
+    torch.testing.assert_close(max_logits.cpu()[~inf], ref_max[~inf], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("base_e", [False, True])
+def test_flashinfer_wrapper(device, causal, base_e):
+    P, npages, H = 16, 30, 8
+    ckv = torch.randn(npages, P, 512, dtype=BF16)
+    kpe = torch.randn(npages, P, 64, dtype=BF16)
+    q_lens, kv_lens = [3, 1, 5], [70, 16, 3]
+    qo = T.random_cu_seqlens(q_lens)
+    pages_per = [(n + P - 1) // P for n in kv_lens]
+    kv_indptr = T.random_cu_seqlens(pages_per)
+    kv_indices = torch.randperm(npages)[: sum(pages_per)].to(torch.int32)
+    kv_len = torch.tensor(kv_lens, dtype=torch.int32)
+    q_nope, q_pe = torch.randn(sum(q_lens), H, 512, dtype=BF16), torch.randn(sum(q_lens), H, 64, dtype=BF16)
+    w = BatchMLAPagedAttentionWrapper(torch.empty(8, dtype=torch.uint8, device=device))
+    w.plan(qo.to(device), kv_indptr.to(device), kv_indices.to(device), kv_len.to(device), H, 512, 64, P, causal, 0.07,
+           BF16, BF16)
+    out, lse = w.run(q_nope.to(device), q_pe.to(device), ckv.to(device), kpe.to(device), return_lse=True,
+                     return_lse_base_on_e=base_e)
+    ref_out, ref_lse = T.mla_paged_ref(q_nope, q_pe, ckv, kpe, qo, kv_indptr, kv_indices, kv_len, 0.07, causal,
+                                       return_lse_base2=not base_e)
+    low = T.mla_paged_ref(q_nope, q_pe, ckv, kpe, qo, kv_indptr, kv_indices, kv_len, 0.07, causal,
+                          return_lse_base2=not base_e, compute_dtype=BF16)
+    check_mla(out, lse, ref_out, ref_lse, low[0])
+    # out= and lse= buffers are written in place
+    ob = T.poison_(torch.empty_like(out))
+    lb = T.poison_(torch.empty_like(lse))
+    o2, l2 = w.run(q_nope.to(device), q_pe.to(device), ckv.to(device), kpe.to(device), out=ob, lse=lb,
+                   return_lse=True, return_lse_base_on_e=base_e)
+    assert o2.data_ptr() == ob.data_ptr() and l2.data_ptr() == lb.data_ptr()
+    assert torch.equal(o2, out) and torch.equal(l2, lse)
+
+
+def test_flashinfer_cuda_graph_buffers(device):
+    P, H = 16, 4
+    bufs = [torch.zeros(9, dtype=torch.int32, device=device), torch.zeros(9, dtype=torch.int32, device=device),
+            torch.zeros(64, dtype=torch.int32, device=device), torch.zeros(8, dtype=torch.int32, device=device)]
+    w = BatchMLAPagedAttentionWrapper(torch.empty(8, dtype=torch.uint8, device=device), True, *bufs)
+    ckv, kpe = torch.randn(10, P, 512, dtype=BF16).to(device), torch.randn(10, P, 64, dtype=BF16).to(device)
+    ptrs = None
+    for lens in ([20, 5], [31, 17]):
+        qo = T.random_cu_seqlens([1, 1])
+        kvp = T.random_cu_seqlens([2, 2])
+        w.plan(qo, kvp, torch.tensor([0, 1, 2, 3], dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), H, 512,
+               64, P, True, 0.1, BF16, BF16)
+        assert bufs[0][:3].tolist() == qo.tolist() and bufs[3][:2].tolist() == lens  # copied into the buffers
+        cur = (w._plan["page_table"].data_ptr(), w._plan["seqused_k"].data_ptr())
+        assert ptrs is None or ptrs == cur, "run must read fixed addresses under use_cuda_graph"
+        ptrs = cur
+        qn, qp = torch.randn(2, H, 512, dtype=BF16), torch.randn(2, H, 64, dtype=BF16)
+        out = w.run(qn.to(device), qp.to(device), ckv, kpe)
+        ref, _ = T.mla_paged_ref(qn, qp, ckv.cpu(), kpe.cpu(), qo, kvp, torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+                                 torch.tensor(lens, dtype=torch.int32), 0.1, True)
+        torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-2, rtol=2e-2)
