@@ -56,6 +56,14 @@ class BatchMLAPagedAttentionWrapper:
         if kvp.numel() != batch + 1 or lens.numel() != batch:
             raise ValueError(f"qo_indptr ({qo.numel()}), kv_indptr ({kvp.numel()}) and kv_len_arr ({lens.numel()}) "
                              "must describe the same batch: B + 1, B + 1 and B entries")
+        if batch < 0 or int(qo[0]) < 0 or bool((qo[1:] < qo[:-1]).any()):
+            raise ValueError("qo_indptr must be non-decreasing offsets starting at >= 0")
+        if int(kvp[0]) < 0 or bool((kvp[1:] < kvp[:-1]).any()) or int(kvp[-1]) > idx.numel():
+            raise ValueError(f"kv_indptr must be non-decreasing offsets into the {idx.numel()} kv_indices")
+        if bool((lens < 0).any()):
+            raise ValueError("kv_len_arr entries must be >= 0")
+        if bool((idx < 0).any()):
+            raise ValueError("kv_indices entries must be >= 0 (page ids)")
         pages = [idx[int(kvp[b]):int(kvp[b + 1])] for b in range(batch)]
         for b in range(batch):
             if int(lens[b]) > pages[b].numel() * page_size:
@@ -80,10 +88,40 @@ class BatchMLAPagedAttentionWrapper:
         else:
             table = table.to(self._device)
             qo_dev, lens_dev = qo_i32.to(self._device), lens_i32.to(self._device)
-        self._plan = dict(cu_seqlens_q=qo_dev, seqused_k=lens_dev, page_table=table,
-                          max_seqlen_q=int((qo[1:] - qo[:-1]).max()) if batch else 0, causal=causal,
+        # max_seqlen_q is not recorded: a Python int here would specialize compiled run() calls
+        self._plan = dict(cu_seqlens_q=qo_dev, seqused_k=lens_dev, page_table=table, causal=causal,
                           softmax_scale=sm_scale, num_heads=num_heads, head_dim_ckv=head_dim_ckv,
-                          head_dim_kpe=head_dim_kpe)
+                          head_dim_kpe=head_dim_kpe, page_size=page_size, total_q=int(qo[-1]),
+                          max_page=int(table.max()) if table.numel() else 0)
+
+    def _check_run_args(self, q_nope, q_pe, ckv_cache, kpe_cache):
+        """run()'s tensors must match the planned layout (shapes only: no device sync)."""
+        p = self._plan
+        H, dc, dk, P = p["num_heads"], p["head_dim_ckv"], p["head_dim_kpe"], p["page_size"]
+        expect = [("q_nope", q_nope, (None, H, dc)), ("q_pe", q_pe, (None, H, dk)),
+                  ("ckv_cache", ckv_cache, (None, P, dc)), ("kpe_cache", kpe_cache, (None, P, dk))]
+        for name, t, shape in expect:
+            if t.dim() != 3 or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+                raise ValueError(f"{name} must have shape (*, {', '.join(str(x) for x in shape[1:])}) as planned "
+                                 f"(num_heads={H}, head_dim_ckv={dc}, head_dim_kpe={dk}, page_size={P}), "
+                                 f"got {tuple(t.shape)}")
+        if q_pe.shape[0] != q_nope.shape[0]:
+            raise ValueError(f"q_nope and q_pe must have the same rows, got {q_nope.shape[0]} and {q_pe.shape[0]}")
+        if kpe_cache.shape[0] != ckv_cache.shape[0]:
+            raise ValueError(f"ckv_cache and kpe_cache must have the same number of pages, got {ckv_cache.shape[0]} "
+                             f"and {kpe_cache.shape[0]}")
+        # Checks against per-plan numbers run eagerly only: under torch.compile they would
+        # specialize the graph on every plan (the op itself still range-checks on the CPU).
+        if not torch.compiler.is_compiling():
+            if q_nope.shape[0] < p["total_q"]:
+                raise ValueError(f"qo_indptr[-1] = {p['total_q']} exceeds the {q_nope.shape[0]} rows of q_nope / q_pe")
+            if ckv_cache.shape[0] <= p["max_page"]:
+                raise ValueError(f"kv_indices holds page id {p['max_page']}, out of range for ckv_cache / kpe_cache "
+                                 f"with {ckv_cache.shape[0]} pages")
+        dtypes = {q_nope.dtype, q_pe.dtype, ckv_cache.dtype, kpe_cache.dtype}
+        if len(dtypes) != 1:
+            raise ValueError(f"q_nope, q_pe, ckv_cache and kpe_cache must share one dtype, got "
+                             f"{q_nope.dtype}, {q_pe.dtype}, {ckv_cache.dtype}, {kpe_cache.dtype}")
 
     def _into(self, buf, table, what):
         if buf is None:
@@ -113,9 +151,10 @@ class BatchMLAPagedAttentionWrapper:
         if self._plan is None:
             raise RuntimeError("call plan() before run()")
         p = self._plan
+        self._check_run_args(q_nope, q_pe, ckv_cache, kpe_cache)
         o, lse_e = torch.ops.mate.fmha_fwd(
             q_pe, kpe_cache.unsqueeze(2), ckv_cache.unsqueeze(2), cu_seqlens_q=p["cu_seqlens_q"],
-            max_seqlen_q=p["max_seqlen_q"], seqused_k=p["seqused_k"], page_table=p["page_table"], qv=q_nope,
+            seqused_k=p["seqused_k"], page_table=p["page_table"], qv=q_nope,
             softmax_scale=p["softmax_scale"], causal=p["causal"], num_splits=1)
         lse_out = lse_e.t() if return_lse_base_on_e else lse_e.t() / _LN2
         if out is not None:

@@ -179,6 +179,11 @@ MlaProblem check_mla_sparse_prefill_inputs(const at::Tensor& q, const at::Tensor
               "indices must have shape (seqlen_q, num_heads_kv=1, topk) = (", q.size(0), ", 1, topk), got ",
               indices.sizes());
   TORCH_CHECK(kv.size(0) >= 1, "kv must hold at least one row");
+  TORCH_CHECK(kv.scalar_type() == q.scalar_type(), "kv must have the dtype of q (", q.scalar_type(), "), got ",
+              kv.scalar_type());
+  TORCH_CHECK(kv.size(2) == q.size(2), "kv head_dim (", kv.size(2), ") must equal q head_dim (", q.size(2), ")");
+  TORCH_CHECK(d_v >= 1 && d_v <= q.size(2), "d_v must be in [1, head_dim of q (", q.size(2), ")], got ", d_v);
+  TORCH_CHECK(std::isfinite(sm_scale), "sm_scale must be finite, got ", sm_scale);
   // as a decode: q (Sq, 1, Hq, D), kv one block of Skv tokens, indices (Sq, 1, topk)
   MlaProblem prob = check_mla_decode_inputs(q.unsqueeze(1), kv.unsqueeze(0), std::nullopt, std::nullopt, d_v, sm_scale,
                                             false, false, indices, attn_sink, std::nullopt, std::nullopt, topk_length,
@@ -197,6 +202,14 @@ void set_mla_outputs(MlaProblem& prob, const at::Tensor& out, const at::Tensor& 
 }
 
 void check_mla_index_values(const MlaParams& p) {
+  auto check_lengths = [&](const int32_t* len, int k, const char* name) {
+    if (!len) return;
+    for (int b = 0; b < p.batch; ++b)
+      TORCH_CHECK(len[b] >= 0 && len[b] <= k, name, "[", b, "] = ", len[b], " must be in [0, ", k,
+                  "] (the index count per row)");
+  };
+  check_lengths(p.topk_length, p.topk, "topk_length");
+  check_lengths(p.extra_topk_length, p.extra_topk, "extra_topk_length");
   if (!p.block_table) return;
   const int P = p.cache.page_size;
   for (int b = 0; b < p.batch; ++b) {
@@ -212,12 +225,14 @@ void check_mla_index_values(const MlaParams& p) {
 }
 
 int check_mla_metadata_args(const at::Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k, int64_t num_heads_k,
-                            int num_workers) {
+                            std::optional<int64_t> topk, std::optional<int64_t> extra_topk, int num_workers) {
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1,
               "cache_seqlens must be a 1-D int32 tensor (batch_size,), got ", cache_seqlens.scalar_type(), " ",
               cache_seqlens.sizes());
   check_int_range(num_q_tokens_per_head_k, 1, "num_q_tokens_per_head_k");
   check_int_range(num_heads_k, 1, "num_heads_k");
+  if (topk) check_int_range(*topk, 0, "topk");
+  if (extra_topk) check_int_range(*extra_topk, 0, "extra_topk");
   return mla_num_parts(num_workers, static_cast<int>(num_heads_k), static_cast<int>(num_q_tokens_per_head_k));
 }
 

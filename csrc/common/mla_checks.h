@@ -40,6 +40,7 @@ void check_mla_index_values(const MlaParams& p);
 
 // get_mla_metadata: validated (batch, parts) for the given worker count.
 int check_mla_metadata_args(const at::Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k,
-                            int64_t num_heads_k, int num_workers);
+                            int64_t num_heads_k, std::optional<int64_t> topk,
+                            std::optional<int64_t> extra_topk, int num_workers);
 
 }  // namespace mate

@@ -156,6 +156,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(
     const std::optional<at::Tensor>& attn_sink, const std::optional<at::Tensor>& extra_k_cache,
     const std::optional<at::Tensor>& extra_indices_in_kvcache, const std::optional<at::Tensor>& topk_length,
     const std::optional<at::Tensor>& extra_topk_length) {
+  MlaProblem prob = check_mla_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                                            is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
+                                            topk_length, extra_topk_length);
   // The scheduler metadata only guides device kernels: the CPU result never depends on it.
   if (tile_scheduler_metadata)
     TORCH_CHECK(tile_scheduler_metadata->scalar_type() == at::kInt && tile_scheduler_metadata->dim() == 2 &&
@@ -163,11 +166,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(
                 "tile_scheduler_metadata must be int32 (num_parts, 8) from get_mla_metadata, got ",
                 tile_scheduler_metadata->sizes());
   if (num_splits)
-    TORCH_CHECK(num_splits->scalar_type() == at::kInt && num_splits->dim() == 1 && num_splits->size(0) == q.size(0) + 1,
+    TORCH_CHECK(num_splits->scalar_type() == at::kInt && num_splits->dim() == 1 && num_splits->size(0) == static_cast<int64_t>(prob.params.batch) + 1,
                 "num_splits must be int32 (batch_size + 1,) from get_mla_metadata, got ", num_splits->sizes());
-  MlaProblem prob = check_mla_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
-                                            is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-                                            topk_length, extra_topk_length);
   at::Tensor out = at::empty(prob.out_shape, q.options());
   at::Tensor lse = at::empty(prob.lse_shape, q.options().dtype(at::kFloat));
   set_mla_outputs(prob, out, lse, std::nullopt);
@@ -195,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata(const at::Tensor& cache_seql
                                                     int64_t num_heads_k, std::optional<int64_t> num_heads_q,
                                                     bool is_fp8_kvcache, std::optional<int64_t> topk,
                                                     std::optional<int64_t> extra_topk) {
-  const int parts = check_mla_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, at::get_num_threads());
+  const int parts = check_mla_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, topk, extra_topk,
+                                            at::get_num_threads());
   const int64_t batch = cache_seqlens.size(0);
   const auto lens = cache_seqlens.contiguous();
   const int32_t* len = lens.data_ptr<int32_t>();
