@@ -31,12 +31,13 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(mate, m) {
   // FMHA forward (SEMANTICS §1): dense / ragged / padded / paged, GQA, qv, fp8,
-  // masks, softcap, sink, splits, context parallel. Returns (out, lse).
+  // masks, softcap, sink, splits, context parallel, ALiBi (FA2: -slope * |i + Sk - Sq - j|
+  // added to the scaled, soft-capped score). Returns (out, lse).
   m.def("fmha_fwd(Tensor q, Tensor k, Tensor v, " MATE_FMHA_SCHEMA_ARGS
-        ", ScalarType? out_dtype=None) -> (Tensor out, Tensor lse)");
+        ", ScalarType? out_dtype=None, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // The same, writing into the caller's out and lse.
   m.def("fmha_fwd_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, "
-        MATE_FMHA_SCHEMA_ARGS ") -> ()");
+        MATE_FMHA_SCHEMA_ARGS ", Tensor? alibi_slopes=None) -> ()");
   // Split-KV combine (SEMANTICS §2).
   m.def("fmha_combine(Tensor out_partial, Tensor lse_partial, ScalarType? out_dtype=None) "
         "-> (Tensor out, Tensor lse)");

@@ -177,8 +177,13 @@ def fmha_ref(
     cp_tot_seqused_k: Optional[Tensor] = None,
     compute_dtype: torch.dtype = torch.float64,
     out_dtype: Optional[torch.dtype] = None,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Reference FMHA forward exactly as SEMANTICS.md section 1 specifies.
+
+    ``alibi_slopes`` fp32 ``(H,)`` or ``(B, H)``: FlashAttention-2's ALiBi, the bias
+    ``-slope_h * |i + Sk - Sq - j|`` (bottom-right aligned, global columns) added to the
+    scaled, soft-capped score.
 
     Layouts
         * q dense ``(B, Sq, H, D)`` -> out ``(B, Sq, H, Dv)``, lse ``(B, H, Sq)``.
@@ -455,6 +460,12 @@ def fmha_ref(
         s = s * softmax_scale
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
+        if alibi_slopes is not None:  # FA2's ALiBi: -slope * |i + Sk - Sq - j| on the scaled score
+            slopes = alibi_slopes.detach().cpu().to(torch.float64)
+            slopes = slopes[b] if slopes.dim() == 2 else slopes  # (H,)
+            a = torch.arange(sq, dtype=torch.int64).unsqueeze(1) + sk_mask - sq  # (sq, 1)
+            dist = (a - cols.unsqueeze(0)).abs().to(torch.float64)  # (sq, nk)
+            s = s - (slopes.view(H, 1, 1) * dist.unsqueeze(0)).to(s.dtype)
 
         # ---- mask
         allowed = _allowed_mask(sq, sk_mask, cols, causal, window_size, attention_chunk)

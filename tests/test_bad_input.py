@@ -412,6 +412,13 @@ FMHA_CASES = [
     C("attention_chunk_negative", "dense", S(attention_chunk=-1), RuntimeError,
       r"attention_chunk must be in \[0, 2\^31 - 1\], got -1"),
     C("softcap_negative", "dense", S(softcap=-1.0), RuntimeError, r"softcap must be a finite value >= 0, got -1"),
+    # ---- ALiBi slopes: fp32 (H,) or (B, H)
+    C("alibi_slopes_bf16", "dense", S(alibi_slopes=lambda kw: torch.rand(H, dtype=BF16, device=dev(kw))),
+      RuntimeError, r"alibi_slopes must be float32, got BFloat16"),
+    C("alibi_slopes_wrong_heads", "dense", S(alibi_slopes=lambda kw: torch.rand(H + 1, device=dev(kw))),
+      RuntimeError, r"alibi_slopes must have shape \(num_heads,\) or \(batch_size, num_heads\)"),
+    C("alibi_slopes_3d", "dense", S(alibi_slopes=lambda kw: torch.rand(1, B, H, device=dev(kw))),
+      RuntimeError, r"alibi_slopes must have shape \(num_heads,\) or \(batch_size, num_heads\)"),
     C("softcap_inf", "dense", S(softcap=math.inf), RuntimeError, r"softcap must be a finite value >= 0, got inf"),
     C("softcap_nan", "dense", S(softcap=math.nan), RuntimeError, r"softcap must be a finite value >= 0, got nan"),
     C("softmax_scale_nan", "dense", S(softmax_scale=math.nan), RuntimeError, r"softmax_scale must be finite"),

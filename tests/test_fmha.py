@@ -330,3 +330,34 @@ print(hwm() - base)
     assert res.returncode == 0, res.stderr
     growth_mib = float(res.stdout.strip().splitlines()[-1])
     assert growth_mib < 512, f"peak memory grew by {growth_mib:.0f} MiB"
+
+
+# ---------------------------------------------------------------- ALiBi --------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_alibi(device, causal, per_batch):
+    """FA2's ALiBi: -slope * |i + Sk - Sq - j| added to the scaled score (fmha_fwd's alibi_slopes)."""
+    q, k, v = rand(2, 40, 4, 64), rand(2, 70, 2, 64), rand(2, 70, 2, 64)
+    slopes = torch.rand(2, 4) if per_batch else torch.rand(4)
+    ref_out, ref_lse = T.fmha_ref(q, k, v, causal=causal, alibi_slopes=slopes)
+    low, _ = T.fmha_ref(q, k, v, causal=causal, alibi_slopes=slopes, compute_dtype=q.dtype)
+    for splits in (1, 3):
+        out, lse = torch.ops.mate.fmha_fwd(q.to(device), k.to(device), v.to(device), causal=causal,
+                                           num_splits=splits, alibi_slopes=slopes.to(device))
+        T.assert_close_fa3(out, ref_out, low)
+        torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-3, rtol=1e-4)
+
+
+def test_alibi_varlen_paged_leftpad(device):
+    seqlens = [60, 33]
+    kd, vd = rand(2, 64, 2, 64), rand(2, 64, 2, 64)
+    kp, vp, pt = T.make_paged_kv(kd, vd, seqlens, 16)
+    q = rand(2, 5, 4, 64)
+    kw = dict(page_table=pt, seqused_k=torch.tensor(seqlens, dtype=torch.int32),
+              cache_leftpad=torch.tensor([4, 0], dtype=torch.int32), causal=True, alibi_slopes=torch.rand(4))
+    ref_out, _ = T.fmha_ref(q, kp, vp, **kw)
+    low, _ = T.fmha_ref(q, kp, vp, compute_dtype=q.dtype, **kw)
+    out, _ = torch.ops.mate.fmha_fwd(q.to(device), kp.to(device), vp.to(device),
+                                     **{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    T.assert_close_fa3(out, ref_out, low)

@@ -226,6 +226,18 @@ FmhaProblem check_fmha_inputs(const FmhaInputs& in) {
     p.learnable_sink = prob.sink_f32.data_ptr<float>();
   }
 
+  if (in.alibi_slopes) {
+    const auto& a = *in.alibi_slopes;
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
+                "alibi_slopes must have shape (num_heads,) or (batch_size, num_heads) = (", batch, ", ", heads,
+                "), got ", a.sizes());
+    TORCH_CHECK(a.stride(-1) == 1 || heads == 1, "alibi_slopes must have a contiguous last dimension");
+    check_same_device(a, q, "alibi_slopes");
+    p.alibi_slopes = a.data_ptr<float>();
+    p.alibi_batch_stride = a.dim() == 2 ? a.stride(0) : 0;
+  }
+
   const double default_scale = 1.0 / std::sqrt(static_cast<double>(head_dim + (in.qv ? head_dim_v : 0)));
   p.softmax_scale = static_cast<float>(in.softmax_scale.value_or(default_scale));
   p.softcap = static_cast<float>(in.softcap);

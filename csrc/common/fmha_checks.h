@@ -32,6 +32,7 @@ struct FmhaInputs {
   int64_t cp_world_size = 1, cp_rank = 0;
   std::optional<at::Tensor> cp_tot_seqused_k;
   std::optional<at::ScalarType> out_dtype;
+  std::optional<at::Tensor> alibi_slopes;
 };
 
 // Validated parameters plus tensors the params point into (kept alive here).

@@ -81,6 +81,9 @@ MATE_HD void key_range_for_row(const FmhaParams& p, const SeqInfo& s, int i, int
   if (hi < lo) hi = lo;
 }
 
+// Global key column of local key j (context parallel interleaves keys over ranks).
+MATE_HD int global_key(const FmhaParams& p, int j) { return j * p.cp_world_size + p.cp_rank; }
+
 // Key range [lo, hi) of split `split` out of `num_splits`, in units of `block` keys.
 MATE_HD void split_key_range(int k_len, int block, int split, int num_splits, int& lo, int& hi) {
   const int n_blocks = (k_len + block - 1) / block;

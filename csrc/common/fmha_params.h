@@ -53,6 +53,8 @@ struct FmhaParams {
   int64_t v_descale_batch_stride = 0, v_descale_head_stride = 0;
 
   const float* learnable_sink = nullptr;  // (H), fp32
+  const float* alibi_slopes = nullptr;    // (H) or (B, H), fp32
+  int64_t alibi_batch_stride = 0;
 
   // ---- sizes -----------------------------------------------------------------
   int batch = 0;

@@ -68,6 +68,18 @@ inline float scale_softcap_max(float* s, int n, float scale, float softcap) {
   return mx;
 }
 
+// ALiBi (FA2): s[c] -= slope * |a - (c0 + c) * W - r| for the row aligned at global column a;
+// returns the new max.
+inline float alibi_bias_max(float* s, int n, float slope, int a, int c0, int W, int r) {
+  float mx = -INFINITY;
+  for (int c = 0; c < n; ++c) {
+    const float d = static_cast<float>(a - ((c0 + c) * W + r));
+    s[c] -= slope * (d < 0.f ? -d : d);
+    mx = s[c] > mx ? s[c] : mx;
+  }
+  return mx;
+}
+
 // p[i] = exp(s[i] - m) in type T (s is overwritten with the fp32 values); returns their sum.
 template <typename T>
 inline float exp_shift_store(float* s, int n, float m, T* p) {

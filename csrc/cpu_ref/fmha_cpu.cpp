@@ -185,7 +185,12 @@ void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, 
           std::fill(prow, prow + n, MT(0));
           continue;
         }
-        const float row_max = scale_softcap_max(srow + c0, c1 - c0, p.softmax_scale, p.softcap);
+        float row_max = scale_softcap_max(srow + c0, c1 - c0, p.softmax_scale, p.softcap);
+        if (p.alibi_slopes) {
+          const float slope = p.alibi_slopes[b * p.alibi_batch_stride + hk * G + r % G];
+          row_max = alibi_bias_max(srow + c0, c1 - c0, slope, i0 + qi + s.mask_k_len - s.q_len, n0 + c0,
+                                   p.cp_world_size, p.cp_rank);
+        }
         const float m_new = std::max(m[r], row_max);
         const float corr = fast_exp(m[r] - m_new);  // 0 when m[r] was -inf
         const float sum = exp_shift_store(srow + c0, c1 - c0, m_new, prow + c0);
@@ -388,9 +393,11 @@ FmhaInputs make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank, cp_tot_seqused_k
 
 std::tuple<at::Tensor, at::Tensor> fmha_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            MATE_FMHA_ARGS, std::optional<at::ScalarType> out_dtype) {
+                                            MATE_FMHA_ARGS, std::optional<at::ScalarType> out_dtype,
+                                            const std::optional<at::Tensor>& alibi_slopes) {
   FmhaInputs in = make_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
   in.out_dtype = out_dtype;
+  in.alibi_slopes = alibi_slopes;
   FmhaProblem prob = check_fmha_inputs(in);
   at::Tensor out = at::empty(prob.out_shape, q.options().dtype(prob.out_dtype));
   at::Tensor lse = at::empty(prob.lse_shape, q.options().dtype(at::kFloat));
@@ -400,9 +407,10 @@ std::tuple<at::Tensor, at::Tensor> fmha_fwd(const at::Tensor& q, const at::Tenso
 }
 
 void fmha_fwd_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& lse, MATE_FMHA_ARGS) {
+                  const at::Tensor& lse, MATE_FMHA_ARGS, const std::optional<at::Tensor>& alibi_slopes) {
   FmhaInputs in = make_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
   in.out_dtype = out.scalar_type();
+  in.alibi_slopes = alibi_slopes;
   FmhaProblem prob = check_fmha_inputs(in);
   TORCH_CHECK(out.device() == q.device(), "out must be on the device of q");
   set_fmha_outputs(prob, out, lse);
