@@ -1,8 +1,8 @@
 """MATE's ``mate.mha_interface`` surface on ``torch.ops.mate``: same names, argument
 orders, defaults and return values as Moore Threads' MATE.
 
-Forward only: MATE's autograd backward is not implemented yet, so these functions
-return tensors that do not require grad.
+Forward only: MATE's autograd backward is not implemented yet; a backward through these
+functions raises NotImplementedError (see mate_ops/_autograd.py).
 """
 from typing import Optional, Sequence, Tuple, Union
 

@@ -9,6 +9,9 @@ from mate_ops import flashmla as fm
 from mate_ops import testing as T
 from mate_ops.flashinfer import BatchMLAPagedAttentionWrapper
 
+
+DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
+
 BF16 = torch.bfloat16
 
 

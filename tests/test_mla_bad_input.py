@@ -24,8 +24,11 @@ from mate_ops.testing import mla_decode_ref, mla_model1_block_stride, quantize_m
 # "prepend" import mode). Only helpers are imported: importing test_* functions would
 # collect them a second time here.
 from test_bad_input import (  # noqa: E402
+
     C, I, R, S, As, Fn, _calls_used, _expect_rejected, _same, dev, ints, rnd, strided_last, with_entry,
 )
+
+DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
 
 OP = torch.ops.mate
 

@@ -41,6 +41,9 @@ from mate_ops.testing import (
 )
 from test_compile import _NO_SCHEMA_UTILS, _opcheck  # noqa: E402  (tests/ is on sys.path)
 
+
+DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
+
 MATE = torch.ops.mate
 BF16, F16, I32 = torch.bfloat16, torch.float16, torch.int32
 DQK, DV = 576, 512  # latent 512 + rope 64; V = the first 512 channels

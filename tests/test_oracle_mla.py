@@ -18,6 +18,9 @@ import pytest
 import torch
 
 
+
+DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
+
 def _load_testing():
     """Import mate_ops.testing; fall back to loading the file by path (no extension needed)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

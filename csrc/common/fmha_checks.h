@@ -43,6 +43,41 @@ struct FmhaProblem {
   at::Tensor sink_f32;  // learnable_sink as contiguous fp32
 };
 
+// Packs an op's arguments (schema order after q, k, v) into FmhaInputs.
+FmhaInputs make_fmha_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                       std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,
+                       const std::optional<at::Tensor>& seqused_q, const std::optional<at::Tensor>& seqused_k,
+                       const std::optional<at::Tensor>& page_table, const std::optional<at::Tensor>& cache_batch_idx,
+                       const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& qv,
+                       const std::optional<at::Tensor>& q_descale, const std::optional<at::Tensor>& k_descale,
+                       const std::optional<at::Tensor>& v_descale, std::optional<double> softmax_scale, bool causal,
+                       int64_t window_size_left, int64_t window_size_right,
+                       const std::optional<at::Tensor>& learnable_sink, int64_t attention_chunk, double softcap,
+                       const std::optional<at::Tensor>& scheduler_metadata, int64_t num_splits,
+                       std::optional<bool> pack_gqa, int64_t cp_world_size, int64_t cp_rank,
+                       const std::optional<at::Tensor>& cp_tot_seqused_k);
+
+// The op argument list shared by fmha_fwd and fmha_fwd_out (schema order after q, k, v [, out, lse]).
+#define MATE_FMHA_ARGS                                                                              \
+  const std::optional<at::Tensor>&cu_seqlens_q, const std::optional<at::Tensor>&cu_seqlens_k,     \
+      std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,                   \
+      const std::optional<at::Tensor>&seqused_q, const std::optional<at::Tensor>&seqused_k,       \
+      const std::optional<at::Tensor>&page_table, const std::optional<at::Tensor>&cache_batch_idx, \
+      const std::optional<at::Tensor>&cache_leftpad, const std::optional<at::Tensor>&qv,          \
+      const std::optional<at::Tensor>&q_descale, const std::optional<at::Tensor>&k_descale,       \
+      const std::optional<at::Tensor>&v_descale, std::optional<double> softmax_scale, bool causal, \
+      int64_t window_size_left, int64_t window_size_right,                                        \
+      const std::optional<at::Tensor>&learnable_sink, int64_t attention_chunk, double softcap,    \
+      const std::optional<at::Tensor>&scheduler_metadata, int64_t num_splits,                     \
+      std::optional<bool> pack_gqa, int64_t cp_world_size, int64_t cp_rank,                       \
+      const std::optional<at::Tensor>&cp_tot_seqused_k
+#define MATE_FMHA_ARG_NAMES                                                                        \
+  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table,         \
+      cache_batch_idx, cache_leftpad, qv, q_descale, k_descale, v_descale, softmax_scale, causal,   \
+      window_size_left, window_size_right, learnable_sink, attention_chunk, softcap,                \
+      scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank, cp_tot_seqused_k
+
 FmhaProblem check_fmha_inputs(const FmhaInputs& in);
 
 // Checks a caller's out / lse against the problem and points the params at them.

@@ -211,7 +211,7 @@ void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, 
     for (int g = 0; g < G; ++g) {
       const int r = qi * G + g, h = hk * G + g;
       float lse = -INFINITY, inv = 0.f;
-      if (l[r] > 0.f) {
+      if (l[r] > 0.f || l[r] != l[r]) {  // a NaN input propagates as NaN, never as "no key"
         lse = m[r] + std::log(l[r]);
         inv = 1.f / l[r];
       }
@@ -344,58 +344,10 @@ void fmha_cpu(FmhaProblem& prob) {
   }
 }
 
-FmhaInputs make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                       std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,
-                       const std::optional<at::Tensor>& seqused_q, const std::optional<at::Tensor>& seqused_k,
-                       const std::optional<at::Tensor>& page_table, const std::optional<at::Tensor>& cache_batch_idx,
-                       const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& qv,
-                       const std::optional<at::Tensor>& q_descale, const std::optional<at::Tensor>& k_descale,
-                       const std::optional<at::Tensor>& v_descale, std::optional<double> softmax_scale, bool causal,
-                       int64_t window_size_left, int64_t window_size_right,
-                       const std::optional<at::Tensor>& learnable_sink, int64_t attention_chunk, double softcap,
-                       const std::optional<at::Tensor>& scheduler_metadata, int64_t num_splits,
-                       std::optional<bool> pack_gqa, int64_t cp_world_size, int64_t cp_rank,
-                       const std::optional<at::Tensor>& cp_tot_seqused_k) {
-  FmhaInputs in;
-  in.q = q; in.k = k; in.v = v;
-  in.cu_seqlens_q = cu_seqlens_q; in.cu_seqlens_k = cu_seqlens_k;
-  in.max_seqlen_q = max_seqlen_q; in.max_seqlen_k = max_seqlen_k;
-  in.seqused_q = seqused_q; in.seqused_k = seqused_k;
-  in.page_table = page_table; in.cache_batch_idx = cache_batch_idx; in.cache_leftpad = cache_leftpad;
-  in.qv = qv; in.q_descale = q_descale; in.k_descale = k_descale; in.v_descale = v_descale;
-  in.softmax_scale = softmax_scale; in.causal = causal;
-  in.window_size_left = window_size_left; in.window_size_right = window_size_right;
-  in.learnable_sink = learnable_sink; in.attention_chunk = attention_chunk; in.softcap = softcap;
-  in.scheduler_metadata = scheduler_metadata; in.num_splits = num_splits; in.pack_gqa = pack_gqa;
-  in.cp_world_size = cp_world_size; in.cp_rank = cp_rank; in.cp_tot_seqused_k = cp_tot_seqused_k;
-  return in;
-}
-
-// The op argument list shared by fmha_fwd and fmha_fwd_out (schema order after q, k, v [, out, lse]).
-#define MATE_FMHA_ARGS                                                                              \
-  const std::optional<at::Tensor>&cu_seqlens_q, const std::optional<at::Tensor>&cu_seqlens_k,     \
-      std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,                   \
-      const std::optional<at::Tensor>&seqused_q, const std::optional<at::Tensor>&seqused_k,       \
-      const std::optional<at::Tensor>&page_table, const std::optional<at::Tensor>&cache_batch_idx, \
-      const std::optional<at::Tensor>&cache_leftpad, const std::optional<at::Tensor>&qv,          \
-      const std::optional<at::Tensor>&q_descale, const std::optional<at::Tensor>&k_descale,       \
-      const std::optional<at::Tensor>&v_descale, std::optional<double> softmax_scale, bool causal, \
-      int64_t window_size_left, int64_t window_size_right,                                        \
-      const std::optional<at::Tensor>&learnable_sink, int64_t attention_chunk, double softcap,    \
-      const std::optional<at::Tensor>&scheduler_metadata, int64_t num_splits,                     \
-      std::optional<bool> pack_gqa, int64_t cp_world_size, int64_t cp_rank,                       \
-      const std::optional<at::Tensor>&cp_tot_seqused_k
-#define MATE_FMHA_ARG_NAMES                                                                        \
-  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table,         \
-      cache_batch_idx, cache_leftpad, qv, q_descale, k_descale, v_descale, softmax_scale, causal,   \
-      window_size_left, window_size_right, learnable_sink, attention_chunk, softcap,                \
-      scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank, cp_tot_seqused_k
-
 std::tuple<at::Tensor, at::Tensor> fmha_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             MATE_FMHA_ARGS, std::optional<at::ScalarType> out_dtype,
                                             const std::optional<at::Tensor>& alibi_slopes) {
-  FmhaInputs in = make_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
+  FmhaInputs in = make_fmha_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
   in.out_dtype = out_dtype;
   in.alibi_slopes = alibi_slopes;
   FmhaProblem prob = check_fmha_inputs(in);
@@ -408,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> fmha_fwd(const at::Tensor& q, const at::Tenso
 
 void fmha_fwd_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, MATE_FMHA_ARGS, const std::optional<at::Tensor>& alibi_slopes) {
-  FmhaInputs in = make_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
+  FmhaInputs in = make_fmha_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
   in.out_dtype = out.scalar_type();
   in.alibi_slopes = alibi_slopes;
   FmhaProblem prob = check_fmha_inputs(in);

@@ -122,7 +122,7 @@ void attend_item(const MlaParams& p, int b, int s, int hkv) {
     const int h = hkv * G + g;
     float* o = sc.acc.data() + static_cast<int64_t>(g) * Dv;
     float lse = INFINITY;  // MLA: a query with no key has lse +inf
-    if (sc.l[g] > 0.f) {
+    if (sc.l[g] > 0.f || sc.l[g] != sc.l[g]) {  // NaN inputs propagate, never read as "no key"
       lse = sc.m[g] + std::log(sc.l[g]);
       float f = 1.f / sc.l[g];
       // MLA sink: out * exp(lse) / (exp(lse) + exp(sink)); lse excludes the sink
@@ -134,7 +134,7 @@ void attend_item(const MlaParams& p, int b, int s, int hkv) {
     const int64_t out_row = (static_cast<int64_t>(b) * p.seqlen_q + s) * p.heads_q + h;
     store_row(p.out, p.out_dtype, out_row * Dv, o, Dv);
     p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + s] = lse;
-    if (p.max_logits) p.max_logits[out_row] = sc.l[g] > 0.f ? sc.m[g] : -INFINITY;
+    if (p.max_logits) p.max_logits[out_row] = (sc.l[g] > 0.f || sc.l[g] != sc.l[g]) ? sc.m[g] : -INFINITY;
   }
 }
 

@@ -1,0 +1,77 @@
+// The vendor layer of the device kernels: everything CUDA- or MUSA-specific lives here
+// (runtime header, stream type, warp size and shuffles, launch checks). The kernels
+// in csrc/musa/*.cu use only these names, so the same sources build with nvcc for
+// NVIDIA GPUs and with mcc (torch_musa's MUSAExtension) for Moore Threads GPUs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__MUSACC__) || defined(MATE_WITH_MUSA)
+#include <musa_runtime.h>
+namespace mate::arch {
+using Stream = musaStream_t;
+using Error = musaError_t;
+inline constexpr Error kSuccess = musaSuccess;
+inline Error last_error() { return musaGetLastError(); }
+inline const char* error_string(Error e) { return musaGetErrorString(e); }
+}  // namespace mate::arch
+#else
+#include <cuda_runtime.h>
+namespace mate::arch {
+using Stream = cudaStream_t;
+using Error = cudaError_t;
+inline constexpr Error kSuccess = cudaSuccess;
+inline Error last_error() { return cudaGetLastError(); }
+inline const char* error_string(Error e) { return cudaGetErrorString(e); }
+}  // namespace mate::arch
+#endif
+
+namespace mate::arch {
+
+// Threads of a warp. MUSA GPUs schedule 32- or 128-wide warps; the kernels only use
+// kWarpSize through the helpers below, which reduce over a whole warp.
+#if defined(__MUSACC__)
+inline constexpr int kWarpSize = 32;  // mcc's default wave size for these kernels
+#else
+inline constexpr int kWarpSize = 32;
+#endif
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Block-wide reductions for blocks of kThreads (a multiple of kWarpSize); `scratch`
+// holds kThreads / kWarpSize floats of shared memory. All threads get the result.
+template <int kThreads>
+__device__ __forceinline__ float block_max(float x, float* scratch) {
+  x = warp_max(x);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  float r = -INFINITY;
+  for (int w = 0; w < kThreads / kWarpSize; ++w) r = fmaxf(r, scratch[w]);
+  __syncthreads();
+  return r;
+}
+
+template <int kThreads>
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+  x = warp_sum(x);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  float r = 0.f;
+  for (int w = 0; w < kThreads / kWarpSize; ++w) r += scratch[w];
+  __syncthreads();
+  return r;
+}
+
+}  // namespace mate::arch
