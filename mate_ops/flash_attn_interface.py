@@ -7,15 +7,10 @@ names, argument order, defaults and return arities as FA3 (Dao-AILab/flash-atten
 math is the contract of SEMANTICS §1-§2 (docs/semantics.md).
 
 Forward only. FA3's :func:`flash_attn_func` and :func:`flash_attn_varlen_func` have an
-autograd backward; ours do not yet, and the ops have no autograd kernel. Rather than return
-results that look differentiable but give no gradient, every function here raises
-``NotImplementedError`` when grad mode is on and one of its tensor arguments requires grad.
-FA3's :func:`flash_attn_with_kvcache` and :func:`flash_attn_combine` have no backward either
-(FA3 fails only when one backpropagates through them); ours fail at the call, for the same
-reason. Under ``torch.no_grad()`` / ``torch.inference_mode()`` (or with detached inputs)
-every function works and returns tensors that do not require grad. (Inside
-``torch.compile(fullgraph=True)`` the error surfaces as ``torch._dynamo.exc.Unsupported``
-carrying the same message; without ``fullgraph`` it is the ``NotImplementedError``.)
+autograd backward; ours do not yet. Calls with inputs that require grad run the forward,
+and a backward through the result raises ``NotImplementedError`` naming the op (instead
+of PyTorch's silent "no autograd kernel" fallback, which would leave the grads ``None``).
+FA3's :func:`flash_attn_with_kvcache` and :func:`flash_attn_combine` have no backward either.
 
 Differences from FA3 that do not change results:
 
@@ -40,19 +35,6 @@ __all__ = [
     "get_scheduler_metadata",
     "flash_attn_combine",
 ]
-
-
-def _forward_only(fn_name: str, **arguments) -> None:
-    """Raise ``NotImplementedError`` if autograd would have to differentiate through ``fn_name``
-    (grad mode on and a tensor among ``arguments`` requires grad)."""
-    if not torch.is_grad_enabled():
-        return
-    names = [name for name, t in arguments.items() if isinstance(t, torch.Tensor) and t.requires_grad]
-    if names:
-        raise NotImplementedError(
-            f"mate_ops.flash_attn_interface.{fn_name} is forward-only (no autograd backward yet), but "
-            f"{', '.join(names)} require{'s' if len(names) == 1 else ''} grad. Call it under torch.no_grad() "
-            "or torch.inference_mode(), or pass detached tensors.")
 
 
 def flash_attn_func(
@@ -96,10 +78,9 @@ def flash_attn_func(
         log; ``-inf`` for a query that sees no key, whose ``out`` row is 0).
 
     Raises:
-        NotImplementedError: grad mode is on and a tensor argument requires grad. FA3 has a
-            backward here; ours is forward-only until autograd lands.
+        NotImplementedError: on a backward through the result. FA3 has a backward here; ours is
+            forward-only until autograd lands.
     """
-    _forward_only("flash_attn_func", **locals())
     return _mi.flash_attn_varlen_func(
         q, k, v,
         softmax_scale=softmax_scale,
@@ -162,10 +143,9 @@ def flash_attn_varlen_func(
         ``out`` ``(total_q, H, Dv)``, or ``(out, lse)`` with ``lse`` fp32 ``(H, total_q)``.
 
     Raises:
-        NotImplementedError: grad mode is on and a tensor argument requires grad. FA3 has a
-            backward here; ours is forward-only until autograd lands.
+        NotImplementedError: on a backward through the result. FA3 has a backward here; ours is
+            forward-only until autograd lands.
     """
-    _forward_only("flash_attn_varlen_func", **locals())
     return _mi.flash_attn_varlen_func(
         q, k, v,
         cu_seqlens_q=cu_seqlens_q,
@@ -209,10 +189,8 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
         a transposed view of ``(B, H, Sq)``; same values).
 
     Raises:
-        NotImplementedError: grad mode is on and a tensor argument requires grad (no backward,
-            as in FA3; we fail at the call instead of at backward).
+        NotImplementedError: on a backward through the result (FA3 has no backward here either).
     """
-    _forward_only("flash_attn_combine", **locals())
     return _mi.flash_attn_combine(out_partial, lse_partial, out=out, out_dtype=out_dtype)
 
 
@@ -283,10 +261,8 @@ def flash_attn_with_kvcache(
         ``lse_accum`` are empty fp32 tensors because the splits are merged inside the op.
 
     Raises:
-        NotImplementedError: grad mode is on and a tensor argument requires grad. FA3 has no
-            backward here either (it fails at backward); ours fails at the call.
+        NotImplementedError: on a backward through the result (FA3 has no backward here either).
     """
-    _forward_only("flash_attn_with_kvcache", **locals())
     res = _mi.flash_attn_with_kvcache(
         q, k_cache, v_cache,
         k=k,

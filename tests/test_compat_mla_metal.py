@@ -128,6 +128,9 @@ def dense_ref(q, kc, table, sl, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_flashmla_lazy_style_readme_loop(device, causal):
+    if device != "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mate::mla_decode", "CUDA" if device == "cuda" else "PrivateUse1"):
+        pytest.skip(f"no {device} kernel yet for the MLA ops")
     """Current FlashMLA: sched_meta, _ = get_mla_metadata(); reused across layers and steps."""
     q, kc, table, sl = dense_case()
 

@@ -26,6 +26,7 @@ inline const char* error_string(Error e) { return cudaGetErrorString(e); }
 }  // namespace mate::arch
 #endif
 
+#if defined(__CUDACC__) || defined(__MUSACC__)  // device helpers: kernel sources only
 namespace mate::arch {
 
 // Threads of a warp. MUSA GPUs schedule 32- or 128-wide warps; the kernels only use
@@ -75,3 +76,4 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
 }
 
 }  // namespace mate::arch
+#endif  // device helpers
