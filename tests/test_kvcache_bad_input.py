@@ -946,8 +946,15 @@ def test_duplicate_cache_batch_idx(layout, rotary, packed, device):
 
     assert any(len(c) > 1 for c in cands.values()), "the test must have overlapping writes"
     for s, options in cands.items():
-        assert any(torch.equal(_bits(kc[s]), _bits(ok)) for ok, _ in options), f"k_cache slot {s}: no candidate"
-        assert any(torch.equal(_bits(vc[s]), _bits(ov)) for _, ov in options), f"v_cache slot {s}: no candidate"
+        if device == "cpu":  # one thread writes a whole key: a slot holds one candidate
+            assert any(torch.equal(_bits(kc[s]), _bits(ok)) for ok, _ in options), f"k_cache slot {s}: no candidate"
+            assert any(torch.equal(_bits(vc[s]), _bits(ov)) for _, ov in options), f"v_cache slot {s}: no candidate"
+        else:  # device threads race per element (documented): each element comes from some candidate
+            for got, which in ((kc[s], 0), (vc[s], 1)):
+                match = torch.zeros_like(_bits(got), dtype=torch.bool)
+                for opt in options:
+                    match |= _bits(got) == _bits(opt[which])
+                assert match.all(), f"cache slot {s}: an element matches no candidate write"
     untouched = torch.ones(kc.shape[:2], dtype=torch.bool)
     for s in cands:
         untouched[s] = False
