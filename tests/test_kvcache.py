@@ -79,6 +79,9 @@ def run_case(cfg, device, seed):
     left, right = cfg["window"]
     causal = cfg["causal"]
     sink = torch.randn(H, generator=gen) if cfg["sink"] else None
+    descales = {}
+    if dt == FP8 and cfg.get("descale"):
+        descales = {n: torch.rand(B, HK, generator=gen) + 0.5 for n in ("q_descale", "k_descale", "v_descale")}
     cache_lens_t = torch.tensor(c["cache_lens"], dtype=torch.int32)
 
     # ---- expected ----
@@ -103,7 +106,8 @@ def run_case(cfg, device, seed):
     seqused = cache_lens_t + torch.tensor(c["new_lens"], dtype=torch.int32)
     ref_kw = dict(cu_seqlens_q=c["cu_seqlens_q"], seqused_k=seqused, page_table=c["page_table"],
                   cache_batch_idx=c["idx"], cache_leftpad=torch.tensor(c["leftpad"], dtype=torch.int32) if cfg["leftpad"] else None,
-                  causal=causal, window_size=(left, right), learnable_sink=sink, softcap=cfg["softcap"])
+                  causal=causal, window_size=(left, right), learnable_sink=sink, softcap=cfg["softcap"],
+                  attention_chunk=cfg.get("chunk", 0), **descales)
     out_ref, lse_ref = T.fmha_ref(q_exp, kc_exp, vc_exp, **ref_kw)
     out_low, _ = T.fmha_ref(q_exp, kc_exp, vc_exp, compute_dtype=dt, **ref_kw)
 
@@ -117,7 +121,8 @@ def run_case(cfg, device, seed):
         page_table=dev(c["page_table"]), cu_seqlens_q=dev(c["cu_seqlens_q"]), cu_seqlens_k_new=dev(c.get("cu_seqlens_k_new")),
         max_seqlen_q=max(c["q_lens"]), rotary_seqlens=dev(c.get("rotary_seqlens")), causal=causal, window_size=(left, right),
         learnable_sink=dev(sink), softcap=cfg["softcap"], rotary_interleaved=cfg["rotary"] == "interleaved",
-        num_splits=cfg["num_splits"], return_softmax_lse=True)
+        num_splits=cfg["num_splits"], return_softmax_lse=True, attention_chunk=cfg.get("chunk", 0),
+        **{n: dev(t) for n, t in descales.items()})
     assert len(res) == 4
     out, lse = res[0], res[1]
 
@@ -153,10 +158,12 @@ AXES = dict(
     rotary_seqlens=[False, True],
     causal=[True, False],
     window=[(-1, -1), (24, 0), (8, 3)],
+    chunk=[0, 16, 40],
     num_splits=[0, 1, 3],
     int_seqlens=[False, True],
     sink=[False, True],
     softcap=[0.0, 20.0],
+    descale=[False, True],
 )
 
 
@@ -179,7 +186,7 @@ def sample_grid(n, seed=1234):
     return configs
 
 
-CONFIGS = sample_grid(48)
+CONFIGS = sample_grid(56)
 
 
 def _id(cfg):
@@ -250,3 +257,12 @@ def test_mla_route_matches_mla_decode(device):
         ref = torch.einsum("hqk,kd->qhd", s.softmax(-1), K[:, :512])
         torch.testing.assert_close(out[b].cpu().double(), ref, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(lse[b].cpu().double(), s.logsumexp(-1), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_fp8_cache_with_descales(device, page):
+    """FP8 caches with q/k/v descales, appended and attended through flash_attn_with_kvcache."""
+    cfg = dict(dtype=FP8, page=page, batch_idx=False, leftpad=False, varlen_q=False, sq=2, append=True, packed=False,
+               rotary=None, rotary_dim=64, rotary_seqlens=False, causal=True, window=(-1, -1), chunk=0, num_splits=0,
+               int_seqlens=False, sink=False, softcap=0.0, descale=True)
+    run_case(cfg, device, seed=7 + page)
