@@ -144,6 +144,177 @@ __global__ void __launch_bounds__(kThreads) fmha_row_kernel(FmhaParams p, FmhaSp
   write_final(p, s, b, i, h, acc, lse, inv);
 }
 
+// Decode path: few query rows. One block per (kv head, sequence, split) serves all G query
+// heads and up to kDecRows packed rows (row m = query qi * G + head g), so K and V are read
+// once per kv head instead of once per query head, with warp-wide coalesced loads: each
+// warp scores one key at a time (lanes split the channels), then accumulates P·V.
+constexpr int kDecRows = 8;          // packed (query row, head) rows per block
+constexpr int kDecMaxDim = 256;      // D and Dv of this path
+constexpr int kDecChunk = 64;        // keys per softmax step
+constexpr int kDecWarps = kThreads / arch::kWarpSize;
+constexpr int kDecPerLane = kDecMaxDim / arch::kWarpSize;  // channels a lane owns
+
+__global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, FmhaSplitBuffers parts) {
+  __shared__ float q_s[kDecRows][kDecMaxDim];
+  __shared__ float s_s[kDecRows][kDecChunk];
+  __shared__ float m_s[kDecRows], l_s[kDecRows], corr_s[kDecRows];
+  __shared__ int lo_s[kDecRows], hi_s[kDecRows];
+  __shared__ float acc_s[kDecWarps][kDecRows][kDecMaxDim / 4];  // reduced in 4 passes below
+  const int hk = blockIdx.x, n = parts.num_splits;
+  const int b = blockIdx.y / n, split = blockIdx.y % n;
+  const SeqInfo s = seq_info(p, b);
+  const int G = p.num_heads / p.num_heads_k, D = p.head_dim, Dv = p.head_dim_v;
+  const int warp = threadIdx.x / arch::kWarpSize, lane = threadIdx.x % arch::kWarpSize;
+  const int rows = s.q_len_full * G;  // <= kDecRows (checked by the launcher)
+
+  // padded rows (past seqused_q): out 0, lse -inf, written once
+  if (split == 0)
+    for (int m = s.q_len * G; m < rows; ++m) {
+      float zero[kMaxChannelsPerThread] = {};
+      write_final(p, s, b, m / G, hk * G + m % G, zero, -INFINITY, 0.f);
+    }
+  const int M = s.q_len * G;
+  if (M == 0) return;
+  const int key_blocks = imax(1, (s.k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
+  int ns = imin(n, key_blocks);
+  if (p.scheduler_metadata) ns = imax(1, imin(ns, p.scheduler_metadata[1 + b]));
+  int slo = 0, shi = s.k_len;
+  if (ns > 1) split_key_range(s.k_len, kSplitKeyBlock, split, ns, slo, shi);
+  const bool empty_split = split >= ns;
+
+  const float qd = descale(p.q_descale, p.q_descale_batch_stride, p.q_descale_head_stride, b, hk);
+  const float kd = descale(p.k_descale, p.k_descale_batch_stride, p.k_descale_head_stride, b, hk);
+  const float vd = descale(p.v_descale, p.v_descale_batch_stride, p.v_descale_head_stride, b, hk);
+  for (int idx = threadIdx.x; idx < M * D; idx += kThreads) {
+    const int m = idx / D, c = idx % D;
+    const int64_t row = s.q_row0 + m / G;
+    q_s[m][c] = load_float(p.q, b * p.q_batch_stride + row * p.q_row_stride + (hk * G + m % G) * p.q_head_stride + c,
+                           p.in_dtype) * qd;
+  }
+  if (threadIdx.x < M) {
+    int lo, hi;
+    key_range_for_row(p, s, threadIdx.x / G, lo, hi);
+    lo_s[threadIdx.x] = imax(lo, slo);
+    hi_s[threadIdx.x] = empty_split ? 0 : imin(hi, shi);
+    m_s[threadIdx.x] = -INFINITY;
+    l_s[threadIdx.x] = 0.f;
+  }
+  __syncthreads();
+  int kmin = INT32_MAX, kmax = 0;
+  for (int m = 0; m < M; ++m)
+    if (lo_s[m] < hi_s[m]) {
+      kmin = imin(kmin, lo_s[m]);
+      kmax = imax(kmax, hi_s[m]);
+    }
+
+  float acc[kDecRows][kDecPerLane] = {};
+  for (int c0 = kmin; c0 < kmax; c0 += kDecChunk) {
+    // 1. scores: warp w takes keys w, w + 4, ...; lanes split the D channels
+    for (int jj = warp; jj < kDecChunk; jj += kDecWarps) {
+      const int j = c0 + jj;
+      if (j >= kmax) {
+        if (lane < M) s_s[lane][jj] = -INFINITY;
+        continue;
+      }
+      const int64_t ko = key_offset(p, s, s.k_start + j, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride;
+      float kv[kDecPerLane];
+      for (int e = 0; e < kDecPerLane; ++e) {
+        const int c = lane + e * arch::kWarpSize;
+        kv[e] = c < D ? load_float(p.k, ko + c, p.in_dtype) : 0.f;
+      }
+      for (int m = 0; m < M; ++m) {
+        float part = 0.f;
+        for (int e = 0; e < kDecPerLane; ++e) {
+          const int c = lane + e * arch::kWarpSize;
+          if (c < D) part += q_s[m][c] * kv[e];
+        }
+        const float dot = arch::warp_sum(part) * kd;
+        if (lane == m) {
+          float score = dot * p.softmax_scale;
+          if (p.softcap > 0.f) score = p.softcap * tanhf(score / p.softcap);
+          if (p.alibi_slopes) {
+            const float slope = p.alibi_slopes[b * p.alibi_batch_stride + hk * G + m % G];
+            score -= slope * fabsf(static_cast<float>(m / G + s.mask_k_len - s.q_len - global_key(p, j)));
+          }
+          s_s[m][jj] = (j >= lo_s[m] && j < hi_s[m]) ? score : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();
+    // 2. online softmax per row (warp w handles rows w, w + 4, ...)
+    for (int m = warp; m < M; m += kDecWarps) {
+      float mx = -INFINITY;
+      for (int jj = lane; jj < kDecChunk; jj += arch::kWarpSize) mx = fmaxf(mx, s_s[m][jj]);
+      mx = arch::warp_max(mx);
+      const float m_old = m_s[m], m_new = fmaxf(m_old, mx);
+      float sum = 0.f;
+      for (int jj = lane; jj < kDecChunk; jj += arch::kWarpSize) {
+        const float x = s_s[m][jj];
+        const float e = x == -INFINITY ? 0.f : expf(x - m_new);
+        s_s[m][jj] = e;
+        sum += e;
+      }
+      sum = arch::warp_sum(sum);
+      if (lane == 0) {
+        const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+        corr_s[m] = corr;
+        l_s[m] = l_s[m] * corr + sum;
+        m_s[m] = m_new;
+      }
+    }
+    __syncthreads();
+    // 3. acc += P V: warp w takes keys w, w + 4, ...; lanes own Dv channels
+    for (int m = 0; m < M; ++m)
+      for (int e = 0; e < kDecPerLane; ++e) acc[m][e] *= corr_s[m];
+    for (int jj = warp; jj < kDecChunk && c0 + jj < kmax; jj += kDecWarps) {
+      const int64_t vo = key_offset(p, s, s.k_start + c0 + jj, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride;
+      for (int e = 0; e < kDecPerLane; ++e) {
+        const int c = lane + e * arch::kWarpSize;
+        if (c >= Dv) break;
+        const float v = load_float(p.v, vo + c, p.in_dtype) * vd;
+        for (int m = 0; m < M; ++m) acc[m][e] += s_s[m][jj] * v;
+      }
+    }
+    __syncthreads();  // s_s is rewritten by the next chunk
+  }
+
+  // 4. sum the warps' partial accumulators (a quarter of the channels per pass) and store
+  float out_c[kDecRows][kDecPerLane / 4 + 1];
+  for (int pass = 0; pass < 4; ++pass) {
+    for (int m = 0; m < M; ++m)
+      for (int e = 0; e < kDecPerLane; ++e) {
+        const int c = lane + e * arch::kWarpSize;
+        if (c >= Dv || c / (kDecMaxDim / 4) != pass) continue;
+        acc_s[warp][m][c % (kDecMaxDim / 4)] = acc[m][e];
+      }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < M * (kDecMaxDim / 4); idx += kThreads) {
+      const int m = idx / (kDecMaxDim / 4), cc = idx % (kDecMaxDim / 4), c = pass * (kDecMaxDim / 4) + cc;
+      if (c >= Dv) continue;
+      float o = 0.f;
+      for (int w = 0; w < kDecWarps; ++w) o += acc_s[w][m][cc];
+      const float l = l_s[m];
+      const bool has = l > 0.f || l != l;
+      float lse = has ? m_s[m] + logf(l) : -INFINITY;
+      float scale = has ? 1.f / l : 0.f;
+      const int qi = m / G, h = hk * G + m % G;
+      if (n > 1) {
+        const int64_t grow = (static_cast<int64_t>(split) * p.total_q + global_row(p, s, b, qi)) * p.num_heads + h;
+        parts.out[grow * Dv + c] = o * scale;
+        if (c == 0) parts.lse[grow] = lse;
+      } else {
+        if (p.learnable_sink) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
+        const int64_t row = s.q_row0 + qi;
+        store_float(p.out, b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride + c, p.out_dtype,
+                    o * scale);
+        if (c == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+      }
+    }
+    __syncthreads();
+  }
+  (void)out_c;
+}
+
 // Merges the splits of one (row, head) exactly as fmha_combine does, then the sink.
 __global__ void __launch_bounds__(kThreads) fmha_merge_kernel(FmhaParams p, FmhaSplitBuffers parts) {
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -194,7 +365,13 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams c) {
 }  // namespace
 
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
-  if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
+  const int G = p.num_heads_k > 0 ? p.num_heads / p.num_heads_k : 0;
+  const bool decode = !p.qv && max_rows * G <= kDecRows && p.head_dim <= kDecMaxDim && p.head_dim_v <= kDecMaxDim;
+  if (p.batch > 0 && max_rows > 0 && p.num_heads > 0 && decode) {
+    fmha_decode_kernel<<<dim3(p.num_heads_k, p.batch * splits.num_splits), kThreads, 0, stream>>>(p, splits);
+    if (splits.num_splits > 1)
+      fmha_merge_kernel<<<dim3(max_rows, p.num_heads, p.batch), kThreads, 0, stream>>>(p, splits);
+  } else if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
     const dim3 grid(max_rows, p.num_heads, p.batch * splits.num_splits);
     fmha_row_kernel<<<grid, kThreads, 0, stream>>>(p, splits);
     if (splits.num_splits > 1)

@@ -18,6 +18,10 @@
 namespace mate::device {
 namespace {
 
+// Parallel workers for the split heuristic: resident blocks, not SMs (a 128-thread block
+// leaves room for many per SM, and decode needs them all busy to stream K/V at full rate).
+int device_workers(int sm_margin = 0) { return imax(1, arch::multiprocessor_count() - sm_margin) * 16; }
+
 void check_launch(arch::Error e, const char* what) {
   TORCH_CHECK(e == arch::kSuccess, what, " kernel launch failed: ", arch::error_string(e));
 }
@@ -28,7 +32,7 @@ void run_fmha(FmhaProblem& prob, const FmhaInputs& in) {
   // upper bounds from shapes and hints only (no device read)
   const int max_q = p.q_is_ragged ? (in.max_seqlen_q ? static_cast<int>(*in.max_seqlen_q) : p.total_q) : p.seqlen_q;
   const int max_k = p.k_is_ragged ? (in.max_seqlen_k ? static_cast<int>(*in.max_seqlen_k) : p.total_k) : p.seqlen_k;
-  int splits = resolve_num_splits(p.num_splits, p.batch, p.num_heads_k, max_q, G, max_k, arch::multiprocessor_count());
+  int splits = resolve_num_splits(p.num_splits, p.batch, p.num_heads_k, max_q, G, max_k, device_workers());
   TORCH_CHECK(p.batch <= 65535, "the device kernels handle at most 65535 sequences per call, got ", p.batch);
   splits = imax(1, imin(splits, 65535 / imax(p.batch, 1)));
   FmhaSplitBuffers parts;
@@ -104,7 +108,7 @@ at::Tensor get_scheduler_metadata(int64_t batch_size, int64_t max_seqlen_q, int6
   arch::DeviceGuard guard(seqused_k.device());
   const int splits = check_scheduler_args(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim,
                                           headdim_v, seqused_k, max_seqlen_k_new, num_splits,
-                                          imax(1, arch::multiprocessor_count() - static_cast<int>(sm_margin)));
+                                          device_workers(static_cast<int>(sm_margin)));
   return at::full({scheduler_metadata_size(batch_size)}, splits, seqused_k.options().dtype(at::kInt));
 }
 
