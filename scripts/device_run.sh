@@ -32,4 +32,8 @@ for f in "${@/#tests\//$ROOT/tests/}"; do
   echo "$name rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -n 1)"
   grep -E "^FAILED|Fatal Python" "$OUT/$name.log" | head -n 5
 done
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_small.py" >"$OUT/memcheck.log" 2>&1
+  echo "memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
+fi
 python3 "$ROOT/bench/bench_gpu.py" 2>&1 | tee "$OUT/bench.log" | tail -n 20
