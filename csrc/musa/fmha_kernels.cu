@@ -146,34 +146,71 @@ __global__ void __launch_bounds__(kThreads) fmha_row_kernel(FmhaParams p, FmhaSp
 
 // Decode path: few query rows. One block per (kv head, sequence, split) serves all G query
 // heads and up to kDecRows packed rows (row m = query qi * G + head g), so K and V are read
-// once per kv head instead of once per query head, with warp-wide coalesced loads: each
-// warp scores one key at a time (lanes split the channels), then accumulates P·V.
+// once per kv head instead of once per query head. Each lane loads 8 contiguous channels of a
+// key with one 16-byte access; a key takes D / 8 lanes, so a warp scores 32 / (D / 8) keys at
+// once (several loads in flight), then accumulates P·V the same way over V rows.
 constexpr int kDecRows = 8;          // packed (query row, head) rows per block
-constexpr int kDecMaxDim = 256;      // D and Dv of this path
+constexpr int kDecMaxDim = 256;      // D and Dv of this path (multiples of 8)
 constexpr int kDecChunk = 64;        // keys per softmax step
 constexpr int kDecWarps = kThreads / arch::kWarpSize;
-constexpr int kDecPerLane = kDecMaxDim / arch::kWarpSize;  // channels a lane owns
+constexpr int kVec = 8;              // channels per lane access
 
+// 8 consecutive elements (16-byte aligned for 2-byte types) as float.
+template <DType kDt>
+__device__ __forceinline__ void load8(const void* base, int64_t off, float* x) {
+  if constexpr (kDt == DType::kBFloat16 || kDt == DType::kFloat16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + off);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t lo = static_cast<uint16_t>(w[i] & 0xffffu), hi = static_cast<uint16_t>(w[i] >> 16);
+      x[2 * i] = kDt == DType::kBFloat16 ? bf16_to_float(lo) : half_to_float(lo);
+      x[2 * i + 1] = kDt == DType::kBFloat16 ? bf16_to_float(hi) : half_to_float(hi);
+    }
+  } else if constexpr (kDt == DType::kFloat32) {
+    const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(base) + off);
+    const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(base) + off + 4);
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+  } else {
+    const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(base) + off);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[i] = fp8_e4m3_to_float(static_cast<uint8_t>(raw.x >> (8 * i)));
+      x[4 + i] = fp8_e4m3_to_float(static_cast<uint8_t>(raw.y >> (8 * i)));
+    }
+  }
+}
+
+// Sum over the `width` lanes of a lane group (width a power of two <= warp size).
+__device__ __forceinline__ float group_sum(float x, int width) {
+  for (int o = width / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__host__ __device__ constexpr int lanes_for(int dim) {  // lanes covering dim channels, a power of 2
+  return dim <= 8 ? 1 : dim <= 16 ? 2 : dim <= 32 ? 4 : dim <= 64 ? 8 : dim <= 128 ? 16 : 32;
+}
+
+template <DType kDt>
 __global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, FmhaSplitBuffers parts) {
   __shared__ float q_s[kDecRows][kDecMaxDim];
   __shared__ float s_s[kDecRows][kDecChunk];
   __shared__ float m_s[kDecRows], l_s[kDecRows], corr_s[kDecRows];
   __shared__ int lo_s[kDecRows], hi_s[kDecRows];
-  __shared__ float acc_s[kDecWarps][kDecRows][kDecMaxDim / 4];  // reduced in 4 passes below
+  __shared__ float acc_s[kDecWarps][kDecRows][kDecMaxDim];
   const int hk = blockIdx.x, n = parts.num_splits;
   const int b = blockIdx.y / n, split = blockIdx.y % n;
   const SeqInfo s = seq_info(p, b);
   const int G = p.num_heads / p.num_heads_k, D = p.head_dim, Dv = p.head_dim_v;
   const int warp = threadIdx.x / arch::kWarpSize, lane = threadIdx.x % arch::kWarpSize;
-  const int rows = s.q_len_full * G;  // <= kDecRows (checked by the launcher)
+  const int rows = imin(s.q_len_full * G, kDecRows);
 
-  // padded rows (past seqused_q): out 0, lse -inf, written once
-  if (split == 0)
+  if (split == 0)  // padded rows (past seqused_q): out 0, lse -inf, written once
     for (int m = s.q_len * G; m < rows; ++m) {
       float zero[kMaxChannelsPerThread] = {};
       write_final(p, s, b, m / G, hk * G + m % G, zero, -INFINITY, 0.f);
     }
-  const int M = s.q_len * G;
+  const int M = imin(s.q_len * G, kDecRows);
   if (M == 0) return;
   const int key_blocks = imax(1, (s.k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
   int ns = imin(n, key_blocks);
@@ -207,36 +244,36 @@ __global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, Fmh
       kmax = imax(kmax, hi_s[m]);
     }
 
-  float acc[kDecRows][kDecPerLane] = {};
+  const int lk = lanes_for(D), kpw = arch::kWarpSize / lk;        // lanes per K row, keys per warp
+  const int lv = lanes_for(Dv), vpw = arch::kWarpSize / lv;       // lanes per V row, rows per warp
+  const int ksub = lane / lk, kl = lane % lk, vsub = lane / lv, vl = lane % lv;
+  float acc[kDecRows][kVec] = {};
   for (int c0 = kmin; c0 < kmax; c0 += kDecChunk) {
-    // 1. scores: warp w takes keys w, w + 4, ...; lanes split the D channels
-    for (int jj = warp; jj < kDecChunk; jj += kDecWarps) {
-      const int j = c0 + jj;
-      if (j >= kmax) {
-        if (lane < M) s_s[lane][jj] = -INFINITY;
-        continue;
-      }
-      const int64_t ko = key_offset(p, s, s.k_start + j, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride;
-      float kv[kDecPerLane];
-      for (int e = 0; e < kDecPerLane; ++e) {
-        const int c = lane + e * arch::kWarpSize;
-        kv[e] = c < D ? load_float(p.k, ko + c, p.in_dtype) : 0.f;
+    // 1. scores: every lane group of a warp scores one key
+    for (int jj0 = warp * kpw; jj0 < kDecChunk; jj0 += kDecWarps * kpw) {
+      const int jj = jj0 + ksub, j = c0 + jj;
+      const bool valid = jj < kDecChunk && j < kmax && kl * kVec < D;
+      float kv[kVec] = {};
+      if (valid) {
+        const int64_t ko = key_offset(p, s, s.k_start + j, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride;
+        load8<kDt>(p.k, ko + kl * kVec, kv);
       }
       for (int m = 0; m < M; ++m) {
         float part = 0.f;
-        for (int e = 0; e < kDecPerLane; ++e) {
-          const int c = lane + e * arch::kWarpSize;
-          if (c < D) part += q_s[m][c] * kv[e];
-        }
-        const float dot = arch::warp_sum(part) * kd;
-        if (lane == m) {
-          float score = dot * p.softmax_scale;
-          if (p.softcap > 0.f) score = p.softcap * tanhf(score / p.softcap);
-          if (p.alibi_slopes) {
-            const float slope = p.alibi_slopes[b * p.alibi_batch_stride + hk * G + m % G];
-            score -= slope * fabsf(static_cast<float>(m / G + s.mask_k_len - s.q_len - global_key(p, j)));
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) part += (kl * kVec + e < D ? q_s[m][kl * kVec + e] : 0.f) * kv[e];
+        const float dot = group_sum(part, lk) * kd;
+        if (kl == 0 && jj < kDecChunk) {
+          float score = -INFINITY;
+          if (j < kmax && j >= lo_s[m] && j < hi_s[m]) {
+            score = dot * p.softmax_scale;
+            if (p.softcap > 0.f) score = p.softcap * tanhf(score / p.softcap);
+            if (p.alibi_slopes) {
+              const float slope = p.alibi_slopes[b * p.alibi_batch_stride + hk * G + m % G];
+              score -= slope * fabsf(static_cast<float>(m / G + s.mask_k_len - s.q_len - global_key(p, j)));
+            }
           }
-          s_s[m][jj] = (j >= lo_s[m] && j < hi_s[m]) ? score : -INFINITY;
+          s_s[m][jj] = score;
         }
       }
     }
@@ -263,56 +300,74 @@ __global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, Fmh
       }
     }
     __syncthreads();
-    // 3. acc += P V: warp w takes keys w, w + 4, ...; lanes own Dv channels
+    // 3. acc += P V: every lane group of a warp takes one V row; lanes own 8 channels each
     for (int m = 0; m < M; ++m)
-      for (int e = 0; e < kDecPerLane; ++e) acc[m][e] *= corr_s[m];
-    for (int jj = warp; jj < kDecChunk && c0 + jj < kmax; jj += kDecWarps) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[m][e] *= corr_s[m];
+    for (int jj0 = warp * vpw; jj0 < kDecChunk; jj0 += kDecWarps * vpw) {
+      const int jj = jj0 + vsub;
+      if (jj >= kDecChunk || c0 + jj >= kmax || vl * kVec >= Dv) continue;
       const int64_t vo = key_offset(p, s, s.k_start + c0 + jj, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride;
-      for (int e = 0; e < kDecPerLane; ++e) {
-        const int c = lane + e * arch::kWarpSize;
-        if (c >= Dv) break;
-        const float v = load_float(p.v, vo + c, p.in_dtype) * vd;
-        for (int m = 0; m < M; ++m) acc[m][e] += s_s[m][jj] * v;
+      float vv[kVec];
+      load8<kDt>(p.v, vo + vl * kVec, vv);
+      for (int m = 0; m < M; ++m) {
+        const float w = s_s[m][jj] * vd;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[m][e] += w * vv[e];
       }
     }
     __syncthreads();  // s_s is rewritten by the next chunk
   }
 
-  // 4. sum the warps' partial accumulators (a quarter of the channels per pass) and store
-  float out_c[kDecRows][kDecPerLane / 4 + 1];
-  for (int pass = 0; pass < 4; ++pass) {
-    for (int m = 0; m < M; ++m)
-      for (int e = 0; e < kDecPerLane; ++e) {
-        const int c = lane + e * arch::kWarpSize;
-        if (c >= Dv || c / (kDecMaxDim / 4) != pass) continue;
-        acc_s[warp][m][c % (kDecMaxDim / 4)] = acc[m][e];
-      }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < M * (kDecMaxDim / 4); idx += kThreads) {
-      const int m = idx / (kDecMaxDim / 4), cc = idx % (kDecMaxDim / 4), c = pass * (kDecMaxDim / 4) + cc;
-      if (c >= Dv) continue;
-      float o = 0.f;
-      for (int w = 0; w < kDecWarps; ++w) o += acc_s[w][m][cc];
-      const float l = l_s[m];
-      const bool has = l > 0.f || l != l;
-      float lse = has ? m_s[m] + logf(l) : -INFINITY;
-      float scale = has ? 1.f / l : 0.f;
-      const int qi = m / G, h = hk * G + m % G;
-      if (n > 1) {
-        const int64_t grow = (static_cast<int64_t>(split) * p.total_q + global_row(p, s, b, qi)) * p.num_heads + h;
-        parts.out[grow * Dv + c] = o * scale;
-        if (c == 0) parts.lse[grow] = lse;
-      } else {
-        if (p.learnable_sink) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
-        const int64_t row = s.q_row0 + qi;
-        store_float(p.out, b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride + c, p.out_dtype,
-                    o * scale);
-        if (c == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
-      }
+  // 4. sum the lane groups of each warp, then the warps, then normalize and store
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      float x = acc[m][e];
+      for (int o = lv; o < arch::kWarpSize; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+      acc[m][e] = x;
     }
-    __syncthreads();
+  if (vsub == 0 && vl * kVec < Dv)
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc_s[warp][m][vl * kVec + e] = acc[m][e];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < M * Dv; idx += kThreads) {
+    const int m = idx / Dv, c = idx % Dv;
+    float o = 0.f;
+    for (int w = 0; w < kDecWarps; ++w) o += acc_s[w][m][c];
+    const float l = l_s[m];
+    const bool has = l > 0.f || l != l;  // NaN inputs propagate
+    float lse = has ? m_s[m] + logf(l) : -INFINITY;
+    float scale = has ? 1.f / l : 0.f;
+    const int qi = m / G, h = hk * G + m % G;
+    if (n > 1) {
+      const int64_t grow = (static_cast<int64_t>(split) * p.total_q + global_row(p, s, b, qi)) * p.num_heads + h;
+      parts.out[grow * Dv + c] = o * scale;
+      if (c == 0) parts.lse[grow] = lse;
+    } else {
+      if (p.learnable_sink) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
+      const int64_t row = s.q_row0 + qi;
+      store_float(p.out, b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride + c, p.out_dtype,
+                  o * scale);
+      if (c == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+    }
   }
-  (void)out_c;
+}
+
+// The decode path reads K/V rows 8 elements at a time: channels and strides must allow it.
+bool decode_path_fits(const FmhaParams& p, int max_rows) {
+  const int G = p.num_heads_k > 0 ? p.num_heads / p.num_heads_k : 0;
+  auto aligned = [](const void* ptr, int64_t a, int64_t b, int64_t c, int es) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * es) % 16 == 0 && (b * es) % 16 == 0 &&
+           (c * es) % 16 == 0;
+  };
+  // element size for the alignment test; fp8 lanes read 8 bytes, tested like 2-byte types
+  const int es = p.in_dtype == DType::kFloat32 ? 4 : 2;
+  return !p.qv && max_rows * G <= kDecRows && p.head_dim <= kDecMaxDim && p.head_dim_v <= kDecMaxDim &&
+         p.head_dim % kVec == 0 && p.head_dim_v % kVec == 0 &&
+         aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, es) &&
+         aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, es);
 }
 
 // Merges the splits of one (row, head) exactly as fmha_combine does, then the sink.
@@ -365,10 +420,14 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams c) {
 }  // namespace
 
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
-  const int G = p.num_heads_k > 0 ? p.num_heads / p.num_heads_k : 0;
-  const bool decode = !p.qv && max_rows * G <= kDecRows && p.head_dim <= kDecMaxDim && p.head_dim_v <= kDecMaxDim;
-  if (p.batch > 0 && max_rows > 0 && p.num_heads > 0 && decode) {
-    fmha_decode_kernel<<<dim3(p.num_heads_k, p.batch * splits.num_splits), kThreads, 0, stream>>>(p, splits);
+  if (p.batch > 0 && max_rows > 0 && p.num_heads > 0 && decode_path_fits(p, max_rows)) {
+    const dim3 grid(p.num_heads_k, p.batch * splits.num_splits);
+    switch (p.in_dtype) {
+      case DType::kBFloat16: fmha_decode_kernel<DType::kBFloat16><<<grid, kThreads, 0, stream>>>(p, splits); break;
+      case DType::kFloat16: fmha_decode_kernel<DType::kFloat16><<<grid, kThreads, 0, stream>>>(p, splits); break;
+      case DType::kFloat32: fmha_decode_kernel<DType::kFloat32><<<grid, kThreads, 0, stream>>>(p, splits); break;
+      case DType::kFloat8E4M3: fmha_decode_kernel<DType::kFloat8E4M3><<<grid, kThreads, 0, stream>>>(p, splits); break;
+    }
     if (splits.num_splits > 1)
       fmha_merge_kernel<<<dim3(max_rows, p.num_heads, p.batch), kThreads, 0, stream>>>(p, splits);
   } else if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
