@@ -20,7 +20,9 @@ def test_device_sources_exist():
 def test_device_source_compiles_without_torch(source, tmp_path):
     text = source.read_text()
     assert "#include <torch" not in text and "#include <ATen" not in text, "kernel sources must not include torch"
-    cmd = [NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr",
+    # torch's own flags for .cu files (no implicit half/bfloat16 conversions)
+    cmd = [NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
            "-c", str(source), "-o", str(tmp_path / (source.stem + ".o"))]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -17,6 +17,21 @@ inline const char* error_string(Error e) { return musaGetErrorString(e); }
 }  // namespace mate::arch
 #else
 #include <cuda_runtime.h>
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+// Tensor-core tiles through WMMA (sm80+): 16x16x16 bf16/fp16 products with fp32 accumulators.
+#define MATE_HAS_WMMA 1
+namespace mate::arch {
+namespace wmma = nvcuda::wmma;
+using bf16 = __nv_bfloat16;
+using f16 = __half;
+// Explicit conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends).
+__device__ __forceinline__ void from_float(float x, bf16& y) { y = __float2bfloat16(x); }
+__device__ __forceinline__ void from_float(float x, f16& y) { y = __float2half(x); }
+}  // namespace mate::arch
+#endif
 namespace mate::arch {
 using Stream = cudaStream_t;
 using Error = cudaError_t;
