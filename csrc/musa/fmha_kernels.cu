@@ -559,7 +559,7 @@ bool tc_path_fits(const FmhaParams& p) {
     return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * 2) % 16 == 0 && (b * 2) % 16 == 0 && (c * 2) % 16 == 0;
   };
   return (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) && !p.qv &&
-         p.head_dim == p.head_dim_v && (p.head_dim == 64 || p.head_dim == 128) &&
+         p.head_dim == p.head_dim_v && (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) &&
          aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
          aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
          aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
@@ -568,7 +568,9 @@ bool tc_path_fits(const FmhaParams& p) {
 template <typename T, int kD>
 arch::Error launch_tc(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
   const int smem = static_cast<int>(sizeof(TcSmem<T, kD>));
-  cudaFuncSetAttribute(fmha_tc_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // D = 256 needs ~184 KB of shared memory: fine on sm90, too much on some GPUs (caller falls back)
+  const arch::Error e = cudaFuncSetAttribute(fmha_tc_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != arch::kSuccess) return e;
   const dim3 grid((max_rows + kTcRows - 1) / kTcRows, p.num_heads, p.batch * splits.num_splits);
   fmha_tc_kernel<T, kD><<<grid, kThreads, smem, stream>>>(p, splits);
   return arch::last_error();
@@ -637,13 +639,22 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
       fmha_merge_kernel<<<dim3(max_rows, p.num_heads, p.batch), kThreads, 0, stream>>>(p, splits);
   } else if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
 #if defined(MATE_HAS_WMMA)
+    arch::Error e = arch::kSuccess;
+    bool launched = false;
     if (tc_path_fits(p)) {
       const bool bf = p.in_dtype == DType::kBFloat16;
-      const arch::Error e = p.head_dim == 64 ? (bf ? launch_tc<arch::bf16, 64>(p, splits, max_rows, stream)
-                                                   : launch_tc<arch::f16, 64>(p, splits, max_rows, stream))
-                                             : (bf ? launch_tc<arch::bf16, 128>(p, splits, max_rows, stream)
-                                                   : launch_tc<arch::f16, 128>(p, splits, max_rows, stream));
-      if (e != arch::kSuccess) return e;
+      switch (p.head_dim) {
+        case 64: e = bf ? launch_tc<arch::bf16, 64>(p, splits, max_rows, stream)
+                        : launch_tc<arch::f16, 64>(p, splits, max_rows, stream); break;
+        case 128: e = bf ? launch_tc<arch::bf16, 128>(p, splits, max_rows, stream)
+                         : launch_tc<arch::f16, 128>(p, splits, max_rows, stream); break;
+        default: e = bf ? launch_tc<arch::bf16, 256>(p, splits, max_rows, stream)
+                        : launch_tc<arch::f16, 256>(p, splits, max_rows, stream); break;
+      }
+      launched = e == arch::kSuccess;
+      if (!launched) arch::last_error();  // clear it: the row kernel below takes over
+    }
+    if (launched) {
       if (splits.num_splits > 1)
         fmha_merge_kernel<<<dim3(max_rows, p.num_heads, p.batch), kThreads, 0, stream>>>(p, splits);
       if (p.q_is_ragged && p.total_q > 0)
