@@ -46,7 +46,7 @@ TORCH_LIBRARY(mate, m) {
   // KV cache (SEMANTICS §1 "Append and rotary"): writes new keys/values in place at
   // [cache_seqlens[b], cache_seqlens[b] + new_len[b]) of a dense or paged cache; keys are
   // rotated at rotary_seqlens (or cache_seqlens) + t when rotary tables are given.
-  // cache_leftpad is only validated (0 <= leftpad <= the new length), so that the attention
+  // cache_leftpad is only validated (0 <= leftpad <= cache_seqlens + new keys), so that the attention
   // that follows cannot reject it after the cache was written.
   m.def("kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
         "Tensor cache_seqlens, Tensor? cu_seqlens_k_new=None, Tensor? page_table=None, "

@@ -48,15 +48,6 @@ from ._common import normalize_window
 __all__ = ["flash_attention_varlen", "flash_attn_varlen_func"]
 
 
-def _fmha_has_alibi() -> bool:
-    """Whether this build's ``torch.ops.mate.fmha_fwd`` takes ``alibi_slopes`` (read from its schema)."""
-    return any(a.name == "alibi_slopes" for a in torch.ops.mate.fmha_fwd.default._schema.arguments)
-
-
-# The schema is fixed once mate_ops' extension is loaded (mate_ops/__init__ loads it first).
-_HAS_ALIBI = _fmha_has_alibi()
-
-
 def _metal_softcap(softcapping: float) -> float:
     """The Metal API's ``softcapping`` (1.0 = none) as mate's ``softcap`` (0.0 = none)."""
     c = float(softcapping)
@@ -156,12 +147,7 @@ def flash_attn_varlen_func(
                          f"got dropout_p={dropout_p}")
     _check_ragged(q, cu_seqlens_q, cu_seqlens_k)
     left, right = normalize_window(window_size)
-    extra = {}
-    if alibi_slopes is not None:
-        if not _HAS_ALIBI:
-            raise NotImplementedError("alibi_slopes is not supported by this mate_ops build: torch.ops.mate.fmha_fwd "
-                                      "has no alibi_slopes argument")
-        extra["alibi_slopes"] = alibi_slopes
+    extra = {} if alibi_slopes is None else {"alibi_slopes": alibi_slopes}
     out, lse = torch.ops.mate.fmha_fwd(
         q, k, v,
         cu_seqlens_q=cu_seqlens_q,

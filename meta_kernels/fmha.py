@@ -5,13 +5,11 @@ trailing defaults before calling a fake kernel.
 """
 import torch
 
-_FP8 = torch.float8_e4m3fn
+from mate_ops._common import fp8_out_dtype
 
 
 def _out_dtype(q, out_dtype):
-    if out_dtype is not None:
-        return out_dtype
-    return torch.bfloat16 if q.dtype == _FP8 else q.dtype
+    return out_dtype if out_dtype is not None else fp8_out_dtype(q)
 
 
 @torch.library.register_fake("mate::fmha_fwd")

@@ -3,12 +3,8 @@ import torch
 
 
 def _num_workers(device: torch.device) -> int:
-    """Parallel workers the kernels schedule over: SMs on a GPU, threads on the CPU
-    (the same numbers csrc/cpu_ref and csrc/musa read)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    if device.type in ("musa", "privateuseone"):
-        return torch.musa.get_device_properties(device).multi_processor_count
+    """Workers get_mla_metadata schedules over: the CPU kernel's thread count (the only MLA
+    kernel so far; device MLA kernels will define theirs the same way in both places)."""
     return torch.get_num_threads()
 
 

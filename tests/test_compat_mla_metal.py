@@ -430,10 +430,6 @@ def test_metal_alibi(slopes_shape, causal):
     q, k, v, cq, ck = ragged([4, 9, 6], [11, 9, 3], 4, 2, 32, torch.float32)
     B = 3
     slopes = torch.rand(4) if slopes_shape == "H" else torch.rand(B, 4)
-    if not MS._HAS_ALIBI:
-        with pytest.raises(NotImplementedError, match="alibi_slopes"):
-            MS.flash_attn_varlen_func(q, k, v, cq, ck, 9, 11, alibi_slopes=slopes, causal=causal)
-        pytest.skip("torch.ops.mate.fmha_fwd has no alibi_slopes argument in this build (error path checked)")
     out, lse, _ = MS.flash_attn_varlen_func(q, k, v, cq, ck, 9, 11, softmax_scale=0.3, causal=causal,
                                             alibi_slopes=slopes, return_attn_probs=True)
     ref_out, ref_lse = alibi_reference(q, k, v, cq, ck, slopes, 0.3, causal)
@@ -444,19 +440,6 @@ def test_metal_alibi(slopes_shape, causal):
     # the bias matters (not silently dropped)
     plain = MS.flash_attn_varlen_func(q, k, v, cq, ck, 9, 11, softmax_scale=0.3, causal=causal)
     assert not torch.allclose(plain, out, atol=1e-3)
-
-
-def test_metal_alibi_unavailable_error(monkeypatch):
-    q, k, v, cq, ck = ragged([3], [4], 2, 2, 32, torch.float32)
-    monkeypatch.setattr(MS, "_HAS_ALIBI", False)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        MS.flash_attn_varlen_func(q, k, v, cq, ck, 3, 4, alibi_slopes=torch.rand(2))
-    MS.flash_attn_varlen_func(q, k, v, cq, ck, 3, 4)  # without slopes it still works
-
-
-def test_metal_has_alibi_reads_schema():
-    names = [a.name for a in torch.ops.mate.fmha_fwd.default._schema.arguments]
-    assert MS._HAS_ALIBI == ("alibi_slopes" in names) == MS._fmha_has_alibi()
 
 
 # ============================================================================ compat aliases (subprocess)
@@ -658,7 +641,7 @@ def test_compile_metal_inplace(backend):
 def test_compile_metal_varlen_func_alibi():
     torch._dynamo.reset()
     q, k, v, cq, ck = ragged([4, 9], [11, 9], 4, 2, 32, torch.float32)
-    slopes = torch.rand(4) if MS._HAS_ALIBI else None
+    slopes = torch.rand(4)
 
     def f(q, k, v, cq, ck):
         return MS.flash_attn_varlen_func(q, k, v, cq, ck, 9, 11, causal=True, alibi_slopes=slopes,

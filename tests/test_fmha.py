@@ -361,3 +361,14 @@ def test_alibi_varlen_paged_leftpad(device):
     out, _ = torch.ops.mate.fmha_fwd(q.to(device), kp.to(device), vp.to(device),
                                      **{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
     T.assert_close_fa3(out, ref_out, low)
+
+
+def test_broadcast_kv_rows(device):
+    """k/v whose rows overlap (an expanded view, row stride 0) give the same result as the
+    materialized tensors: the kernels must not hand such strides to a BLAS."""
+    q = rand(1, 40, 4, 64, dtype=torch.float32)
+    k1, v1 = rand(1, 1, 2, 64, dtype=torch.float32), rand(1, 1, 2, 64, dtype=torch.float32)
+    k, v = k1.expand(1, 300, 2, 64), v1.expand(1, 300, 2, 64)
+    out = mi.flash_attn_varlen_func(q.to(device), k.to(device), v.to(device), causal=True)
+    ref = mi.flash_attn_varlen_func(q.to(device), k.contiguous().to(device), v.contiguous().to(device), causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

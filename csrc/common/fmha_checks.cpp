@@ -193,7 +193,11 @@ FmhaProblem check_fmha_inputs(const FmhaInputs& in) {
   p.num_heads_k = static_cast<int>(heads_k);
   p.head_dim = static_cast<int>(head_dim);
   p.head_dim_v = static_cast<int>(head_dim_v);
-  p.total_q = static_cast<int>(q_ragged ? q.size(0) : q.size(0) * q.size(1));
+  const int64_t total_q = q_ragged ? q.size(0) : q.size(0) * q.size(1);
+  check_int_range(total_q, 0, "the number of query rows");
+  if (in.max_seqlen_q) check_int_range(*in.max_seqlen_q, 0, "max_seqlen_q");
+  if (in.max_seqlen_k) check_int_range(*in.max_seqlen_k, 0, "max_seqlen_k");
+  p.total_q = static_cast<int>(total_q);
   p.seqlen_q = static_cast<int>(q_ragged ? in.max_seqlen_q.value_or(0) : q.size(1));
   if (q_ragged) {
     p.q_batch_stride = 0;
@@ -206,7 +210,9 @@ FmhaProblem check_fmha_inputs(const FmhaInputs& in) {
     p.page_size = static_cast<int>(k.size(1));
     p.max_pages = static_cast<int>(in.page_table->size(1));
     p.num_pages = static_cast<int>(k.size(0));
-    p.seqlen_k = p.page_size * p.max_pages;
+    const int64_t capacity = static_cast<int64_t>(p.page_size) * p.max_pages;
+    check_int_range(capacity, 0, "page_size * max_num_pages (keys one sequence can hold)");
+    p.seqlen_k = static_cast<int>(capacity);
     p.page_table = in.page_table->data_ptr<int32_t>();
     p.page_table_batch_stride = in.page_table->stride(0);
     p.page_table_rows = static_cast<int>(in.page_table->size(0));

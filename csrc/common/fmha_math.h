@@ -52,6 +52,11 @@ MATE_HD SeqInfo seq_info(const FmhaParams& p, int b) {
   return s;
 }
 
+// Row of query i of sequence b in the (total_q, ...) numbering of split buffers.
+MATE_HD int64_t global_row(const FmhaParams& p, const SeqInfo& s, int b, int i) {
+  return p.q_is_ragged ? s.q_row0 + i : static_cast<int64_t>(b) * p.seqlen_q + i;
+}
+
 // Element offset of key `t` (storage position) of a sequence in k (or v, with its strides).
 MATE_HD int64_t key_offset(const FmhaParams& p, const SeqInfo& s, int t, int64_t batch_stride,
                            int64_t row_stride) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dtype_convert.h"
 #include "fmha_math.h"
 #include "fmha_params.h"
 
@@ -59,13 +60,6 @@ struct MlaParams {
   DType q_dtype = DType::kBFloat16, out_dtype = DType::kBFloat16;
 };
 
-MATE_HD float bf16_bits_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
 // Dequantizes the Dqk channels of one FP8 token into dst (fp32).
 MATE_HD void load_mla_fp8_token(const MlaCache& c, int blk, int off, float* dst) {
   const uint8_t* block = c.base + blk * c.block_stride;
@@ -77,7 +71,7 @@ MATE_HD void load_mla_fp8_token(const MlaCache& c, int blk, int off, float* dst)
     for (int i = 0; i < 64; ++i) {
       uint16_t h;
       memcpy(&h, tok + 528 + 2 * i, 2);
-      dst[512 + i] = bf16_bits_to_float(h);
+      dst[512 + i] = bf16_to_float(h);
     }
   } else {  // MODEL1
     const uint8_t* tok = block + off * kMlaModel1DataBytes;
@@ -89,7 +83,7 @@ MATE_HD void load_mla_fp8_token(const MlaCache& c, int blk, int off, float* dst)
     for (int i = 0; i < 64; ++i) {
       uint16_t h;
       memcpy(&h, tok + 448 + 2 * i, 2);
-      dst[448 + i] = bf16_bits_to_float(h);
+      dst[448 + i] = bf16_to_float(h);
     }
   }
 }
@@ -101,7 +95,7 @@ constexpr int kMlaMetadataCols = 8;
 constexpr int kMlaBlockTokens = 64;
 
 MATE_HD int mla_num_parts(int num_workers, int num_heads_k, int num_q_tokens_per_head_k) {
-  const int m_blocks = imax(1, (num_q_tokens_per_head_k + 63) / 64);
+  const int m_blocks = imax(1, (num_q_tokens_per_head_k + kMlaBlockTokens - 1) / kMlaBlockTokens);
   return imax(1, num_workers / imax(1, num_heads_k) / m_blocks);
 }
 

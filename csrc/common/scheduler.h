@@ -1,5 +1,6 @@
 // Scheduler metadata of the FMHA family (get_scheduler_metadata).
-// Layout, int32 (batch + 1): [0] = largest split count, [1 + b] = splits of sequence b.
+// Layout, int32 (batch + 1): [0] = the split count of the call, [1 + b] = the most splits
+// sequence b may use (kernels take min(that, their split count, its key blocks)).
 // Its size depends only on the batch size, so the fake kernel can compute it.
 #pragma once
 
@@ -23,6 +24,15 @@ MATE_HD int resolve_num_splits(int requested, int64_t batch, int heads_k, int ma
   const int rows = imax(1, max_seqlen_q) * group_size;  // GQA-packed query rows
   const int64_t units = batch * heads_k * ((rows + 127) / 128);
   return num_splits_heuristic(units, num_workers, key_blocks, 128);
+}
+
+// Splits of sequence b when a call runs `n` of them: never more than its key blocks, and
+// capped by the scheduler metadata when given. Shared by the CPU and device kernels.
+MATE_HD int sequence_splits(const FmhaParams& p, int b, int k_len, int n) {
+  const int key_blocks = imax(1, (k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
+  int ns = imin(n, key_blocks);
+  if (p.scheduler_metadata) ns = imax(1, imin(ns, p.scheduler_metadata[1 + b]));
+  return ns;
 }
 
 }  // namespace mate

@@ -79,14 +79,16 @@ void portable_nn(int m, int n, int k, const T* A, int64_t lda, const T* B, int64
   }
 }
 
-bool fits_int(int64_t a, int64_t b, int64_t c) {
-  return a < (1LL << 31) && b < (1LL << 31) && c < (1LL << 31);
+// BLAS needs int leading dimensions at least as wide as the rows (a stride-0 / overlapping
+// view would be rejected by MKL, leaving C unwritten): else the portable loops run.
+bool blas_ok(int64_t lda, int64_t min_a, int64_t ldb, int64_t min_b, int64_t ldc, int64_t min_c) {
+  return lda < (1LL << 31) && ldb < (1LL << 31) && ldc < (1LL << 31) && lda >= min_a && ldb >= min_b && ldc >= min_c;
 }
 
 template <typename T>
 void gemm16(Gemm16Fn fn, bool nt, int m, int n, int k, const T* A, int64_t lda, const T* B,
             int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (fn && m > 0 && n > 0 && k > 0 && fits_int(lda, ldb, ldc)) {
+  if (fn && m > 0 && n > 0 && k > 0 && blas_ok(lda, k, ldb, nt ? k : n, ldc, n)) {
     fn(kRowMajor, kNoTrans, nt ? kTrans : kNoTrans, m, n, k, 1.f,
        reinterpret_cast<const uint16_t*>(A), static_cast<int>(lda),
        reinterpret_cast<const uint16_t*>(B), static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
@@ -102,7 +104,7 @@ void gemm16(Gemm16Fn fn, bool nt, int m, int n, int k, const T* A, int64_t lda, 
 void gemm_nt(int m, int n, int k, const float* A, int64_t lda, const float* B, int64_t ldb,
              float beta, float* C, int64_t ldc) {
   const auto f = blas().sgemm;
-  if (f && m > 0 && n > 0 && k > 0 && fits_int(lda, ldb, ldc)) {
+  if (f && m > 0 && n > 0 && k > 0 && blas_ok(lda, k, ldb, k, ldc, n)) {
     // row-major C = A B^T is column-major C^T = B A^T... with B stored (n, k) row-major.
     const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
     const float one = 1.f;
@@ -115,7 +117,7 @@ void gemm_nt(int m, int n, int k, const float* A, int64_t lda, const float* B, i
 void gemm_nn(int m, int n, int k, const float* A, int64_t lda, const float* B, int64_t ldb,
              float beta, float* C, int64_t ldc) {
   const auto f = blas().sgemm;
-  if (f && m > 0 && n > 0 && k > 0 && fits_int(lda, ldb, ldc)) {
+  if (f && m > 0 && n > 0 && k > 0 && blas_ok(lda, k, ldb, n, ldc, n)) {
     const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
     const float one = 1.f;
     f("N", "N", &n, &m, &k, &one, B, &ib, A, &ia, &beta, C, &ic);

@@ -69,9 +69,6 @@ struct SplitOutputs {  // where a split writes its partial result (num_splits > 
 };
 
 // Global query-row index of row i of sequence b (for split buffers).
-inline int64_t global_row(const FmhaParams& p, const SeqInfo& s, int b, int i) {
-  return p.q_is_ragged ? s.q_row0 + i : static_cast<int64_t>(b) * p.seqlen_q + i;
-}
 
 // Runs one work item: query rows [i0, i1) of sequence b, kv head hk, keys of split `split`.
 template <typename T>
@@ -106,11 +103,9 @@ void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, 
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
   const T* qvbase = static_cast<const T*>(p.qv);
-  const int cache_b = s.cache_row;
   const float qd = p.q_descale ? p.q_descale[b * p.q_descale_batch_stride + hk * p.q_descale_head_stride] : 1.f;
   const float kd = p.k_descale ? p.k_descale[b * p.k_descale_batch_stride + hk * p.k_descale_head_stride] : 1.f;
   const float vd = p.v_descale ? p.v_descale[b * p.v_descale_batch_stride + hk * p.v_descale_head_stride] : 1.f;
-  (void)cache_b;
 
   float* m = grow(sc.m, M);
   float* l = grow(sc.l, M);
@@ -149,7 +144,8 @@ void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, 
       const bool one_run = p.page_size == 0 || (t0 / p.page_size == (t0 + n - 1) / p.page_size);
       const MT *kt, *vt;
       int64_t ldk, ldv;
-      if (!kDequant && one_run) {
+      // rows must not overlap (an expanded k/v has row stride 0): else gather
+      if (!kDequant && one_run && p.k_row_stride >= D && p.v_row_stride >= Dv) {
         kt = reinterpret_cast<const MT*>(kbase + key_offset(p, s, t0, p.k_batch_stride, p.k_row_stride) +
                                          hk * p.k_head_stride);
         vt = reinterpret_cast<const MT*>(vbase + key_offset(p, s, t0, p.v_batch_stride, p.v_row_stride) +
@@ -280,9 +276,7 @@ void run_fmha(const FmhaParams& p) {
   int max_splits = 1;
   for (int b = 0; b < p.batch; ++b) {
     const SeqInfo s = seq_info(p, b);
-    const int key_blocks = imax(1, (s.k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
-    const int want = p.scheduler_metadata ? p.scheduler_metadata[1 + b] : requested;
-    const int ns = imin(want, key_blocks);
+    const int ns = sequence_splits(p, b, s.k_len, requested);
     max_splits = imax(max_splits, ns);
     for (int i0 = 0; i0 < s.q_len; i0 += rows_per_item)
       for (int hk = 0; hk < p.num_heads_k; ++hk)

@@ -17,11 +17,10 @@ namespace mate::device {
 namespace {
 
 constexpr int kThreads = 128;
+// The tiles below assume 32-lane warps (64-key rows = 2 keys per lane, 16 rows per warp).
+static_assert(arch::kWarpSize == 32, "fmha kernels are written for 32-lane warps");
 constexpr int kMaxChannelsPerThread = (512 + kThreads - 1) / kThreads;  // Dv <= 512
 
-__device__ __forceinline__ int64_t global_row(const FmhaParams& p, const SeqInfo& s, int b, int i) {
-  return p.q_is_ragged ? s.q_row0 + i : static_cast<int64_t>(b) * p.seqlen_q + i;
-}
 
 __device__ __forceinline__ float descale(const float* d, int64_t sb, int64_t sh, int b, int hk) {
   return d ? d[b * sb + hk * sh] : 1.f;
@@ -52,9 +51,7 @@ __global__ void __launch_bounds__(kThreads) fmha_row_kernel(FmhaParams p, FmhaSp
     return;
   }
   // this sequence's splits: capped by its key blocks and by the scheduler metadata
-  const int key_blocks = imax(1, (s.k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
-  int ns = imin(n, key_blocks);
-  if (p.scheduler_metadata) ns = imax(1, imin(ns, p.scheduler_metadata[1 + b]));
+  const int ns = sequence_splits(p, b, s.k_len, n);
   const int64_t grow = (static_cast<int64_t>(split) * p.total_q + global_row(p, s, b, i)) * p.num_heads + h;
   if (split >= ns) {  // an empty split: weighs nothing in the merge
     for (int k = 0; k < kMaxChannelsPerThread; ++k) {
@@ -212,9 +209,7 @@ __global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, Fmh
     }
   const int M = imin(s.q_len * G, kDecRows);
   if (M == 0) return;
-  const int key_blocks = imax(1, (s.k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
-  int ns = imin(n, key_blocks);
-  if (p.scheduler_metadata) ns = imax(1, imin(ns, p.scheduler_metadata[1 + b]));
+  const int ns = sequence_splits(p, b, s.k_len, n);
   int slo = 0, shi = s.k_len;
   if (ns > 1) split_key_range(s.k_len, kSplitKeyBlock, split, ns, slo, shi);
   const bool empty_split = split >= ns;
@@ -428,9 +423,7 @@ __global__ void __launch_bounds__(kThreads) fmha_tc_kernel(FmhaParams p, FmhaSpl
       write_final(p, s, b, i, h, zero, -INFINITY, 0.f);
     }
   if (i0 >= s.q_len) return;
-  const int key_blocks = imax(1, (s.k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
-  int ns = imin(n, key_blocks);
-  if (p.scheduler_metadata) ns = imax(1, imin(ns, p.scheduler_metadata[1 + b]));
+  const int ns = sequence_splits(p, b, s.k_len, n);
   int slo = 0, shi = s.k_len;
   if (ns > 1) split_key_range(s.k_len, kSplitKeyBlock, split, ns, slo, shi);
   const bool empty_split = split >= ns;
@@ -639,10 +632,10 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
       fmha_merge_kernel<<<dim3(max_rows, p.num_heads, p.batch), kThreads, 0, stream>>>(p, splits);
   } else if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
 #if defined(MATE_HAS_WMMA)
-    arch::Error e = arch::kSuccess;
     bool launched = false;
     if (tc_path_fits(p)) {
       const bool bf = p.in_dtype == DType::kBFloat16;
+      arch::Error e;
       switch (p.head_dim) {
         case 64: e = bf ? launch_tc<arch::bf16, 64>(p, splits, max_rows, stream)
                         : launch_tc<arch::f16, 64>(p, splits, max_rows, stream); break;
@@ -654,16 +647,13 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
       launched = e == arch::kSuccess;
       if (!launched) arch::last_error();  // clear it: the row kernel below takes over
     }
-    if (launched) {
-      if (splits.num_splits > 1)
-        fmha_merge_kernel<<<dim3(max_rows, p.num_heads, p.batch), kThreads, 0, stream>>>(p, splits);
-      if (p.q_is_ragged && p.total_q > 0)
-        zero_unowned_rows_kernel<<<dim3(p.total_q, p.num_heads), kThreads, 0, stream>>>(p);
-      return arch::last_error();
-    }
+#else
+    const bool launched = false;
 #endif
-    const dim3 grid(max_rows, p.num_heads, p.batch * splits.num_splits);
-    fmha_row_kernel<<<grid, kThreads, 0, stream>>>(p, splits);
+    if (!launched) {
+      const dim3 grid(max_rows, p.num_heads, p.batch * splits.num_splits);
+      fmha_row_kernel<<<grid, kThreads, 0, stream>>>(p, splits);
+    }
     if (splits.num_splits > 1)
       fmha_merge_kernel<<<dim3(max_rows, p.num_heads, p.batch), kThreads, 0, stream>>>(p, splits);
   }

@@ -44,13 +44,9 @@ inline const char* error_string(Error e) { return cudaGetErrorString(e); }
 #if defined(__CUDACC__) || defined(__MUSACC__)  // device helpers: kernel sources only
 namespace mate::arch {
 
-// Threads of a warp. MUSA GPUs schedule 32- or 128-wide warps; the kernels only use
-// kWarpSize through the helpers below, which reduce over a whole warp.
-#if defined(__MUSACC__)
-inline constexpr int kWarpSize = 32;  // mcc's default wave size for these kernels
-#else
+// Threads of a warp. The kernels are written for 32 lanes (fmha_kernels.cu asserts it);
+// MUSA builds must compile them for 32-wide warps.
 inline constexpr int kWarpSize = 32;
-#endif
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
