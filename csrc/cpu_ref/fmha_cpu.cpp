@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common/fmha_checks.h"
+#include "../common/fmha_ops.h"
 #include "../common/fmha_math.h"
 #include "../common/scheduler.h"
 #include "cpu_blas.h"
@@ -327,7 +328,7 @@ void run_fmha(const FmhaParams& p) {
   });
 }
 
-void fmha_cpu(FmhaProblem& prob) {
+void fmha_cpu(FmhaProblem& prob, const FmhaInputs&) {
   const FmhaParams& p = prob.params;
   check_fmha_index_values(p);
   switch (p.in_dtype) {
@@ -341,26 +342,12 @@ void fmha_cpu(FmhaProblem& prob) {
 std::tuple<at::Tensor, at::Tensor> fmha_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             MATE_FMHA_ARGS, std::optional<at::ScalarType> out_dtype,
                                             const std::optional<at::Tensor>& alibi_slopes) {
-  FmhaInputs in = make_fmha_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
-  in.out_dtype = out_dtype;
-  in.alibi_slopes = alibi_slopes;
-  FmhaProblem prob = check_fmha_inputs(in);
-  at::Tensor out = at::empty(prob.out_shape, q.options().dtype(prob.out_dtype));
-  at::Tensor lse = at::empty(prob.lse_shape, q.options().dtype(at::kFloat));
-  set_fmha_outputs(prob, out, lse);
-  fmha_cpu(prob);
-  return {out, lse};
+  return fmha_fwd_op(&fmha_cpu, q, k, v, MATE_FMHA_ARG_NAMES, out_dtype, alibi_slopes);
 }
 
 void fmha_fwd_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, MATE_FMHA_ARGS, const std::optional<at::Tensor>& alibi_slopes) {
-  FmhaInputs in = make_fmha_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
-  in.out_dtype = out.scalar_type();
-  in.alibi_slopes = alibi_slopes;
-  FmhaProblem prob = check_fmha_inputs(in);
-  TORCH_CHECK(out.device() == q.device(), "out must be on the device of q");
-  set_fmha_outputs(prob, out, lse);
-  fmha_cpu(prob);
+  fmha_fwd_out_op(&fmha_cpu, q, k, v, out, lse, MATE_FMHA_ARG_NAMES, alibi_slopes);
 }
 
 void combine_cpu(const CombineParams& c) {
@@ -378,19 +365,12 @@ void combine_cpu(const CombineParams& c) {
 
 std::tuple<at::Tensor, at::Tensor> fmha_combine(const at::Tensor& out_partial, const at::Tensor& lse_partial,
                                                 std::optional<at::ScalarType> out_dtype) {
-  CombineProblem prob = check_combine_inputs(out_partial, lse_partial, out_dtype);
-  at::Tensor out = at::empty(prob.out_shape, out_partial.options().dtype(prob.out_dtype));
-  at::Tensor lse = at::empty(prob.lse_shape, out_partial.options());
-  set_combine_outputs(prob, out, lse);
-  combine_cpu(prob.params);
-  return {out, lse};
+  return fmha_combine_op(&combine_cpu, out_partial, lse_partial, out_dtype);
 }
 
 void fmha_combine_out(const at::Tensor& out_partial, const at::Tensor& lse_partial, const at::Tensor& out,
                       const at::Tensor& lse) {
-  CombineProblem prob = check_combine_inputs(out_partial, lse_partial, out.scalar_type());
-  set_combine_outputs(prob, out, lse);
-  combine_cpu(prob.params);
+  fmha_combine_out_op(&combine_cpu, out_partial, lse_partial, out, lse);
 }
 
 at::Tensor get_scheduler_metadata(int64_t batch_size, int64_t max_seqlen_q, int64_t max_seqlen_k,

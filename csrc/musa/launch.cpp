@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../common/fmha_checks.h"
+#include "../common/fmha_ops.h"
 #include "../common/kvcache_checks.h"
 #include "../common/scheduler.h"
 #include "arch/device.h"
@@ -48,50 +49,31 @@ void run_fmha(FmhaProblem& prob, const FmhaInputs& in) {
   check_launch(launch_fmha(p, parts, max_q, arch::current_stream()), "fmha_fwd");
 }
 
+void run_combine(const CombineParams& c) { check_launch(launch_combine(c, arch::current_stream()), "fmha_combine"); }
+
 std::tuple<at::Tensor, at::Tensor> fmha_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             MATE_FMHA_ARGS, std::optional<at::ScalarType> out_dtype,
                                             const std::optional<at::Tensor>& alibi_slopes) {
   arch::DeviceGuard guard(q.device());
-  FmhaInputs in = make_fmha_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
-  in.out_dtype = out_dtype;
-  in.alibi_slopes = alibi_slopes;
-  FmhaProblem prob = check_fmha_inputs(in);
-  at::Tensor out = at::empty(prob.out_shape, q.options().dtype(prob.out_dtype));
-  at::Tensor lse = at::empty(prob.lse_shape, q.options().dtype(at::kFloat));
-  set_fmha_outputs(prob, out, lse);
-  run_fmha(prob, in);
-  return {out, lse};
+  return fmha_fwd_op(&run_fmha, q, k, v, MATE_FMHA_ARG_NAMES, out_dtype, alibi_slopes);
 }
 
 void fmha_fwd_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, MATE_FMHA_ARGS, const std::optional<at::Tensor>& alibi_slopes) {
   arch::DeviceGuard guard(q.device());
-  FmhaInputs in = make_fmha_inputs(q, k, v, MATE_FMHA_ARG_NAMES);
-  in.out_dtype = out.scalar_type();
-  in.alibi_slopes = alibi_slopes;
-  FmhaProblem prob = check_fmha_inputs(in);
-  TORCH_CHECK(out.device() == q.device(), "out must be on the device of q");
-  set_fmha_outputs(prob, out, lse);
-  run_fmha(prob, in);
+  fmha_fwd_out_op(&run_fmha, q, k, v, out, lse, MATE_FMHA_ARG_NAMES, alibi_slopes);
 }
 
 std::tuple<at::Tensor, at::Tensor> fmha_combine(const at::Tensor& out_partial, const at::Tensor& lse_partial,
                                                 std::optional<at::ScalarType> out_dtype) {
   arch::DeviceGuard guard(out_partial.device());
-  CombineProblem prob = check_combine_inputs(out_partial, lse_partial, out_dtype);
-  at::Tensor out = at::empty(prob.out_shape, out_partial.options().dtype(prob.out_dtype));
-  at::Tensor lse = at::empty(prob.lse_shape, out_partial.options());
-  set_combine_outputs(prob, out, lse);
-  check_launch(launch_combine(prob.params, arch::current_stream()), "fmha_combine");
-  return {out, lse};
+  return fmha_combine_op(&run_combine, out_partial, lse_partial, out_dtype);
 }
 
 void fmha_combine_out(const at::Tensor& out_partial, const at::Tensor& lse_partial, const at::Tensor& out,
                       const at::Tensor& lse) {
   arch::DeviceGuard guard(out_partial.device());
-  CombineProblem prob = check_combine_inputs(out_partial, lse_partial, out.scalar_type());
-  set_combine_outputs(prob, out, lse);
-  check_launch(launch_combine(prob.params, arch::current_stream()), "fmha_combine_out");
+  fmha_combine_out_op(&run_combine, out_partial, lse_partial, out, lse);
 }
 
 at::Tensor get_scheduler_metadata(int64_t batch_size, int64_t max_seqlen_q, int64_t max_seqlen_k,
