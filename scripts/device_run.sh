@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One run on the GPU machine (device tool): build with nvcc, run the tests on cuda, benchmark.
-#   bash scripts/device_run.sh [pytest args...]     logs under $OUT
+#   bash scripts/device_run.sh [test files...]     logs under $OUT
+#   env: PYTEST_K (default "cuda"), BENCH ("" = no benchmark, "--only decode", ...)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
@@ -36,4 +37,8 @@ if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_small.py" >"$OUT/memcheck.log" 2>&1
   echo "memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
 fi
-python3 "$ROOT/bench/bench_gpu.py" 2>&1 | tee "$OUT/bench.log" | tail -n 20
+# BENCH="" skips the benchmark; BENCH="--only decode" etc. picks a part
+if [ "${BENCH-all}" != "" ]; then
+  [ "${BENCH-all}" = all ] && BENCH=""
+  python3 "$ROOT/bench/bench_gpu.py" $BENCH 2>&1 | tee "$OUT/bench.log" | grep -v '^|---' | tail -n 60
+fi

@@ -82,6 +82,27 @@ def test_head_dims(device, d, dv):
     check_fmha(q, k, v, device=device, causal=True)
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pack_gqa", [False, True])
+def test_tensor_core_tiles(device, d, dtype, causal, pack_gqa):
+    """The head dims of the device's tensor-core path, over several row blocks and key tiles
+    with ragged edges (lengths not multiples of any tile), GQA packed or not."""
+    q, k, v = rand(2, 201, 8, d, dtype=dtype), rand(2, 333, 2, d, dtype=dtype), rand(2, 333, 2, d, dtype=dtype)
+    check_fmha(q, k, v, device=device, causal=causal, pack_gqa=pack_gqa)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("sq,h", [(1, 8), (2, 8), (1, 32), (3, 16)])
+@pytest.mark.parametrize("num_splits", [1, 0, 5])
+def test_decode_shapes(device, d, sq, h, num_splits):
+    """Few query rows (the decode tile: up to 16 packed rows per kv head, else the prefill
+    tile) with and without key splits."""
+    q, k, v = rand(3, sq, h, d), rand(3, 700, 2, d), rand(3, 700, 2, d)
+    check_fmha(q, k, v, device=device, causal=True, num_splits=num_splits)
+
+
 @pytest.mark.parametrize("h,hk", [(8, 8), (8, 2), (8, 1), (12, 3)])
 def test_gqa_mqa(device, h, hk):
     q, k, v = rand(2, 40, h, 64), rand(2, 90, hk, 64), rand(2, 90, hk, 64)

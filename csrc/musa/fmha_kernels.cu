@@ -3,9 +3,9 @@
 // mask / split / merge / dtype math with the CPU reference, so both compute SEMANTICS §1-2
 // the same way.
 //
-// This first version is the correctness baseline: one block per (query row, head, sequence,
-// split), keys streamed in chunks of kThreads with an online softmax. It has no tensor-core
-// path yet (see docs/performance.md for what it reaches and what comes next).
+// These are the portable kernels: every dtype and head dim (fmha_row_kernel), a CUDA-core
+// decode kernel (fp32 / fp8 / other head dims), the split merge and combine. bf16/fp16 with
+// D = Dv in {64, 128, 256} take the tensor-core kernel of fmha_mma.cu instead.
 #include <cmath>
 
 #include "../common/dtype_convert.h"
@@ -365,211 +365,6 @@ bool decode_path_fits(const FmhaParams& p, int max_rows) {
          aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, es);
 }
 
-#if defined(MATE_HAS_WMMA)
-// Prefill path on tensor cores (WMMA 16x16x16, fp32 accumulators): one block of 4 warps per
-// (64 query rows, head, sequence, split); K/V tiles of 64 keys are staged in shared memory,
-// S = Q K^T and O += P V run on tensor cores, the online softmax (with every mask / softcap /
-// ALiBi rule of the row kernel) runs per row in fp32. O lives in shared memory so that each
-// row can be rescaled by its softmax correction.
-constexpr int kTcRows = 64, kTcKeys = 64;
-
-template <typename T, int kD>
-struct TcSmem {
-  T q[kTcRows][kD];
-  T k[kTcKeys][kD];
-  T v[kTcKeys][kD];
-  T p[kTcRows][kTcKeys];
-  float s[kTcRows][kTcKeys];
-  float o[kTcRows][kD];
-  float m[kTcRows], l[kTcRows];
-  int lo[kTcRows], hi[kTcRows];
-};
-
-template <typename T, int kD>
-__device__ __forceinline__ void load_tile(T (*dst)[kD], const FmhaParams& p, const SeqInfo& s, const void* base,
-                                          int64_t batch_stride, int64_t row_stride, int64_t head_off, int r0, int nrows,
-                                          int limit, bool is_q, int b) {
-  // 16-byte chunks: kD / 8 per row
-  constexpr int kChunks = kD / 8;
-  for (int idx = threadIdx.x; idx < nrows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (r0 + r < limit) {
-      int64_t off;
-      if (is_q) off = b * batch_stride + (s.q_row0 + r0 + r) * row_stride + head_off;
-      else off = key_offset(p, s, s.k_start + r0 + r, batch_stride, row_stride) + head_off;
-      val = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + off + c);
-    }
-    *reinterpret_cast<uint4*>(&dst[r][c]) = val;
-  }
-}
-
-template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) fmha_tc_kernel(FmhaParams p, FmhaSplitBuffers parts) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& sm = *reinterpret_cast<TcSmem<T, kD>*>(smem_raw);
-  namespace wmma = arch::wmma;
-  const int i0 = blockIdx.x * kTcRows, h = blockIdx.y, n = parts.num_splits;
-  const int b = blockIdx.z / n, split = blockIdx.z % n;
-  const SeqInfo s = seq_info(p, b);
-  if (i0 >= s.q_len_full) return;
-  const int G = p.num_heads / p.num_heads_k, hk = h / G;
-  const int warp = threadIdx.x / arch::kWarpSize, lane = threadIdx.x % arch::kWarpSize;
-  const int nrows = imin(kTcRows, s.q_len_full - i0);
-
-  if (split == 0)  // padded rows of this tile: out 0, lse -inf
-    for (int i = imax(i0, s.q_len); i < i0 + nrows; ++i) {
-      float zero[kMaxChannelsPerThread] = {};
-      write_final(p, s, b, i, h, zero, -INFINITY, 0.f);
-    }
-  if (i0 >= s.q_len) return;
-  const int ns = sequence_splits(p, b, s.k_len, n);
-  int slo = 0, shi = s.k_len;
-  if (ns > 1) split_key_range(s.k_len, kSplitKeyBlock, split, ns, slo, shi);
-  const bool empty_split = split >= ns;
-
-  load_tile<T, kD>(sm.q, p, s, p.q, p.q_batch_stride, p.q_row_stride, h * p.q_head_stride, i0, kTcRows, s.q_len, true,
-                   b);
-  for (int r = threadIdx.x; r < kTcRows; r += kThreads) {
-    int lo = 0, hi = 0;
-    if (i0 + r < s.q_len && !empty_split) {
-      key_range_for_row(p, s, i0 + r, lo, hi);
-      lo = imax(lo, slo);
-      hi = imin(hi, shi);
-    }
-    sm.lo[r] = lo;
-    sm.hi[r] = imax(lo, hi);
-    sm.m[r] = -INFINITY;
-    sm.l[r] = 0.f;
-  }
-  for (int idx = threadIdx.x; idx < kTcRows * kD; idx += kThreads) sm.o[idx / kD][idx % kD] = 0.f;
-  __syncthreads();
-  int kmin = INT32_MAX, kmax = 0;
-  for (int r = 0; r < kTcRows; ++r)
-    if (sm.lo[r] < sm.hi[r]) {
-      kmin = imin(kmin, sm.lo[r]);
-      kmax = imax(kmax, sm.hi[r]);
-    }
-
-  const int rw = warp * 16;  // this warp's 16 rows
-  for (int n0 = kmin; n0 < kmax; n0 += kTcKeys) {
-    load_tile<T, kD>(sm.k, p, s, p.k, p.k_batch_stride, p.k_row_stride, hk * p.k_head_stride, n0, kTcKeys, kmax, false, b);
-    load_tile<T, kD>(sm.v, p, s, p.v, p.v_batch_stride, p.v_row_stride, hk * p.v_head_stride, n0, kTcKeys, kmax, false, b);
-    __syncthreads();
-    // S (16 x 64 per warp) = Q K^T
-    {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTcKeys / 16];
-      for (int t = 0; t < kTcKeys / 16; ++t) wmma::fill_fragment(acc[t], 0.f);
-      for (int d = 0; d < kD; d += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &sm.q[rw][d], kD);
-        for (int t = 0; t < kTcKeys / 16; ++t) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk;
-          wmma::load_matrix_sync(bk, &sm.k[t * 16][d], kD);
-          wmma::mma_sync(acc[t], a, bk, acc[t]);
-        }
-      }
-      for (int t = 0; t < kTcKeys / 16; ++t)
-        wmma::store_matrix_sync(&sm.s[rw][t * 16], acc[t], kTcKeys, wmma::mem_row_major);
-    }
-    __syncwarp();
-    // online softmax of the warp's rows; lanes cover the 64 keys two at a time
-    for (int r = rw; r < rw + 16; ++r) {
-      const int a_col = i0 + r + s.mask_k_len - s.q_len;
-      const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-      float x[2];
-      float mx = -INFINITY;
-      for (int e = 0; e < 2; ++e) {
-        const int jj = lane + e * arch::kWarpSize, j = n0 + jj;
-        float sc = -INFINITY;
-        if (j >= sm.lo[r] && j < sm.hi[r]) {
-          sc = sm.s[r][jj] * p.softmax_scale;  // bf16/fp16 only: no descales on this path
-          if (p.softcap > 0.f) sc = p.softcap * tanhf(sc / p.softcap);
-          if (p.alibi_slopes) sc -= slope * fabsf(static_cast<float>(a_col - global_key(p, j)));
-        }
-        x[e] = sc;
-        mx = fmaxf(mx, sc);
-      }
-      mx = arch::warp_max(mx);
-      const float m_old = sm.m[r], m_new = fmaxf(m_old, mx);
-      float sum = 0.f;
-      for (int e = 0; e < 2; ++e) {
-        const float pe = x[e] == -INFINITY ? 0.f : expf(x[e] - m_new);
-        sum += pe;
-        arch::from_float(pe, sm.p[r][lane + e * arch::kWarpSize]);
-      }
-      sum = arch::warp_sum(sum);
-      const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-      for (int c = lane; c < kD; c += arch::kWarpSize) sm.o[r][c] *= corr;
-      __syncwarp();
-      if (lane == 0) {
-        sm.l[r] = sm.l[r] * corr + sum;
-        sm.m[r] = m_new;
-      }
-    }
-    __syncwarp();
-    // O (16 x kD per warp) += P V
-    for (int c = 0; c < kD; c += 16) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-      wmma::load_matrix_sync(o, &sm.o[rw][c], kD, wmma::mem_row_major);
-      for (int kk = 0; kk < kTcKeys; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
-        wmma::load_matrix_sync(pa, &sm.p[rw][kk], kTcKeys);
-        wmma::load_matrix_sync(vb, &sm.v[kk][c], kD);
-        wmma::mma_sync(o, pa, vb, o);
-      }
-      wmma::store_matrix_sync(&sm.o[rw][c], o, kD, wmma::mem_row_major);
-    }
-    __syncthreads();  // K/V tiles are rewritten by the next step
-  }
-
-  // normalize and store the real rows of the tile
-  for (int idx = threadIdx.x; idx < kTcRows * kD; idx += kThreads) {
-    const int r = idx / kD, c = idx % kD, i = i0 + r;
-    if (i >= s.q_len) continue;
-    const float l = sm.l[r];
-    const bool has = l > 0.f || l != l;
-    float lse = has ? sm.m[r] + logf(l) : -INFINITY;
-    float scale = has ? 1.f / l : 0.f;
-    const float val = sm.o[r][c];
-    if (n > 1) {
-      const int64_t grow = (static_cast<int64_t>(split) * p.total_q + global_row(p, s, b, i)) * p.num_heads + h;
-      parts.out[grow * kD + c] = val * scale;
-      if (c == 0) parts.lse[grow] = lse;
-    } else {
-      if (p.learnable_sink) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
-      const int64_t row = s.q_row0 + i;
-      store_float(p.out, b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride + c, p.out_dtype,
-                  val * scale);
-      if (c == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
-    }
-  }
-}
-
-bool tc_path_fits(const FmhaParams& p) {
-  auto aligned = [](const void* ptr, int64_t a, int64_t b, int64_t c) {
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * 2) % 16 == 0 && (b * 2) % 16 == 0 && (c * 2) % 16 == 0;
-  };
-  return (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) && !p.qv &&
-         p.head_dim == p.head_dim_v && (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) &&
-         aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-         aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-         aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-}
-
-template <typename T, int kD>
-arch::Error launch_tc(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
-  const int smem = static_cast<int>(sizeof(TcSmem<T, kD>));
-  // D = 256 needs ~184 KB of shared memory: fine on sm90, too much on some GPUs (caller falls back)
-  const arch::Error e = cudaFuncSetAttribute(fmha_tc_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e != arch::kSuccess) return e;
-  const dim3 grid((max_rows + kTcRows - 1) / kTcRows, p.num_heads, p.batch * splits.num_splits);
-  fmha_tc_kernel<T, kD><<<grid, kThreads, smem, stream>>>(p, splits);
-  return arch::last_error();
-}
-#endif  // MATE_HAS_WMMA
-
 // Merges the splits of one (row, head) exactly as fmha_combine does, then the sink.
 __global__ void __launch_bounds__(kThreads) fmha_merge_kernel(FmhaParams p, FmhaSplitBuffers parts) {
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -620,36 +415,23 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams c) {
 }  // namespace
 
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
-  if (p.batch > 0 && max_rows > 0 && p.num_heads > 0 && decode_path_fits(p, max_rows)) {
-    const dim3 grid(p.num_heads_k, p.batch * splits.num_splits);
-    switch (p.in_dtype) {
-      case DType::kBFloat16: fmha_decode_kernel<DType::kBFloat16><<<grid, kThreads, 0, stream>>>(p, splits); break;
-      case DType::kFloat16: fmha_decode_kernel<DType::kFloat16><<<grid, kThreads, 0, stream>>>(p, splits); break;
-      case DType::kFloat32: fmha_decode_kernel<DType::kFloat32><<<grid, kThreads, 0, stream>>>(p, splits); break;
-      case DType::kFloat8E4M3: fmha_decode_kernel<DType::kFloat8E4M3><<<grid, kThreads, 0, stream>>>(p, splits); break;
-    }
-    if (splits.num_splits > 1)
-      fmha_merge_kernel<<<dim3(max_rows, p.num_heads, p.batch), kThreads, 0, stream>>>(p, splits);
-  } else if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
-#if defined(MATE_HAS_WMMA)
+  if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
+    // tensor cores when the build and the problem allow; the portable kernels otherwise
     bool launched = false;
-    if (tc_path_fits(p)) {
-      const bool bf = p.in_dtype == DType::kBFloat16;
-      arch::Error e;
-      switch (p.head_dim) {
-        case 64: e = bf ? launch_tc<arch::bf16, 64>(p, splits, max_rows, stream)
-                        : launch_tc<arch::f16, 64>(p, splits, max_rows, stream); break;
-        case 128: e = bf ? launch_tc<arch::bf16, 128>(p, splits, max_rows, stream)
-                         : launch_tc<arch::f16, 128>(p, splits, max_rows, stream); break;
-        default: e = bf ? launch_tc<arch::bf16, 256>(p, splits, max_rows, stream)
-                        : launch_tc<arch::f16, 256>(p, splits, max_rows, stream); break;
-      }
-      launched = e == arch::kSuccess;
-      if (!launched) arch::last_error();  // clear it: the row kernel below takes over
+    if (mma_path_fits(p)) {
+      launched = launch_fmha_mma(p, splits, max_rows, stream) == arch::kSuccess;
+      if (!launched) arch::last_error();  // e.g. too little shared memory: clear it, fall back
     }
-#else
-    const bool launched = false;
-#endif
+    if (!launched && decode_path_fits(p, max_rows)) {
+      const dim3 grid(p.num_heads_k, p.batch * splits.num_splits);
+      switch (p.in_dtype) {
+        case DType::kBFloat16: fmha_decode_kernel<DType::kBFloat16><<<grid, kThreads, 0, stream>>>(p, splits); break;
+        case DType::kFloat16: fmha_decode_kernel<DType::kFloat16><<<grid, kThreads, 0, stream>>>(p, splits); break;
+        case DType::kFloat32: fmha_decode_kernel<DType::kFloat32><<<grid, kThreads, 0, stream>>>(p, splits); break;
+        case DType::kFloat8E4M3: fmha_decode_kernel<DType::kFloat8E4M3><<<grid, kThreads, 0, stream>>>(p, splits); break;
+      }
+      launched = true;
+    }
     if (!launched) {
       const dim3 grid(max_rows, p.num_heads, p.batch * splits.num_splits);
       fmha_row_kernel<<<grid, kThreads, 0, stream>>>(p, splits);

@@ -20,6 +20,12 @@ struct FmhaSplitBuffers {
 // sequence's length exit at once).
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream);
 
+// The tensor-core FMHA path (fmha_mma.cu): bf16/fp16, D = Dv in {64, 128, 256}, no qv,
+// 16-byte aligned rows. launch_fmha uses it when mma_path_fits; the launch writes what
+// the portable kernels would (partials when splits.num_splits > 1; the caller merges).
+bool mma_path_fits(const FmhaParams& p);
+arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream);
+
 arch::Error launch_combine(const CombineParams& c, arch::Stream stream);
 
 // max_new: an upper bound of any sequence's new keys.

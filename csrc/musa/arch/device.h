@@ -14,17 +14,18 @@ using Error = musaError_t;
 inline constexpr Error kSuccess = musaSuccess;
 inline Error last_error() { return musaGetLastError(); }
 inline const char* error_string(Error e) { return musaGetErrorString(e); }
+// Lets `kernel` use `bytes` of dynamic shared memory (needed above 48 KB).
+template <typename Kernel>
+inline Error set_max_dynamic_smem(Kernel kernel, int bytes) {
+  return musaFuncSetAttribute(kernel, musaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
 }  // namespace mate::arch
 #else
 #include <cuda_runtime.h>
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
-// Tensor-core tiles through WMMA (sm80+): 16x16x16 bf16/fp16 products with fp32 accumulators.
-#define MATE_HAS_WMMA 1
 namespace mate::arch {
-namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 using f16 = __half;
 // Explicit conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends).
@@ -38,6 +39,11 @@ using Error = cudaError_t;
 inline constexpr Error kSuccess = cudaSuccess;
 inline Error last_error() { return cudaGetLastError(); }
 inline const char* error_string(Error e) { return cudaGetErrorString(e); }
+// Lets `kernel` use `bytes` of dynamic shared memory (needed above 48 KB).
+template <typename Kernel>
+inline Error set_max_dynamic_smem(Kernel kernel, int bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
 }  // namespace mate::arch
 #endif
 

@@ -1,0 +1,438 @@
+// FMHA forward on tensor cores (mma.sync m16n8k16, sm80+), for bf16/fp16 with D = Dv of
+// 64, 128 or 256: the fast path of both prefill and decode.
+//
+// One block per (block of packed query rows, kv-head row group, sequence, split). A packed
+// row m is (query m / R, head h0 + m % R) with R = G under GQA packing, else 1, so all the G
+// query heads of a kv head share each K/V tile. Every warp owns kMTiles x 16 rows; S = Q K^T
+// and O += P V run in registers (the S accumulators become the P operand without touching
+// shared memory), with an online softmax in base 2. K and V tiles of kBlockN keys stream
+// through shared memory with cp.async: V(t) loads while S(t) is computed, K(t+1) while
+// P(t) V(t) is, so copies overlap math with two barriers per tile. Shared tiles use an XOR
+// swizzle of 16-byte chunks so ldmatrix reads are bank-conflict free.
+//
+// Masks: the per-row key interval of fmha_math.h (causal / local / chunk / context
+// parallel) intersected with the split; only tiles that cross an interval edge pay for
+// per-element masking. Softcap and ALiBi take a slower per-element branch. Splits write fp32
+// partials that fmha_merge_kernel (fmha_kernels.cu) combines.
+#include <cmath>
+#include <cstdlib>
+
+#include "../common/dtype_convert.h"
+#include "../common/fmha_math.h"
+#include "../common/scheduler.h"
+#include "arch/mma.h"
+#include "kernels.h"
+
+namespace mate::device {
+
+#if defined(MATE_HAS_MMA_SYNC)
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T_, int kD_, int kWarps_, int kMTiles_, int kBlockN_>
+struct MmaConfig {
+  using T = T_;
+  static constexpr int kD = kD_;              // head dim of q, k and v
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kMTiles = kMTiles_;    // 16-row tiles per warp
+  static constexpr int kBlockN = kBlockN_;    // keys per K/V tile
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = kWarps * kMTiles * 16;
+  static constexpr int kChunks = kD / 8;      // 16-byte chunks per row
+  static constexpr int kNTiles = kBlockN / 8; // 8-key column tiles of S
+  static constexpr int kDTiles = kD / 8;      // 8-channel column tiles of O
+  static constexpr int kKSteps = kD / 16;     // k steps of Q K^T
+  static constexpr int kPSteps = kBlockN / 16;  // k steps of P V
+  // Q fragments stay in registers when they are few; otherwise ldmatrix re-reads them.
+  static constexpr bool kQInRegs = kMTiles * kD <= 128;
+  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kD * static_cast<int>(sizeof(T));
+  static_assert(kD % 64 == 0, "the swizzle needs 8 chunks per row");
+  static_assert(kBlockN % 16 == 0, "P V steps are 16 keys");
+};
+
+// Element offset of 16-byte chunk c of row r in a tile with kD-element rows.
+template <int kD>
+__device__ __forceinline__ int swz(int r, int c) {
+  return r * kD + ((c ^ (r & 7)) << 3);
+}
+
+// Copies keys [n0, n0 + kBlockN) of one kv head into a swizzled tile; keys >= kmax are zeros.
+template <class C>
+__device__ __forceinline__ void load_kv_tile(typename C::T* dst, const FmhaParams& p, const SeqInfo& s,
+                                             const void* base, int64_t batch_stride, int64_t row_stride,
+                                             int64_t head_off, int n0, int kmax) {
+  using T = typename C::T;
+  const T* src0 = static_cast<const T*>(base);
+#pragma unroll 2
+  for (int it = 0; it < C::kBlockN * C::kChunks / C::kThreads; ++it) {
+    const int idx = threadIdx.x + it * C::kThreads;
+    const int r = idx / C::kChunks, c = idx % C::kChunks, j = n0 + r;
+    const bool valid = j < kmax;
+    const T* src = src0;
+    if (valid) src = src0 + key_offset(p, s, s.k_start + j, batch_stride, row_stride) + head_off + c * 8;
+    arch::cp_async_16(dst + swz<C::kD>(r, c), src, valid);
+  }
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1)
+    fmha_mma_kernel(FmhaParams p, FmhaSplitBuffers parts, int row_heads, bool out_pairs) {
+  using T = typename C::T;
+  constexpr int kD = C::kD, kMT = C::kMTiles;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);
+  T* k_s = q_s + C::kBlockM * kD;
+  T* v_s = k_s + C::kBlockN * kD;
+
+  const int n = parts.num_splits;
+  const int b = blockIdx.z / n, split = blockIdx.z % n;
+  const SeqInfo s = seq_info(p, b);
+  const int rows_total = s.q_len_full * row_heads, real_rows = s.q_len * row_heads;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * C::kBlockM;  // latest rows first: causal blocks are heaviest
+  if (m0 >= rows_total) return;
+  const int G = p.num_heads / p.num_heads_k;
+  const int h0 = blockIdx.y * row_heads, hk = h0 / G;
+  const int warp = threadIdx.x / arch::kWarpSize, lane = threadIdx.x % arch::kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+
+  const int ns = sequence_splits(p, b, s.k_len, n);
+  int slo = 0, shi = s.k_len;
+  if (ns > 1) split_key_range(s.k_len, kSplitKeyBlock, split, ns, slo, shi);
+  const bool live = split < ns;
+
+  // Keys of the block: every mask interval moves right with the query row, so the first
+  // real row has the smallest lower end and the last the largest upper end.
+  int kmin = 0, kmax = 0;
+  if (m0 < real_rows && live) {
+    int lo, hi, lo2, hi2;
+    key_range_for_row(p, s, m0 / row_heads, lo, hi);
+    key_range_for_row(p, s, (imin(m0 + C::kBlockM, real_rows) - 1) / row_heads, lo2, hi2);
+    kmin = imax(lo, slo);
+    kmax = imin(hi2, shi);
+  }
+  // This thread's rows: (mt, half) -> block row warp * 16 kMT + 16 mt + 8 half + g.
+  int row_lo[kMT][2], row_hi[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int m = m0 + warp * 16 * kMT + mt * 16 + hf * 8 + g;
+      int lo = 0, hi = 0;
+      if (m < real_rows && live) {
+        key_range_for_row(p, s, m / row_heads, lo, hi);
+        lo = imax(lo, slo);
+        hi = imax(lo, imin(hi, shi));
+      }
+      row_lo[mt][hf] = lo;
+      row_hi[mt][hf] = hi;
+    }
+
+  float o[kMT][C::kDTiles][4];
+  float row_max[kMT][2], row_sum[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < C::kDTiles; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+
+  const int num_tiles = kmax > kmin ? (kmax - kmin + C::kBlockN - 1) / C::kBlockN : 0;
+  if (num_tiles > 0) {
+    const int64_t k_head = hk * p.k_head_stride, v_head = hk * p.v_head_stride;
+    {  // Q rows of the block (zeros past the real rows), then the first K tile
+      const T* q0 = static_cast<const T*>(p.q);
+      for (int idx = threadIdx.x; idx < C::kBlockM * C::kChunks; idx += C::kThreads) {
+        const int r = idx / C::kChunks, c = idx % C::kChunks, m = m0 + r;
+        const bool valid = m < real_rows;
+        const T* src = q0;
+        if (valid)
+          src = q0 + b * p.q_batch_stride + (s.q_row0 + m / row_heads) * p.q_row_stride +
+                (h0 + m % row_heads) * p.q_head_stride + c * 8;
+        arch::cp_async_16(q_s + swz<kD>(r, c), src, valid);
+      }
+      load_kv_tile<C>(k_s, p, s, p.k, p.k_batch_stride, p.k_row_stride, k_head, kmin, kmax);
+      arch::cp_async_commit();
+    }
+    const bool plain = !(p.softcap > 0.f) && !p.alibi_slopes;
+    const float scale_log2 = p.softmax_scale * kLog2e;
+    uint32_t qf[C::kQInRegs ? kMT : 1][C::kQInRegs ? C::kKSteps : 1][4];
+    const int wrow = warp * 16 * kMT;
+
+    for (int it = 0; it < num_tiles; ++it) {
+      const int n0 = kmin + it * C::kBlockN;
+      arch::cp_async_wait<0>();
+      __syncthreads();  // K(it) has landed; every warp is done with V(it - 1)
+      load_kv_tile<C>(v_s, p, s, p.v, p.v_batch_stride, p.v_row_stride, v_head, n0, kmax);
+      arch::cp_async_commit();
+      if constexpr (C::kQInRegs) {
+        if (it == 0)
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int ks = 0; ks < C::kKSteps; ++ks)
+              arch::ldmatrix_x4(qf[mt][ks], q_s + swz<kD>(wrow + mt * 16 + lane % 16, 2 * ks + lane / 16));
+      }
+      // Does the tile hold keys this warp sees, and does it need per-element masking?
+      bool any = false, all = true;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          any |= row_lo[mt][hf] < n0 + C::kBlockN && row_hi[mt][hf] > n0 && row_lo[mt][hf] < row_hi[mt][hf];
+          all &= row_lo[mt][hf] <= n0 && n0 + C::kBlockN <= row_hi[mt][hf];
+        }
+      any = arch::warp_any(any);
+      all = arch::warp_all(all);
+
+      float sacc[kMT][C::kNTiles][4];
+      if (any) {  // S = Q K^T
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < C::kNTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sacc[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < C::kKSteps; ++ks) {
+          uint32_t a[kMT][4];
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            if constexpr (C::kQInRegs) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][ks][e];
+            } else {
+              arch::ldmatrix_x4(a[mt], q_s + swz<kD>(wrow + mt * 16 + lane % 16, 2 * ks + lane / 16));
+            }
+          }
+#pragma unroll
+          for (int np = 0; np < C::kNTiles / 2; ++np) {
+            uint32_t kb[4];
+            arch::ldmatrix_x4(kb, k_s + swz<kD>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              arch::mma_16x8x16<T>(sacc[mt][2 * np], a[mt], kb[0], kb[1]);
+              arch::mma_16x8x16<T>(sacc[mt][2 * np + 1], a[mt], kb[2], kb[3]);
+            }
+          }
+        }
+      }
+      arch::cp_async_wait<0>();
+      __syncthreads();  // V(it) has landed; every warp is done with K(it)
+      if (it + 1 < num_tiles) {
+        load_kv_tile<C>(k_s, p, s, p.k, p.k_batch_stride, p.k_row_stride, k_head, n0 + C::kBlockN, kmax);
+        arch::cp_async_commit();
+      }
+      if (!any) continue;
+
+      // Online softmax in base 2, per row; a row's 2 kNTiles values live in one lane quad.
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int lo = row_lo[mt][hf], hi = row_hi[mt][hf];
+          float mx = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < C::kNTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = n0 + nt * 8 + 2 * t + e;
+              float x = sacc[mt][nt][2 * hf + e];
+              if (plain) {
+                x *= scale_log2;
+              } else {
+                float sc = x * p.softmax_scale;
+                if (p.softcap > 0.f) sc = p.softcap * tanhf(sc / p.softcap);
+                if (p.alibi_slopes) {
+                  const int m = m0 + wrow + mt * 16 + hf * 8 + g;
+                  const int qi = m / row_heads, h = h0 + m % row_heads;
+                  const float slope = p.alibi_slopes[b * p.alibi_batch_stride + h];
+                  sc -= slope * fabsf(static_cast<float>(qi + s.mask_k_len - s.q_len - global_key(p, j)));
+                }
+                x = sc * kLog2e;
+              }
+              if (!all && (j < lo || j >= hi)) x = -INFINITY;
+              sacc[mt][nt][2 * hf + e] = x;
+              mx = fmaxf(mx, x);
+            }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(row_max[mt][hf], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+          const float corr = arch::fast_exp2(row_max[mt][hf] - m_use);
+          row_max[mt][hf] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < C::kNTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float pe = arch::fast_exp2(sacc[mt][nt][2 * hf + e] - m_use);
+              sacc[mt][nt][2 * hf + e] = pe;
+              sum += pe;
+            }
+          row_sum[mt][hf] = row_sum[mt][hf] * corr + sum;  // this lane's part; quads sum at the end
+#pragma unroll
+          for (int dt = 0; dt < C::kDTiles; ++dt) {
+            o[mt][dt][2 * hf] *= corr;
+            o[mt][dt][2 * hf + 1] *= corr;
+          }
+        }
+
+      // O += P V: the S accumulators of two 8-key tiles are the A fragment of one 16-key step.
+#pragma unroll
+      for (int pk = 0; pk < C::kPSteps; ++pk) {
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          a[mt][0] = arch::pack2<T>(sacc[mt][2 * pk][0], sacc[mt][2 * pk][1]);
+          a[mt][1] = arch::pack2<T>(sacc[mt][2 * pk][2], sacc[mt][2 * pk][3]);
+          a[mt][2] = arch::pack2<T>(sacc[mt][2 * pk + 1][0], sacc[mt][2 * pk + 1][1]);
+          a[mt][3] = arch::pack2<T>(sacc[mt][2 * pk + 1][2], sacc[mt][2 * pk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < C::kDTiles / 2; ++dp) {
+          uint32_t vb[4];
+          arch::ldmatrix_x4_trans(vb, v_s + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            arch::mma_16x8x16<T>(o[mt][2 * dp], a[mt], vb[0], vb[1]);
+            arch::mma_16x8x16<T>(o[mt][2 * dp + 1], a[mt], vb[2], vb[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // Normalize and store. Padded rows (past seqused_q) get out 0 and lse -inf, once.
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = row_sum[mt][hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int m = m0 + warp * 16 * kMT + mt * 16 + hf * 8 + g;
+      if (m >= rows_total) continue;
+      const int qi = m / row_heads, h = h0 + m % row_heads;
+      const int64_t row = s.q_row0 + qi;
+      const bool padded = qi >= s.q_len;
+      if (padded && split != 0) continue;
+      const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
+      float lse = has ? row_max[mt][hf] * kLn2 + logf(l) : -INFINITY;
+      float scale = has ? 1.f / l : 0.f;
+      if (!has)  // no key: exact zeros, whatever 0 * V left in the accumulators
+#pragma unroll
+        for (int dt = 0; dt < C::kDTiles; ++dt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
+      if (n > 1 && !padded) {
+        const int64_t grow = (static_cast<int64_t>(split) * p.total_q + global_row(p, s, b, qi)) * p.num_heads + h;
+        float* dst = parts.out + grow * kD + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < C::kDTiles; ++dt)
+          *reinterpret_cast<float2*>(dst + dt * 8) =
+              make_float2(o[mt][dt][2 * hf] * scale, o[mt][dt][2 * hf + 1] * scale);
+        if (t == 0) parts.lse[grow] = lse;
+        continue;
+      }
+      if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
+      const int64_t base = b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride + 2 * t;
+#pragma unroll
+      for (int dt = 0; dt < C::kDTiles; ++dt) {
+        const float x0 = o[mt][dt][2 * hf] * scale, x1 = o[mt][dt][2 * hf + 1] * scale;
+        if (out_pairs) {
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + base + dt * 8) = arch::pack2<T>(x0, x1);
+        } else {
+          store_float(p.out, base + dt * 8, p.out_dtype, x0);
+          store_float(p.out, base + dt * 8 + 1, p.out_dtype, x1);
+        }
+      }
+      if (t == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+    }
+}
+
+template <class C>
+arch::Error launch_config(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
+                          arch::Stream stream) {
+  // per call, not cached: the attribute belongs to the current device
+  const arch::Error e = arch::set_max_dynamic_smem(fmha_mma_kernel<C>, C::kSmemBytes);
+  if (e != arch::kSuccess) return e;
+  const int64_t rows = static_cast<int64_t>(max_rows) * row_heads;
+  const dim3 grid(static_cast<unsigned>((rows + C::kBlockM - 1) / C::kBlockM), p.num_heads / row_heads,
+                  p.batch * splits.num_splits);
+  auto even = [](int64_t x) { return x % 2 == 0; };
+  const bool out_pairs = p.out_dtype == p.in_dtype && reinterpret_cast<uintptr_t>(p.out) % 4 == 0 &&
+                         even(p.out_batch_stride) && even(p.out_row_stride) && even(p.out_head_stride);
+  fmha_mma_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, splits, row_heads, out_pairs);
+  return arch::last_error();
+}
+
+// Tile shapes. "Small" serves up to 16 packed rows (decode: one warp per block, many blocks
+// per SM to keep K/V loads in flight); the others are prefill tiles. MATE_OPS_FMHA_TILE=1
+// picks the alternative prefill tile where one is compiled (a tuning knob for bench/).
+template <typename T, int kD>
+arch::Error launch_dim(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
+                       arch::Stream stream) {
+  static const bool alt = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_TILE");
+    return v && v[0] == '1';
+  }();
+  const bool small = static_cast<int64_t>(max_rows) * row_heads <= 16;
+  if constexpr (kD == 64) {
+    if (small) return launch_config<MmaConfig<T, 64, 1, 1, 64>>(p, splits, max_rows, row_heads, stream);
+    return launch_config<MmaConfig<T, 64, 4, 2, 64>>(p, splits, max_rows, row_heads, stream);
+  } else if constexpr (kD == 128) {
+    if (small) return launch_config<MmaConfig<T, 128, 1, 1, 64>>(p, splits, max_rows, row_heads, stream);
+    if (alt) return launch_config<MmaConfig<T, 128, 8, 1, 64>>(p, splits, max_rows, row_heads, stream);
+    return launch_config<MmaConfig<T, 128, 4, 2, 64>>(p, splits, max_rows, row_heads, stream);
+  } else {
+    if (small) return launch_config<MmaConfig<T, 256, 1, 1, 32>>(p, splits, max_rows, row_heads, stream);
+    if (alt) return launch_config<MmaConfig<T, 256, 8, 1, 64>>(p, splits, max_rows, row_heads, stream);
+    return launch_config<MmaConfig<T, 256, 4, 1, 64>>(p, splits, max_rows, row_heads, stream);
+  }
+}
+
+}  // namespace
+
+bool mma_path_fits(const FmhaParams& p) {
+  auto aligned = [](const void* ptr, int64_t a, int64_t b, int64_t c) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * 2) % 16 == 0 && (b * 2) % 16 == 0 && (c * 2) % 16 == 0;
+  };
+  return (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) && !p.qv &&
+         p.head_dim == p.head_dim_v && (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) &&
+         aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+         aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
+         aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+}
+
+arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
+  const int G = p.num_heads / p.num_heads_k;
+  const int row_heads = p.pack_gqa ? G : 1;
+  const bool bf = p.in_dtype == DType::kBFloat16;
+  switch (p.head_dim) {
+    case 64:
+      return bf ? launch_dim<arch::bf16, 64>(p, splits, max_rows, row_heads, stream)
+                : launch_dim<arch::f16, 64>(p, splits, max_rows, row_heads, stream);
+    case 128:
+      return bf ? launch_dim<arch::bf16, 128>(p, splits, max_rows, row_heads, stream)
+                : launch_dim<arch::f16, 128>(p, splits, max_rows, row_heads, stream);
+    default:
+      return bf ? launch_dim<arch::bf16, 256>(p, splits, max_rows, row_heads, stream)
+                : launch_dim<arch::f16, 256>(p, splits, max_rows, row_heads, stream);
+  }
+}
+
+#else  // no mma.sync in this build: the portable kernels of fmha_kernels.cu serve everything
+
+bool mma_path_fits(const FmhaParams&) { return false; }
+arch::Error launch_fmha_mma(const FmhaParams&, const FmhaSplitBuffers&, int, arch::Stream) {
+  return arch::kSuccess;
+}
+
+#endif
+
+}  // namespace mate::device
