@@ -2,7 +2,7 @@
 (FlashAttention-2) and cuDNN backends on the same tensors, and decode bandwidth vs the
 measured device-to-device copy bandwidth. Prints markdown tables.
 
-    python3 bench/bench_gpu.py [--quick] [--only prefill|varlen|decode]
+    python3 bench/bench_gpu.py [--quick] [--only prefill|varlen|decode] [--dims 64,128]
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 4 * B * H * D * S^2 (halved when causal). Decode: one query token, H 32 / Hk 8,
@@ -51,11 +51,11 @@ def copy_bandwidth():
     return 2 * x.numel() / t / 1e9
 
 
-def prefill_table(quick):
+def prefill_table(quick, dims=None):
     print("\n| prefill bf16 (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |")
     print("|---|---|---|---|---|---|")
     seqlens = [2048, 8192] if quick else [512, 2048, 8192, 16384]
-    dims = [128] if quick else [64, 128, 256]
+    dims = dims or ([128] if quick else [64, 128, 256])
     for D in dims:
         H = 2048 // D
         for S in seqlens:
@@ -144,11 +144,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["prefill", "varlen", "decode"])
+    ap.add_argument("--dims", help="prefill head dims, e.g. 128,256")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     if args.only in (None, "prefill"):
-        prefill_table(args.quick)
+        prefill_table(args.quick, [int(d) for d in args.dims.split(",")] if args.dims else None)
     if args.only in (None, "varlen"):
         varlen_table()
     if args.only in (None, "decode"):

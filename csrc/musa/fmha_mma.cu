@@ -47,9 +47,15 @@ struct MmaConfig {
   static constexpr int kPSteps = kBlockN / 16;  // k steps of P V
   // Q fragments stay in registers when they are few; otherwise ldmatrix re-reads them.
   static constexpr bool kQInRegs = kMTiles * kD <= 128;
-  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kD * static_cast<int>(sizeof(T));
-  static_assert(kD % 64 == 0, "the swizzle needs 8 chunks per row");
+  static constexpr int kStages = 2;            // K/V tiles in flight: tile t + 1 loads during tile t
+  static constexpr int kTileElems = kBlockN * kD;
+  static constexpr int kSmemBytes = (kBlockM + 2 * kStages * kBlockN) * kD * static_cast<int>(sizeof(T));
+  // K/V loading: each warp copies kBlockN / kWarps rows, 32 / kChunks rows per step
+  static constexpr int kRowsPerWarp = kBlockN / kWarps;
+  static constexpr int kRowsPerStep = 32 / kChunks;
+  static_assert(kD % 64 == 0 && kD <= 256, "the swizzle needs 8..32 chunks per row");
   static_assert(kBlockN % 16 == 0, "P V steps are 16 keys");
+  static_assert(kRowsPerWarp % kRowsPerStep == 0, "a warp's rows must fill its copy steps");
 };
 
 // Element offset of 16-byte chunk c of row r in a tile with kD-element rows.
@@ -58,21 +64,38 @@ __device__ __forceinline__ int swz(int r, int c) {
   return r * kD + ((c ^ (r & 7)) << 3);
 }
 
-// Copies keys [n0, n0 + kBlockN) of one kv head into a swizzled tile; keys >= kmax are zeros.
+// Copies keys [n0, n0 + kBlockN) of one kv head into swizzled K and V tiles; keys >= kmax
+// become zeros. Each lane finds the storage offset of one row (page-table lookups in
+// parallel, once per row), then the warp's lanes share them through shuffles.
 template <class C>
-__device__ __forceinline__ void load_kv_tile(typename C::T* dst, const FmhaParams& p, const SeqInfo& s,
-                                             const void* base, int64_t batch_stride, int64_t row_stride,
-                                             int64_t head_off, int n0, int kmax) {
+__device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::T* v_dst, const FmhaParams& p,
+                                              const SeqInfo& s, int hk, int n0, int kmax) {
   using T = typename C::T;
-  const T* src0 = static_cast<const T*>(base);
-#pragma unroll 2
-  for (int it = 0; it < C::kBlockN * C::kChunks / C::kThreads; ++it) {
-    const int idx = threadIdx.x + it * C::kThreads;
-    const int r = idx / C::kChunks, c = idx % C::kChunks, j = n0 + r;
-    const bool valid = j < kmax;
-    const T* src = src0;
-    if (valid) src = src0 + key_offset(p, s, s.k_start + j, batch_stride, row_stride) + head_off + c * 8;
-    arch::cp_async_16(dst + swz<C::kD>(r, c), src, valid);
+  constexpr int kOffRegs = (C::kRowsPerWarp + 31) / 32;
+  const int warp = threadIdx.x / arch::kWarpSize, lane = threadIdx.x % arch::kWarpSize;
+  const int r0 = warp * C::kRowsPerWarp;
+  int64_t koff[kOffRegs], voff[kOffRegs];
+#pragma unroll
+  for (int i = 0; i < kOffRegs; ++i) {
+    const int rl = lane + 32 * i, j = n0 + r0 + rl;
+    koff[i] = voff[i] = -1;
+    if (rl < C::kRowsPerWarp && j < kmax) {
+      koff[i] = key_offset(p, s, s.k_start + j, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride;
+      voff[i] = key_offset(p, s, s.k_start + j, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride;
+    }
+  }
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  const int c = lane % C::kChunks;
+#pragma unroll
+  for (int step = 0; step < C::kRowsPerWarp / C::kRowsPerStep; ++step) {
+    const int rl = step * C::kRowsPerStep + lane / C::kChunks;
+    const int reg = (step * C::kRowsPerStep) / 32;  // the same for every lane of the step
+    const int64_t ko = __shfl_sync(0xffffffffu, koff[reg], rl % 32);
+    const int64_t vo = __shfl_sync(0xffffffffu, voff[reg], rl % 32);
+    const int r = r0 + rl;
+    arch::cp_async_16(k_dst + swz<C::kD>(r, c), ko >= 0 ? kbase + ko + c * 8 : kbase, ko >= 0);
+    arch::cp_async_16(v_dst + swz<C::kD>(r, c), vo >= 0 ? vbase + vo + c * 8 : vbase, vo >= 0);
   }
 }
 
@@ -83,8 +106,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   constexpr int kD = C::kD, kMT = C::kMTiles;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
-  T* k_s = q_s + C::kBlockM * kD;
-  T* v_s = k_s + C::kBlockN * kD;
+  T* k_s = q_s + C::kBlockM * kD;                 // kStages K tiles, then kStages V tiles
+  T* v_s = k_s + C::kStages * C::kTileElems;
 
   const int n = parts.num_splits;
   const int b = blockIdx.z / n, split = blockIdx.z % n;
@@ -143,8 +166,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
   const int num_tiles = kmax > kmin ? (kmax - kmin + C::kBlockN - 1) / C::kBlockN : 0;
   if (num_tiles > 0) {
-    const int64_t k_head = hk * p.k_head_stride, v_head = hk * p.v_head_stride;
-    {  // Q rows of the block (zeros past the real rows), then the first K tile
+    {  // Q rows of the block (zeros past the real rows), then the first kStages K/V tiles
       const T* q0 = static_cast<const T*>(p.q);
       for (int idx = threadIdx.x; idx < C::kBlockM * C::kChunks; idx += C::kThreads) {
         const int r = idx / C::kChunks, c = idx % C::kChunks, m = m0 + r;
@@ -155,8 +177,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
                 (h0 + m % row_heads) * p.q_head_stride + c * 8;
         arch::cp_async_16(q_s + swz<kD>(r, c), src, valid);
       }
-      load_kv_tile<C>(k_s, p, s, p.k, p.k_batch_stride, p.k_row_stride, k_head, kmin, kmax);
+      load_kv_tiles<C>(k_s, v_s, p, s, hk, kmin, kmax);
       arch::cp_async_commit();
+      if (num_tiles > 1) load_kv_tiles<C>(k_s + C::kTileElems, v_s + C::kTileElems, p, s, hk, kmin + C::kBlockN, kmax);
+      arch::cp_async_commit();  // (an empty group when there is no second tile)
     }
     const bool plain = !(p.softcap > 0.f) && !p.alibi_slopes;
     const float scale_log2 = p.softmax_scale * kLog2e;
@@ -165,10 +189,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
     for (int it = 0; it < num_tiles; ++it) {
       const int n0 = kmin + it * C::kBlockN;
-      arch::cp_async_wait<0>();
-      __syncthreads();  // K(it) has landed; every warp is done with V(it - 1)
-      load_kv_tile<C>(v_s, p, s, p.v, p.v_batch_stride, p.v_row_stride, v_head, n0, kmax);
-      arch::cp_async_commit();
+      T* k_t = k_s + (it % C::kStages) * C::kTileElems;
+      T* v_t = v_s + (it % C::kStages) * C::kTileElems;
+      arch::cp_async_wait<C::kStages - 1>();  // tile it has landed (tile it + 1 may still fly)
+      __syncthreads();
       if constexpr (C::kQInRegs) {
         if (it == 0)
 #pragma unroll
@@ -190,7 +214,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       all = arch::warp_all(all);
 
       float sacc[kMT][C::kNTiles][4];
-      if (any) {  // S = Q K^T
+      if (any) {
+        // S = Q K^T
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -212,7 +237,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
           for (int np = 0; np < C::kNTiles / 2; ++np) {
             uint32_t kb[4];
-            arch::ldmatrix_x4(kb, k_s + swz<kD>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
+            arch::ldmatrix_x4(kb, k_t + swz<kD>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
 #pragma unroll
             for (int mt = 0; mt < kMT; ++mt) {
               arch::mma_16x8x16<T>(sacc[mt][2 * np], a[mt], kb[0], kb[1]);
@@ -220,90 +245,87 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             }
           }
         }
-      }
-      arch::cp_async_wait<0>();
-      __syncthreads();  // V(it) has landed; every warp is done with K(it)
-      if (it + 1 < num_tiles) {
-        load_kv_tile<C>(k_s, p, s, p.k, p.k_batch_stride, p.k_row_stride, k_head, n0 + C::kBlockN, kmax);
-        arch::cp_async_commit();
-      }
-      if (!any) continue;
 
-      // Online softmax in base 2, per row; a row's 2 kNTiles values live in one lane quad.
+        // Online softmax in base 2, per row; a row's 2 kNTiles values live in one lane quad.
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
+        for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int lo = row_lo[mt][hf], hi = row_hi[mt][hf];
-          float mx = -INFINITY;
+          for (int hf = 0; hf < 2; ++hf) {
+            const int lo = row_lo[mt][hf], hi = row_hi[mt][hf];
+            float mx = -INFINITY;
 #pragma unroll
-          for (int nt = 0; nt < C::kNTiles; ++nt)
+            for (int nt = 0; nt < C::kNTiles; ++nt)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = n0 + nt * 8 + 2 * t + e;
-              float x = sacc[mt][nt][2 * hf + e];
-              if (plain) {
-                x *= scale_log2;
-              } else {
-                float sc = x * p.softmax_scale;
-                if (p.softcap > 0.f) sc = p.softcap * tanhf(sc / p.softcap);
-                if (p.alibi_slopes) {
-                  const int m = m0 + wrow + mt * 16 + hf * 8 + g;
-                  const int qi = m / row_heads, h = h0 + m % row_heads;
-                  const float slope = p.alibi_slopes[b * p.alibi_batch_stride + h];
-                  sc -= slope * fabsf(static_cast<float>(qi + s.mask_k_len - s.q_len - global_key(p, j)));
+              for (int e = 0; e < 2; ++e) {
+                const int j = n0 + nt * 8 + 2 * t + e;
+                float x = sacc[mt][nt][2 * hf + e];
+                if (plain) {
+                  x *= scale_log2;
+                } else {
+                  float sc = x * p.softmax_scale;
+                  if (p.softcap > 0.f) sc = p.softcap * tanhf(sc / p.softcap);
+                  if (p.alibi_slopes) {
+                    const int m = m0 + wrow + mt * 16 + hf * 8 + g;
+                    const int qi = m / row_heads, h = h0 + m % row_heads;
+                    const float slope = p.alibi_slopes[b * p.alibi_batch_stride + h];
+                    sc -= slope * fabsf(static_cast<float>(qi + s.mask_k_len - s.q_len - global_key(p, j)));
+                  }
+                  x = sc * kLog2e;
                 }
-                x = sc * kLog2e;
+                if (!all && (j < lo || j >= hi)) x = -INFINITY;
+                sacc[mt][nt][2 * hf + e] = x;
+                mx = fmaxf(mx, x);
               }
-              if (!all && (j < lo || j >= hi)) x = -INFINITY;
-              sacc[mt][nt][2 * hf + e] = x;
-              mx = fmaxf(mx, x);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(row_max[mt][hf], mx);
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+            const float corr = arch::fast_exp2(row_max[mt][hf] - m_use);
+            row_max[mt][hf] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < C::kNTiles; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float pe = arch::fast_exp2(sacc[mt][nt][2 * hf + e] - m_use);
+                sacc[mt][nt][2 * hf + e] = pe;
+                sum += pe;
+              }
+            row_sum[mt][hf] = row_sum[mt][hf] * corr + sum;  // this lane's part; quads sum at the end
+#pragma unroll
+            for (int dt = 0; dt < C::kDTiles; ++dt) {
+              o[mt][dt][2 * hf] *= corr;
+              o[mt][dt][2 * hf + 1] *= corr;
             }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(row_max[mt][hf], mx);
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-          const float corr = arch::fast_exp2(row_max[mt][hf] - m_use);
-          row_max[mt][hf] = m_new;
-          float sum = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < C::kNTiles; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float pe = arch::fast_exp2(sacc[mt][nt][2 * hf + e] - m_use);
-              sacc[mt][nt][2 * hf + e] = pe;
-              sum += pe;
-            }
-          row_sum[mt][hf] = row_sum[mt][hf] * corr + sum;  // this lane's part; quads sum at the end
-#pragma unroll
-          for (int dt = 0; dt < C::kDTiles; ++dt) {
-            o[mt][dt][2 * hf] *= corr;
-            o[mt][dt][2 * hf + 1] *= corr;
           }
-        }
 
-      // O += P V: the S accumulators of two 8-key tiles are the A fragment of one 16-key step.
+        // O += P V: the S accumulators of two 8-key tiles are the A fragment of one 16-key step.
 #pragma unroll
-      for (int pk = 0; pk < C::kPSteps; ++pk) {
-        uint32_t a[kMT][4];
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          a[mt][0] = arch::pack2<T>(sacc[mt][2 * pk][0], sacc[mt][2 * pk][1]);
-          a[mt][1] = arch::pack2<T>(sacc[mt][2 * pk][2], sacc[mt][2 * pk][3]);
-          a[mt][2] = arch::pack2<T>(sacc[mt][2 * pk + 1][0], sacc[mt][2 * pk + 1][1]);
-          a[mt][3] = arch::pack2<T>(sacc[mt][2 * pk + 1][2], sacc[mt][2 * pk + 1][3]);
-        }
-#pragma unroll
-        for (int dp = 0; dp < C::kDTiles / 2; ++dp) {
-          uint32_t vb[4];
-          arch::ldmatrix_x4_trans(vb, v_s + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
+        for (int pk = 0; pk < C::kPSteps; ++pk) {
+          uint32_t a[kMT][4];
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            arch::mma_16x8x16<T>(o[mt][2 * dp], a[mt], vb[0], vb[1]);
-            arch::mma_16x8x16<T>(o[mt][2 * dp + 1], a[mt], vb[2], vb[3]);
+            a[mt][0] = arch::pack2<T>(sacc[mt][2 * pk][0], sacc[mt][2 * pk][1]);
+            a[mt][1] = arch::pack2<T>(sacc[mt][2 * pk][2], sacc[mt][2 * pk][3]);
+            a[mt][2] = arch::pack2<T>(sacc[mt][2 * pk + 1][0], sacc[mt][2 * pk + 1][1]);
+            a[mt][3] = arch::pack2<T>(sacc[mt][2 * pk + 1][2], sacc[mt][2 * pk + 1][3]);
+          }
+#pragma unroll
+          for (int dp = 0; dp < C::kDTiles / 2; ++dp) {
+            uint32_t vb[4];
+            arch::ldmatrix_x4_trans(vb, v_t + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              arch::mma_16x8x16<T>(o[mt][2 * dp], a[mt], vb[0], vb[1]);
+              arch::mma_16x8x16<T>(o[mt][2 * dp + 1], a[mt], vb[2], vb[3]);
+            }
           }
         }
       }
+      __syncthreads();  // every warp is done with this stage: refill it with tile it + kStages
+      if (it + C::kStages < num_tiles)
+        load_kv_tiles<C>(k_t, v_t, p, s, hk, n0 + C::kStages * C::kBlockN, kmax);
+      arch::cp_async_commit();  // one group per iteration, empty or not, so the wait above counts tiles
     }
   }
 
@@ -324,11 +346,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
       float lse = has ? row_max[mt][hf] * kLn2 + logf(l) : -INFINITY;
       float scale = has ? 1.f / l : 0.f;
-      if (!has)  // no key: exact zeros, whatever 0 * V left in the accumulators
+      if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
 #pragma unroll
-        for (int dt = 0; dt < C::kDTiles; ++dt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
+        for (int dt = 0; dt < C::kDTiles; ++dt) o[mt][dt][2 * hf] = o[mt][dt][2 * hf + 1] = 0.f;
       if (n > 1 && !padded) {
         const int64_t grow = (static_cast<int64_t>(split) * p.total_q + global_row(p, s, b, qi)) * p.num_heads + h;
         float* dst = parts.out + grow * kD + 2 * t;
@@ -372,28 +392,40 @@ arch::Error launch_config(const FmhaParams& p, const FmhaSplitBuffers& splits, i
 }
 
 // Tile shapes. "Small" serves up to 16 packed rows (decode: one warp per block, many blocks
-// per SM to keep K/V loads in flight); the others are prefill tiles. MATE_OPS_FMHA_TILE=1
-// picks the alternative prefill tile where one is compiled (a tuning knob for bench/).
+// per SM to keep K/V loads in flight); the others are prefill tiles. MATE_OPS_FMHA_TILE=<n>
+// picks the n-th alternative tile (a tuning knob for bench/; 0 = the default).
 template <typename T, int kD>
 arch::Error launch_dim(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
                        arch::Stream stream) {
-  static const bool alt = [] {
+  static const int variant = [] {
     const char* v = std::getenv("MATE_OPS_FMHA_TILE");
-    return v && v[0] == '1';
+    return v ? std::atoi(v) : 0;
   }();
   const bool small = static_cast<int64_t>(max_rows) * row_heads <= 16;
+#define MATE_LAUNCH(W, MT, N) return launch_config<MmaConfig<T, kD, W, MT, N>>(p, splits, max_rows, row_heads, stream)
   if constexpr (kD == 64) {
-    if (small) return launch_config<MmaConfig<T, 64, 1, 1, 64>>(p, splits, max_rows, row_heads, stream);
-    return launch_config<MmaConfig<T, 64, 4, 2, 64>>(p, splits, max_rows, row_heads, stream);
+    if (small) {
+      if (variant == 1) MATE_LAUNCH(1, 1, 32);
+      MATE_LAUNCH(1, 1, 64);
+    }
+    if (variant == 1) MATE_LAUNCH(4, 1, 64);
+    MATE_LAUNCH(4, 2, 64);
   } else if constexpr (kD == 128) {
-    if (small) return launch_config<MmaConfig<T, 128, 1, 1, 64>>(p, splits, max_rows, row_heads, stream);
-    if (alt) return launch_config<MmaConfig<T, 128, 8, 1, 64>>(p, splits, max_rows, row_heads, stream);
-    return launch_config<MmaConfig<T, 128, 4, 2, 64>>(p, splits, max_rows, row_heads, stream);
+    if (small) {
+      if (variant == 1) MATE_LAUNCH(1, 1, 64);
+      MATE_LAUNCH(1, 1, 32);
+    }
+    if (variant == 1) MATE_LAUNCH(8, 1, 64);
+    if (variant == 2) MATE_LAUNCH(4, 2, 32);
+    if (variant == 3) MATE_LAUNCH(4, 1, 64);
+    MATE_LAUNCH(4, 2, 64);
   } else {
-    if (small) return launch_config<MmaConfig<T, 256, 1, 1, 32>>(p, splits, max_rows, row_heads, stream);
-    if (alt) return launch_config<MmaConfig<T, 256, 8, 1, 64>>(p, splits, max_rows, row_heads, stream);
-    return launch_config<MmaConfig<T, 256, 4, 1, 64>>(p, splits, max_rows, row_heads, stream);
+    if (small) MATE_LAUNCH(1, 1, 32);
+    if (variant == 1) MATE_LAUNCH(8, 1, 32);
+    if (variant == 2) MATE_LAUNCH(4, 1, 64);
+    MATE_LAUNCH(4, 1, 32);
   }
+#undef MATE_LAUNCH
 }
 
 }  // namespace
