@@ -15,7 +15,6 @@
 // per-element masking. Softcap and ALiBi take a slower per-element branch. Splits write fp32
 // partials that fmha_merge_kernel (fmha_kernels.cu) combines.
 #include <cmath>
-#include <cstdlib>
 
 #include "../common/dtype_convert.h"
 #include "../common/fmha_math.h"
@@ -99,7 +98,11 @@ __device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::
   }
 }
 
-template <class C>
+// kPlain: no softcap, no ALiBi and a positive scale, so raw scores order like the logits and
+// the scale folds into the exponent (one FFMA per score). Otherwise every score is first
+// turned into its logit (in base 2); that path is a separate instantiation so the common one
+// carries none of its code.
+template <class C, bool kPlain>
 __global__ void __launch_bounds__(C::kThreads, 1)
     fmha_mma_kernel(FmhaParams p, FmhaSplitBuffers parts, int row_heads, bool out_pairs) {
   using T = typename C::T;
@@ -153,7 +156,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     }
 
   float o[kMT][C::kDTiles][4];
-  float row_max[kMT][2], row_sum[kMT][2];
+  float row_max[kMT][2], row_sum[kMT][2];  // max in score units: raw (kPlain) or base-2 logits
+  const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;  // score units -> base-2 logits
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -182,8 +186,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       if (num_tiles > 1) load_kv_tiles<C>(k_s + C::kTileElems, v_s + C::kTileElems, p, s, hk, kmin + C::kBlockN, kmax);
       arch::cp_async_commit();  // (an empty group when there is no second tile)
     }
-    const bool plain = !(p.softcap > 0.f) && !p.alibi_slopes;
-    const float scale_log2 = p.softmax_scale * kLog2e;
     uint32_t qf[C::kQInRegs ? kMT : 1][C::kQInRegs ? C::kKSteps : 1][4];
     const int wrow = warp * 16 * kMT;
 
@@ -259,9 +261,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               for (int e = 0; e < 2; ++e) {
                 const int j = n0 + nt * 8 + 2 * t + e;
                 float x = sacc[mt][nt][2 * hf + e];
-                if (plain) {
-                  x *= scale_log2;
-                } else {
+                if constexpr (!kPlain) {
                   float sc = x * p.softmax_scale;
                   if (p.softcap > 0.f) sc = p.softcap * tanhf(sc / p.softcap);
                   if (p.alibi_slopes) {
@@ -280,14 +280,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float m_new = fmaxf(row_max[mt][hf], mx);
             const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-            const float corr = arch::fast_exp2(row_max[mt][hf] - m_use);
+            const float corr = arch::fast_exp2((row_max[mt][hf] - m_use) * sl);
+            const float m_scaled = m_use * sl;
             row_max[mt][hf] = m_new;
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < C::kNTiles; ++nt)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                const float pe = arch::fast_exp2(sacc[mt][nt][2 * hf + e] - m_use);
+                const float pe = arch::fast_exp2(fmaf(sacc[mt][nt][2 * hf + e], sl, -m_scaled));
                 sacc[mt][nt][2 * hf + e] = pe;
                 sum += pe;
               }
@@ -344,7 +345,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const bool padded = qi >= s.q_len;
       if (padded && split != 0) continue;
       const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
-      float lse = has ? row_max[mt][hf] * kLn2 + logf(l) : -INFINITY;
+      float lse = has ? row_max[mt][hf] * sl * kLn2 + logf(l) : -INFINITY;
       float scale = has ? 1.f / l : 0.f;
       if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
 #pragma unroll
@@ -375,11 +376,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     }
 }
 
-template <class C>
+template <class C, bool kPlain>
 arch::Error launch_config(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
                           arch::Stream stream) {
   // per call, not cached: the attribute belongs to the current device
-  const arch::Error e = arch::set_max_dynamic_smem(fmha_mma_kernel<C>, C::kSmemBytes);
+  const arch::Error e = arch::set_max_dynamic_smem(fmha_mma_kernel<C, kPlain>, C::kSmemBytes);
   if (e != arch::kSuccess) return e;
   const int64_t rows = static_cast<int64_t>(max_rows) * row_heads;
   const dim3 grid(static_cast<unsigned>((rows + C::kBlockM - 1) / C::kBlockM), p.num_heads / row_heads,
@@ -387,45 +388,24 @@ arch::Error launch_config(const FmhaParams& p, const FmhaSplitBuffers& splits, i
   auto even = [](int64_t x) { return x % 2 == 0; };
   const bool out_pairs = p.out_dtype == p.in_dtype && reinterpret_cast<uintptr_t>(p.out) % 4 == 0 &&
                          even(p.out_batch_stride) && even(p.out_row_stride) && even(p.out_head_stride);
-  fmha_mma_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, splits, row_heads, out_pairs);
+  fmha_mma_kernel<C, kPlain><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, splits, row_heads, out_pairs);
   return arch::last_error();
 }
 
-// Tile shapes. "Small" serves up to 16 packed rows (decode: one warp per block, many blocks
-// per SM to keep K/V loads in flight); the others are prefill tiles. MATE_OPS_FMHA_TILE=<n>
-// picks the n-th alternative tile (a tuning knob for bench/; 0 = the default).
+// Tile shapes (measured on an H200, docs/performance.md): prefill takes 4 warps of 16 rows;
+// up to 16 packed rows (decode) take one warp per block, so many blocks per SM keep K/V
+// loads in flight. Softcap / ALiBi / non-positive scales use the prefill tile for every size.
 template <typename T, int kD>
 arch::Error launch_dim(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
                        arch::Stream stream) {
-  static const int variant = [] {
-    const char* v = std::getenv("MATE_OPS_FMHA_TILE");
-    return v ? std::atoi(v) : 0;
-  }();
-  const bool small = static_cast<int64_t>(max_rows) * row_heads <= 16;
-#define MATE_LAUNCH(W, MT, N) return launch_config<MmaConfig<T, kD, W, MT, N>>(p, splits, max_rows, row_heads, stream)
-  if constexpr (kD == 64) {
-    if (small) {
-      if (variant == 1) MATE_LAUNCH(1, 1, 32);
-      MATE_LAUNCH(1, 1, 64);
-    }
-    if (variant == 1) MATE_LAUNCH(4, 1, 64);
-    MATE_LAUNCH(4, 2, 64);
-  } else if constexpr (kD == 128) {
-    if (small) {
-      if (variant == 1) MATE_LAUNCH(1, 1, 64);
-      MATE_LAUNCH(1, 1, 32);
-    }
-    if (variant == 1) MATE_LAUNCH(8, 1, 64);
-    if (variant == 2) MATE_LAUNCH(4, 2, 32);
-    if (variant == 3) MATE_LAUNCH(4, 1, 64);
-    MATE_LAUNCH(4, 2, 64);
-  } else {
-    if (small) MATE_LAUNCH(1, 1, 32);
-    if (variant == 1) MATE_LAUNCH(8, 1, 32);
-    if (variant == 2) MATE_LAUNCH(4, 1, 64);
-    MATE_LAUNCH(4, 1, 32);
-  }
-#undef MATE_LAUNCH
+  constexpr int kPrefillKeys = kD == 256 ? 32 : 64, kDecodeKeys = kD == 64 ? 64 : 32;
+  using Prefill = MmaConfig<T, kD, 4, 1, kPrefillKeys>;
+  using Decode = MmaConfig<T, kD, 1, 1, kDecodeKeys>;
+  const bool plain = !(p.softcap > 0.f) && !p.alibi_slopes && p.softmax_scale > 0.f;
+  if (!plain) return launch_config<Prefill, false>(p, splits, max_rows, row_heads, stream);
+  if (static_cast<int64_t>(max_rows) * row_heads <= 16)
+    return launch_config<Decode, true>(p, splits, max_rows, row_heads, stream);
+  return launch_config<Prefill, true>(p, splits, max_rows, row_heads, stream);
 }
 
 }  // namespace
