@@ -22,6 +22,6 @@ for d in ${DIMS:-128}; do
   grep -E "Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Pipe|Executed Ipc|Shared|Bank|L1/TEX Hit|Block Limit" "$OUT/ncu_d$d.txt" | head -n 60
 done
 so=$(python3 -c 'import mate_ops._C as c; print(c.__file__)')
-cuobjdump --dump-sass "$so" 2>/dev/null | awk '/Function : .*fmha_mma_kernel.*Li128ELi4ELi1ELi64.*Lb1E/{p=1} p{print} p&&/EXIT/&&++n>=3{exit}' > "$OUT/sass_d128.txt"
+cuobjdump --dump-sass "$so" 2>/dev/null | awk '/Function : /{if (p) exit} /Function : .*fmha_mma_kernel.*Li128ELi4ELi1ELi64.*Lb1E/{p=1} p{print}' > "$OUT/sass_d128.txt"
 echo "sass lines: $(wc -l < "$OUT/sass_d128.txt")"
 grep -oE '^\s+/\*[0-9a-f]+\*/\s+[@!P0-9 ]*[A-Z][A-Z0-9._]+' "$OUT/sass_d128.txt" | awk '{print $NF}' | sed 's/\..*//' | sort | uniq -c | sort -rn | head -n 25
