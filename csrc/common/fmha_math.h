@@ -57,14 +57,23 @@ MATE_HD int64_t global_row(const FmhaParams& p, const SeqInfo& s, int b, int i) 
   return p.q_is_ragged ? s.q_row0 + i : static_cast<int64_t>(b) * p.seqlen_q + i;
 }
 
-// Element offset of key `t` (storage position) of a sequence in k (or v, with its strides).
+// Where key `t` (storage position) of a sequence lives: its page (paged) or cache row
+// (dense/ragged, batch stride 0 for ragged) and its row inside it. K and V share it.
+struct KeySlot {
+  int64_t batch;
+  int64_t row;
+};
+MATE_HD KeySlot key_slot(const FmhaParams& p, const SeqInfo& s, int t) {
+  if (p.page_size > 0)
+    return {p.page_table[s.cache_row * p.page_table_batch_stride + t / p.page_size], t % p.page_size};
+  return {s.cache_row, s.k_row0 + t};
+}
+
+// Element offset of key `t` in k (or v, with its strides).
 MATE_HD int64_t key_offset(const FmhaParams& p, const SeqInfo& s, int t, int64_t batch_stride,
                            int64_t row_stride) {
-  if (p.page_size > 0) {
-    const int page = p.page_table[s.cache_row * p.page_table_batch_stride + t / p.page_size];
-    return page * batch_stride + static_cast<int64_t>(t % p.page_size) * row_stride;
-  }
-  return s.cache_row * batch_stride + (s.k_row0 + t) * row_stride;  // ragged: batch_stride 0
+  const KeySlot k = key_slot(p, s, t);
+  return k.batch * batch_stride + k.row * row_stride;
 }
 
 // The keys query row i may attend to, as local key indices [lo, hi) into [0, k_len).

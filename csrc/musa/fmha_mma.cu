@@ -6,14 +6,16 @@
 // query heads of a kv head share each K/V tile. Every warp owns kMTiles x 16 rows; S = Q K^T
 // and O += P V run in registers (the S accumulators become the P operand without touching
 // shared memory), with an online softmax in base 2. K and V tiles of kBlockN keys stream
-// through shared memory with cp.async: V(t) loads while S(t) is computed, K(t+1) while
-// P(t) V(t) is, so copies overlap math with two barriers per tile. Shared tiles use an XOR
-// swizzle of 16-byte chunks so ldmatrix reads are bank-conflict free.
+// through shared memory with cp.async in two stages: tile t + 1 is in flight while tile t is
+// computed (two barriers per tile). Each lane looks up the storage offset of one key row and
+// shares it by shuffles, so paged K/V costs one page-table read per row. Shared tiles use an
+// XOR swizzle of 16-byte chunks so ldmatrix reads are bank-conflict free.
 //
 // Masks: the per-row key interval of fmha_math.h (causal / local / chunk / context
 // parallel) intersected with the split; only tiles that cross an interval edge pay for
-// per-element masking. Softcap and ALiBi take a slower per-element branch. Splits write fp32
-// partials that fmha_merge_kernel (fmha_kernels.cu) combines.
+// per-element masking. Softcap, ALiBi and non-positive scales use a separate instantiation
+// (kPlain = false). Splits write fp32 partials that fmha_merge_kernel (fmha_kernels.cu)
+// combines. Measurements and the road ahead: docs/performance.md.
 #include <cmath>
 
 #include "../common/dtype_convert.h"
