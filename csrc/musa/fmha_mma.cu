@@ -7,7 +7,7 @@
 // and O += P V run in registers (the S accumulators become the P operand without touching
 // shared memory), with an online softmax in base 2. K and V tiles of kBlockN keys stream
 // through shared memory with cp.async in two stages: tile t + 1 is in flight while tile t is
-// computed (two barriers per tile). Each lane looks up the storage offset of one key row and
+// computed (one barrier per tile). Each lane looks up the storage offset of one key row and
 // shares it by shuffles, so paged K/V costs one page-table read per row. Shared tiles use an
 // XOR swizzle of 16-byte chunks so ldmatrix reads are bank-conflict free.
 //
@@ -48,7 +48,7 @@ struct MmaConfig {
   static constexpr int kPSteps = kBlockN / 16;  // k steps of P V
   // Q fragments stay in registers when they are few; otherwise ldmatrix re-reads them.
   static constexpr bool kQInRegs = kMTiles * kD <= 128;
-  static constexpr int kStages = 2;            // K/V tiles in flight: tile t + 1 loads during tile t
+  static constexpr int kStages = 2;            // K/V tile buffers: tile t + 1 loads during tile t
   static constexpr int kTileElems = kBlockN * kD;
   static constexpr int kSmemBytes = (kBlockM + 2 * kStages * kBlockN) * kD * static_cast<int>(sizeof(T));
   // K/V loading: each warp copies kBlockN / kWarps rows, 32 / kChunks rows per step
@@ -185,8 +185,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       }
       load_kv_tiles<C>(k_s, v_s, p, s, hk, kmin, kmax);
       arch::cp_async_commit();
-      if (num_tiles > 1) load_kv_tiles<C>(k_s + C::kTileElems, v_s + C::kTileElems, p, s, hk, kmin + C::kBlockN, kmax);
-      arch::cp_async_commit();  // (an empty group when there is no second tile)
     }
     uint32_t qf[C::kQInRegs ? kMT : 1][C::kQInRegs ? C::kKSteps : 1][4];
     const int wrow = warp * 16 * kMT;
@@ -195,8 +193,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const int n0 = kmin + it * C::kBlockN;
       T* k_t = k_s + (it % C::kStages) * C::kTileElems;
       T* v_t = v_s + (it % C::kStages) * C::kTileElems;
-      arch::cp_async_wait<C::kStages - 1>();  // tile it has landed (tile it + 1 may still fly)
+      arch::cp_async_wait<0>();  // tile it has landed
+      // One barrier per tile: past it, tile it is visible to all and every warp is done with
+      // tile it - 1, whose stage now receives tile it + 1 (in flight while tile it computes).
       __syncthreads();
+      if (it + 1 < num_tiles) {
+        load_kv_tiles<C>(k_s + ((it + 1) % C::kStages) * C::kTileElems, v_s + ((it + 1) % C::kStages) * C::kTileElems, p,
+                         s, hk, n0 + C::kBlockN, kmax);
+        arch::cp_async_commit();
+      }
       if constexpr (C::kQInRegs) {
         if (it == 0)
 #pragma unroll
@@ -325,10 +330,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           }
         }
       }
-      __syncthreads();  // every warp is done with this stage: refill it with tile it + kStages
-      if (it + C::kStages < num_tiles)
-        load_kv_tiles<C>(k_t, v_t, p, s, hk, n0 + C::kStages * C::kBlockN, kmax);
-      arch::cp_async_commit();  // one group per iteration, empty or not, so the wait above counts tiles
     }
   }
 
