@@ -1,6 +1,7 @@
 // The one TORCH_LIBRARY(mate, m): every schema of torch.ops.mate.*, in one place.
-// Kernels register elsewhere (csrc/cpu_ref: CPU, csrc/musa: CUDA / PrivateUse1),
-// fake kernels in meta_kernels/ (Python).
+// The op bodies (csrc/common/*_ops.cpp) are registered below for every dispatch key this
+// build has kernels for; the kernels themselves fill the kernel table (csrc/common/
+// kernel_table.h) from csrc/cpu_ref and csrc/musa. Fake kernels live in meta_kernels/.
 //
 // Rules (DESIGN.md): lengths and sizes are SymInt; mutated arguments are annotated
 // (a!); mutating ops return (); no returned tensor aliases an input. Never remove
@@ -8,6 +9,8 @@
 // tests/test_schemas.py pins every string below.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "common/op_bodies.h"
 
 // Importing mate_ops._C (a normal Python extension module) runs the registrations below.
 extern "C" {
@@ -72,6 +75,20 @@ TORCH_LIBRARY(mate, m) {
   // Sparse MLA prefill: q (Sq, Hq, Dqk), kv (Skv, 1, Dqk), indices (Sq, 1, topk).
   m.def("mla_sparse_prefill(Tensor q, Tensor kv, Tensor indices, float sm_scale, SymInt d_v=512, "
         "Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor out, Tensor max_logits, Tensor lse)");
+  // The decode step of flash_attn_with_kvcache in one op (SEMANTICS §1 "Append and rotary"):
+  // with k/v, new keys (rotated when rotary tables are given) and values are written into the
+  // caches at cache_seqlens; q is rotated (per row when causal / local / chunked); then attention
+  // over keys [cache_leftpad, cache_seqlens + new keys). Everything is validated before the
+  // first write. cache_seqlens None = the whole dense cache.
+  m.def("fmha_fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k=None, Tensor? v=None, "
+        "Tensor? qv=None, Tensor? rotary_cos=None, Tensor? rotary_sin=None, Tensor? cache_seqlens=None, "
+        "Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, Tensor? page_table=None, "
+        "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k_new=None, SymInt? max_seqlen_q=None, "
+        "Tensor? rotary_seqlens=None, Tensor? q_descale=None, Tensor? k_descale=None, Tensor? v_descale=None, "
+        "float? softmax_scale=None, bool causal=False, int window_size_left=-1, int window_size_right=-1, "
+        "Tensor? learnable_sink=None, int attention_chunk=0, float softcap=0.0, bool rotary_interleaved=True, "
+        "Tensor? scheduler_metadata=None, int num_splits=0, bool? pack_gqa=None, int cp_world_size=1, "
+        "int cp_rank=0, Tensor? cp_tot_seqused_k=None, ScalarType? out_dtype=None) -> (Tensor out, Tensor lse)");
   // Scheduler metadata: int32 (batch_size + 1,), reusable across calls with the same arguments.
   m.def("get_scheduler_metadata(SymInt batch_size, SymInt max_seqlen_q, SymInt max_seqlen_k, "
         "SymInt num_heads_q, SymInt num_heads_kv, SymInt headdim, SymInt headdim_v, "
@@ -82,3 +99,23 @@ TORCH_LIBRARY(mate, m) {
         "int attention_chunk=0, bool has_softcap=False, int num_splits=0, bool? pack_gqa=None, "
         "int sm_margin=0) -> Tensor");
 }
+
+// The op bodies, per dispatch key: one line per op family a backend has kernels for.
+TORCH_LIBRARY_IMPL(mate, CPU, m) {
+  mate::register_fmha_ops(m);
+  mate::register_kvcache_ops(m);
+  mate::register_mla_ops(m);
+}
+
+#if defined(MATE_WITH_CUDA) || defined(MATE_WITH_MUSA)
+#if defined(MATE_WITH_MUSA)
+TORCH_LIBRARY_IMPL(mate, PrivateUse1, m) {
+#else
+TORCH_LIBRARY_IMPL(mate, CUDA, m) {
+#endif
+  mate::register_fmha_ops(m);
+  mate::register_kvcache_ops(m);  // MLA: no device kernels yet
+}
+#endif
+
+TORCH_LIBRARY_IMPL(mate, Autograd, m) { mate::register_forward_only_autograd(m); }

@@ -185,69 +185,16 @@ def flash_attn_with_kvcache(
         accumulators are empty tensors. MATE's MLA route (q head dim 64 with a 512-wide ``qv``)
         returns ``(out, lse)``.
     """
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together")
-    if rotary_cos is not None and k is None:
-        raise ValueError("rotary_cos/rotary_sin are only used when appending new keys: pass k and v too")
-    if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError("rotary_cos and rotary_sin must be given together")
     left, right = normalize_window(window_size)
-    batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
-    if cache_seqlens is None:
-        if page_table is not None:
-            raise ValueError("cache_seqlens is required with page_table")
-        cache_seqlens = torch.full((batch,), k_cache.shape[1], dtype=torch.int32, device=q.device)
-        if k is not None:
-            raise ValueError("cache_seqlens is required when appending k/v")
-    elif isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-
-    seqused_k = cache_seqlens
-    if k is not None:
-        # Checks of the attention step that can be made from shapes alone run before the
-        # cache is written, so that a rejected call leaves the cache untouched.
-        # (q is rotated first for the same reason: its table-length check must precede the append.)
-        _check_kvcache_attention_args(q, k_cache, v_cache, cache_seqlens, batch, cache_leftpad, learnable_sink,
-                                      num_splits, attention_chunk, softcap)
-        if rotary_cos is not None:
-            offsets = rotary_seqlens if rotary_seqlens is not None else cache_seqlens
-            per_row = causal or left >= 0 or right >= 0
-            q = torch.ops.mate.rotary_embedding(q, rotary_cos, rotary_sin, offsets, cu_seqlens_q, max_seqlen_q,
-                                                rotary_interleaved, per_row)
-        torch.ops.mate.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_k_new, page_table,
-                                      cache_batch_idx, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved,
-                                      cache_leftpad)
-        if cu_seqlens_k_new is not None:
-            seqused_k = cache_seqlens + (cu_seqlens_k_new[1:] - cu_seqlens_k_new[:-1])
-        else:
-            seqused_k = cache_seqlens + k.shape[1]
-
-    out, lse = torch.ops.mate.fmha_fwd(
-        q, k_cache, v_cache,
-        cu_seqlens_q=cu_seqlens_q,
-        max_seqlen_q=max_seqlen_q,
-        seqused_k=seqused_k,
-        page_table=page_table,
-        cache_batch_idx=cache_batch_idx,
-        cache_leftpad=cache_leftpad,
-        qv=qv,
-        q_descale=q_descale,
-        k_descale=k_descale,
-        v_descale=v_descale,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size_left=left,
-        window_size_right=right,
-        learnable_sink=learnable_sink,
-        attention_chunk=attention_chunk or 0,
-        softcap=softcap,
-        scheduler_metadata=scheduler_metadata,
-        num_splits=num_splits,
-        pack_gqa=pack_gqa,
-        cp_world_size=cp_world_size,
-        cp_rank=cp_rank,
-        cp_tot_seqused_k=cp_tot_seqused_k,
-    )
+    if isinstance(cache_seqlens, int):
+        batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+        cache_seqlens = _int_seqlens(cache_seqlens, batch, q.device)
+    # One op: append + rotary + attention, every check before the first write (fmha_fwd_kvcache).
+    out, lse = _fmha_fwd_kvcache(
+        q, k_cache, v_cache, k, v, qv, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+        page_table, cu_seqlens_q, cu_seqlens_k_new, max_seqlen_q, rotary_seqlens, q_descale, k_descale, v_descale,
+        softmax_scale, causal, left, right, learnable_sink, attention_chunk or 0, softcap, rotary_interleaved,
+        scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank, cp_tot_seqused_k)
     if not return_softmax_lse:
         return out
     if qv is not None and q.shape[-1] == 64 and qv.shape[-1] == 512:
@@ -255,30 +202,14 @@ def flash_attn_with_kvcache(
     return out, lse, out.new_empty(0, dtype=torch.float32), lse.new_empty(0)
 
 
-def _check_kvcache_attention_args(q, k_cache, v_cache, cache_seqlens, batch, cache_leftpad, learnable_sink,
-                                  num_splits, attention_chunk, softcap):
-    """Shape/dtype checks of the attention step of flash_attn_with_kvcache (ValueError)."""
-    fp8 = torch.float8_e4m3fn
-    if q.dtype != k_cache.dtype and not (q.dtype == fp8 and k_cache.dtype == fp8):
-        raise ValueError(f"q ({q.dtype}) and k_cache ({k_cache.dtype}) must have the same dtype")
-    if q.shape[-1] != k_cache.shape[-1]:
-        raise ValueError(f"q head_dim ({q.shape[-1]}) must equal k_cache head_dim ({k_cache.shape[-1]})")
-    if k_cache.dim() != 4 or q.shape[-2] % k_cache.shape[-2] != 0:
-        raise ValueError(f"num_heads of q ({q.shape[-2]}) must be a multiple of num_heads_k of k_cache "
-                         f"({k_cache.shape[-2] if k_cache.dim() == 4 else '?'})")
-    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(f"cache_seqlens must be int32 of shape (batch_size,) = ({batch},), got "
-                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
-    if cache_leftpad is not None and (cache_leftpad.dtype != torch.int32 or tuple(cache_leftpad.shape) != (batch,)):
-        raise ValueError(f"cache_leftpad must be int32 of shape ({batch},), got {cache_leftpad.dtype} "
-                         f"{tuple(cache_leftpad.shape)}")
-    if learnable_sink is not None and tuple(learnable_sink.shape) != (q.shape[-2],):
-        raise ValueError(f"learnable_sink must have shape (num_heads,) = ({q.shape[-2]},), got "
-                         f"{tuple(learnable_sink.shape)}")
-    if not 0 <= num_splits <= 256:
-        raise ValueError(f"num_splits must be in [0, 256], got {num_splits}")
-    if (attention_chunk or 0) < 0 or softcap < 0:
-        raise ValueError("attention_chunk and softcap must be >= 0")
+_fmha_fwd_kvcache = torch.ops.mate.fmha_fwd_kvcache.default
+
+
+def _int_seqlens(n: int, batch: int, device: torch.device) -> torch.Tensor:
+    """An int ``cache_seqlens`` as the int32 ``(batch,)`` tensor the op takes."""
+    if not -(2**31) <= n <= 2**31 - 1:  # the op itself rejects negative lengths, naming the sequence
+        raise ValueError(f"cache_seqlens must fit in int32 (key positions are int32), got {n}")
+    return torch.full((batch,), n, dtype=torch.int32, device=device)
 
 
 def flash_attn_combine(

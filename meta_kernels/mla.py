@@ -1,6 +1,8 @@
 """Fake kernels of the MLA family: get_mla_metadata, mla_decode, mla_sparse_prefill."""
 import torch
 
+from ._devices import same_device
+
 
 def _num_workers(device: torch.device) -> int:
     """Workers get_mla_metadata schedules over: the CPU kernel's thread count (the only MLA
@@ -9,6 +11,7 @@ def _num_workers(device: torch.device) -> int:
 
 
 @torch.library.register_fake("mate::get_mla_metadata")
+@same_device
 def get_mla_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None,
                           is_fp8_kvcache=False, topk=None, extra_topk=None):
     # mla_num_parts of csrc/common/mla_params.h
@@ -20,6 +23,7 @@ def get_mla_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, n
 
 
 @torch.library.register_fake("mate::mla_decode")
+@same_device
 def mla_decode_fake(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata=None,
                     num_splits=None, softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None,
                     attn_sink=None, extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None,
@@ -31,6 +35,7 @@ def mla_decode_fake(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_sch
 
 
 @torch.library.register_fake("mate::mla_sparse_prefill")
+@same_device
 def mla_sparse_prefill_fake(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
     Sq, Hq, _ = q.shape
     out = q.new_empty((Sq, Hq, d_v))

@@ -325,9 +325,9 @@ FMHA_CASES = [
       r"cu_seqlens_k\[-1\] = 2147483647 exceeds the 9 rows of its tensor", values=True),
     # ---- page_table
     C("page_table_int64", "paged", S(page_table=As("page_table", I64)), RuntimeError,
-      r"page_table must be int32, got Long"),
+      r"page_table must be a 2-D int32 tensor \(batch_size, max_num_pages\), got Long"),
     C("page_table_1d", "paged", S(page_table=Fn("page_table", lambda t: t.flatten())), RuntimeError,
-      r"page_table must be 2-D \(batch_size, max_num_pages\), got shape \[6\]"),
+      r"page_table must be a 2-D int32 tensor \(batch_size, max_num_pages\), got Int \[6\]"),
     C("page_table_wrong_rows", "paged", S(page_table=I([[5, 0, 3], [1, 4, 2], [0, 0, 0]])), RuntimeError,
       r"page_table must have batch_size \(2\) rows, got 3"),
     C("page_table_without_seqused_k", "paged", S(seqused_k=None), RuntimeError,

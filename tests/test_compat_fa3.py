@@ -462,7 +462,7 @@ def _wrapper_call(case, device):
             return flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=cs,
                                            cache_leftpad=pad, page_table=pt, causal=True, scheduler_metadata=meta,
                                            return_softmax_lse=True)
-        return call, ["rotary_embedding", "kvcache_append", "fmha_fwd"]
+        return call, ["fmha_fwd_kvcache"]
     if case == "kvcache_varlen_batch_idx":
         kc, vc = _rand(4, 20, 1, 16, device=d), _rand(4, 20, 1, 16, device=d)
         q, k, v = _rand(5, 2, 16, device=d), _rand(3, 1, 16, device=d), _rand(3, 1, 16, device=d)
@@ -471,7 +471,7 @@ def _wrapper_call(case, device):
         return (lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cs, cache_batch_idx=idx,
                                                 cu_seqlens_q=cu_q, cu_seqlens_k_new=cu_new, max_seqlen_q=3,
                                                 causal=True),
-                ["kvcache_append", "fmha_fwd"])
+                ["fmha_fwd_kvcache"])
     if case == "combine":
         op, lp = torch.randn(3, 2, 4, 2, 8, device=d), torch.randn(3, 2, 4, 2, device=d)
         return lambda: flash_attn_combine(op, lp, out_dtype=torch.bfloat16), ["fmha_combine"]
@@ -499,7 +499,8 @@ MAPPED_ARGS = {
     "func_qv_softcap_window_chunk": dict(softcap=3.0, window_size_left=4, window_size_right=1, attention_chunk=6),
     "varlen_seqused_splits": dict(seqused_q=[2, 5, 0], seqused_k=[129, 6, 1], max_seqlen_q=5, max_seqlen_k=130,
                                   causal=True, num_splits=3),
-    "kvcache_paged_rotary_sched": dict(num_splits=0, causal=True, seqused_k=[9, 17], cache_leftpad=[2, 0]),
+    # one op: the keys end at cache_seqlens + the new keys inside it
+    "kvcache_paged_rotary_sched": dict(num_splits=0, causal=True, cache_seqlens=[7, 15], cache_leftpad=[2, 0]),
     "scheduler_metadata": dict(seqused_k=[40, 7, 23], qkv_dtype=torch.float16, headdim_v=8, causal=True,
                                window_size_left=8, window_size_right=0, num_splits=2, sm_margin=2),
 }

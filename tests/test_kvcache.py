@@ -96,7 +96,8 @@ def run_case(cfg, device, seed):
     q_exp = c["q"]
     if cfg["rotary"]:
         offs = (c["rotary_seqlens"] if c["rotary_seqlens"] is not None else cache_lens_t).tolist()
-        per_row = causal or left >= 0 or right >= 0
+        # per row when the mask depends on the row: causal, local, or chunked (FA3's is_local)
+        per_row = causal or left >= 0 or right >= 0 or cfg.get("chunk", 0) > 0
         rows, starts = [], [0] + list(itertools.accumulate(c["q_lens"]))
         for b in range(B):
             rows += [offs[b] + (t if per_row else 0) for t in range(c["q_lens"][b])]

@@ -147,6 +147,10 @@ def append_ref(kw):
         rotary_interleaved=kw.get("rotary_interleaved", True))
 
 
+_ROT_FP8_TABLES = (r"rotary_cos and rotary_sin must share one dtype of float32, float16 or bfloat16 with float8 {}, "
+                   r"got Float8_e4m3fn and Float8_e4m3fn")
+
+
 _APP_DTYPE = r"k_cache must be float32, float16, bfloat16 or float8_e4m3fn, got "
 _SHARE = r"k_cache, v_cache, k and v must share one dtype, got "
 _V_CACHE = r"v_cache must match k_cache in every dimension but the last: k_cache "
@@ -355,11 +359,10 @@ APPEND_CASES = [
     C("rotary_cos_sin_3d", "rotary", S(rotary_cos=Fn("rotary_cos", lambda t: t[None]),
                                        rotary_sin=Fn("rotary_sin", lambda t: t[None])), RuntimeError,
       _ROT_SHAPE + r"\[1, 12, 8\] and \[1, 12, 8\]"),
-    C("rotary_with_fp8", "fp8", S(rotary_cos=lambda kw: _tables(dev(kw))[0], rotary_sin=lambda kw: _tables(dev(kw))[1]),
-      RuntimeError, r"rotary embedding is not supported with float8 inputs \(k is float8_e4m3fn\)"),
+    # float8 k with bf16 tables is legal (FA3's fp8 kv-cache calls); float8 tables are not
     C("rotary_with_fp8_tables", "fp8",
       S(rotary_cos=lambda kw: _tables(dev(kw), dtype=FP8)[0], rotary_sin=lambda kw: _tables(dev(kw), dtype=FP8)[1]),
-      RuntimeError, r"rotary embedding is not supported with float8 inputs \(k is float8_e4m3fn\)"),
+      RuntimeError, _ROT_FP8_TABLES.format("k")),
     # ---- rotary: tables shorter than the positions of the new keys
     C("rotary_tables_short_for_new_keys", "rotary", S(rotary_cos=Fn("rotary_cos", lambda t: t[:7].contiguous()),
                                                       rotary_sin=Fn("rotary_sin", lambda t: t[:7].contiguous())),
@@ -423,13 +426,12 @@ def _rope_pos(n, b, pos):
 
 ROPE_CASES = [
     C("x_int32", "dense", S(x=lambda kw: torch.randint(-3, 3, kw["x"].shape, dtype=I32, device=dev(kw))),
-      RuntimeError, r"x must be float32, float16 or bfloat16 \(rotary embedding is not supported with float8\), got Int"),
+      RuntimeError, r"x must be float32, float16, bfloat16 or float8_e4m3fn, got Int"),
     C("x_float64", "dense", S(x=As("x", F64), cos=As("cos", F64), sin=As("sin", F64)), RuntimeError,
-      r"x must be float32, float16 or bfloat16 \(rotary embedding is not supported with float8\), got Double"),
+      r"x must be float32, float16, bfloat16 or float8_e4m3fn, got Double"),
+    # float8 x rotates with fp32/fp16/bf16 tables (tested against the oracle); fp8 tables are refused
     C("x_fp8", "dense", S(x=As("x", FP8), cos=As("cos", FP8), sin=As("sin", FP8)), RuntimeError,
-      r"rotary embedding is not supported with float8\), got Float8_e4m3fn"),
-    C("x_fp8_tables_bf16", "ragged", S(x=As("x", FP8)), RuntimeError,
-      r"rotary embedding is not supported with float8\), got Float8_e4m3fn"),
+      _ROT_FP8_TABLES.format("x")),
     C("cos_float32", "dense", S(cos=As("cos", F32)), RuntimeError, _ROT_DTYPE.format("x", "BFloat16", "Float", "BFloat16")),
     C("x_float16_tables_bf16", "ragged", S(x=As("x", F16)), RuntimeError,
       _ROT_DTYPE.format("x", "Half", "BFloat16", "BFloat16")),
@@ -534,23 +536,23 @@ def A(id, base, mutate, exc, match, values=False):
 
 
 API_CASES = [
-    # ---- Python-side ValueErrors
+    # ---- argument combinations (checked by the fmha_fwd_kvcache op before any write)
     A("rotary_without_k_v", "no_append", S(rotary_cos=lambda kw: _tables(dev(kw))[0],
-                                           rotary_sin=lambda kw: _tables(dev(kw))[1]), ValueError,
+                                           rotary_sin=lambda kw: _tables(dev(kw))[1]), RuntimeError,
       r"rotary_cos/rotary_sin are only used when appending new keys: pass k and v too"),
-    A("rotary_sin_only_without_k_v", "no_append", S(rotary_sin=lambda kw: _tables(dev(kw))[1]), ValueError,
+    A("rotary_sin_only_without_k_v", "no_append", S(rotary_sin=lambda kw: _tables(dev(kw))[1]), RuntimeError,
       r"rotary_cos and rotary_sin must be given together|rotary_cos/rotary_sin are only used when appending"),
-    A("rotary_cos_without_sin", "rotary", S(rotary_sin=None), ValueError,
+    A("rotary_cos_without_sin", "rotary", S(rotary_sin=None), RuntimeError,
       r"rotary_cos and rotary_sin must be given together"),
-    A("rotary_sin_without_cos", "rotary_paged", S(rotary_cos=None), ValueError,
+    A("rotary_sin_without_cos", "rotary_paged", S(rotary_cos=None), RuntimeError,
       r"rotary_cos and rotary_sin must be given together"),
-    A("k_without_v", "dense", S(v=None), ValueError, r"k and v must be given together"),
-    A("v_without_k", "paged", S(k=None), ValueError, r"k and v must be given together"),
-    A("paged_without_cache_seqlens", "paged", S(cache_seqlens=None), ValueError,
+    A("k_without_v", "dense", S(v=None), RuntimeError, r"k and v must be given together"),
+    A("v_without_k", "paged", S(k=None), RuntimeError, r"k and v must be given together"),
+    A("paged_without_cache_seqlens", "paged", S(cache_seqlens=None), RuntimeError,
       r"cache_seqlens is required with page_table"),
-    A("paged_no_append_without_cache_seqlens", "paged", S(cache_seqlens=None, k=None, v=None), ValueError,
+    A("paged_no_append_without_cache_seqlens", "paged", S(cache_seqlens=None, k=None, v=None), RuntimeError,
       r"cache_seqlens is required with page_table"),
-    A("append_without_cache_seqlens", "dense", S(cache_seqlens=None), ValueError,
+    A("append_without_cache_seqlens", "dense", S(cache_seqlens=None), RuntimeError,
       r"cache_seqlens is required when appending k/v"),
     # ---- rotary through the API
     A("rotary_dim_8", "rotary", S(rotary_cos=R("rotary_cos", ROT_ROWS, 4), rotary_sin=R("rotary_sin", ROT_ROWS, 4)),
@@ -562,8 +564,6 @@ API_CASES = [
       RuntimeError, _ROT_DTYPE.format(r"\w+", "BFloat16", "Float", "Float")),
     A("rotary_cos_sin_shapes_differ", "rotary", S(rotary_sin=R("rotary_sin", ROT_ROWS - 2, RDIM // 2)), RuntimeError,
       _ROT_SHAPE + r"\[12, 8\] and \[10, 8\]"),
-    A("rotary_with_fp8", "fp8", S(rotary_cos=lambda kw: _tables(dev(kw))[0], rotary_sin=lambda kw: _tables(dev(kw))[1]),
-      RuntimeError, r"rotary embedding is not supported with float8"),
     # tables long enough for q (positions [5, 7)) but not for the new keys ([5, 8))
     A("rotary_tables_short_for_new_keys", "rotary", S(rotary_cos=Fn("rotary_cos", lambda t: t[:7].contiguous()),
                                                       rotary_sin=Fn("rotary_sin", lambda t: t[:7].contiguous())),
@@ -577,24 +577,24 @@ API_CASES = [
     A("rotary_seqlens_beyond_tables", "rotary", S(rotary_seqlens=I([0, 10])), RuntimeError,
       r"rotary_cos/rotary_sin have 12 positions, but sequence 1 ", values=True),
     # ---- cache_seqlens
-    A("cache_seqlens_int64", "dense", S(cache_seqlens=As("cache_seqlens", I64)), ValueError,
-      r"cache_seqlens must be int32 of shape \(batch_size,\) = \(2,\), got torch.int64"),
+    A("cache_seqlens_int64", "dense", S(cache_seqlens=As("cache_seqlens", I64)), RuntimeError,
+      r"cache_seqlens must be int32, got Long"),
     # with rotary, cache_seqlens is first handed to rotary_embedding as its seqlen_offsets:
     # the error must still name the argument the caller passed
-    A("cache_seqlens_int64_rotary", "rotary", S(cache_seqlens=As("cache_seqlens", I64)), ValueError,
-      r"cache_seqlens must be int32 of shape \(batch_size,\) = \(2,\), got torch.int64"),
-    A("cache_seqlens_wrong_length", "dense", S(cache_seqlens=I([2, 5, 0])), ValueError,
+    A("cache_seqlens_int64_rotary", "rotary", S(cache_seqlens=As("cache_seqlens", I64)), RuntimeError,
+      r"cache_seqlens must be int32, got Long"),
+    A("cache_seqlens_wrong_length", "dense", S(cache_seqlens=I([2, 5, 0])), RuntimeError,
       _names("cache_seqlens", r"\b3\b", r"\b2\b")),
-    A("cache_seqlens_wrong_length_rotary", "rotary", S(cache_seqlens=I([2, 5, 0])), ValueError,
+    A("cache_seqlens_wrong_length_rotary", "rotary", S(cache_seqlens=I([2, 5, 0])), RuntimeError,
       _names("cache_seqlens", r"\b3\b", r"\b2\b")),
-    A("cache_seqlens_2d", "paged", S(cache_seqlens=Fn("cache_seqlens", lambda t: t[None])), ValueError,
-      r"cache_seqlens must be int32 of shape \(batch_size,\) = \(2,\), got torch.int32 \(1, 2\)"),
+    A("cache_seqlens_2d", "paged", S(cache_seqlens=Fn("cache_seqlens", lambda t: t[None])), RuntimeError,
+      r"cache_seqlens must be 1-D, got shape \[1, 2\]"),
     A("cache_seqlens_negative", "dense", S(cache_seqlens=I([2, -1])), RuntimeError,
       r"cache_seqlens\[1\] = -1 must be >= 0", values=True),
     A("cache_seqlens_negative_int", "paged", S(cache_seqlens=-3), RuntimeError,
       r"cache_seqlens\[0\] = -3 must be >= 0", values=True),
     A("cache_seqlens_negative_rotary", "rotary", S(cache_seqlens=I([-2, 5])), RuntimeError,
-      r"seqlen_offsets\[0\] = -2 must be >= 0 \(a rotary position\)", values=True),
+      r"cache_seqlens\[0\] = -2 must be >= 0", values=True),
     A("new_keys_overflow_dense", "dense", S(cache_seqlens=I([6, 5])), RuntimeError, _overflow(3, 0, 6, 8),
       values=True),
     A("new_keys_overflow_dense_int", "dense", S(cache_seqlens=6), RuntimeError, _overflow(3, 0, 6, 8), values=True),
@@ -640,17 +640,17 @@ API_CASES = [
     A("v_last_dim_strided", "packed", S(v=Fn("v", strided_last)), RuntimeError, r"^v" + _CONTIG),
     # ---- q is bad but k / v are fine: the attention step rejects q; the append must not
     # have written by then (validate everything before any write, SEMANTICS §6)
-    A("q_heads_not_multiple_of_cache_heads", "dense", S(q=R("q", B, SQ, 3, D)), ValueError,
-      r"num_heads of q \(3\) must be a multiple of num_heads_k of k_cache \(2\)"),
-    A("q_head_dim_ne_cache", "paged", S(q=R("q", B, SQ, H, 16)), ValueError,
-      r"q head_dim \(16\) must equal k_cache head_dim \(32\)"),
-    A("q_float16_cache_bf16", "packed", S(q=As("q", F16)), ValueError,
-      r"q \(torch.float16\) and k_cache \(torch.bfloat16\) must have the same dtype"),
-    A("q_batch_ne_cache_seqlens", "dense", S(q=R("q", B + 1, SQ, H, D)), ValueError,
+    A("q_heads_not_multiple_of_cache_heads", "dense", S(q=R("q", B, SQ, 3, D)), RuntimeError,
+      r"num_heads \(3\) must be a multiple of num_heads_k \(2\)"),
+    A("q_head_dim_ne_cache", "paged", S(q=R("q", B, SQ, H, 16)), RuntimeError,
+      r"k_cache head_dim \(32\) must equal q head_dim \(16\)"),
+    A("q_float16_cache_bf16", "packed", S(q=As("q", F16)), RuntimeError,
+      r"k_cache must have the dtype of q \(Half\), got BFloat16"),
+    A("q_batch_ne_cache_seqlens", "dense", S(q=R("q", B + 1, SQ, H, D)), RuntimeError,
       _names(r"cache_seqlens|\bq\b|\bk\b", r"\b3\b", r"\b2\b")),
     A("cache_leftpad_beyond_keys", "dense", S(cache_leftpad=I([0, 9])), RuntimeError,
       r"cache_leftpad\[1\] = 9 must be in \[0, 8\]", values=True),
-    A("num_splits_257", "dense", S(num_splits=257), ValueError, r"num_splits must be in \[0, 256\], got 257"),
+    A("num_splits_257", "dense", S(num_splits=257), RuntimeError, r"num_splits must be in \[0, 256\], got 257"),
 ]
 
 FAMILIES = {

@@ -309,7 +309,7 @@ def test_compile_decode_step_one_graph(device, layout):
             n_steps += 1
     assert n_steps >= 4
     assert cnt.frame_count == 1, f"expected 1 compile over {n_steps} steps, got {cnt.frame_count}"
-    assert cnt.op_count >= 3  # rotary_embedding, kvcache_append, fmha_fwd (+ the seqused add)
+    assert cnt.op_count >= 1  # fmha_fwd_kvcache: append + rotary + attention in one op
 
 
 # ============================================================================ inductor: no cache copy
@@ -338,22 +338,20 @@ def _numel(shape):
 
 
 def _assert_appends_in_place(code):
-    """The generated wrapper appends straight into the graph inputs that are the caches, reads
-    them back in fmha_fwd, and never clones, copies or allocates a cache-sized buffer (a clone
+    """The generated wrapper appends straight into the graph inputs that are the caches (and
+    attends over them in the same op, fmha_fwd_kvcache), and never clones, copies or allocates a cache-sized buffer (a clone
     of a cache shows up as a flat allocation of the cache's numel plus a copy kernel)."""
     body = _call_body(code)
     text = "\n".join(body)
     unpack = next(line for line in body if re.search(r"=\s*args\s*$", line))
     inputs = set(re.findall(r"\w+", unpack.split("=")[0]))
-    appends = [line.strip() for line in body if "torch.ops.mate.kvcache_append.default(" in line]
-    assert len(appends) == 1, "\n".join(appends) or text
-    m = re.match(r"torch\.ops\.mate\.kvcache_append\.default\((\w+), (\w+),", appends[0])
-    assert m and m.group(1) in inputs and m.group(2) in inputs and m.group(1) != m.group(2), \
-        f"kvcache_append does not write into the cache inputs ({sorted(inputs)}) directly:\n{text}"
-    k_buf, v_buf = m.groups()
-    attn = [line.strip() for line in body if "torch.ops.mate.fmha_fwd.default(" in line]
-    assert len(attn) == 1 and re.search(rf"fmha_fwd\.default\(\w+, {k_buf}, {v_buf},", attn[0]), \
-        f"fmha_fwd does not read the appended caches {k_buf}/{v_buf}:\n{text}"
+    # the decode step is one op (append + rotary + attention): it writes the caches it attends over
+    steps = [line.strip() for line in body if "torch.ops.mate.fmha_fwd_kvcache.default(" in line]
+    assert len(steps) == 1, "\n".join(steps) or text
+    m = re.search(r"torch\.ops\.mate\.fmha_fwd_kvcache\.default\((\w+), (\w+), (\w+),", steps[0])
+    assert m and m.group(2) in inputs and m.group(3) in inputs and m.group(2) != m.group(3), \
+        f"fmha_fwd_kvcache does not write into the cache inputs ({sorted(inputs)}) directly:\n{text}"
+    k_buf, v_buf = m.group(2), m.group(3)
     for bad in ("copy_", "clone", "as_strided_scatter", "auto_functionalized", "slice_scatter"):
         assert bad not in text, f"generated code has {bad!r}:\n{text}"
     for buf in (k_buf, v_buf):
@@ -450,13 +448,13 @@ def _export_inputs(device, bsz, cap, lens, embed=48):
 
 
 def _append_nodes(ep):
-    return [n for n in ep.graph.nodes if n.op == "call_function" and n.target == MATE.kvcache_append.default]
+    return [n for n in ep.graph.nodes if n.op == "call_function" and n.target == MATE.fmha_fwd_kvcache.default]
 
 
 def _functional_append_nodes(ep):
     hop = torch.ops.higher_order.auto_functionalized_v2
     return [n for n in ep.graph.nodes if n.op == "call_function" and n.target is hop
-            and n.args[0] == MATE.kvcache_append.default]
+            and n.args[0] == MATE.fmha_fwd_kvcache.default]
 
 
 def test_export_decode_step_mutates_caches(device):
@@ -470,9 +468,7 @@ def test_export_decode_step_mutates_caches(device):
                                        dynamic_shapes=dynamic_shapes)
     # export's (non-functional) IR calls the mutating op on the cache placeholders themselves
     (node,) = _append_nodes(exported)
-    assert [a.name for a in node.args[:2]] == ["k_cache", "v_cache"], node.format_node()
-    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
-    assert {MATE.rotary_embedding.default, MATE.fmha_fwd.default} <= targets, targets
+    assert [a.name for a in node.args[1:3]] == ["k_cache", "v_cache"], node.format_node()
     # the functional IR (what AOTInductor / other backends see) records the input mutations
     functional = exported.run_decompositions({})
     sig = functional.graph_signature
@@ -519,7 +515,7 @@ def test_export_decode_step_buffer_cache(device):
                _rand(bsz, 1, HK, D, device=device), _i32([0, 0, 0], device), cos, sin)
     exported = torch.export.export(DecodeWithBufferCache(bsz, cap).to(device), example)
     (node,) = _append_nodes(exported)
-    assert [a.name for a in node.args[:2]] == ["b_k_cache", "b_v_cache"], node.format_node()
+    assert [a.name for a in node.args[1:3]] == ["b_k_cache", "b_v_cache"], node.format_node()
     functional = exported.run_decompositions({})
     assert set(functional.graph_signature.buffers_to_mutate.values()) == {"k_cache", "v_cache"}, \
         functional.graph_signature

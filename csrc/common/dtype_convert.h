@@ -59,6 +59,28 @@ MATE_HD uint16_t float_to_half(float f) {
   return sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13);
 }
 
+// float to float8 e4m3fn, round to nearest even. e4m3fn has no infinity: NaN stays NaN
+// (0x7f) and finite values or infinities past the largest finite value (448) saturate to
+// it, as torch's conversion does since 2.10.
+MATE_HD uint8_t float_to_fp8_e4m3(float f) {
+  uint32_t u = float_to_bits(f);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
+  u &= 0x7fffffffu;
+  if (u > 0x7f800000u) return sign | 0x7f;   // NaN
+  if (u >= 0x43f00000u) return sign | 0x7e;  // >= 480 (rounds past 448) or inf: saturate
+  if (u < 0x3c800000u) {                     // below 2^-6: subnormal e4m3, steps of 2^-9
+    // adding 2^14 leaves the value's multiples of 2^-9 in the low mantissa bits, rounded
+    // to nearest even by the float adder
+    const float r = bits_to_float(u) + 16384.0f;
+    return sign | static_cast<uint8_t>(float_to_bits(r) - float_to_bits(16384.0f));
+  }
+  // normal: rebias the exponent (127 -> 7) and round the 23-bit mantissa to 3 bits
+  const uint32_t odd = (u >> 20) & 1u;
+  u += 0x7ffffu + odd - (120u << 23);
+  const uint8_t r = static_cast<uint8_t>(u >> 20);
+  return sign | (r == 0x7f ? 0x7e : r);
+}
+
 // Element `i` of a tensor of dtype `dt` as float.
 MATE_HD float load_float(const void* base, int64_t i, DType dt) {
   switch (dt) {
@@ -69,13 +91,13 @@ MATE_HD float load_float(const void* base, int64_t i, DType dt) {
   }
 }
 
-// Stores f as dtype `dt` (fp32 / fp16 / bf16) at element `i`.
+// Stores f as dtype `dt` at element `i`.
 MATE_HD void store_float(void* base, int64_t i, DType dt, float f) {
   switch (dt) {
     case DType::kFloat32: static_cast<float*>(base)[i] = f; break;
     case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_half(f); break;
     case DType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16(f); break;
-    default: break;
+    case DType::kFloat8E4M3: static_cast<uint8_t*>(base)[i] = float_to_fp8_e4m3(f); break;
   }
 }
 

@@ -13,72 +13,37 @@
 
 namespace mate {
 
-// The arguments of mate::fmha_fwd / fmha_fwd_out, in schema order.
-struct FmhaInputs {
-  at::Tensor q, k, v;
-  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;
-  std::optional<int64_t> max_seqlen_q, max_seqlen_k;
-  std::optional<at::Tensor> seqused_q, seqused_k, page_table, cache_batch_idx, cache_leftpad;
-  std::optional<at::Tensor> qv, q_descale, k_descale, v_descale;
-  std::optional<double> softmax_scale;
-  bool causal = false;
-  int64_t window_size_left = -1, window_size_right = -1;
-  std::optional<at::Tensor> learnable_sink;
-  int64_t attention_chunk = 0;
-  double softcap = 0.0;
-  std::optional<at::Tensor> scheduler_metadata;
-  int64_t num_splits = 1;
-  std::optional<bool> pack_gqa;
-  int64_t cp_world_size = 1, cp_rank = 0;
-  std::optional<at::Tensor> cp_tot_seqused_k;
-  std::optional<at::ScalarType> out_dtype;
-  std::optional<at::Tensor> alibi_slopes;
-};
+class OpArgs;
 
-// Validated parameters plus tensors the params point into (kept alive here).
+// Validated parameters plus tensors the params point into (kept alive here): what an
+// fmha kernel (kernel_table.h) gets.
 struct FmhaProblem {
   FmhaParams params;
   at::ScalarType out_dtype;
   std::vector<int64_t> out_shape, lse_shape;
-  at::Tensor sink_f32;  // learnable_sink as contiguous fp32
+  // Upper bounds of any sequence's query rows / keys from shapes and hints only (no
+  // device read): grid sizes and split heuristics of the device kernels.
+  int max_seqlen_q = 0, max_seqlen_k = 0;
+  at::TensorOptions scratch_options;  // fp32 on the op's device (split buffers)
+  at::Tensor sink_f32;                // learnable_sink as contiguous fp32
 };
 
-// Packs an op's arguments (schema order after q, k, v) into FmhaInputs.
-FmhaInputs make_fmha_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                       std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,
-                       const std::optional<at::Tensor>& seqused_q, const std::optional<at::Tensor>& seqused_k,
-                       const std::optional<at::Tensor>& page_table, const std::optional<at::Tensor>& cache_batch_idx,
-                       const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& qv,
-                       const std::optional<at::Tensor>& q_descale, const std::optional<at::Tensor>& k_descale,
-                       const std::optional<at::Tensor>& v_descale, std::optional<double> softmax_scale, bool causal,
-                       int64_t window_size_left, int64_t window_size_right,
-                       const std::optional<at::Tensor>& learnable_sink, int64_t attention_chunk, double softcap,
-                       const std::optional<at::Tensor>& scheduler_metadata, int64_t num_splits,
-                       std::optional<bool> pack_gqa, int64_t cp_world_size, int64_t cp_rank,
-                       const std::optional<at::Tensor>& cp_tot_seqused_k);
+// The tensors of an attention call and the names the op's schema gives them (fmha_fwd:
+// k / v / seqused_k; fmha_fwd_kvcache: k_cache / v_cache / cache_seqlens).
+struct FmhaTensors {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  std::optional<at::Tensor> seqused_k;
+  std::optional<at::ScalarType> out_dtype;
+  const char* k_name = "k";
+  const char* v_name = "v";
+  const char* seqused_k_name = "seqused_k";
+};
 
-// The op argument list shared by fmha_fwd and fmha_fwd_out (schema order after q, k, v [, out, lse]).
-#define MATE_FMHA_ARGS                                                                              \
-  const std::optional<at::Tensor>&cu_seqlens_q, const std::optional<at::Tensor>&cu_seqlens_k,     \
-      std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k,                   \
-      const std::optional<at::Tensor>&seqused_q, const std::optional<at::Tensor>&seqused_k,       \
-      const std::optional<at::Tensor>&page_table, const std::optional<at::Tensor>&cache_batch_idx, \
-      const std::optional<at::Tensor>&cache_leftpad, const std::optional<at::Tensor>&qv,          \
-      const std::optional<at::Tensor>&q_descale, const std::optional<at::Tensor>&k_descale,       \
-      const std::optional<at::Tensor>&v_descale, std::optional<double> softmax_scale, bool causal, \
-      int64_t window_size_left, int64_t window_size_right,                                        \
-      const std::optional<at::Tensor>&learnable_sink, int64_t attention_chunk, double softcap,    \
-      const std::optional<at::Tensor>&scheduler_metadata, int64_t num_splits,                     \
-      std::optional<bool> pack_gqa, int64_t cp_world_size, int64_t cp_rank,                       \
-      const std::optional<at::Tensor>&cp_tot_seqused_k
-#define MATE_FMHA_ARG_NAMES                                                                        \
-  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table,         \
-      cache_batch_idx, cache_leftpad, qv, q_descale, k_descale, v_descale, softmax_scale, causal,   \
-      window_size_left, window_size_right, learnable_sink, attention_chunk, softcap,                \
-      scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank, cp_tot_seqused_k
-
-FmhaProblem check_fmha_inputs(const FmhaInputs& in);
+// Validates an attention call and builds its parameters; the remaining options are read
+// from `args` by their schema names (see op_args.h).
+FmhaProblem check_fmha_inputs(const OpArgs& args, const FmhaTensors& tensors);
 
 // Checks a caller's out / lse against the problem and points the params at them.
 void set_fmha_outputs(FmhaProblem& prob, const at::Tensor& out, const at::Tensor& lse);
@@ -99,12 +64,6 @@ struct CombineProblem {
 CombineProblem check_combine_inputs(const at::Tensor& out_partial, const at::Tensor& lse_partial,
                                     std::optional<at::ScalarType> out_dtype);
 void set_combine_outputs(CombineProblem& prob, const at::Tensor& out, const at::Tensor& lse);
-
-// get_scheduler_metadata: validates its arguments and returns the split count it records.
-int check_scheduler_args(int64_t batch_size, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                         int64_t num_heads_q, int64_t num_heads_kv, int64_t headdim,
-                         int64_t headdim_v, const at::Tensor& seqused_k, int64_t max_seqlen_k_new,
-                         int64_t num_splits, int num_workers);
 
 constexpr int kMaxHeadDim = 512;
 constexpr int kMaxSplits = 256;

@@ -28,6 +28,11 @@ struct SeqInfo {
   int mask_k_len = 0;   // Sk the masks align with (global length under context parallel)
 };
 
+// Keys fmha_fwd_kvcache appends to sequence b before attending (0 for the other ops).
+MATE_HD int new_keys(const FmhaParams& p, int b) {
+  return p.cu_seqlens_k_new ? p.cu_seqlens_k_new[b + 1] - p.cu_seqlens_k_new[b] : p.seqlen_k_new;
+}
+
 MATE_HD SeqInfo seq_info(const FmhaParams& p, int b) {
   SeqInfo s;
   if (p.q_is_ragged) {
@@ -45,7 +50,7 @@ MATE_HD SeqInfo seq_info(const FmhaParams& p, int b) {
   } else {
     k_end = p.seqlen_k;
   }
-  if (p.seqused_k) k_end = p.seqused_k[b];
+  if (p.seqused_k) k_end = p.seqused_k[b] + new_keys(p, b);
   s.k_start = p.cache_leftpad ? p.cache_leftpad[b] : 0;
   s.k_len = imax(k_end - s.k_start, 0);
   s.mask_k_len = p.cp_tot_seqused_k ? p.cp_tot_seqused_k[b] : s.k_len;

@@ -43,6 +43,10 @@ struct FmhaParams {
   const int32_t* cache_leftpad = nullptr;    // (B)
   const int32_t* cp_tot_seqused_k = nullptr; // (B)
   const int32_t* scheduler_metadata = nullptr;  // (B+1), see scheduler.h
+  // fmha_fwd_kvcache: keys appended by this call. Sequence b's keys end at
+  // seqused_k[b] + its new keys (cu_seqlens_k_new[b+1] - cu_seqlens_k_new[b], or seqlen_k_new).
+  const int32_t* cu_seqlens_k_new = nullptr;  // (B+1)
+  int seqlen_k_new = 0;
 
   // FP8 descales, fp32 (B, Hk); strides in elements.
   const float* q_descale = nullptr;

@@ -3,19 +3,26 @@
 #include <algorithm>
 
 #include "check_utils.h"
+#include "op_args.h"
 #include "fmha_checks.h"
 
 namespace mate {
 namespace {
 
-// cos/sin (Sro, R/2) in the dtype of the rotated tensor x, with R % 16 == 0 and R <= D.
+// cos/sin (Sro, R/2) with R % 16 == 0 and R <= D, in the dtype of the rotated tensor x; for
+// float8 x, any of fp32/fp16/bf16 (FA3's fp8 kv-cache calls pass bf16 tables): the rotation
+// runs in fp32 and the result is stored as float8.
 RotaryParams check_rotary_tables(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& x,
                                  const char* x_name, int64_t head_dim, bool interleaved) {
-  TORCH_CHECK(x.scalar_type() != at::kFloat8_e4m3fn,
-              "rotary embedding is not supported with float8 inputs (", x_name, " is float8_e4m3fn)");
-  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
-              "rotary_cos and rotary_sin must have the dtype of ", x_name, " (", x.scalar_type(),
-              "), got ", cos.scalar_type(), " and ", sin.scalar_type());
+  const auto dt = x.scalar_type(), ct = cos.scalar_type();
+  if (dt == at::kFloat8_e4m3fn) {
+    TORCH_CHECK((ct == at::kFloat || ct == at::kHalf || ct == at::kBFloat16) && sin.scalar_type() == ct,
+                "rotary_cos and rotary_sin must share one dtype of float32, float16 or bfloat16 with float8 ",
+                x_name, ", got ", ct, " and ", sin.scalar_type());
+  } else {
+    TORCH_CHECK(ct == dt && sin.scalar_type() == dt, "rotary_cos and rotary_sin must have the dtype of ", x_name,
+                " (", dt, "), got ", ct, " and ", sin.scalar_type());
+  }
   TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes(),
               "rotary_cos and rotary_sin must both be 2-D (seqlen_ro, rotary_dim / 2), got ",
               cos.sizes(), " and ", sin.sizes());
@@ -36,21 +43,20 @@ RotaryParams check_rotary_tables(const at::Tensor& cos, const at::Tensor& sin, c
   r.rotary_dim = static_cast<int>(rotary_dim);
   r.max_positions = static_cast<int>(cos.size(0));
   r.interleaved = interleaved;
+  r.table_dtype = to_dtype(ct);
   return r;
 }
 
 }  // namespace
 
-AppendParams check_append_inputs(const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                 const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& cache_seqlens,
-                                 const std::optional<at::Tensor>& cu_seqlens_k_new,
-                                 const std::optional<at::Tensor>& page_table,
-                                 const std::optional<at::Tensor>& cache_batch_idx,
-                                 const std::optional<at::Tensor>& rotary_cos,
-                                 const std::optional<at::Tensor>& rotary_sin,
-                                 const std::optional<at::Tensor>& rotary_seqlens,
-                                 bool rotary_interleaved, const std::optional<at::Tensor>& cache_leftpad) {
+AppendParams check_append_inputs(const OpArgs& a) {
+  const at::Tensor &k_cache = a.tensor("k_cache"), &v_cache = a.tensor("v_cache");
+  const at::Tensor &k = a.tensor("k"), &v = a.tensor("v"), &cache_seqlens = a.tensor("cache_seqlens");
+  const auto cu_seqlens_k_new = a.opt_tensor("cu_seqlens_k_new"), page_table = a.opt_tensor("page_table");
+  const auto cache_batch_idx = a.opt_tensor("cache_batch_idx"), cache_leftpad = a.opt_tensor("cache_leftpad");
+  const auto rotary_cos = a.opt_tensor("rotary_cos"), rotary_sin = a.opt_tensor("rotary_sin");
+  const auto rotary_seqlens = a.opt_tensor("rotary_seqlens");
+  const bool rotary_interleaved = a.flag("rotary_interleaved", true);
   AppendParams p;
   const auto dt = k_cache.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat8_e4m3fn,
@@ -189,21 +195,22 @@ void check_append_index_values(const AppendParams& p) {
 RotaryApplyParams check_rotary_inputs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                                       const at::Tensor& seqlen_offsets,
                                       const std::optional<at::Tensor>& cu_seqlens, bool interleaved,
-                                      bool positions_per_row) {
+                                      bool positions_per_row, const RotaryNames& names) {
   RotaryApplyParams p;
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "x must be float32, float16 or bfloat16 (rotary embedding is not supported with float8), got ", dt);
+  const char* xn = names.x;
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat8_e4m3fn, xn,
+              " must be float32, float16, bfloat16 or float8_e4m3fn, got ", dt);
   const bool ragged = cu_seqlens.has_value();
-  TORCH_CHECK(x.dim() == (ragged ? 3 : 4), "x must be ",
-              ragged ? "(total, num_heads, head_dim) with cu_seqlens" : "(batch_size, seqlen, num_heads, head_dim)",
-              ", got shape ", x.sizes());
-  check_last_dim_contiguous(x, "x");
-  TORCH_CHECK(!ragged || cu_seqlens->dim() == 1, "cu_seqlens must be 1-D (batch_size + 1)");
+  TORCH_CHECK(x.dim() == (ragged ? 3 : 4), xn, " must be ",
+              ragged ? "(total, num_heads, head_dim) with " : "(batch_size, seqlen, num_heads, head_dim)",
+              ragged ? names.cu_seqlens : "", ", got shape ", x.sizes());
+  check_last_dim_contiguous(x, xn);
+  TORCH_CHECK(!ragged || cu_seqlens->dim() == 1, names.cu_seqlens, " must be 1-D (batch_size + 1)");
   const int64_t batch = ragged ? cu_seqlens->size(0) - 1 : x.size(0);
-  check_int32_vector(cu_seqlens, "cu_seqlens", batch + 1, x, "x");
-  check_int32_vector(seqlen_offsets, "seqlen_offsets", batch, x, "x");
-  p.rotary = check_rotary_tables(cos, sin, x, "x", x.size(-1), interleaved);
+  check_int32_vector(cu_seqlens, names.cu_seqlens, batch + 1, x, xn);
+  check_int32_vector(seqlen_offsets, names.seqlen_offsets, batch, x, xn);
+  p.rotary = check_rotary_tables(cos, sin, x, xn, x.size(-1), interleaved);
   p.x = x.data_ptr();
   p.x_batch_stride = ragged ? 0 : x.stride(0);
   p.x_row_stride = x.stride(-3);
@@ -213,6 +220,7 @@ RotaryApplyParams check_rotary_inputs(const at::Tensor& x, const at::Tensor& cos
   p.batch = static_cast<int>(batch);
   p.seqlen = ragged ? 0 : static_cast<int>(x.size(1));
   p.total_rows = static_cast<int>(ragged ? x.size(0) : x.size(0) * x.size(1));
+  p.max_rows = ragged ? p.total_rows : p.seqlen;  // callers with a max_seqlen hint lower it
   p.heads = static_cast<int>(x.size(-2));
   p.head_dim = static_cast<int>(x.size(-1));
   p.positions_per_row = positions_per_row;

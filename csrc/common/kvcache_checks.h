@@ -11,23 +11,23 @@
 
 namespace mate {
 
-AppendParams check_append_inputs(const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                 const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& cache_seqlens,
-                                 const std::optional<at::Tensor>& cu_seqlens_k_new,
-                                 const std::optional<at::Tensor>& page_table,
-                                 const std::optional<at::Tensor>& cache_batch_idx,
-                                 const std::optional<at::Tensor>& rotary_cos,
-                                 const std::optional<at::Tensor>& rotary_sin,
-                                 const std::optional<at::Tensor>& rotary_seqlens,
-                                 bool rotary_interleaved,
-                                 const std::optional<at::Tensor>& cache_leftpad = std::nullopt);
+class OpArgs;
+
+// kvcache_append's arguments (also fmha_fwd_kvcache's append step: the same names).
+AppendParams check_append_inputs(const OpArgs& args);
 void check_append_index_values(const AppendParams& p);
 
+// Names of the rotated tensor and its index arguments in the calling op's schema.
+struct RotaryNames {
+  const char* x = "x";
+  const char* cu_seqlens = "cu_seqlens";
+  const char* seqlen_offsets = "seqlen_offsets";
+};
 RotaryApplyParams check_rotary_inputs(const at::Tensor& x, const at::Tensor& cos,
                                       const at::Tensor& sin, const at::Tensor& seqlen_offsets,
                                       const std::optional<at::Tensor>& cu_seqlens,
-                                      bool interleaved, bool positions_per_row);
+                                      bool interleaved, bool positions_per_row,
+                                      const RotaryNames& names = {});
 void set_rotary_output(RotaryApplyParams& p, const at::Tensor& out);
 void check_rotary_index_values(const RotaryApplyParams& p);
 

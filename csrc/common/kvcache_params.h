@@ -18,6 +18,7 @@ struct RotaryParams {
   int rotary_dim = 0;            // R (0 = no rotary)
   int max_positions = 0;         // Sro
   bool interleaved = true;       // GPT-J pairs (2m, 2m+1); else NeoX pairs (m, m + R/2)
+  DType table_dtype = DType::kBFloat16;  // of cos/sin: the rotated tensor's, or fp32/fp16/bf16 for fp8
 };
 
 struct AppendParams {
@@ -57,6 +58,7 @@ struct RotaryApplyParams {
   const int32_t* seqlen_offsets = nullptr;  // (B): position of row 0
   const int32_t* cu_seqlens = nullptr;      // (B+1) ragged rows
   int batch = 0, seqlen = 0, total_rows = 0, heads = 0, head_dim = 0;
+  int max_rows = 0;                         // upper bound of any sequence's rows (grid size)
   bool positions_per_row = true;            // row t at offset + t; else every row at offset
   DType dtype = DType::kBFloat16;
   RotaryParams rotary;

@@ -218,7 +218,7 @@ void check_mla_index_values(const MlaParams& p) {
                 "] = ", len, " must be in [0, max_num_blocks * page_block_size = ",
                 static_cast<int64_t>(p.max_blocks) * P, "]");
     const int32_t* row = p.block_table + b * p.block_table_stride;
-    for (int i = 0; i < (len + P - 1) / P; ++i)
+    for (int64_t i = 0; i < (static_cast<int64_t>(len) + P - 1) / P; ++i)  // 64-bit: len + P may pass 2^31
       TORCH_CHECK(row[i] >= 0 && row[i] < p.cache.num_blocks, "block_table[", b, ", ", i, "] = ", row[i],
                   " is out of range [0, ", p.cache.num_blocks, ")");
   }

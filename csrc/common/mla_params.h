@@ -99,4 +99,58 @@ MATE_HD int mla_num_parts(int num_workers, int num_heads_k, int num_q_tokens_per
   return imax(1, num_workers / imax(1, num_heads_k) / m_blocks);
 }
 
+// get_mla_metadata's schedule: each sequence's 64-token key blocks are dealt out evenly
+// over `parts` parts, in order (FlashMLA's idea). Single-threaded and allocation-free, so
+// a backend may run it on the host or in a one-thread device kernel.
+struct MlaMetadataParams {
+  const int32_t* cache_seqlens = nullptr;  // (batch): keys per sequence (dense decode)
+  int64_t fixed_keys = -1;                 // >= 0: every sequence has this many (topk + extra_topk)
+  int batch = 0;
+  int parts = 1;
+  int32_t* metadata = nullptr;             // (parts, kMlaMetadataCols)
+  int32_t* num_splits = nullptr;           // (batch + 1): cumulative splits
+};
+
+MATE_HD int64_t mla_key_blocks(const MlaMetadataParams& p, int b) {
+  const int64_t keys = p.fixed_keys >= 0 ? p.fixed_keys : (p.cache_seqlens[b] > 0 ? p.cache_seqlens[b] : 0);
+  const int64_t blocks = (keys + kMlaBlockTokens - 1) / kMlaBlockTokens;
+  return blocks > 1 ? blocks : 1;
+}
+
+MATE_HD void mla_schedule(const MlaMetadataParams& p) {
+  int64_t total = 0;
+  for (int b = 0; b < p.batch; ++b) total += mla_key_blocks(p, b);
+  const int64_t per_part_raw = (total + p.parts - 1) / p.parts;
+  const int64_t per_part = per_part_raw > 1 ? per_part_raw : 1;
+  for (int b = 0; b <= p.batch; ++b) p.num_splits[b] = 0;
+  int b = 0;
+  int64_t blk = 0, split_count = 0;
+  for (int part = 0; part < p.parts; ++part) {
+    int32_t* row = p.metadata + static_cast<int64_t>(part) * kMlaMetadataCols;
+    row[0] = b;
+    row[1] = static_cast<int32_t>(blk);
+    row[4] = static_cast<int32_t>(split_count);
+    row[5] = row[6] = row[7] = 0;
+    int64_t budget = per_part;
+    while (b < p.batch && budget > 0) {
+      const int64_t blocks = mla_key_blocks(p, b);
+      const int64_t take = budget < blocks - blk ? budget : blocks - blk;
+      blk += take;
+      budget -= take;
+      ++p.num_splits[b + 1];  // splits of sequence b, summed below
+      ++split_count;
+      if (blk == blocks) {
+        ++b;
+        blk = 0;
+      }
+    }
+    row[2] = b;
+    row[3] = static_cast<int32_t>(blk);
+  }
+  for (int i = 0; i < p.batch; ++i) {
+    const int32_t n = p.num_splits[i + 1];
+    p.num_splits[i + 1] = p.num_splits[i] + (n > 1 ? n : 1);
+  }
+}
+
 }  // namespace mate

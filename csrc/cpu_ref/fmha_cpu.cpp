@@ -1,18 +1,17 @@
-// CPU reference kernels of the FMHA family: fmha_fwd(_out), fmha_combine(_out),
-// get_scheduler_metadata. Tiled flash attention with an online softmax:
+// CPU reference kernels of the FMHA family (attention, split-KV combine, the worker
+// count of the split heuristics), filled into the kernel table. Tiled flash attention with an online softmax:
 // each work item is (sequence, kv head, block of query rows with their GQA group,
 // key split); memory per thread is O(tile), never Sq x Sk.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <vector>
 
 #include "../common/fmha_checks.h"
-#include "../common/fmha_ops.h"
+#include "../common/kernel_table.h"
 #include "../common/fmha_math.h"
 #include "../common/scheduler.h"
 #include "cpu_blas.h"
@@ -328,26 +327,14 @@ void run_fmha(const FmhaParams& p) {
   });
 }
 
-void fmha_cpu(FmhaProblem& prob, const FmhaInputs&) {
+void fmha_cpu(const FmhaProblem& prob) {
   const FmhaParams& p = prob.params;
-  check_fmha_index_values(p);
   switch (p.in_dtype) {
     case DType::kFloat32: return run_fmha<float>(p);
     case DType::kFloat16: return run_fmha<c10::Half>(p);
     case DType::kBFloat16: return run_fmha<c10::BFloat16>(p);
     case DType::kFloat8E4M3: return run_fmha<c10::Float8_e4m3fn>(p);
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> fmha_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            MATE_FMHA_ARGS, std::optional<at::ScalarType> out_dtype,
-                                            const std::optional<at::Tensor>& alibi_slopes) {
-  return fmha_fwd_op(&fmha_cpu, q, k, v, MATE_FMHA_ARG_NAMES, out_dtype, alibi_slopes);
-}
-
-void fmha_fwd_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& lse, MATE_FMHA_ARGS, const std::optional<at::Tensor>& alibi_slopes) {
-  fmha_fwd_out_op(&fmha_cpu, q, k, v, out, lse, MATE_FMHA_ARG_NAMES, alibi_slopes);
 }
 
 void combine_cpu(const CombineParams& c) {
@@ -363,43 +350,13 @@ void combine_cpu(const CombineParams& c) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> fmha_combine(const at::Tensor& out_partial, const at::Tensor& lse_partial,
-                                                std::optional<at::ScalarType> out_dtype) {
-  return fmha_combine_op(&combine_cpu, out_partial, lse_partial, out_dtype);
-}
-
-void fmha_combine_out(const at::Tensor& out_partial, const at::Tensor& lse_partial, const at::Tensor& out,
-                      const at::Tensor& lse) {
-  fmha_combine_out_op(&combine_cpu, out_partial, lse_partial, out, lse);
-}
-
-at::Tensor get_scheduler_metadata(int64_t batch_size, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                  int64_t num_heads_q, int64_t num_heads_kv, int64_t headdim,
-                                  int64_t headdim_v, at::ScalarType qkv_dtype, const at::Tensor& seqused_k,
-                                  const std::optional<at::Tensor>& cu_seqlens_q,
-                                  const std::optional<at::Tensor>& cu_seqlens_k,
-                                  const std::optional<at::Tensor>& cu_seqlens_k_new,
-                                  const std::optional<at::Tensor>& seqused_q,
-                                  const std::optional<at::Tensor>& cache_leftpad, std::optional<int64_t> page_size,
-                                  int64_t max_seqlen_k_new, bool causal, int64_t window_size_left,
-                                  int64_t window_size_right, int64_t attention_chunk, bool has_softcap,
-                                  int64_t num_splits, std::optional<bool> pack_gqa, int64_t sm_margin) {
-  const int splits = check_scheduler_args(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv,
-                                          headdim, headdim_v, seqused_k, max_seqlen_k_new, num_splits,
-                                          at::get_num_threads());
-  at::Tensor meta = at::empty({scheduler_metadata_size(batch_size)}, seqused_k.options().dtype(at::kInt));
-  meta.fill_(splits);
-  return meta;
-}
+// The split heuristics schedule for the threads of at::parallel_for.
+int cpu_workers(int) { return at::get_num_threads(); }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mate, CPU, m) {
-  m.impl("fmha_fwd", &fmha_fwd);
-  m.impl("fmha_fwd_out", &fmha_fwd_out);
-  m.impl("fmha_combine", &fmha_combine);
-  m.impl("fmha_combine_out", &fmha_combine_out);
-  m.impl("get_scheduler_metadata", &get_scheduler_metadata);
-}
+MATE_REGISTER_KERNEL(fmha_kernel, CPU, &fmha_cpu);
+MATE_REGISTER_KERNEL(combine_kernel, CPU, &combine_cpu);
+MATE_REGISTER_KERNEL(num_workers_kernel, CPU, &cpu_workers);
 
 }  // namespace mate::cpu

@@ -1,32 +1,32 @@
-// CPU reference kernels of the kv-cache family: kvcache_append (in-place write of new
-// keys/values into a dense or paged cache, keys optionally rotated) and rotary_embedding.
+// CPU reference kernels of the kv-cache family: append (in-place write of new keys/values
+// into a dense or paged cache, keys optionally rotated) and rotary embedding.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
-#include <torch/library.h>
 
 #include <cstring>
 
-#include "../common/kvcache_checks.h"
+#include "../common/dtype_convert.h"
+#include "../common/kernel_table.h"
+#include "../common/kvcache_params.h"
 
 namespace mate::cpu {
 namespace {
 
-// Rotates the first rotary_dim channels of one head vector at `pos`; the rest is copied.
+// Rotates the first rotary_dim channels of one head vector at `pos` in fp32 and stores them
+// in the vector's dtype (float8 included); the rest is copied.
 template <typename T>
-void rotate_head(T* dst, const T* src, int head_dim, const RotaryParams& r, int pos) {
+void rotate_head(T* dst, const T* src, int head_dim, const RotaryParams& r, int pos, DType dt) {
   if (r.rotary_dim == 0 || dst != src) std::memcpy(dst, src, head_dim * sizeof(T));
   if (r.rotary_dim == 0) return;
-  const T* cos = static_cast<const T*>(r.cos) + pos * r.cos_row_stride;
-  const T* sin = static_cast<const T*>(r.sin) + pos * r.sin_row_stride;
   for (int m = 0; m < r.rotary_dim / 2; ++m) {
     int c1, c2;
     rotary_pair(m, r.rotary_dim, r.interleaved, c1, c2);
     float y1, y2;
-    rotate(static_cast<float>(src[c1]), static_cast<float>(src[c2]), static_cast<float>(cos[m]),
-           static_cast<float>(sin[m]), y1, y2);
-    dst[c1] = static_cast<T>(y1);
-    dst[c2] = static_cast<T>(y2);
+    rotate(load_float(src, c1, dt), load_float(src, c2, dt), load_float(r.cos, pos * r.cos_row_stride + m, r.table_dtype),
+           load_float(r.sin, pos * r.sin_row_stride + m, r.table_dtype), y1, y2);
+    store_float(dst, c1, dt, y1);
+    store_float(dst, c2, dt, y2);
   }
 }
 
@@ -49,25 +49,14 @@ void run_append(const AppendParams& p) {
       const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + src_row * p.k_row_stride;
       const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + src_row * p.v_row_stride;
       for (int h = 0; h < p.heads_k; ++h) {
-        rotate_head(kc + h * p.kc_head_stride, k + h * p.k_head_stride, p.head_dim, p.rotary, rot_pos);
+        rotate_head(kc + h * p.kc_head_stride, k + h * p.k_head_stride, p.head_dim, p.rotary, rot_pos, p.dtype);
         std::memcpy(vc + h * p.vc_head_stride, v + h * p.v_head_stride, p.head_dim_v * sizeof(T));
       }
     }
   });
 }
 
-void kvcache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& cache_seqlens,
-                    const std::optional<at::Tensor>& cu_seqlens_k_new,
-                    const std::optional<at::Tensor>& page_table,
-                    const std::optional<at::Tensor>& cache_batch_idx,
-                    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
-                    const std::optional<at::Tensor>& rotary_seqlens, bool rotary_interleaved,
-                    const std::optional<at::Tensor>& cache_leftpad) {
-  const AppendParams p = check_append_inputs(k_cache, v_cache, k, v, cache_seqlens, cu_seqlens_k_new, page_table,
-                                             cache_batch_idx, rotary_cos, rotary_sin, rotary_seqlens,
-                                             rotary_interleaved, cache_leftpad);
-  check_append_index_values(p);
+void append_cpu(const AppendParams& p) {
   switch (p.dtype) {
     case DType::kFloat32: return run_append<float>(p);
     case DType::kFloat16: return run_append<c10::Half>(p);
@@ -87,34 +76,24 @@ void run_rotary(const RotaryApplyParams& p) {
         const T* x = static_cast<const T*>(p.x) + b * p.x_batch_stride + (row0 + t) * p.x_row_stride;
         T* o = static_cast<T*>(p.out) + b * p.o_batch_stride + (row0 + t) * p.o_row_stride;
         for (int h = 0; h < p.heads; ++h)
-          rotate_head(o + h * p.o_head_stride, x + h * p.x_head_stride, p.head_dim, p.rotary, pos);
+          rotate_head(o + h * p.o_head_stride, x + h * p.x_head_stride, p.head_dim, p.rotary, pos, p.dtype);
       }
     }
   });
 }
 
-at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                            const at::Tensor& seqlen_offsets, const std::optional<at::Tensor>& cu_seqlens,
-                            std::optional<int64_t> max_seqlen, bool interleaved, bool positions_per_row) {
-  RotaryApplyParams p = check_rotary_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, interleaved, positions_per_row);
-  check_rotary_index_values(p);
-  // rows of a ragged x outside every sequence are passed through unchanged
-  at::Tensor out = p.cu_seqlens ? x.clone(at::MemoryFormat::Contiguous) : at::empty(x.sizes(), x.options());
-  set_rotary_output(p, out);
+void rotary_cpu(const RotaryApplyParams& p) {
   switch (p.dtype) {
-    case DType::kFloat32: run_rotary<float>(p); break;
-    case DType::kFloat16: run_rotary<c10::Half>(p); break;
-    case DType::kBFloat16: run_rotary<c10::BFloat16>(p); break;
-    case DType::kFloat8E4M3: TORCH_CHECK(false, "rotary_embedding does not support float8");
+    case DType::kFloat32: return run_rotary<float>(p);
+    case DType::kFloat16: return run_rotary<c10::Half>(p);
+    case DType::kBFloat16: return run_rotary<c10::BFloat16>(p);
+    case DType::kFloat8E4M3: return run_rotary<c10::Float8_e4m3fn>(p);
   }
-  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mate, CPU, m) {
-  m.impl("kvcache_append", &kvcache_append);
-  m.impl("rotary_embedding", &rotary_embedding);
-}
+MATE_REGISTER_KERNEL(append_kernel, CPU, &append_cpu);
+MATE_REGISTER_KERNEL(rotary_kernel, CPU, &rotary_cpu);
 
 }  // namespace mate::cpu

@@ -1,5 +1,5 @@
-// CPU reference kernels of the MLA family: mla_decode (dense / sparse / FP8 / sink /
-// extra cache), mla_sparse_prefill and get_mla_metadata.
+// CPU reference kernels of the MLA family: decode (dense / sparse / FP8 / sink / extra
+// cache; sparse prefill runs as a decode) and the metadata schedule.
 //
 // One work item is one query position with the query heads of one kv head (all heads
 // for sparse MLA). Its keys (a causal prefix of the paged cache, or the valid top-k
@@ -9,11 +9,11 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <vector>
 
-#include "../common/mla_checks.h"
+#include "../common/kernel_table.h"
+#include "../common/mla_params.h"
 #include "cpu_blas.h"
 #include "cpu_math.h"
 #include "cpu_parallel.h"
@@ -139,7 +139,6 @@ void attend_item(const MlaParams& p, int b, int s, int hkv) {
 }
 
 void run_mla(const MlaParams& p) {
-  check_mla_index_values(p);
   const int64_t items = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads_kv;
   parallel_items(items, [&](int64_t i) {
     const int hkv = static_cast<int>(i % p.heads_kv);
@@ -148,104 +147,11 @@ void run_mla(const MlaParams& p) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> mla_decode(
-    const at::Tensor& q, const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table,
-    const std::optional<at::Tensor>& cache_seqlens, int64_t head_dim_v,
-    const std::optional<at::Tensor>& tile_scheduler_metadata, const std::optional<at::Tensor>& num_splits,
-    std::optional<double> softmax_scale, bool causal, bool is_fp8_kvcache, const std::optional<at::Tensor>& indices,
-    const std::optional<at::Tensor>& attn_sink, const std::optional<at::Tensor>& extra_k_cache,
-    const std::optional<at::Tensor>& extra_indices_in_kvcache, const std::optional<at::Tensor>& topk_length,
-    const std::optional<at::Tensor>& extra_topk_length) {
-  MlaProblem prob = check_mla_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
-                                            is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-                                            topk_length, extra_topk_length);
-  // The scheduler metadata only guides device kernels: the CPU result never depends on it.
-  if (tile_scheduler_metadata)
-    TORCH_CHECK(tile_scheduler_metadata->scalar_type() == at::kInt && tile_scheduler_metadata->dim() == 2 &&
-                    tile_scheduler_metadata->size(1) == kMlaMetadataCols,
-                "tile_scheduler_metadata must be int32 (num_parts, 8) from get_mla_metadata, got ",
-                tile_scheduler_metadata->sizes());
-  if (num_splits)
-    TORCH_CHECK(num_splits->scalar_type() == at::kInt && num_splits->dim() == 1 && num_splits->size(0) == static_cast<int64_t>(prob.params.batch) + 1,
-                "num_splits must be int32 (batch_size + 1,) from get_mla_metadata, got ", num_splits->sizes());
-  at::Tensor out = at::empty(prob.out_shape, q.options());
-  at::Tensor lse = at::empty(prob.lse_shape, q.options().dtype(at::kFloat));
-  set_mla_outputs(prob, out, lse, std::nullopt);
-  run_mla(prob.params);
-  return {out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_sparse_prefill(const at::Tensor& q, const at::Tensor& kv,
-                                                                  const at::Tensor& indices, double sm_scale,
-                                                                  int64_t d_v,
-                                                                  const std::optional<at::Tensor>& attn_sink,
-                                                                  const std::optional<at::Tensor>& topk_length) {
-  MlaProblem prob = check_mla_sparse_prefill_inputs(q, kv, indices, sm_scale, d_v, attn_sink, topk_length);
-  at::Tensor out = at::empty(prob.out_shape, q.options());
-  at::Tensor lse = at::empty(prob.lse_shape, q.options().dtype(at::kFloat));
-  at::Tensor max_logits = at::empty(prob.lse_shape, q.options().dtype(at::kFloat));
-  set_mla_outputs(prob, out, lse, max_logits);
-  run_mla(prob.params);
-  return {out, max_logits, lse};
-}
-
-// Splits each sequence's 64-token blocks evenly over the parts (FlashMLA's idea); the CPU
-// kernel does not need it, device kernels will.
-std::tuple<at::Tensor, at::Tensor> get_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k,
-                                                    int64_t num_heads_k, std::optional<int64_t> num_heads_q,
-                                                    bool is_fp8_kvcache, std::optional<int64_t> topk,
-                                                    std::optional<int64_t> extra_topk) {
-  const int parts = check_mla_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, topk, extra_topk,
-                                            at::get_num_threads());
-  const int64_t batch = cache_seqlens.size(0);
-  const auto lens = cache_seqlens.contiguous();
-  const int32_t* len = lens.data_ptr<int32_t>();
-  std::vector<int64_t> blocks(batch);
-  int64_t total = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t keys = topk ? *topk + extra_topk.value_or(0) : std::max<int32_t>(len[b], 0);
-    blocks[b] = std::max<int64_t>(1, (keys + kMlaBlockTokens - 1) / kMlaBlockTokens);
-    total += blocks[b];
-  }
-  at::Tensor meta = at::zeros({parts, kMlaMetadataCols}, cache_seqlens.options());
-  at::Tensor splits = at::zeros({batch + 1}, cache_seqlens.options());
-  auto* m = meta.data_ptr<int32_t>();
-  auto* sp = splits.data_ptr<int32_t>();
-  const int64_t per_part = std::max<int64_t>(1, (total + parts - 1) / parts);
-  int64_t b = 0, blk = 0, split_count = 0;
-  std::vector<int32_t> splits_of(batch, 0);
-  for (int part = 0; part < parts; ++part) {
-    int32_t* row = m + part * kMlaMetadataCols;
-    row[0] = static_cast<int32_t>(std::min(b, batch));
-    row[1] = static_cast<int32_t>(blk);
-    row[4] = static_cast<int32_t>(split_count);
-    int64_t budget = per_part;
-    while (b < batch && budget > 0) {
-      const int64_t take = std::min(budget, blocks[b] - blk);
-      blk += take;
-      budget -= take;
-      ++splits_of[b];
-      ++split_count;
-      if (blk == blocks[b]) {
-        ++b;
-        blk = 0;
-      }
-    }
-    row[2] = static_cast<int32_t>(b);
-    row[3] = static_cast<int32_t>(blk);
-  }
-  for (int64_t i = 0; i < batch; ++i) sp[i + 1] = sp[i] + std::max(splits_of[i], 1);
-  (void)num_heads_q;
-  (void)is_fp8_kvcache;
-  return {meta, splits};
-}
+void mla_metadata_cpu(const MlaMetadataParams& p) { mla_schedule(p); }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mate, CPU, m) {
-  m.impl("get_mla_metadata", &get_mla_metadata);
-  m.impl("mla_decode", &mla_decode);
-  m.impl("mla_sparse_prefill", &mla_sparse_prefill);
-}
+MATE_REGISTER_KERNEL(mla_kernel, CPU, &run_mla);
+MATE_REGISTER_KERNEL(mla_metadata_kernel, CPU, &mla_metadata_cpu);
 
 }  // namespace mate::cpu

@@ -19,14 +19,15 @@ __device__ __forceinline__ void copy_element(void* dst, int64_t di, const void* 
   else static_cast<uint8_t*>(dst)[di] = static_cast<const uint8_t*>(src)[si];
 }
 
-// Channel c of a head vector `x` (element offset xo) after rotation at position pos.
+// Channel c of a head vector `x` (element offset xo) after rotation at position pos, in fp32
+// (float8 vectors rotate with fp32/fp16/bf16 tables; store_float rounds back to float8).
 __device__ __forceinline__ float rotated(const void* x, int64_t xo, DType dt, int c, const RotaryParams& r, int pos) {
   const int half = r.rotary_dim / 2;
   const int m = r.interleaved ? c / 2 : (c < half ? c : c - half);
   int c1, c2;
   rotary_pair(m, r.rotary_dim, r.interleaved, c1, c2);
-  const float cs = load_float(r.cos, pos * r.cos_row_stride + m, dt);
-  const float sn = load_float(r.sin, pos * r.sin_row_stride + m, dt);
+  const float cs = load_float(r.cos, pos * r.cos_row_stride + m, r.table_dtype);
+  const float sn = load_float(r.sin, pos * r.sin_row_stride + m, r.table_dtype);
   float y1, y2;
   rotate(load_float(x, xo + c1, dt), load_float(x, xo + c2, dt), cs, sn, y1, y2);
   return c == c1 ? y1 : y2;
