@@ -57,6 +57,8 @@ def flash_attn_varlen_func(
     Args:
         softmax_scale: defaults to ``1/sqrt(D)``, or ``1/sqrt(D + Dv)`` when ``qv`` is given.
         causal / window_size / attention_chunk: bottom-right aligned masks; ``-1`` = unbounded.
+            ``window_size`` is ``None`` or a ``(left, right)`` pair (tuple, list, 2-element
+            tensor); ``None`` or a negative value on a side leaves that side unbounded.
         qv: ``(..., H, Dv)``; adds ``scale * <qv_i, v_j>`` to the scores.
         q_descale, k_descale, v_descale: fp32 ``(B, Hk)`` dequantization scales for float8 inputs.
         learnable_sink: ``(H,)`` one unscaled logit per head that joins only the softmax denominator.
