@@ -8,7 +8,7 @@ import torch  # noqa: F401  (the extension links against torch)
 from . import _C  # noqa: F401  registers the schemas and the compiled kernels
 from . import meta_kernels  # noqa: F401  registers the fake kernels
 from . import compat, flash_attn_interface, flash_mla, flashinfer, flashmla, metal_flash_sdpa  # noqa: F401
-from . import mha_interface, testing  # noqa: F401
+from . import mha_interface, mla_fp8  # noqa: F401
 from .mha_interface import (  # noqa: F401
     flash_attn_combine,
     flash_attn_varlen_func,

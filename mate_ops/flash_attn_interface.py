@@ -65,7 +65,9 @@ def flash_attn_func(
         causal: bottom-right aligned causal mask (the window ``(-1, 0)``).
         qv: ``(B, Sq, H, Dv)``; adds ``scale * <qv_i, v_j>`` to the scores.
         q_descale, k_descale, v_descale: fp32 ``(B, Hk)`` dequantization scales of fp8 inputs.
-        window_size: ``(left, right)`` local window, ``-1`` = unbounded on that side.
+        window_size: ``(left, right)`` local window (a tuple, list or 2-element integer tensor),
+            ``-1`` or ``None`` = unbounded on that side; ``None`` = no window. Anything else
+            raises ``ValueError``.
         attention_chunk: ``c > 0`` restricts attention to keys of the query's chunk of c.
         softcap: ``softcap * tanh(s / softcap)`` when > 0.
         num_splits: 1 (default) = no split-KV, 0 = heuristic, n > 1 = n splits; never changes

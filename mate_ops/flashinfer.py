@@ -123,6 +123,24 @@ class BatchMLAPagedAttentionWrapper:
             raise ValueError(f"q_nope, q_pe, ckv_cache and kpe_cache must share one dtype, got "
                              f"{q_nope.dtype}, {q_pe.dtype}, {ckv_cache.dtype}, {kpe_cache.dtype}")
 
+    @staticmethod
+    def _check_outputs(q_nope, out, lse):
+        """run()'s ``out``/``lse`` buffers must be exactly what run() returns (checked before any work)."""
+        rows, heads = q_nope.shape[0], q_nope.shape[1]
+        want = [("out", out, (rows, heads, q_nope.shape[2]), q_nope.dtype),
+                ("lse", lse, (rows, heads), torch.float32)]
+        for name, t, shape, dtype in want:
+            if t is None:
+                continue
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} (q_nope rows, num_heads"
+                                 f"{', head_dim_ckv' if name == 'out' else ''}), got {tuple(t.shape)}")
+            if t.dtype != dtype:
+                raise ValueError(f"{name} must have dtype {dtype}{' (q_nope dtype)' if name == 'out' else ''}, "
+                                 f"got {t.dtype}")
+            if t.device != q_nope.device:
+                raise ValueError(f"{name} must be on q_nope's device {q_nope.device}, got {t.device}")
+
     def _into(self, buf, table, what):
         if buf is None:
             return table.to(self._device)
@@ -141,7 +159,9 @@ class BatchMLAPagedAttentionWrapper:
         Args:
             q_nope ``(total_q, H, head_dim_ckv)``, q_pe ``(total_q, H, head_dim_kpe)``,
             ckv_cache ``(num_pages, page_size, head_dim_ckv)``, kpe_cache ``(num_pages, page_size,
-            head_dim_kpe)``; ``out``/``lse`` optional outputs written in place.
+            head_dim_kpe)``; ``out`` ``(total_q, H, head_dim_ckv)`` in q_nope's dtype and ``lse``
+            fp32 ``(total_q, H)``: optional outputs written in place (a wrong shape, dtype or
+            device raises ``ValueError`` before any work).
             return_lse_base_on_e: natural-log lse instead of FlashInfer's base 2.
 
         Returns:
@@ -152,6 +172,7 @@ class BatchMLAPagedAttentionWrapper:
             raise RuntimeError("call plan() before run()")
         p = self._plan
         self._check_run_args(q_nope, q_pe, ckv_cache, kpe_cache)
+        self._check_outputs(q_nope, out, lse)
         o, lse_e = torch.ops.mate.fmha_fwd(
             q_pe, kpe_cache.unsqueeze(2), ckv_cache.unsqueeze(2), cu_seqlens_q=p["cu_seqlens_q"],
             seqused_k=p["seqused_k"], page_table=p["page_table"], qv=q_nope,

@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import mla_fp8
+
 __all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd",
            "quantize_k_cache", "dequantize_k_cache"]
 
@@ -113,22 +115,15 @@ def quantize_k_cache(kv: torch.Tensor, layout: str = "v32") -> torch.Tensor:
     ``layout="model1"``: ``(num_blocks, P, 1, 512)`` -> a uint8 ``(num_blocks, P, 1, 584)`` block
     view (per block: P x [448 e4m3 + 64 bf16], then P x 8 scale bytes; block stride rounded up
     to a multiple of 576). Scales are powers of two rounded up from ``amax / 448``.
+    The layouts are documented in :mod:`mate_ops.mla_fp8`.
     """
-    from . import testing
-
     if layout == "v32":
-        return testing.quantize_mla_v32(kv)
+        return mla_fp8.quantize_mla_v32(kv)
     if layout == "model1":
-        return testing.quantize_mla_model1(kv)
+        return mla_fp8.quantize_mla_model1(kv)
     raise ValueError(f"layout must be 'v32' or 'model1', got {layout!r}")
 
 
 def dequantize_k_cache(cache: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_k_cache` (layout from the bytes per token: 656 or 584); fp32."""
-    from . import testing
-
-    if cache.shape[-1] == 656:
-        return testing.dequantize_mla_v32(cache)
-    if cache.shape[-1] == 584:
-        return testing.dequantize_mla_model1(cache)
-    raise ValueError(f"an FP8 MLA cache has 656 or 584 bytes per token, got {cache.shape[-1]}")
+    return mla_fp8.dequantize_mla(cache)

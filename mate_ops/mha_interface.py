@@ -12,6 +12,8 @@ from ._common import check_backend, default_device, normalize_window
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "flash_attn_combine", "get_scheduler_metadata"]
 
+_INT32_MAX = 2**31 - 1
+
 
 def flash_attn_varlen_func(
     q: torch.Tensor,
@@ -57,6 +59,8 @@ def flash_attn_varlen_func(
     Args:
         softmax_scale: defaults to ``1/sqrt(D)``, or ``1/sqrt(D + Dv)`` when ``qv`` is given.
         causal / window_size / attention_chunk: bottom-right aligned masks; ``-1`` = unbounded.
+            ``window_size`` is ``None`` or a ``(left, right)`` pair (tuple, list, 2-element
+            tensor); ``None`` or a negative value on a side leaves that side unbounded.
         qv: ``(..., H, Dv)``; adds ``scale * <qv_i, v_j>`` to the scores.
         q_descale, k_descale, v_descale: fp32 ``(B, Hk)`` dequantization scales for float8 inputs.
         learnable_sink: ``(H,)`` one unscaled logit per head that joins only the softmax denominator.
@@ -277,6 +281,10 @@ def get_scheduler_metadata(
     if seqused_k is None:
         if batch_size < 0 or max_seqlen_k < 0:
             raise ValueError(f"batch_size and max_seqlen_k must be >= 0, got {batch_size} and {max_seqlen_k}")
+        if max_seqlen_k > _INT32_MAX:
+            # checked here: the int32 seqused_k built from it below would fail with torch's
+            # "value cannot be converted to type int without overflow"
+            raise ValueError(f"max_seqlen_k must be in [0, 2^31 - 1] (key lengths are int32), got {max_seqlen_k}")
         seqused_k = torch.full((batch_size,), max_seqlen_k, dtype=torch.int32, device=device)
     left, right = normalize_window(window_size)
     return torch.ops.mate.get_scheduler_metadata(

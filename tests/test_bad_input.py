@@ -985,3 +985,19 @@ def test_garbage_page_tables_never_crash(device):
             assert out.float().isfinite().all()
             accepted += 1
     assert rejected == 300 and accepted == 30
+
+
+# --------------------------------------------------------------------------------------
+# get_scheduler_metadata without seqused_k: max_seqlen_k becomes an int32 key length, so a
+# value past int32 is a clear ValueError (not torch's "cannot be converted ... without overflow")
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_seqlen_k", [2**31, 2**31 + 5, 2**40])
+def test_scheduler_metadata_max_seqlen_k_beyond_int32(max_seqlen_k):
+    with pytest.raises(ValueError, match=rf"max_seqlen_k must be in \[0, 2\^31 - 1\] \(key lengths are int32\), "
+                                         rf"got {max_seqlen_k}$"):
+        get_scheduler_metadata(2, 4, max_seqlen_k, 4, 4, 64)
+
+
+def test_scheduler_metadata_max_seqlen_k_int32_max_accepted():
+    meta = get_scheduler_metadata(2, 4, 2**31 - 1, 4, 4, 64, num_splits=1)
+    assert meta.dtype == torch.int32 and tuple(meta.shape) == (3,)

@@ -682,3 +682,43 @@ def test_process_fine_after_every_bad_call(device):
         for a, b in zip(x, y):
             assert _same(a, b), "a valid MLA call gives a different result after the bad calls"
     assert n > 100
+
+
+# --------------------------------------------------------------------------------------
+# BatchMLAPagedAttentionWrapper.run(out=, lse=): wrong buffers are rejected up front with a
+# ValueError naming the buffer and the expected shape/dtype, and are left untouched
+# --------------------------------------------------------------------------------------
+_FI_BAD_BUFFERS = [
+    ("out", lambda d: torch.empty(FI_TQ, HQ, 511, dtype=BF16, device=d),
+     rf"out must have shape \({FI_TQ}, {HQ}, 512\) \(q_nope rows, num_heads, head_dim_ckv\), "
+     rf"got \({FI_TQ}, {HQ}, 511\)"),
+    ("out", lambda d: torch.empty(FI_TQ + 1, HQ, 512, dtype=BF16, device=d),
+     rf"out must have shape \({FI_TQ}, {HQ}, 512\) .*got \({FI_TQ + 1}, {HQ}, 512\)"),
+    ("out", lambda d: torch.empty(FI_TQ, HQ * 512, dtype=BF16, device=d),
+     rf"out must have shape \({FI_TQ}, {HQ}, 512\) .*got \({FI_TQ}, {HQ * 512}\)"),
+    ("out", lambda d: torch.empty(FI_TQ, HQ, 512, dtype=torch.float32, device=d),
+     r"out must have dtype torch.bfloat16 \(q_nope dtype\), got torch.float32"),
+    ("lse", lambda d: torch.empty(HQ, FI_TQ, dtype=torch.float32, device=d),
+     rf"lse must have shape \({FI_TQ}, {HQ}\) \(q_nope rows, num_heads\), got \({HQ}, {FI_TQ}\)"),
+    ("lse", lambda d: torch.empty(FI_TQ, HQ, dtype=BF16, device=d),
+     r"lse must have dtype torch.float32, got torch.bfloat16"),
+]
+
+
+@pytest.mark.parametrize("name,make,match", _FI_BAD_BUFFERS,
+                         ids=[f"{n}_{i}" for i, (n, _, _) in enumerate(_FI_BAD_BUFFERS)])
+def test_flashinfer_run_rejects_bad_out_lse(name, make, match, device):
+    kw = fi_build("base", "fi", device)
+    w = BatchMLAPagedAttentionWrapper(torch.empty(16, dtype=U8, device=device))
+    w.plan(**{k: v for k, v in kw.items() if k not in _RUN_KEYS and k != "_plan"})
+    buf = make(device)
+    buf.fill_(7)
+    with pytest.raises(ValueError, match=match):
+        w.run(*(kw[k] for k in _RUN_KEYS), return_lse=True, **{name: buf})
+    assert (buf == 7).all(), f"a rejected {name} buffer was written"
+    # the right buffers are accepted and written in place
+    out = torch.full((FI_TQ, HQ, 512), float("nan"), dtype=BF16, device=device)
+    lse = torch.full((FI_TQ, HQ), float("nan"), dtype=torch.float32, device=device)
+    o, l = w.run(*(kw[k] for k in _RUN_KEYS), out=out, lse=lse, return_lse=True)
+    assert o.data_ptr() == out.data_ptr() and l.data_ptr() == lse.data_ptr()
+    assert out.float().isfinite().all() and lse.isfinite().all()

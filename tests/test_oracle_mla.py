@@ -1,4 +1,4 @@
-"""Tests of the MLA part of the pure-PyTorch oracle (mate_ops/testing.py) itself.
+"""Tests of the MLA part of the pure-PyTorch oracle (mate_ops/testing/) itself.
 
 Covers the FP8 cache codecs (round trips, power-of-two scales, byte layout checked by
 hand with ``struct``), ``mla_decode_ref`` (dense vs a direct formula and vs ``fmha_ref``,
@@ -8,11 +8,12 @@ sparse with duplicate/invalid indices, sinks, topk_length, the extra cache, FP8 
     cd /work/main && python3 -m pytest -q tests/test_oracle_mla.py
 """
 
-import importlib.util
+import importlib
 import math
 import os
 import struct
 import sys
+import types
 
 import pytest
 import torch
@@ -30,14 +31,15 @@ def _load_testing():
         return mod
     except Exception:  # extension not built etc.
         pass
-    name = "_mate_ops_testing_oracle"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "mate_ops", "testing.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    name = "_mate_ops_standalone"
+    if name + ".testing" in sys.modules:
+        return sys.modules[name + ".testing"]
+    # A namespace stand-in for the mate_ops package whose __init__ (and so the extension) never
+    # runs: mate_ops.testing and the pure-PyTorch mate_ops.mla_fp8 it uses load from their files.
+    parent = types.ModuleType(name)
+    parent.__path__ = [os.path.join(root, "mate_ops")]
+    sys.modules[name] = parent
+    return importlib.import_module(name + ".testing")
 
 
 mt = _load_testing()

@@ -1,26 +1,27 @@
-"""Pure-PyTorch reference oracle for mate_ops (SEMANTICS.md sections 1 to 4).
+"""The oracle: a pure-PyTorch reference of SEMANTICS.md sections 1 to 4.
 
-This module is deliberately slow and simple: per-sequence Python loops, explicit
-boolean masks, no fused kernels and no dependence on the compiled extension.  It
-imports only ``torch``, ``math`` and ``typing`` so it can be used to test any
-backend (CPU reference, device kernels, fake kernels).
+Deliberately slow and simple: per-sequence Python loops, explicit boolean masks, fp64 (or a
+chosen low precision) math, no fused kernels and no use of the compiled extension or of
+``torch.ops.mate``, so it can test any backend (CPU reference, device kernels, fake kernels).
 
-Public functions
-----------------
 - :func:`fmha_ref`        -- FMHA forward (flash_attn_func / varlen / with_kvcache
                              attention part, without append/rotary).
+- :func:`rotary_ref`, :func:`kvcache_append_ref` -- the append + rotary step of
+                             flash_attn_with_kvcache.
 - :func:`combine_ref`     -- flash_attn_combine.
-- :func:`assert_close_fa3` -- FlashAttention-3's "2x the low-precision reference
-                             error" tolerance rule.
-- :func:`poison_`, :func:`random_seqlens`, :func:`random_cu_seqlens`,
-  :func:`make_paged_kv`   -- small helpers for tests.
 - :func:`mla_decode_ref`  -- flash_mla_with_kvcache (dense, sparse, FP8 caches; section 3).
 - :func:`mla_sparse_prefill_ref` -- flash_mla_sparse_fwd (section 3).
 - :func:`mla_paged_ref`   -- FlashInfer BatchMLAPagedAttentionWrapper (section 4).
-- :func:`quantize_mla_v32`, :func:`dequantize_mla_v32`, :func:`quantize_mla_model1`,
-  :func:`dequantize_mla_model1`, :func:`mla_model1_block_stride` -- the FP8 MLA cache
-  layouts (build caches in tests; the oracle reads them). The MLA decisions are listed
-  in the comment block above those functions.
+
+FP8 MLA caches are read with :mod:`mate_ops.mla_fp8`, the production format module, instead
+of a second copy of the byte decoder kept here. Why that keeps the oracle honest:
+
+- ``mla_fp8`` is pure PyTorch (no extension, no ``torch.ops.mate``), so the oracle still
+  never runs C++ code (tests/test_oracle*.py load it even when the extension is not built);
+- the C++ kernels decode the bytes with their own code, so a kernel that disagreed with
+  the documented layout still disagrees with the oracle;
+- a second Python decoder would only check the Python format module against itself; the
+  layout is pinned instead byte by byte, by hand with ``struct``, in tests/test_oracle_mla.py.
 
 Decisions on points SEMANTICS.md leaves open (each one follows FlashAttention-3
 where FA3 decides it):
@@ -46,12 +47,18 @@ where FA3 decides it):
   are written like padded rows: out 0, lse -inf.
 - combine: a split whose lse is NaN or -inf is excluded from the total lse too,
   and its (possibly garbage / NaN) partial output contributes exactly 0.
-"""
 
+The MLA decisions are listed in the comment block above :func:`mla_decode_ref`'s helpers.
+"""
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
+
+from ..mla_fp8 import MODEL1_BYTES_PER_TOKEN as _MODEL1_BYTES
+from ..mla_fp8 import V32_BYTES_PER_TOKEN as _V32_BYTES
+from ..mla_fp8 import dequantize_mla_model1, dequantize_mla_v32
+from ._dtypes import _is_fp8
 
 Tensor = torch.Tensor
 
@@ -60,45 +67,10 @@ __all__ = [
     "combine_ref",
     "rotary_ref",
     "kvcache_append_ref",
-    "assert_close_fa3",
-    "DEFAULT_ATOL",
-    "poison_",
-    "random_seqlens",
-    "random_cu_seqlens",
-    "make_paged_kv",
-    "quantize_mla_v32",
-    "dequantize_mla_v32",
-    "quantize_mla_model1",
-    "dequantize_mla_model1",
-    "mla_model1_block_stride",
     "mla_decode_ref",
     "mla_sparse_prefill_ref",
     "mla_paged_ref",
 ]
-
-_FP8_DTYPES = tuple(
-    getattr(torch, name)
-    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-    if hasattr(torch, name)
-)
-
-#: Default absolute tolerance of :func:`assert_close_fa3`, keyed by the dtype of
-#: the *inputs* that produced the output under test (FA3's test-suite values).
-#: FP8 inputs produce bf16 outputs, so pass ``input_dtype=torch.float8_e4m3fn``
-#: (or an explicit ``atol``) for fp8-derived outputs.
-DEFAULT_ATOL = {
-    torch.float64: 1e-5,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 2e-3,
-}
-for _d in _FP8_DTYPES:
-    DEFAULT_ATOL[_d] = 5e-2
-del _d
-
-
-def _is_fp8(dtype: torch.dtype) -> bool:
-    return dtype in _FP8_DTYPES
 
 
 def _ints(t: Optional[Tensor], name: str) -> Optional[list]:
@@ -603,177 +575,6 @@ def combine_ref(
     return out.to(out_dtype), lse.to(torch.float32)
 
 
-def assert_close_fa3(
-    out: Tensor,
-    out_ref: Tensor,
-    out_lowp: Tensor,
-    *,
-    atol: Optional[float] = None,
-    name: str = "out",
-    input_dtype: Optional[torch.dtype] = None,
-) -> None:
-    """FlashAttention-3's tolerance rule.
-
-    Passes iff ``max|out - out_ref| <= 2 * max|out_lowp - out_ref| + atol`` where
-    ``out_ref`` is the fp64 oracle and ``out_lowp`` the oracle run in the input
-    precision (``fmha_ref(..., compute_dtype=<input dtype>)``).
-
-    ``atol`` defaults to ``DEFAULT_ATOL[input_dtype or out.dtype]``: 1e-5 for
-    float32 (and float64), 2e-3 for float16/bfloat16, 5e-2 for fp8-derived
-    outputs (pass ``input_dtype=torch.float8_e4m3fn``, since FP8 inputs give
-    bf16 outputs).
-
-    Positions where ``out_ref`` and ``out`` are the same infinity (e.g. lse -inf
-    of an empty row) are ignored; any NaN in ``out`` fails.  Raises
-    ``AssertionError`` naming the max error, the allowed bound and the index of
-    the worst element.
-    """
-    if out.shape != out_ref.shape or out_lowp.shape != out_ref.shape:
-        raise AssertionError(
-            f"{name}: shape mismatch: out {tuple(out.shape)}, out_ref {tuple(out_ref.shape)}, "
-            f"out_lowp {tuple(out_lowp.shape)}")
-    if atol is None:
-        key = input_dtype if input_dtype is not None else out.dtype
-        if key not in DEFAULT_ATOL:
-            raise ValueError(f"no default atol for dtype {key}; pass atol=")
-        atol = DEFAULT_ATOL[key]
-    o = out.detach().cpu().to(torch.float64)
-    ref = out_ref.detach().cpu().to(torch.float64)
-    low = out_lowp.detach().cpu().to(torch.float64)
-
-    nan_pos = torch.isnan(o)
-    if nan_pos.any():
-        idx = tuple(int(x) for x in nan_pos.nonzero()[0].tolist())
-        raise AssertionError(f"{name}: NaN in output ({int(nan_pos.sum())} elements), first at index {idx}")
-
-    same_inf = torch.isinf(ref) & (o == ref)
-    compare = ~same_inf
-    if not compare.any():
-        return
-
-    err = torch.where(compare, (o - ref).abs(), torch.zeros_like(o))
-    err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
-    max_err = float(err.max())
-    if math.isinf(max_err):
-        flat = int(torch.argmax(err.reshape(-1)))
-        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(flat), err.shape))
-        raise AssertionError(
-            f"{name}: max abs error inf; worst at index {idx}: out={o[idx].item()!r}, "
-            f"ref={ref[idx].item()!r}")
-    low_err = torch.where(compare, (low - ref).abs(), torch.zeros_like(low))
-    if torch.isnan(low_err).any() or torch.isinf(low_err).any():
-        bad = ~torch.isfinite(low_err)
-        idx = tuple(int(x) for x in bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{name}: the low-precision reference differs non-finitely from out_ref at {idx} "
-            f"(out_lowp={low[idx].item()}, out_ref={ref[idx].item()}); cannot derive a bound")
-    bound = 2.0 * float(low_err.max()) + float(atol)
-    if not max_err <= bound:
-        flat = int(torch.argmax(err.reshape(-1)))
-        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(flat), err.shape))
-        raise AssertionError(
-            f"{name}: max abs error {max_err:.6g} > allowed {bound:.6g} "
-            f"(= 2 * lowp error {float(low_err.max()):.6g} + atol {atol:.3g}); "
-            f"worst at index {idx}: out={o[idx].item()!r}, ref={ref[idx].item()!r}, "
-            f"lowp={low[idx].item()!r}")
-
-
-def poison_(t: Tensor) -> Tensor:
-    """Fill ``t`` in place with garbage and return it.
-
-    Floating (fp16/bf16/fp32/fp64, complex) tensors get NaN; FP8 tensors get the
-    large value 448 (e4m3 max; 57344 for e5m2); integer tensors get the dtype's
-    maximum value; bool tensors get True.  Use it on output buffers and on
-    memory a kernel must not read.
-    """
-    with torch.no_grad():
-        if _is_fp8(t.dtype):
-            big = 57344.0 if "e5m2" in str(t.dtype) else 448.0
-            tmp = torch.full(t.shape, big, dtype=torch.float32, device=t.device)
-            t.copy_(tmp.to(t.dtype))
-        elif t.dtype == torch.bool:
-            t.fill_(True)
-        elif t.is_floating_point() or t.is_complex():
-            t.fill_(float("nan"))
-        else:
-            t.fill_(torch.iinfo(t.dtype).max)
-    return t
-
-
-def random_seqlens(
-    batch: int,
-    max_len: int,
-    min_len: int = 0,
-    generator: Optional[torch.Generator] = None,
-) -> list:
-    """Return a list of ``batch`` random lengths, each in ``[min_len, max_len]``."""
-    return [int(x) for x in torch.randint(min_len, max_len + 1, (batch,), generator=generator).tolist()]
-
-
-def random_cu_seqlens(lengths: Union[Sequence[int], Tensor]) -> Tensor:
-    """Cumulative sequence offsets ``[0, l0, l0+l1, ...]`` as an int32 ``(B+1,)`` tensor.
-
-    ``lengths`` is a list/tuple/tensor of per-sequence lengths (e.g. from
-    :func:`random_seqlens`).
-    """
-    lens = [int(x) for x in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
-    if any(x < 0 for x in lens):
-        raise ValueError(f"lengths must be >= 0, got {lens}")
-    cu = [0]
-    for x in lens:
-        cu.append(cu[-1] + x)
-    return torch.tensor(cu, dtype=torch.int32)
-
-
-def make_paged_kv(
-    k_dense: Tensor,
-    v_dense: Tensor,
-    seqlens: Union[Sequence[int], Tensor],
-    page_size: int,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Scatter dense per-sequence k/v into a randomly permuted page pool.
-
-    ``k_dense (B, Sk, Hk, D)``, ``v_dense (B, Sk, Hk, Dv)``; tokens
-    ``[0, seqlens[b])`` of sequence b are stored (so ``seqused_k = seqlens``).
-    Returns ``(k_pages (num_pages, page_size, Hk, D), v_pages (num_pages,
-    page_size, Hk, Dv), page_table int32 (B, max_pages))``.
-
-    Every slot not holding a real token is poisoned (NaN; see :func:`poison_`).
-    The pool holds the pages the sequences need plus one extra poisoned page,
-    placed at a random position; page-table entries past a sequence's last page
-    point at that poisoned page (valid index, garbage content), so a kernel
-    that reads past ``seqused_k`` sees NaN instead of crashing.
-    """
-    if page_size < 1:
-        raise ValueError("page_size must be >= 1")
-    B, Sk = k_dense.shape[0], k_dense.shape[1]
-    lens = [int(x) for x in (seqlens.tolist() if isinstance(seqlens, torch.Tensor) else seqlens)]
-    if len(lens) != B or any(not (0 <= x <= Sk) for x in lens):
-        raise ValueError(f"seqlens {lens} must have {B} entries in [0, {Sk}]")
-    n_needed = [(x + page_size - 1) // page_size for x in lens]
-    max_pages = max([1] + n_needed)
-    num_pages = sum(n_needed) + 1
-    perm = torch.randperm(num_pages, generator=generator).tolist()
-    spare = perm[-1]
-
-    k_pages = poison_(torch.empty((num_pages, page_size) + tuple(k_dense.shape[2:]),
-                                  dtype=k_dense.dtype, device=k_dense.device))
-    v_pages = poison_(torch.empty((num_pages, page_size) + tuple(v_dense.shape[2:]),
-                                  dtype=v_dense.dtype, device=v_dense.device))
-    page_table = torch.full((B, max_pages), spare, dtype=torch.int32)
-    nxt = 0
-    for b in range(B):
-        for p in range(n_needed[b]):
-            page = perm[nxt]
-            nxt += 1
-            page_table[b, p] = page
-            t0, t1 = p * page_size, min((p + 1) * page_size, lens[b])
-            k_pages[page, : t1 - t0] = k_dense[b, t0:t1]
-            v_pages[page, : t1 - t0] = v_dense[b, t0:t1]
-    return k_pages, v_pages, page_table.to(k_dense.device)
-
-
 # =====================================================================================
 # MLA (SEMANTICS.md sections 3 and 4)
 # =====================================================================================
@@ -794,233 +595,9 @@ def make_paged_kv(
 # - The MLA sink factor ``exp(lse) / (exp(lse) + exp(sink))`` is evaluated as
 #   ``1 / (1 + exp(sink - lse))``: sink +inf -> 0, sink -inf -> 1, rows without keys stay
 #   0 whatever the sink (and keep lse +inf).
-# - FP8 quantizers: the scale exponent ``k = ceil(log2(amax / 448))`` is computed exactly
-#   (smallest k with ``amax <= 448 * 2**k``), then clamped to ``k >= -126`` so the scale
-#   is always a normal fp32 / a nonzero ue8m0 (only matters for amax < ~5e-36); amax 0
-#   gives scale 1. Non-finite inputs raise ValueError. FlashMLA's own quantizer clamps
-#   amax/448 at 1e-4 instead; the kernels only read the scales, so both are valid caches.
-# - A ue8m0 byte 255 (NaN in float8_e8m0fnu) dequantizes to NaN.
+# - The FP8 cache layouts and the quantizers' decisions: see mate_ops/mla_fp8.py.
 # - FlashInfer reference: rows with no key give out 0 and lse -inf (FlashInfer's
 #   convention, unlike FlashMLA's +inf); query rows past ``qo_indptr[-1]`` likewise.
-
-_V32_BYTES = 656  # 512 e4m3 + 4 fp32 scales + 64 bf16
-_MODEL1_BYTES = 584  # 448 e4m3 + 64 bf16 (576 bytes) + 8 scale bytes (7 ue8m0 + pad)
-_FP8_MAX = 448.0
-
-
-def _pow2_exponent(amax: Tensor) -> Tensor:
-    """Smallest integer k with ``amax <= 448 * 2**k`` (int64), clamped to k >= -126; amax 0 -> 0.
-
-    Starts from ``ceil(log2(amax / 448))`` in fp64 and then corrects it with exact
-    comparisons (multiplying by a power of two is exact), so rounding in log2 can never
-    give a scale that makes ``|x| / scale > 448``.
-    """
-    a = amax.to(torch.float64)
-    if not torch.isfinite(a).all():
-        raise ValueError("kv must be finite to be quantized to fp8")
-    pos = a > 0
-    safe = torch.where(pos, a, torch.ones_like(a))
-    k = torch.ceil(torch.log2(safe / _FP8_MAX))
-    k = torch.where(safe > _FP8_MAX * torch.pow(2.0, k), k + 1, k)  # too small: bump up
-    k = torch.where(safe <= _FP8_MAX * torch.pow(2.0, k - 1), k - 1, k)  # not minimal: step down
-    k = torch.clamp(k, min=-126.0)
-    k = torch.where(pos, k, torch.zeros_like(k))
-    return k.to(torch.int64)
-
-
-def _to_e4m3_bytes(x: Tensor) -> Tensor:
-    """float values (|x| <= 448) -> their float8_e4m3fn bit patterns as uint8 (round to nearest even)."""
-    return x.to(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8)
-
-
-def _from_e4m3_bytes(b: Tensor) -> Tensor:
-    """uint8 float8_e4m3fn bit patterns -> float64 values."""
-    return b.contiguous().view(torch.float8_e4m3fn).to(torch.float64)
-
-
-def _u32_to_le_bytes(bits: Tensor) -> Tensor:
-    """int64 tensor of 32-bit patterns (...,) -> uint8 (..., 4), little-endian byte order."""
-    return torch.stack([(bits >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8)
-
-
-def _le_bytes_to_u32(b: Tensor) -> Tensor:
-    """uint8 (..., 4) little-endian -> int64 32-bit pattern (...,)."""
-    b = b.to(torch.int64)
-    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-
-
-def _f32_to_le_bytes(x: Tensor) -> Tensor:
-    """float32 (...,) -> its IEEE bytes (..., 4), little-endian."""
-    bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return _u32_to_le_bytes(bits)
-
-
-def _le_bytes_to_f32(b: Tensor) -> Tensor:
-    """uint8 (..., 4) little-endian IEEE float32 bytes -> float32 (...,)."""
-    bits = _le_bytes_to_u32(b)
-    bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits)  # as signed int32
-    return bits.to(torch.int32).view(torch.float32)
-
-
-def _bf16_to_le_bytes(x: Tensor) -> Tensor:
-    """(...,) values rounded to bfloat16 -> their bytes (..., 2), little-endian."""
-    bits = x.to(torch.bfloat16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    return torch.stack([bits & 0xFF, bits >> 8], dim=-1).to(torch.uint8)
-
-
-def _le_bytes_to_bf16(b: Tensor) -> Tensor:
-    """uint8 (..., 2) little-endian bfloat16 bytes -> bfloat16 (...,)."""
-    b = b.to(torch.int64)
-    bits = b[..., 0] | (b[..., 1] << 8)
-    bits = torch.where(bits >= 2 ** 15, bits - 2 ** 16, bits)  # as signed int16
-    return bits.to(torch.int16).view(torch.bfloat16)
-
-
-def _as_bytes(cache: Tensor, name: str) -> Tensor:
-    """View a 1-byte-dtype tensor as uint8 (same shape, strides and storage)."""
-    if cache.element_size() != 1:
-        raise ValueError(f"{name} must have a 1-byte dtype (uint8, int8, float8), got {cache.dtype}")
-    return cache if cache.dtype == torch.uint8 else cache.view(torch.uint8)
-
-
-def quantize_mla_v32(kv: Tensor) -> Tensor:
-    """Quantize a bf16 MLA cache to FlashMLA's V3.2 FP8 layout (SEMANTICS §3, "FP8 caches").
-
-    ``kv`` ``(num_blocks, P, 1, 576)`` (512 latent + 64 rope channels; bf16 expected, other
-    float dtypes are accepted and their rope part is rounded to bf16). Returns a new
-    contiguous uint8 tensor ``(num_blocks, P, 1, 656)``; per token:
-
-    * bytes ``[0, 512)``: the 512 latent values as float8_e4m3fn, ``round(x / scale)``;
-    * bytes ``[512, 528)``: 4 float32 scales (little-endian), scale g covering latent
-      channels ``[128 g, 128 g + 128)``;
-    * bytes ``[528, 656)``: the 64 rope values as bf16 (little-endian), unquantized.
-
-    Each scale is ``2 ** ceil(log2(amax / 448))`` over its 128-group (so every quantized
-    value lies in ``[-448, 448]``); amax 0 gives scale 1; the exponent is clamped to
-    ``>= -126`` (normal fp32). Use :func:`dequantize_mla_v32` to read it back.
-    """
-    if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != 576:
-        raise ValueError(f"kv must be (num_blocks, P, 1, 576), got {tuple(kv.shape)}")
-    if not kv.is_floating_point():
-        raise ValueError(f"kv must be floating point, got {kv.dtype}")
-    nb, P = kv.shape[0], kv.shape[1]
-    x = kv.detach().cpu().reshape(nb, P, 576)
-    latent = x[..., :512].to(torch.float64).reshape(nb, P, 4, 128)
-    rope = x[..., 512:]
-    k = _pow2_exponent(latent.abs().amax(dim=-1))  # (nb, P, 4)
-    scale = torch.pow(2.0, k.to(torch.float64))  # exact powers of two
-    q8 = _to_e4m3_bytes(latent / scale.unsqueeze(-1)).reshape(nb, P, 512)
-    out = torch.zeros(nb, P, _V32_BYTES, dtype=torch.uint8)
-    out[..., 0:512] = q8
-    out[..., 512:528] = _f32_to_le_bytes(scale.to(torch.float32)).reshape(nb, P, 16)
-    out[..., 528:656] = _bf16_to_le_bytes(rope).reshape(nb, P, 128)
-    return out.reshape(nb, P, 1, _V32_BYTES).to(kv.device)
-
-
-def dequantize_mla_v32(cache: Tensor) -> Tensor:
-    """Read a V3.2 FP8 MLA cache (see :func:`quantize_mla_v32`) back to float32.
-
-    ``cache`` ``(num_blocks, P, 1, 656)`` of any 1-byte dtype (uint8, int8, float8; it is
-    reinterpreted as raw bytes). Returns float32 ``(num_blocks, P, 1, 576)``: latent
-    channel c is ``e4m3(byte c) * scale[c // 128]`` (product rounded to fp32, as a kernel
-    computes it) and rope channel ``512 + r`` is the bf16 at bytes ``528 + 2r``.
-    """
-    u8 = _as_bytes(cache, "cache")
-    if u8.dim() != 4 or u8.shape[2] != 1 or u8.shape[3] != _V32_BYTES:
-        raise ValueError(f"a V3.2 fp8 cache must be (num_blocks, P, 1, 656), got {tuple(u8.shape)}")
-    nb, P = u8.shape[0], u8.shape[1]
-    b = u8.detach().cpu().reshape(nb, P, _V32_BYTES)
-    fp8 = _from_e4m3_bytes(b[..., 0:512]).reshape(nb, P, 4, 128)
-    scale = _le_bytes_to_f32(b[..., 512:528].reshape(nb, P, 4, 4)).to(torch.float64)
-    latent = (fp8 * scale.unsqueeze(-1)).to(torch.float32).reshape(nb, P, 512)
-    rope = _le_bytes_to_bf16(b[..., 528:656].reshape(nb, P, 64, 2)).to(torch.float32)
-    return torch.cat([latent, rope], dim=-1).reshape(nb, P, 1, 576).to(cache.device)
-
-
-def mla_model1_block_stride(page_size: int) -> int:
-    """Byte stride of one block of a MODEL1 FP8 cache: ``P * 584`` rounded up to a multiple of 576."""
-    raw = int(page_size) * _MODEL1_BYTES
-    return (raw + 575) // 576 * 576
-
-
-def quantize_mla_model1(kv: Tensor) -> Tensor:
-    """Quantize a bf16 MLA cache to FlashMLA's MODEL1 FP8 layout (SEMANTICS §3, "FP8 caches").
-
-    ``kv`` ``(num_blocks, P, 1, 512)``: 448 latent + 64 rope channels (bf16 expected).
-    Byte layout of block n, which starts at byte ``n * block_stride`` of a flat buffer
-    (``block_stride = mla_model1_block_stride(P)``, i.e. ``P * 584`` rounded up to a
-    multiple of 576):
-
-    * bytes ``[576 t, 576 t + 448)``: token t's 448 latent values as float8_e4m3fn;
-    * bytes ``[576 t + 448, 576 t + 576)``: token t's 64 rope values as bf16 (little-endian);
-    * bytes ``[576 P + 8 t, 576 P + 8 t + 7)``: token t's 7 ue8m0 scale exponents ``e``
-      (scale ``2 ** (e - 127)``, one per 64 latent channels), then 1 zero pad byte;
-    * the rest of the block stride is zero padding.
-
-    Scale exponents: ``e = 127 + ceil(log2(amax / 448))`` (amax 0 -> e = 127; clamped to
-    ``e >= 1``).
-
-    Returns a uint8 tensor VIEW of shape ``(num_blocks, P, 1, 584)`` with strides
-    ``(block_stride, 584, 584, 1)`` over a flat buffer of ``num_blocks * block_stride``
-    bytes (what FlashMLA's kernels take). Only the shape and the block stride are
-    meaningful: ``view[n, t]`` is NOT token t's data (tokens are split into the
-    576-byte part and the 8-byte scale part above). Read it with
-    :func:`dequantize_mla_model1`; do not ``.contiguous()`` / ``.clone()`` it (that
-    drops the padding and the real layout).
-    """
-    if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != 512:
-        raise ValueError(f"kv must be (num_blocks, P, 1, 512), got {tuple(kv.shape)}")
-    if not kv.is_floating_point():
-        raise ValueError(f"kv must be floating point, got {kv.dtype}")
-    nb, P = kv.shape[0], kv.shape[1]
-    stride = mla_model1_block_stride(P)
-    x = kv.detach().cpu().reshape(nb, P, 512)
-    latent = x[..., :448].to(torch.float64).reshape(nb, P, 7, 64)
-    rope = x[..., 448:]
-    k = _pow2_exponent(latent.abs().amax(dim=-1))  # (nb, P, 7)
-    scale = torch.pow(2.0, k.to(torch.float64))
-    q8 = _to_e4m3_bytes(latent / scale.unsqueeze(-1)).reshape(nb, P, 448)
-    exps = (k + 127).to(torch.uint8)  # (nb, P, 7), in [1, 254]
-
-    flat = torch.zeros(nb, stride, dtype=torch.uint8)
-    tok = flat[:, : P * 576].view(nb, P, 576)  # the per-token data part
-    tok[..., 0:448] = q8
-    tok[..., 448:576] = _bf16_to_le_bytes(rope).reshape(nb, P, 128)
-    sc = flat[:, P * 576: P * 576 + P * 8].view(nb, P, 8)  # the scale part
-    sc[..., 0:7] = exps
-    sc[..., 7] = 0
-    flat = flat.reshape(-1).to(kv.device)
-    return torch.as_strided(flat, (nb, P, 1, _MODEL1_BYTES), (stride, _MODEL1_BYTES, _MODEL1_BYTES, 1), 0)
-
-
-def dequantize_mla_model1(cache: Tensor) -> Tensor:
-    """Read a MODEL1 FP8 MLA cache (see :func:`quantize_mla_model1`) back to float32.
-
-    ``cache`` is a ``(num_blocks, P, 1, 584)`` view of any 1-byte dtype whose
-    ``stride(0)`` is the block's byte stride (>= ``P * 584``); block n's bytes start at
-    ``cache.storage_offset() + n * cache.stride(0)`` of its storage. The other strides
-    are ignored. Returns float32 ``(num_blocks, P, 1, 512)``: latent channel c of token t
-    is ``e4m3(byte 576 t + c) * 2 ** (e_{c // 64} - 127)``, rope channel ``448 + r`` the
-    bf16 at bytes ``576 t + 448 + 2 r``, with the exponents ``e`` at ``576 P + 8 t``.
-    """
-    u8 = _as_bytes(cache, "cache")
-    if u8.dim() != 4 or u8.shape[2] != 1 or u8.shape[3] != _MODEL1_BYTES:
-        raise ValueError(f"a MODEL1 fp8 cache must be (num_blocks, P, 1, 584), got {tuple(u8.shape)}")
-    nb, P = u8.shape[0], u8.shape[1]
-    stride = u8.stride(0) if nb > 1 else max(u8.stride(0), P * _MODEL1_BYTES)
-    if stride < P * _MODEL1_BYTES:
-        raise ValueError(f"cache block stride {stride} bytes is smaller than P * 584 = {P * _MODEL1_BYTES}")
-    # The raw bytes of every block: (nb, P * 584) starting at each block's first byte.
-    # as_strided checks that this stays inside the tensor's storage.
-    blocks = torch.as_strided(u8.detach(), (nb, P * _MODEL1_BYTES), (stride, 1), u8.storage_offset())
-    blocks = blocks.cpu().clone()
-    tok = blocks[:, : P * 576].reshape(nb, P, 576)
-    exps = blocks[:, P * 576:].reshape(nb, P, 8)[..., :7].to(torch.float64)  # (nb, P, 7)
-    scale = torch.where(exps == 255, torch.full_like(exps, math.nan), torch.pow(2.0, exps - 127))
-    fp8 = _from_e4m3_bytes(tok[..., 0:448]).reshape(nb, P, 7, 64)
-    latent = (fp8 * scale.unsqueeze(-1)).to(torch.float32).reshape(nb, P, 448)
-    rope = _le_bytes_to_bf16(tok[..., 448:576].reshape(nb, P, 64, 2)).to(torch.float32)
-    return torch.cat([latent, rope], dim=-1).reshape(nb, P, 1, 512).to(cache.device)
 
 
 def _mla_precision(compute_dtype: torch.dtype) -> Tuple[torch.dtype, torch.dtype, Optional[torch.dtype]]:
