@@ -1,4 +1,6 @@
 """Shared pytest fixtures: the device fixture runs every test on each available device."""
+import os
+
 import pytest
 import torch
 
@@ -43,16 +45,29 @@ def _seed():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: larger shapes, skipped unless --run-slow")
+    config.addinivalue_line(
+        "markers",
+        "differential_long: thousands of hypothesis examples against the oracle (tests/test_differential.py), "
+        "skipped unless --run-long-differential or MATE_DIFFERENTIAL_LONG=1")
 
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--run-long-differential", action="store_true",
+                     help="also run tests marked differential_long (or set MATE_DIFFERENTIAL_LONG=1; "
+                          "MATE_DIFFERENTIAL_EXAMPLES sets the examples per test)")
+
+
+def _long_differential(config):
+    return config.getoption("--run-long-differential") or os.environ.get("MATE_DIFFERENTIAL_LONG", "") not in ("", "0")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
-        return
+    run_slow, run_long = config.getoption("--run-slow"), _long_differential(config)
     skip = pytest.mark.skip(reason="slow: pass --run-slow")
+    skip_long = pytest.mark.skip(reason="differential_long: pass --run-long-differential or set MATE_DIFFERENTIAL_LONG=1")
     for item in items:
-        if "slow" in item.keywords:
+        if "slow" in item.keywords and not run_slow:
             item.add_marker(skip)
+        if "differential_long" in item.keywords and not run_long:
+            item.add_marker(skip_long)

@@ -1127,3 +1127,34 @@ def test_garbage_append_indices_never_crash(device, fuzz_run):
         failures += [f"{p}: {s}" for p in e["problems"]]
     assert not failures, "\n".join(failures[:10]) + (f"\n... {len(failures)} in all" if len(failures) > 10 else "")
     assert n_valid >= 20 and n_invalid >= 100, (n_valid, n_invalid)
+
+
+# --------------------------------------------------------------------------------------
+# every row of the kvcache_append and flash_attn_with_kvcache tables again: the call
+# raises and both caches are BITWISE unchanged (the table tests compare with torch.equal,
+# which cannot tell -0.0 from 0.0 nor see NaN payloads; a rejected call must not have
+# written a single bit, SEMANTICS §6)
+# --------------------------------------------------------------------------------------
+def _raw_bits(t):
+    """Bitwise view for any element size (the table's caches include float64 ones)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+_CACHE_ROWS = [pytest.param(fam, *p.values, id=f"{fam}-{p.id}")
+               for fam, cases in (("append", APPEND_CASES), ("api", API_CASES)) for p in cases]
+
+
+@pytest.mark.parametrize("family,base,mutate,exc,match,call,values", _CACHE_ROWS)
+def test_rejected_calls_leave_caches_bitwise_unchanged(family, base, mutate, exc, match, call, values, device):
+    if values and device != "cpu":
+        pytest.skip("data-dependent check: mandatory on the CPU reference only (SEMANTICS §6)")
+    _, build, invoke = FAMILIES[family]
+    kw = build(base, call, device)
+    mutate(kw)
+    caches = {n: kw[n] for n in ("k_cache", "v_cache") if isinstance(kw.get(n), torch.Tensor)}
+    before = {n: t.clone() for n, t in caches.items()}
+    with pytest.raises(exc):
+        invoke(call)(kw)
+    for n, t in caches.items():
+        assert t.shape == before[n].shape and torch.equal(_raw_bits(t), _raw_bits(before[n])), \
+            f"the rejected call wrote {n} (k given: {kw.get('k') is not None})"
