@@ -234,7 +234,7 @@ MIXED = [
     ("append_dense", "k_cache", "k_cache"), ("append_dense", "v_cache", "v_cache"), ("append_dense", "k", "k"),
     ("append_dense", "v", "v"), ("append_dense", "cache_seqlens", "cache_seqlens"),
     ("append_paged", "page_table", "page_table"), ("append_rotary", "rotary_cos", "rotary_cos"),
-    ("rope", "x", "x"), ("rope", "cos", "rotary_cos"), ("rope", "sin", "rotary_sin"),
+    ("rope", "x", "x"), ("rope", "cos", "cos"), ("rope", "sin", "sin"),
     ("rope", "seqlen_offsets", "seqlen_offsets"),
     ("combine", "out_partial", "out_partial"), ("combine", "lse_partial", "lse_partial"),
     ("combine_out", "out", "out"), ("combine_out", "lse", "lse"),
