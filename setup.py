@@ -93,7 +93,7 @@ setup(
     version="0.1.0",
     description="torch.ops.mate: MATE / FlashAttention-3 / FlashMLA attention ops with CPU "
     "reference, device and fake kernels",
-    packages=["mate_ops", "mate_ops.meta_kernels"],
+    packages=["mate_ops", "mate_ops.meta_kernels", "mate_ops.testing"],
     package_dir={"mate_ops": "mate_ops", "mate_ops.meta_kernels": "meta_kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

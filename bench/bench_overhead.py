@@ -96,7 +96,7 @@ def main():
         for label, (ours, sdpa) in rows:
             t_ours, t_sdpa = per_call_us(ours, device, iters), per_call_us(sdpa, device, iters)
             print(f"{label:<44} {t_ours:9.1f} {t_sdpa:9.1f} {t_ours / t_sdpa:9.2f}x")
-        if args.profile:
+        if args.profile:  # where our decode call spends its host time: Python, then the op's C++ side
             import cProfile
             import pstats
 
@@ -106,8 +106,13 @@ def main():
             for _ in range(iters):
                 ours()
             prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+            from torch.profiler import ProfilerActivity, profile
 
+            with profile(activities=[ProfilerActivity.CPU]) as p:
+                for _ in range(200):
+                    ours()
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 if __name__ == "__main__":
     main()

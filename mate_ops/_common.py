@@ -25,6 +25,10 @@ def normalize_window(window_size: Union[Sequence[Optional[int]], torch.Tensor, N
     """
     if window_size is None:
         return -1, -1
+    if type(window_size) is tuple and len(window_size) == 2:  # the common form, fast (eager decode loops)
+        left, right = window_size
+        if type(left) is int and type(right) is int:
+            return (left if left >= 0 else -1), (right if right >= 0 else -1)
     pair_msg = f"window_size must be a (left, right) pair, got {window_size!r}"
     if isinstance(window_size, (str, bytes, Mapping)):
         raise ValueError(pair_msg)
@@ -80,3 +84,27 @@ def default_device(*tensors: Optional[torch.Tensor]) -> torch.device:
     if acc is not None and acc.is_available():
         return acc.current_accelerator()
     return torch.device("cpu")
+
+
+class OpCaller:
+    """Calls one mate op passing only the arguments that differ from its schema defaults.
+
+    Converting an argument costs the op's Python binding time even when it is None or a
+    default; an eager decode step passes ~30 of them, most at their defaults. The names and
+    defaults come from the op's schema, so no argument list is restated here. ``call(*leading,
+    values)``: ``leading`` are the first schema arguments (always passed), ``values`` the rest in
+    schema order.
+    """
+
+    def __init__(self, op, num_leading: int):
+        self.op = op
+        args = op._schema.arguments
+        self.names = tuple(a.name for a in args[num_leading:])
+        self.defaults = tuple(a.default_value if a.has_default_value() else None for a in args[num_leading:])
+
+    def __call__(self, leading, values):
+        kwargs = {}
+        for name, value, default in zip(self.names, values, self.defaults):
+            if value is not default and (default is None or value != default):
+                kwargs[name] = value
+        return self.op(*leading, **kwargs)

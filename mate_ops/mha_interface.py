@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._common import check_backend, default_device, normalize_window
+from ._common import OpCaller, check_backend, default_device, normalize_window
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "flash_attn_combine", "get_scheduler_metadata"]
 
@@ -82,34 +82,13 @@ def flash_attn_varlen_func(
     """
     check_backend(backend)
     left, right = normalize_window(window_size)
-    args = dict(
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        seqused_q=seqused_q,
-        seqused_k=seqused_k,
-        page_table=page_table,
-        qv=qv,
-        q_descale=q_descale,
-        k_descale=k_descale,
-        v_descale=v_descale,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size_left=left,
-        window_size_right=right,
-        learnable_sink=learnable_sink,
-        attention_chunk=attention_chunk or 0,
-        softcap=softcap,
-        scheduler_metadata=scheduler_metadata,
-        num_splits=num_splits,
-        pack_gqa=pack_gqa,
-        cp_world_size=cp_world_size,
-        cp_rank=cp_rank,
-        cp_tot_seqused_k=cp_tot_seqused_k,
-    )
+    # the op arguments after q, k, v (and out, lse), in schema order
+    values = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table, None, None,
+              qv, q_descale, k_descale, v_descale, softmax_scale, causal, left, right, learnable_sink,
+              attention_chunk or 0, softcap, scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank,
+              cp_tot_seqused_k)
     if out is None:
-        out, lse = torch.ops.mate.fmha_fwd(q, k, v, **args)
+        out, lse = _fmha_fwd((q, k, v), values)
     else:
         ragged = cu_seqlens_q is not None
         if q.dim() != (3 if ragged else 4):
@@ -117,7 +96,7 @@ def flash_attn_varlen_func(
                              f"got shape {tuple(q.shape)}")
         lse_shape = (q.shape[1], q.shape[0]) if ragged else (q.shape[0], q.shape[2], q.shape[1])
         lse = q.new_empty(lse_shape, dtype=torch.float32)
-        torch.ops.mate.fmha_fwd_out(q, k, v, out, lse, **args)
+        _fmha_fwd_out((q, k, v, out, lse), values)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -194,11 +173,11 @@ def flash_attn_with_kvcache(
         batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
         cache_seqlens = _int_seqlens(cache_seqlens, batch, q.device)
     # One op: append + rotary + attention, every check before the first write (fmha_fwd_kvcache).
-    out, lse = _fmha_fwd_kvcache(
-        q, k_cache, v_cache, k, v, qv, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-        page_table, cu_seqlens_q, cu_seqlens_k_new, max_seqlen_q, rotary_seqlens, q_descale, k_descale, v_descale,
-        softmax_scale, causal, left, right, learnable_sink, attention_chunk or 0, softcap, rotary_interleaved,
-        scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank, cp_tot_seqused_k)
+    out, lse = _fmha_fwd_kvcache((q, k_cache, v_cache), (
+        k, v, qv, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, page_table, cu_seqlens_q,
+        cu_seqlens_k_new, max_seqlen_q, rotary_seqlens, q_descale, k_descale, v_descale, softmax_scale, causal, left,
+        right, learnable_sink, attention_chunk or 0, softcap, rotary_interleaved, scheduler_metadata, num_splits,
+        pack_gqa, cp_world_size, cp_rank, cp_tot_seqused_k))
     if not return_softmax_lse:
         return out
     if qv is not None and q.shape[-1] == 64 and qv.shape[-1] == 512:
@@ -206,7 +185,9 @@ def flash_attn_with_kvcache(
     return out, lse, out.new_empty(0, dtype=torch.float32), lse.new_empty(0)
 
 
-_fmha_fwd_kvcache = torch.ops.mate.fmha_fwd_kvcache.default
+_fmha_fwd = OpCaller(torch.ops.mate.fmha_fwd.default, 3)
+_fmha_fwd_out = OpCaller(torch.ops.mate.fmha_fwd_out.default, 5)
+_fmha_fwd_kvcache = OpCaller(torch.ops.mate.fmha_fwd_kvcache.default, 3)
 
 
 def _int_seqlens(n: int, batch: int, device: torch.device) -> torch.Tensor:

@@ -49,8 +49,7 @@ void fmha_fwd_out(const c10::OperatorHandle& op, Stack* stack) {
   const DeviceScope scope(q);
   FmhaProblem prob = check_fmha_inputs(a, {q, a.tensor("k"), a.tensor("v"), a.opt_tensor("seqused_k"),
                                            out.scalar_type()});
-  check_same_device(out, q, "out");
-  check_same_device(lse, q, "lse");
+  TORCH_CHECK(out.device() == q.device(), "out must be on the device of q (", q.device(), "), got ", out.device());
   set_fmha_outputs(prob, out, lse);
   run_fmha(prob, q.device());
   a.set_returns();

@@ -14,6 +14,8 @@ MATE_HD int64_t scheduler_metadata_size(int64_t batch) { return batch + 1; }
 
 // Keys one split handles at least (one key block of the kernels).
 constexpr int kSplitKeyBlock = 128;
+// The heuristic (num_splits = 0) leaves sequences of at most this many key blocks unsplit.
+constexpr int kMinKeyBlocksToSplit = 2;
 
 // Splits for one problem: `requested` > 0 is taken as is (capped by the key blocks),
 // 0 asks the heuristic with `num_workers` parallel workers.
@@ -21,6 +23,8 @@ MATE_HD int resolve_num_splits(int requested, int64_t batch, int heads_k, int ma
                                int group_size, int max_seqlen_k, int num_workers) {
   const int key_blocks = imax(1, (max_seqlen_k + kSplitKeyBlock - 1) / kSplitKeyBlock);
   if (requested > 0) return imax(1, imin(requested, key_blocks));
+  // a split of one key block gains less than its merge costs (a second launch, two buffers)
+  if (key_blocks <= kMinKeyBlocksToSplit) return 1;
   const int rows = imax(1, max_seqlen_q) * group_size;  // GQA-packed query rows
   const int64_t units = batch * heads_k * ((rows + 127) / 128);
   return num_splits_heuristic(units, num_workers, key_blocks, 128);
