@@ -28,10 +28,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install torch==2.13.0
 fi
 
-# 3. build and test tools (skipped when all import, so a re-run starts at once)
-if ! "$PY" -c "import ninja, expecttest, pytest, hypothesis" 2>/dev/null; then
-  echo "setup_env: installing ninja expecttest pytest hypothesis"
-  pip_install -q ninja expecttest pytest hypothesis
+# 3. build and test tools (skipped when all import, so a re-run starts at once); numpy only
+#    silences torch's "Failed to initialize NumPy" warning at every import
+if ! "$PY" -c "import ninja, expecttest, pytest, hypothesis, numpy" 2>/dev/null; then
+  echo "setup_env: installing ninja expecttest pytest hypothesis numpy"
+  pip_install -q ninja expecttest pytest hypothesis numpy
 fi
 # pip puts the ninja executable next to the interpreter's scripts; when a venv's python is
 # called by its path without activating the venv that folder is not on PATH, and torch
@@ -72,17 +73,27 @@ rm -f "$STAMP"
 start=$(date +%s)
 # --force: the stamp already said something changed, and distutils' own up-to-date test
 # ignores headers; ninja then recompiles only what is out of date.
-# The filter shortens ninja's full command lines to "[n/N] <source>" and long link lines.
+# The terminal gets ninja's progress as "[n/N] <source>", our setup.py's own lines and any
+# error; everything (full command lines, warnings) goes to build/setup_env.log, whose tail
+# is printed if the build fails.
+set +e
 PYTHONUNBUFFERED=1 "$PY" setup.py build_ext --inplace --force --build-temp "build/temp-$ENV_KEY" 2>&1 \
   | tee build/setup_env.log \
   | awk -v root="$ROOT/" '
       /^\[[0-9]+\/[0-9]+\] / {
         src = ""
-        for (i = 2; i < NF; i++) if ($i == "-c") { src = $(i + 1); break }
+        for (i = 2; i <= NF; i++) if ($i ~ /\.(c|cc|cpp|cu|mu)$/) src = $i
         if (index(src, root) == 1) src = substr(src, length(root) + 1)
-        print $1, (src != "" ? src : substr($0, 1, 120)); fflush(); next
+        print "  " $1, (src != "" ? src : "linking"); fflush(); next
       }
-      length($0) > 400 { print substr($0, 1, 100) " ..."; fflush(); next }
-      { print; fflush() }'
+      /^mate_ops:|[Ee]rror/ { print "  " substr($0, 1, 300); fflush() }'
+rc=$?
+set -e
+warnings=$(grep -c "warning:" build/setup_env.log || true)
+if [ $rc -ne 0 ]; then
+  echo "setup_env: the build FAILED (rc=$rc); last lines of build/setup_env.log:"
+  tail -n 60 build/setup_env.log
+  exit $rc
+fi
 echo "$ENV_KEY $SRC_KEY" >"$STAMP"
-echo "setup_env: built mate_ops._C in $(( $(date +%s) - start ))s"
+echo "setup_env: built mate_ops._C in $(( $(date +%s) - start ))s ($warnings compiler warnings in build/setup_env.log)"
