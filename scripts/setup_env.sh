@@ -11,26 +11,29 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
+# true when every named module is importable; looks them up without importing them
+# (importing torch alone takes seconds), so a re-run with nothing to do is quick
+have() { "$PY" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))' "$@"; }
 
 # 1. setuptools. A fresh Python 3.11 venv has setuptools 65 and no `wheel`: its editable
 #    install stops at "invalid command 'bdist_wheel'" and pip falls back to a legacy
 #    `setup.py develop`. setuptools >= 77 has bdist_wheel built in and reads pyproject's
 #    licence field. Upgraded only when older, in the environment of $PY only.
-if ! "$PY" -c 'import sys, setuptools; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null; then
+if ! "$PY" -c 'import sys, importlib.metadata as m; sys.exit(int(m.version("setuptools").split(".")[0]) < 77)' 2>/dev/null; then
   echo "setup_env: upgrading setuptools (>= 77 needed)"
   pip_install -q "setuptools>=77"
 fi
 
 # 2. torch: any importable torch is kept. Otherwise the pinned CPU build; never an unpinned
 #    `pip install torch`, which would resolve to the CUDA build (gigabytes).
-if ! "$PY" -c "import torch" 2>/dev/null; then
+if ! have torch; then
   echo "setup_env: no torch found, installing torch==2.13.0"
   pip_install torch==2.13.0
 fi
 
-# 3. build and test tools (skipped when all import, so a re-run starts at once); numpy only
-#    silences torch's "Failed to initialize NumPy" warning at every import
-if ! "$PY" -c "import ninja, expecttest, pytest, hypothesis, numpy" 2>/dev/null; then
+# 3. build and test tools (skipped when all are installed); numpy only
+#    silences torch's "Failed to initialize NumPy" warning
+if ! have ninja expecttest pytest hypothesis numpy; then
   echo "setup_env: installing ninja expecttest pytest hypothesis numpy"
   pip_install -q ninja expecttest pytest hypothesis numpy
 fi
