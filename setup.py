@@ -2,18 +2,24 @@
 toolchain is present, the device kernels of csrc/musa.
 
     pip install --no-build-isolation -e .      # the README's install command
+    python setup.py build_ext --inplace        # rebuild _C only (incremental ninja build)
+
+Project metadata (name, dependencies, licence) is in pyproject.toml; the version is in
+mate_ops/_version.py.
 
 Environment knobs:
     MATE_OPS_DEVICE=auto|cpu|cuda|musa   which device kernels to build (auto: detect)
     MATE_OPS_NATIVE_CPU=0                 no -mavx2/-mfma even if this CPU has them
     MAX_JOBS=N                            parallel compile jobs (ninja)
+    MATE_OPS_SKIP_EXT=1                   install the Python package only, no _C
+                                          (scripts/setup_env.sh builds _C itself)
 """
 import glob
 import os
 import platform
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -53,6 +59,19 @@ def device_kind():
     return "cpu"
 
 
+def version():
+    scope = {}
+    with open(os.path.join(ROOT, "mate_ops", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+def packages():
+    """mate_ops, its subpackages, and meta_kernels/ installed as mate_ops.meta_kernels."""
+    subs = ["mate_ops." + p for p in find_packages(os.path.join(ROOT, "mate_ops"))]
+    return sorted({"mate_ops", "mate_ops.meta_kernels", *subs})
+
+
 def extension():
     sources = ["csrc/registration.cpp"] + rel("csrc/common/*.cpp") + rel("csrc/cpu_ref/*.cpp")
     kind = device_kind()
@@ -89,15 +108,9 @@ def extension():
 
 
 setup(
-    name="mate_ops",
-    version="0.1.0",
-    description="torch.ops.mate: MATE / FlashAttention-3 / FlashMLA attention ops with CPU "
-    "reference, device and fake kernels",
-    packages=["mate_ops", "mate_ops.meta_kernels", "mate_ops.testing"],
+    version=version(),
+    packages=packages(),
     package_dir={"mate_ops": "mate_ops", "mate_ops.meta_kernels": "meta_kernels"},
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("MATE_OPS_SKIP_EXT") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension},
-    install_requires=["torch>=2.7"],
-    extras_require={"test": ["pytest", "expecttest", "ninja"]},
-    python_requires=">=3.9",
 )

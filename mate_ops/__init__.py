@@ -16,4 +16,4 @@ from .mha_interface import (  # noqa: F401
     get_scheduler_metadata,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-python3 examples/demo.py "$@"
+"${PYTHON:-python3}" examples/demo.py "$@"

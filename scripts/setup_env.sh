@@ -1,12 +1,102 @@
 #!/usr/bin/env bash
-# Installs what mate_ops needs and builds it in place (editable). Safe to re-run.
+# Installs what mate_ops needs and builds mate_ops._C in place. Safe to re-run: an
+# unchanged extension is not rebuilt. Works on a system Python and in a fresh
+# `python -m venv` (whose pip and setuptools may be old).
+#   PYTHON=...   interpreter to set up (default: python3, i.e. the active venv's)
+#   MAX_JOBS=N   parallel compile jobs (default 2)
 # On a machine without torch this installs the pinned CPU build (torch==2.13.0);
 # an existing torch (e.g. a CUDA or MUSA build) is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install -q torch==2.13.0
+pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
+# true when every named module is importable; looks them up without importing them
+# (importing torch alone takes seconds), so a re-run with nothing to do is quick
+have() { "$PY" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))' "$@"; }
+
+# 1. setuptools. A fresh Python 3.11 venv has setuptools 65 and no `wheel`: its editable
+#    install stops at "invalid command 'bdist_wheel'" and pip falls back to a legacy
+#    `setup.py develop`. setuptools >= 77 has bdist_wheel built in and reads pyproject's
+#    licence field. Upgraded only when older, in the environment of $PY only.
+if ! "$PY" -c 'import sys, importlib.metadata as m; sys.exit(int(m.version("setuptools").split(".")[0]) < 77)' 2>/dev/null; then
+  echo "setup_env: upgrading setuptools (>= 77 needed)"
+  pip_install -q "setuptools>=77"
 fi
-"$PY" -m pip install -q ninja expecttest pytest
-MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation -e .
+
+# 2. torch: any importable torch is kept. Otherwise the pinned CPU build; never an unpinned
+#    `pip install torch`, which would resolve to the CUDA build (gigabytes).
+if ! have torch; then
+  echo "setup_env: no torch found, installing torch==2.13.0"
+  pip_install torch==2.13.0
+fi
+
+# 3. build and test tools (skipped when all are installed); numpy only
+#    silences torch's "Failed to initialize NumPy" warning
+if ! have ninja expecttest pytest hypothesis numpy; then
+  echo "setup_env: installing ninja expecttest pytest hypothesis numpy"
+  pip_install -q ninja expecttest pytest hypothesis numpy
+fi
+# pip puts the ninja executable next to the interpreter's scripts; when a venv's python is
+# called by its path without activating the venv that folder is not on PATH, and torch
+# would fall back to a slow, serial build without ninja
+PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
+
+# 4. Build. `pip install -e .` compiles the extension in a fresh temporary directory every
+#    time (setuptools' editable wheel), so each run would recompile everything (minutes on
+#    2 cores). Instead:
+#    - the package is installed editable once per environment WITHOUT the extension
+#      (MATE_OPS_SKIP_EXT=1: seconds), so `import mate_ops` works from anywhere and
+#      mate_ops.meta_kernels maps to meta_kernels/;
+#    - `setup.py build_ext --inplace` builds mate_ops/_C*.so with ninja in a build folder
+#      that persists (build/temp-<env key>), so only changed sources recompile (ninja
+#      tracks our headers through depfiles), and ninja's [n/N] lines show progress;
+#    - a stamp (build/setup_env.stamp) of the sources under csrc/, setup.py, pyproject.toml
+#      and the environment (interpreter, torch version and flavour, toolchain, build knobs)
+#      skips even that when nothing changed and the built _C loads against this torch.
+#    torch's headers are not in ninja's depfiles (-isystem), so each environment key has
+#    its own object folder: a new torch never links objects compiled against an old one.
+STAMP=build/setup_env.stamp
+state=$(cd / && "$PY" "$ROOT/scripts/build_state.py" "$ROOT")
+read -r ENV_KEY SRC_KEY INSTALLED LOADS <<<"$state"
+if [ "$INSTALLED" != 1 ]; then
+  echo "setup_env: installing mate_ops (editable, Python files) into $("$PY" -c 'import sys; print(sys.prefix)')"
+  MATE_OPS_SKIP_EXT=1 pip_install -q --no-build-isolation --no-deps -e .
+fi
+if [ "$LOADS" = 1 ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$ENV_KEY $SRC_KEY" ]; then
+  echo "setup_env: mate_ops._C is up to date (csrc/, setup.py and torch unchanged), not rebuilding"
+  exit 0
+fi
+export MAX_JOBS=${MAX_JOBS:-2}
+echo "setup_env: building mate_ops._C with ninja (MAX_JOBS=$MAX_JOBS; only changed sources"\
+     "recompile; a first build takes a few minutes on 2 cores; full log: build/setup_env.log)"
+mkdir -p build
+rm -f "$STAMP"
+start=$(date +%s)
+# --force: the stamp already said something changed, and distutils' own up-to-date test
+# ignores headers; ninja then recompiles only what is out of date.
+# The terminal gets ninja's progress as "[n/N] <source>", our setup.py's own lines and any
+# error; everything (full command lines, warnings) goes to build/setup_env.log, whose tail
+# is printed if the build fails.
+set +e
+PYTHONUNBUFFERED=1 "$PY" setup.py build_ext --inplace --force --build-temp "build/temp-$ENV_KEY" 2>&1 \
+  | tee build/setup_env.log \
+  | awk -v root="$ROOT/" '
+      /^\[[0-9]+\/[0-9]+\] / {
+        src = ""
+        for (i = 2; i <= NF; i++) if ($i ~ /\.(c|cc|cpp|cu|mu)$/) src = $i
+        if (index(src, root) == 1) src = substr(src, length(root) + 1)
+        print "  " $1, (src != "" ? src : "linking"); fflush(); next
+      }
+      /^mate_ops:|[Ee]rror/ { print "  " substr($0, 1, 300); fflush() }'
+rc=$?
+set -e
+warnings=$(grep -c "warning:" build/setup_env.log || true)
+if [ $rc -ne 0 ]; then
+  echo "setup_env: the build FAILED (rc=$rc); last lines of build/setup_env.log:"
+  tail -n 60 build/setup_env.log
+  exit $rc
+fi
+echo "$ENV_KEY $SRC_KEY" >"$STAMP"
+echo "setup_env: built mate_ops._C in $(( $(date +%s) - start ))s ($warnings compiler warnings in build/setup_env.log)"

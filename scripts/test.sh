@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-python3 -m pytest -q "$@"
+"${PYTHON:-python3}" -m pytest -q "$@"
