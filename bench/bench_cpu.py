@@ -5,7 +5,7 @@ on the same tensors, in one run. Prints a markdown table (times, TFLOP/s, ratio)
     python3 bench/bench_cpu.py --quick     # fewer repetitions
 
 ratio = SDPA time / our time (> 1: we are faster). FLOPs are counted as
-4 * H * D * sum(Sq * Sk_eff) (QK^T and PV; causal halves Sk_eff), as in DESIGN.md.
+4 * H * D * sum(Sq * Sk_eff) (QK^T and PV; causal halves Sk_eff), as in docs/design.md.
 """
 import argparse
 import statistics

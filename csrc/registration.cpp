@@ -3,7 +3,7 @@
 // build has kernels for; the kernels themselves fill the kernel table (csrc/common/
 // kernel_table.h) from csrc/cpu_ref and csrc/musa. Fake kernels live in meta_kernels/.
 //
-// Rules (DESIGN.md): lengths and sizes are SymInt; mutated arguments are annotated
+// Rules (docs/design.md): lengths and sizes are SymInt; mutated arguments are annotated
 // (a!); mutating ops return (); no returned tensor aliases an input. Never remove
 // or reorder an argument once released: append new ones at the end with defaults.
 // tests/test_schemas.py pins every string below.

@@ -17,7 +17,7 @@ work on any device: the byte shuffling runs on the CPU and the result is moved b
 module imports only ``math`` and ``torch`` (never the extension): the oracle,
 :mod:`mate_ops.testing`, reads FP8 caches with it.
 
-Decisions on points SEMANTICS.md leaves open (following FlashMLA's ``tests/quant.py``):
+Decisions on points docs/semantics.md leaves open (following FlashMLA's ``tests/quant.py``):
 
 - The scale exponent ``k = ceil(log2(amax / 448))`` is computed exactly (smallest k with
   ``amax <= 448 * 2**k``), then clamped to ``k >= -126`` so the scale is always a normal fp32 /

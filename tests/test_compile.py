@@ -1,4 +1,4 @@
-"""Registration tests of torch.ops.mate.* (DESIGN.md "Testing"):
+"""Registration tests of torch.ops.mate.* (docs/design.md "Testing"):
 
 - ``torch.library.opcheck`` on every op over representative argument sets (schema
   mutation/alias annotations, autograd registration, fake kernel vs real kernel,

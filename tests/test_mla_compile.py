@@ -1,4 +1,4 @@
-"""Registration tests of the MLA family (SEMANTICS §3, §4; DESIGN.md "Testing"):
+"""Registration tests of the MLA family (SEMANTICS §3, §4; docs/design.md "Testing"):
 
 - ``torch.library.opcheck`` of ``get_mla_metadata``, ``mla_decode`` (dense bf16 causal with
   scheduler metadata, dense GQA Hkv=2, sparse with topk_length + extra cache + attn_sink,

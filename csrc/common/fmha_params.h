@@ -1,6 +1,6 @@
 // Plain parameter structs shared by the CPU reference and the device kernels.
 // No torch header here: device sources include this file and must compile
-// with a bare nvcc / mcc (see DESIGN.md, "Device kernels").
+// with a bare nvcc / mcc (see docs/design.md, "Device kernels").
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-"""``mate_ops.testing``: the pure-PyTorch oracle of SEMANTICS.md and the helpers tests use.
+"""``mate_ops.testing``: the pure-PyTorch oracle of docs/semantics.md and the helpers tests use.
 
 Not imported by ``import mate_ops``; import it explicitly (``from mate_ops.testing import
 fmha_ref``). Every name below is also reachable as ``mate_ops.testing.<name>``.

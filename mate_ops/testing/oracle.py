@@ -1,4 +1,4 @@
-"""The oracle: a pure-PyTorch reference of SEMANTICS.md sections 1 to 4.
+"""The oracle: a pure-PyTorch reference of docs/semantics.md sections 1 to 4.
 
 Deliberately slow and simple: per-sequence Python loops, explicit boolean masks, fp64 (or a
 chosen low precision) math, no fused kernels and no use of the compiled extension or of
@@ -23,7 +23,7 @@ of a second copy of the byte decoder kept here. Why that keeps the oracle honest
 - a second Python decoder would only check the Python format module against itself; the
   layout is pinned instead byte by byte, by hand with ``struct``, in tests/test_oracle_mla.py.
 
-Decisions on points SEMANTICS.md leaves open (each one follows FlashAttention-3
+Decisions on points docs/semantics.md leaves open (each one follows FlashAttention-3
 where FA3 decides it):
 
 - All masking lengths are the per-sequence *effective* ones: ``Sq`` is
@@ -151,7 +151,7 @@ def fmha_ref(
     out_dtype: Optional[torch.dtype] = None,
     alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Reference FMHA forward exactly as SEMANTICS.md section 1 specifies.
+    """Reference FMHA forward exactly as docs/semantics.md section 1 specifies.
 
     ``alibi_slopes`` fp32 ``(H,)`` or ``(B, H)``: FlashAttention-2's ALiBi, the bias
     ``-slope_h * |i + Sk - Sq - j|`` (bottom-right aligned, global columns) added to the
@@ -542,7 +542,7 @@ def combine_ref(
     lse_partial: Tensor,
     out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Reference flash_attn_combine (SEMANTICS.md section 2).
+    """Reference flash_attn_combine (docs/semantics.md section 2).
 
     ``out_partial`` is ``(S, B, Sq, H, Dv)`` or ``(S, Tq, H, Dv)``, ``lse_partial``
     ``(S, B, Sq, H)`` or ``(S, Tq, H)`` (natural log).  Computes, in float64,
@@ -576,10 +576,10 @@ def combine_ref(
 
 
 # =====================================================================================
-# MLA (SEMANTICS.md sections 3 and 4)
+# MLA (docs/semantics.md sections 3 and 4)
 # =====================================================================================
 #
-# Decisions on points SEMANTICS.md sections 3/4 leave open (following FlashMLA's
+# Decisions on points docs/semantics.md sections 3/4 leave open (following FlashMLA's
 # tests/ref.py, tests/quant.py and flash_mla_interface.py, or FlashInfer):
 #
 # - Sparse indices: every negative value (not only -1) and every value >= the number of
@@ -718,7 +718,7 @@ def mla_decode_ref(
     extra_topk_length: Optional[Tensor] = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tuple[Tensor, Tensor]:
-    """Reference ``flash_mla_with_kvcache`` (SEMANTICS.md section 3), returns ``(out, lse)``.
+    """Reference ``flash_mla_with_kvcache`` (docs/semantics.md section 3), returns ``(out, lse)``.
 
     ``q (B, Sq, Hq, Dqk)``; ``k_cache (num_blocks, P, Hkv, Dqk)`` in a float dtype, or with
     ``is_fp8_kvcache=True`` an FP8 cache of a 1-byte dtype: ``(.., 1, 656)`` (V3.2, Dqk 576,
@@ -858,7 +858,7 @@ def mla_sparse_prefill_ref(
     topk_length: Optional[Tensor] = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Reference ``flash_mla_sparse_fwd`` (SEMANTICS.md section 3, "Sparse prefill").
+    """Reference ``flash_mla_sparse_fwd`` (docs/semantics.md section 3, "Sparse prefill").
 
     ``q (Sq, Hq, Dqk)``, ``kv (Skv, 1, Dqk)``, ``indices (Sq, 1, topk)`` (rows of kv; any
     negative value or value ``>= Skv`` is ignored, duplicates count once per occurrence),
@@ -926,7 +926,7 @@ def mla_paged_ref(
     return_lse_base2: bool = True,
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tuple[Tensor, Tensor]:
-    """Reference FlashInfer ``BatchMLAPagedAttentionWrapper`` plan+run (SEMANTICS.md section 4).
+    """Reference FlashInfer ``BatchMLAPagedAttentionWrapper`` plan+run (docs/semantics.md section 4).
 
     ``q_nope (Tq, H, Dc)``, ``q_pe (Tq, H, Dp)`` (512 / 64), ``ckv_cache (pages, P, Dc)``,
     ``kpe_cache (pages, P, Dp)``. Sequence b owns query rows ``qo_indptr[b]:qo_indptr[b+1]``,
