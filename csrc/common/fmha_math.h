@@ -1,6 +1,6 @@
 // Math of SEMANTICS §1-2 shared by the CPU reference and the device kernels:
-// where sequence b lives, which keys a query row may see, how splits merge.
-// Host/device neutral: no torch, no std containers.
+// where sequence b lives, how keys are split, how splits merge. Which keys a query row may
+// see and what its scores are: fmha_score.h. Host/device neutral: no torch, no std containers.
 #pragma once
 
 #include <cmath>
@@ -11,8 +11,18 @@
 
 namespace mate {
 
-MATE_HD int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-MATE_HD int ceil_div_signed(int a, int b) { return -floor_div(-a, b); }
+// floor(a / b) and ceil(a / b) for b > 0 and every int a. Truncating a / b cannot overflow
+// for b > 0, and the +-1 corrections only happen when |a / b| <= INT_MAX / 2.
+MATE_HD int floor_div(int a, int b) {
+  const int q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+MATE_HD int ceil_div_signed(int a, int b) {
+  const int q = a / b;
+  return (a % b != 0 && a > 0) ? q + 1 : q;
+}
+// ceil(a / b) for a >= 0, b > 0, without forming a + b - 1.
+MATE_HD int ceil_div_pos(int a, int b) { return a / b + (a % b != 0 ? 1 : 0); }
 MATE_HD int imin(int a, int b) { return a < b ? a : b; }
 MATE_HD int imax(int a, int b) { return a > b ? a : b; }
 
@@ -81,35 +91,22 @@ MATE_HD int64_t key_offset(const FmhaParams& p, const SeqInfo& s, int t, int64_t
   return k.batch * batch_stride + k.row * row_stride;
 }
 
-// The keys query row i may attend to, as local key indices [lo, hi) into [0, k_len).
-// All masks of SEMANTICS §1 are intervals in the global key column, so their
-// intersection is one interval; context parallel maps global g = j * W + r back to j.
-MATE_HD void key_range_for_row(const FmhaParams& p, const SeqInfo& s, int i, int& lo, int& hi) {
-  const int a = i + s.mask_k_len - s.q_len;  // bottom-right aligned column of row i
-  int glo = 0, ghi = s.mask_k_len;           // [glo, ghi) in global columns
-  if (p.window_left >= 0) glo = imax(glo, a - p.window_left);
-  if (p.window_right >= 0) ghi = imin(ghi, a + p.window_right + 1);
-  if (p.attention_chunk > 0) {
-    const int start = floor_div(a, p.attention_chunk) * p.attention_chunk;
-    glo = imax(glo, start);
-    ghi = imin(ghi, start + p.attention_chunk);
-  }
-  const int W = p.cp_world_size, r = p.cp_rank;
-  lo = imax(0, ceil_div_signed(glo - r, W));
-  hi = imin(s.k_len, ceil_div_signed(ghi - r, W));
-  if (hi < lo) hi = lo;
-}
-
-// Global key column of local key j (context parallel interleaves keys over ranks).
-MATE_HD int global_key(const FmhaParams& p, int j) { return j * p.cp_world_size + p.cp_rank; }
-
 // Key range [lo, hi) of split `split` out of `num_splits`, in units of `block` keys.
+// No overflow for any k_len: the ceilings avoid k_len + block - 1, the products are 64-bit
+// ((split + 1) * per_split * block may pass 2^31 - 1), and no division is 64-bit.
 MATE_HD void split_key_range(int k_len, int block, int split, int num_splits, int& lo, int& hi) {
-  const int n_blocks = (k_len + block - 1) / block;
-  const int per_split = (n_blocks + num_splits - 1) / num_splits;
-  lo = imin(split * per_split * block, k_len);
-  hi = imin((split + 1) * per_split * block, k_len);
+  const int n_blocks = ceil_div_pos(k_len, block);
+  const int per_split = ceil_div_pos(n_blocks, num_splits);
+  const int64_t keys = static_cast<int64_t>(per_split) * block;
+  const int64_t l = split * keys, h = (split + 1) * keys;
+  lo = l < k_len ? static_cast<int>(l) : k_len;
+  hi = h < k_len ? static_cast<int>(h) : k_len;
 }
+
+// Start of the tile after the one at c0, for tiles of `step` keys that end at `end`
+// (c0 < end): c0 + step, or `end` for the last tile. Loops over keys step with it so that no
+// position past `end` is formed (c0 + step can pass 2^31 - 1 when `end` is near it).
+MATE_HD int next_tile(int c0, int step, int end) { return end - c0 > step ? c0 + step : end; }
 
 // Splits for num_splits == 0: split the key range only when the (batch, kv head,
 // query block) units cannot fill the machine (SMs on a GPU, threads on the CPU).

@@ -21,11 +21,11 @@ constexpr int kMinKeyBlocksToSplit = 2;
 // 0 asks the heuristic with `num_workers` parallel workers.
 MATE_HD int resolve_num_splits(int requested, int64_t batch, int heads_k, int max_seqlen_q,
                                int group_size, int max_seqlen_k, int num_workers) {
-  const int key_blocks = imax(1, (max_seqlen_k + kSplitKeyBlock - 1) / kSplitKeyBlock);
+  const int key_blocks = imax(1, ceil_div_pos(max_seqlen_k, kSplitKeyBlock));  // no k + 127 overflow
   if (requested > 0) return imax(1, imin(requested, key_blocks));
   // a split of one key block gains less than its merge costs (a second launch, two buffers)
   if (key_blocks <= kMinKeyBlocksToSplit) return 1;
-  const int rows = imax(1, max_seqlen_q) * group_size;  // GQA-packed query rows
+  const int64_t rows = static_cast<int64_t>(imax(1, max_seqlen_q)) * group_size;  // GQA-packed query rows
   const int64_t units = batch * heads_k * ((rows + 127) / 128);
   return num_splits_heuristic(units, num_workers, key_blocks, 128);
 }
@@ -33,7 +33,7 @@ MATE_HD int resolve_num_splits(int requested, int64_t batch, int heads_k, int ma
 // Splits of sequence b when a call runs `n` of them: never more than its key blocks, and
 // capped by the scheduler metadata when given. Shared by the CPU and device kernels.
 MATE_HD int sequence_splits(const FmhaParams& p, int b, int k_len, int n) {
-  const int key_blocks = imax(1, (k_len + kSplitKeyBlock - 1) / kSplitKeyBlock);
+  const int key_blocks = imax(1, ceil_div_pos(k_len, kSplitKeyBlock));
   int ns = imin(n, key_blocks);
   if (p.scheduler_metadata) ns = imax(1, imin(ns, p.scheduler_metadata[1 + b]));
   return ns;

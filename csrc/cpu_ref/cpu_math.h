@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "../common/fmha_math.h"
+#include "../common/fmha_score.h"
 #include "../common/fmha_params.h"
 
 namespace mate::cpu {
@@ -43,12 +44,10 @@ inline float fast_exp(float x) {
 // without -ffast-math (a single running sum or max would be a serial dependency).
 constexpr int kLanes = 16;
 
-// s = scale * s (then softcap * tanh(s / softcap) when softcap > 0); returns max(s).
+// s = scale * s (then apply_softcap of fmha_score.h when softcap > 0); returns max(s).
 inline float scale_softcap_max(float* s, int n, float scale, float softcap) {
-  if (softcap > 0.f) {
-    const float inv = scale / softcap;
-    for (int i = 0; i < n; ++i) s[i] = softcap * std::tanh(s[i] * inv);
-  }
+  if (softcap > 0.f)
+    for (int i = 0; i < n; ++i) s[i] = apply_softcap(s[i] * scale, softcap);
   float lane[kLanes];
   for (int j = 0; j < kLanes; ++j) lane[j] = -INFINITY;
   const float mul = softcap > 0.f ? 1.f : scale;
@@ -65,18 +64,6 @@ inline float scale_softcap_max(float* s, int n, float scale, float softcap) {
   }
   float mx = lane[0];
   for (int j = 1; j < kLanes; ++j) mx = lane[j] > mx ? lane[j] : mx;
-  return mx;
-}
-
-// ALiBi (FA2): s[c] -= slope * |a - (c0 + c) * W - r| for the row aligned at global column a;
-// returns the new max.
-inline float alibi_bias_max(float* s, int n, float slope, int a, int c0, int W, int r) {
-  float mx = -INFINITY;
-  for (int c = 0; c < n; ++c) {
-    const float d = static_cast<float>(a - ((c0 + c) * W + r));
-    s[c] -= slope * (d < 0.f ? -d : d);
-    mx = s[c] > mx ? s[c] : mx;
-  }
   return mx;
 }
 

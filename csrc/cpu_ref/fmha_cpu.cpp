@@ -13,6 +13,7 @@
 #include "../common/fmha_checks.h"
 #include "../common/kernel_table.h"
 #include "../common/fmha_math.h"
+#include "../common/fmha_score.h"
 #include "../common/scheduler.h"
 #include "cpu_blas.h"
 #include "cpu_math.h"
@@ -68,7 +69,18 @@ struct SplitOutputs {  // where a split writes its partial result (num_splits > 
   float* lse = nullptr;  // (splits, total_q, H)
 };
 
-// Global query-row index of row i of sequence b (for split buffers).
+// Raw scores s[0, n) of query row i against keys j0, j0 + 1, ... become logits (the score
+// pipeline of fmha_score.h, all but the mask: the caller passes only allowed keys); returns
+// their max. Without ALiBi the scale (and softcap) run as one vectorized row pass.
+inline float logits_max(float* s, int n, const ScoreMod& mod, int i, int j0) {
+  if (!mod.alibi) return scale_softcap_max(s, n, mod.scale, mod.softcap);
+  float mx = -INFINITY;
+  for (int c = 0; c < n; ++c) {
+    s[c] = mod.logit(s[c], i, j0 + c);
+    mx = s[c] > mx ? s[c] : mx;
+  }
+  return mx;
+}
 
 // Runs one work item: query rows [i0, i1) of sequence b, kv head hk, keys of split `split`.
 template <typename T>
@@ -90,10 +102,10 @@ void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, 
   int* hi = grow(sc.hi, nq);
   int kmin = split_hi, kmax = split_lo;
   for (int qi = 0; qi < nq; ++qi) {
-    key_range_for_row(p, s, i0 + qi, lo[qi], hi[qi]);
-    lo[qi] = imax(lo[qi], split_lo);
-    hi[qi] = imax(lo[qi], imin(hi[qi], split_hi));
-    if (lo[qi] < hi[qi]) {
+    const KeyInterval keys = key_range_for_row(p, s, i0 + qi).clip(split_lo, split_hi);
+    lo[qi] = keys.lo;
+    hi[qi] = keys.hi;
+    if (!keys.empty()) {
       kmin = imin(kmin, lo[qi]);
       kmax = imax(kmax, hi[qi]);
     }
@@ -136,7 +148,7 @@ void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, 
     MT* P;
     if constexpr (std::is_same_v<MT, float>) P = S;
     else P = grow(sc.p, static_cast<size_t>(M) * kKeysPerTile);
-    for (int n0 = kmin; n0 < kmax; n0 += kKeysPerTile) {
+    for (int n0 = kmin; n0 < kmax; n0 = next_tile(n0, kKeysPerTile, kmax)) {
       const int n = imin(kKeysPerTile, kmax - n0);
       // K / V tiles: read in place when the keys are one strided run of the same type,
       // else gathered (pages) and converted (fp8) into scratch.
@@ -181,12 +193,8 @@ void attend_tile(const FmhaParams& p, int b, int hk, int i0, int i1, int split, 
           std::fill(prow, prow + n, MT(0));
           continue;
         }
-        float row_max = scale_softcap_max(srow + c0, c1 - c0, p.softmax_scale, p.softcap);
-        if (p.alibi_slopes) {
-          const float slope = p.alibi_slopes[b * p.alibi_batch_stride + hk * G + r % G];
-          row_max = alibi_bias_max(srow + c0, c1 - c0, slope, i0 + qi + s.mask_k_len - s.q_len, n0 + c0,
-                                   p.cp_world_size, p.cp_rank);
-        }
+        const ScoreMod mod = score_mod(p, s, b, hk * G + r % G);
+        const float row_max = logits_max(srow + c0, c1 - c0, mod, i0 + qi, n0 + c0);
         const float m_new = std::max(m[r], row_max);
         const float corr = fast_exp(m[r] - m_new);  // 0 when m[r] was -inf
         const float sum = exp_shift_store(srow + c0, c1 - c0, m_new, prow + c0);

@@ -10,6 +10,7 @@
 
 #include "../common/dtype_convert.h"
 #include "../common/fmha_math.h"
+#include "../common/fmha_score.h"
 #include "../common/scheduler.h"
 #include "kernels.h"
 
@@ -75,19 +76,17 @@ __global__ void __launch_bounds__(kThreads) fmha_row_kernel(FmhaParams p, FmhaSp
                            p.in_dtype) * qd;
   __syncthreads();
 
-  int lo, hi, slo = 0, shi = s.k_len;
-  key_range_for_row(p, s, i, lo, hi);
+  int slo = 0, shi = s.k_len;
   if (ns > 1) split_key_range(s.k_len, kSplitKeyBlock, split, ns, slo, shi);
-  lo = imax(lo, slo);
-  hi = imin(hi, shi);
-  const int a = i + s.mask_k_len - s.q_len;
-  const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+  const KeyInterval keys = key_range_for_row(p, s, i).clip(slo, shi);
+  const ScoreMod mod = score_mod(p, s, b, h);
 
   float m = -INFINITY, l = 0.f;
-  for (int c0 = lo; c0 < hi; c0 += kThreads) {
-    const int j = c0 + threadIdx.x;
+  for (int c0 = keys.lo; c0 < keys.hi; c0 = next_tile(c0, kThreads, keys.hi)) {
+    const int nk = imin(kThreads, keys.hi - c0);  // keys of this chunk
     float score = -INFINITY;
-    if (j < hi) {
+    if (static_cast<int>(threadIdx.x) < nk) {  // key c0 + threadIdx.x lies in the row's interval
+      const int j = c0 + threadIdx.x;
       const int t = s.k_start + j;
       const int64_t ko = key_offset(p, s, t, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride;
       float dot = 0.f;
@@ -99,9 +98,7 @@ __global__ void __launch_bounds__(kThreads) fmha_row_kernel(FmhaParams p, FmhaSp
         for (int d = 0; d < Dv; ++d) dv += qv_s[d] * load_float(p.v, vo + d, p.in_dtype);
         dot += dv * vd;
       }
-      score = dot * p.softmax_scale;
-      if (p.softcap > 0.f) score = p.softcap * tanhf(score / p.softcap);
-      if (p.alibi_slopes) score -= slope * fabsf(static_cast<float>(a - global_key(p, j)));
+      score = mod.logit(dot, i, j);
     }
     const float mc = arch::block_max<kThreads>(score, red);
     const float m_new = fmaxf(m, mc);
@@ -111,7 +108,6 @@ __global__ void __launch_bounds__(kThreads) fmha_row_kernel(FmhaParams p, FmhaSp
     l = l * corr + arch::block_sum<kThreads>(pj, red);  // also orders the p_s writes
     m = m_new;
     for (int k = 0; k < kMaxChannelsPerThread; ++k) acc[k] *= corr;
-    const int nk = imin(kThreads, hi - c0);
     for (int jj = 0; jj < nk; ++jj) {
       const float w = p_s[jj];
       if (w == 0.f) continue;
@@ -224,10 +220,9 @@ __global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, Fmh
                            p.in_dtype) * qd;
   }
   if (threadIdx.x < M) {
-    int lo, hi;
-    key_range_for_row(p, s, threadIdx.x / G, lo, hi);
-    lo_s[threadIdx.x] = imax(lo, slo);
-    hi_s[threadIdx.x] = empty_split ? 0 : imin(hi, shi);
+    const KeyInterval keys = key_range_for_row(p, s, threadIdx.x / G).clip(slo, shi);
+    lo_s[threadIdx.x] = keys.lo;
+    hi_s[threadIdx.x] = empty_split ? keys.lo : keys.hi;
     m_s[threadIdx.x] = -INFINITY;
     l_s[threadIdx.x] = 0.f;
   }
@@ -243,11 +238,12 @@ __global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, Fmh
   const int lv = lanes_for(Dv), vpw = arch::kWarpSize / lv;       // lanes per V row, rows per warp
   const int ksub = lane / lk, kl = lane % lk, vsub = lane / lv, vl = lane % lv;
   float acc[kDecRows][kVec] = {};
-  for (int c0 = kmin; c0 < kmax; c0 += kDecChunk) {
+  for (int c0 = kmin; c0 < kmax; c0 = next_tile(c0, kDecChunk, kmax)) {
+    const int nk = imin(kDecChunk, kmax - c0);  // keys of this chunk (no position past kmax is formed)
     // 1. scores: every lane group of a warp scores one key
     for (int jj0 = warp * kpw; jj0 < kDecChunk; jj0 += kDecWarps * kpw) {
-      const int jj = jj0 + ksub, j = c0 + jj;
-      const bool valid = jj < kDecChunk && j < kmax && kl * kVec < D;
+      const int jj = jj0 + ksub, j = c0 + (jj < nk ? jj : 0);
+      const bool valid = jj < nk && kl * kVec < D;
       float kv[kVec] = {};
       if (valid) {
         const int64_t ko = key_offset(p, s, s.k_start + j, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride;
@@ -259,16 +255,8 @@ __global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, Fmh
         for (int e = 0; e < kVec; ++e) part += (kl * kVec + e < D ? q_s[m][kl * kVec + e] : 0.f) * kv[e];
         const float dot = group_sum(part, lk) * kd;
         if (kl == 0 && jj < kDecChunk) {
-          float score = -INFINITY;
-          if (j < kmax && j >= lo_s[m] && j < hi_s[m]) {
-            score = dot * p.softmax_scale;
-            if (p.softcap > 0.f) score = p.softcap * tanhf(score / p.softcap);
-            if (p.alibi_slopes) {
-              const float slope = p.alibi_slopes[b * p.alibi_batch_stride + hk * G + m % G];
-              score -= slope * fabsf(static_cast<float>(m / G + s.mask_k_len - s.q_len - global_key(p, j)));
-            }
-          }
-          s_s[m][jj] = score;
+          const KeyInterval keys{lo_s[m], hi_s[m]};
+          s_s[m][jj] = jj < nk ? score_mod(p, s, b, hk * G + m % G).apply(dot, m / G, j, keys) : -INFINITY;
         }
       }
     }
@@ -301,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) fmha_decode_kernel(FmhaParams p, Fmh
       for (int e = 0; e < kVec; ++e) acc[m][e] *= corr_s[m];
     for (int jj0 = warp * vpw; jj0 < kDecChunk; jj0 += kDecWarps * vpw) {
       const int jj = jj0 + vsub;
-      if (jj >= kDecChunk || c0 + jj >= kmax || vl * kVec >= Dv) continue;
+      if (jj >= nk || vl * kVec >= Dv) continue;
       const int64_t vo = key_offset(p, s, s.k_start + c0 + jj, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride;
       float vv[kVec];
       load8<kDt>(p.v, vo + vl * kVec, vv);

@@ -11,15 +11,22 @@
 // shares it by shuffles, so paged K/V costs one page-table read per row. Shared tiles use an
 // XOR swizzle of 16-byte chunks so ldmatrix reads are bank-conflict free.
 //
-// Masks: the per-row key interval of fmha_math.h (causal / local / chunk / context
-// parallel) intersected with the split; only tiles that cross an interval edge pay for
-// per-element masking. Softcap, ALiBi and non-positive scales use a separate instantiation
-// (kPlain = false). Splits write fp32 partials that fmha_merge_kernel (fmha_kernels.cu)
-// combines. Measurements and the road ahead: docs/performance.md.
+// Scores and masks: the shared pipeline of fmha_score.h. The mask is the per-row key
+// interval (key_range_for_row: causal / local / chunk / context parallel) intersected with
+// the split; only tiles that cross an interval edge pay for per-element masking. On the
+// plain path (scores_are_plain: no softcap, no ALiBi, positive scale) the logits are
+// scale * raw, so row maxima are taken on raw scores and the scale folds into the exp2 FFMA;
+// softcap, ALiBi and non-positive scales use a separate instantiation (kPlain = false) that
+// turns every score into its logit with ScoreMod first. Splits write fp32 partials that
+// fmha_merge_kernel (fmha_kernels.cu) combines. Measurements and the road ahead:
+// docs/performance.md.
+#include <atomic>
+
 #include <cmath>
 
 #include "../common/dtype_convert.h"
 #include "../common/fmha_math.h"
+#include "../common/fmha_score.h"
 #include "../common/scheduler.h"
 #include "arch/mma.h"
 #include "kernels.h"
@@ -66,8 +73,9 @@ __device__ __forceinline__ int swz(int r, int c) {
 }
 
 // Copies keys [n0, n0 + kBlockN) of one kv head into swizzled K and V tiles; keys >= kmax
-// become zeros. Each lane finds the storage offset of one row (page-table lookups in
-// parallel, once per row), then the warp's lanes share them through shuffles.
+// become zeros (compared as offsets from n0: n0 + kBlockN may pass 2^31 - 1). Each lane
+// finds the storage offset of one row (page-table lookups in parallel, once per row), then
+// the warp's lanes share them through shuffles.
 template <class C>
 __device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::T* v_dst, const FmhaParams& p,
                                               const SeqInfo& s, int hk, int n0, int kmax) {
@@ -78,9 +86,10 @@ __device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::
   int64_t koff[kOffRegs], voff[kOffRegs];
 #pragma unroll
   for (int i = 0; i < kOffRegs; ++i) {
-    const int rl = lane + 32 * i, j = n0 + r0 + rl;
+    const int rl = lane + 32 * i;
     koff[i] = voff[i] = -1;
-    if (rl < C::kRowsPerWarp && j < kmax) {
+    if (rl < C::kRowsPerWarp && r0 + rl < kmax - n0) {
+      const int j = n0 + r0 + rl;
       koff[i] = key_offset(p, s, s.k_start + j, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride;
       voff[i] = key_offset(p, s, s.k_start + j, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride;
     }
@@ -130,15 +139,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   if (ns > 1) split_key_range(s.k_len, kSplitKeyBlock, split, ns, slo, shi);
   const bool live = split < ns;
 
-  // Keys of the block: every mask interval moves right with the query row, so the first
-  // real row has the smallest lower end and the last the largest upper end.
+  // Keys of the block. This relies on the INVARIANT stated at key_range_for_row
+  // (fmha_score.h, tested by tests/test_key_interval.py): both ends of a row's key interval
+  // are non-decreasing in the row, so the first real row has the smallest lower end and the
+  // last the largest upper end. A mask without that property would need the union of all
+  // the block's rows here.
   int kmin = 0, kmax = 0;
   if (m0 < real_rows && live) {
-    int lo, hi, lo2, hi2;
-    key_range_for_row(p, s, m0 / row_heads, lo, hi);
-    key_range_for_row(p, s, (imin(m0 + C::kBlockM, real_rows) - 1) / row_heads, lo2, hi2);
-    kmin = imax(lo, slo);
-    kmax = imin(hi2, shi);
+    kmin = imax(key_range_for_row(p, s, m0 / row_heads).lo, slo);
+    kmax = imin(key_range_for_row(p, s, (imin(m0 + C::kBlockM, real_rows) - 1) / row_heads).hi, shi);
   }
   // This thread's rows: (mt, half) -> block row warp * 16 kMT + 16 mt + 8 half + g.
   int row_lo[kMT][2], row_hi[kMT][2];
@@ -147,14 +156,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int m = m0 + warp * 16 * kMT + mt * 16 + hf * 8 + g;
-      int lo = 0, hi = 0;
-      if (m < real_rows && live) {
-        key_range_for_row(p, s, m / row_heads, lo, hi);
-        lo = imax(lo, slo);
-        hi = imax(lo, imin(hi, shi));
-      }
-      row_lo[mt][hf] = lo;
-      row_hi[mt][hf] = hi;
+      KeyInterval keys;
+      if (m < real_rows && live) keys = key_range_for_row(p, s, m / row_heads).clip(slo, shi);
+      row_lo[mt][hf] = keys.lo;
+      row_hi[mt][hf] = keys.hi;
     }
 
   float o[kMT][C::kDTiles][4];
@@ -170,7 +175,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
 
-  const int num_tiles = kmax > kmin ? (kmax - kmin + C::kBlockN - 1) / C::kBlockN : 0;
+  const int num_tiles = kmax > kmin ? ceil_div_pos(kmax - kmin, C::kBlockN) : 0;
   if (num_tiles > 0) {
     {  // Q rows of the block (zeros past the real rows), then the first kStages K/V tiles
       const T* q0 = static_cast<const T*>(p.q);
@@ -211,13 +216,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               arch::ldmatrix_x4(qf[mt][ks], q_s + swz<kD>(wrow + mt * 16 + lane % 16, 2 * ks + lane / 16));
       }
       // Does the tile hold keys this warp sees, and does it need per-element masking?
+      // (interval ends relative to n0: n0 + kBlockN may pass 2^31 - 1 on the last tile)
       bool any = false, all = true;
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          any |= row_lo[mt][hf] < n0 + C::kBlockN && row_hi[mt][hf] > n0 && row_lo[mt][hf] < row_hi[mt][hf];
-          all &= row_lo[mt][hf] <= n0 && n0 + C::kBlockN <= row_hi[mt][hf];
+          const int lo = row_lo[mt][hf] - n0, hi = row_hi[mt][hf] - n0;
+          any |= lo < C::kBlockN && hi > 0 && lo < hi;
+          all &= lo <= 0 && C::kBlockN <= hi;
         }
       any = arch::warp_any(any);
       all = arch::warp_all(all);
@@ -260,26 +267,23 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            const int lo = row_lo[mt][hf], hi = row_hi[mt][hf];
+            // the row's key interval relative to n0 (the mask of fmha_score.h)
+            const KeyInterval keys{row_lo[mt][hf] - n0, row_hi[mt][hf] - n0};
             float mx = -INFINITY;
 #pragma unroll
             for (int nt = 0; nt < C::kNTiles; ++nt)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                const int j = n0 + nt * 8 + 2 * t + e;
+                const int jr = nt * 8 + 2 * t + e;  // key n0 + jr
                 float x = sacc[mt][nt][2 * hf + e];
-                if constexpr (!kPlain) {
-                  float sc = x * p.softmax_scale;
-                  if (p.softcap > 0.f) sc = p.softcap * tanhf(sc / p.softcap);
-                  if (p.alibi_slopes) {
-                    const int m = m0 + wrow + mt * 16 + hf * 8 + g;
-                    const int qi = m / row_heads, h = h0 + m % row_heads;
-                    const float slope = p.alibi_slopes[b * p.alibi_batch_stride + h];
-                    sc -= slope * fabsf(static_cast<float>(qi + s.mask_k_len - s.q_len - global_key(p, j)));
-                  }
-                  x = sc * kLog2e;
+                if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
+                  const int m = m0 + wrow + mt * 16 + hf * 8 + g;
+                  const ScoreMod mod = score_mod(p, s, b, h0 + m % row_heads);
+                  // key n0 + jr, formed without signed overflow (past kmax it is masked anyway)
+                  const int j = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(jr));
+                  x = mod.logit(x, m / row_heads, j) * kLog2e;
                 }
-                if (!all && (j < lo || j >= hi)) x = -INFINITY;
+                if (!all && !keys.contains(jr)) x = -INFINITY;
                 sacc[mt][nt][2 * hf + e] = x;
                 mx = fmaxf(mx, x);
               }
@@ -382,9 +386,16 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 template <class C, bool kPlain>
 arch::Error launch_config(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
                           arch::Stream stream) {
-  // per call, not cached: the attribute belongs to the current device
-  const arch::Error e = arch::set_max_dynamic_smem(fmha_mma_kernel<C, kPlain>, C::kSmemBytes);
-  if (e != arch::kSuccess) return e;
+  // The shared-memory attribute belongs to a device: set it once per device (a driver call
+  // per launch costs eager decode steps microseconds of host time).
+  static std::atomic<uint64_t> configured{0};
+  const int dev = arch::current_device();
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (!(configured.load(std::memory_order_relaxed) & bit)) {
+    const arch::Error e = arch::set_max_dynamic_smem(fmha_mma_kernel<C, kPlain>, C::kSmemBytes);
+    if (e != arch::kSuccess) return e;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
   const int64_t rows = static_cast<int64_t>(max_rows) * row_heads;
   const dim3 grid(static_cast<unsigned>((rows + C::kBlockM - 1) / C::kBlockM), p.num_heads / row_heads,
                   p.batch * splits.num_splits);
@@ -404,7 +415,7 @@ arch::Error launch_dim(const FmhaParams& p, const FmhaSplitBuffers& splits, int 
   constexpr int kPrefillKeys = kD == 256 ? 32 : 64, kDecodeKeys = kD == 64 ? 64 : 32;
   using Prefill = MmaConfig<T, kD, 4, 1, kPrefillKeys>;
   using Decode = MmaConfig<T, kD, 1, 1, kDecodeKeys>;
-  const bool plain = !(p.softcap > 0.f) && !p.alibi_slopes && p.softmax_scale > 0.f;
+  const bool plain = scores_are_plain(p);
   if (!plain) return launch_config<Prefill, false>(p, splits, max_rows, row_heads, stream);
   if (static_cast<int64_t>(max_rows) * row_heads <= 16)
     return launch_config<Decode, true>(p, splits, max_rows, row_heads, stream);

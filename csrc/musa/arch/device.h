@@ -19,6 +19,11 @@ template <typename Kernel>
 inline Error set_max_dynamic_smem(Kernel kernel, int bytes) {
   return musaFuncSetAttribute(kernel, musaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
+inline int current_device() {
+  int dev = 0;
+  musaGetDevice(&dev);
+  return dev;
+}
 }  // namespace mate::arch
 #else
 #include <cuda_runtime.h>
@@ -43,6 +48,11 @@ inline const char* error_string(Error e) { return cudaGetErrorString(e); }
 template <typename Kernel>
 inline Error set_max_dynamic_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+inline int current_device() {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  return dev;
 }
 }  // namespace mate::arch
 #endif
