@@ -154,10 +154,11 @@ def test_key_length_near_int32_max(device, case, num_splits, dtype):
     sq, heads, d = 3, 2, 64
     q = torch.randn(1, sq, heads, d).to(dtype)
     k0, v0 = torch.randn(d).to(dtype), torch.randn(d).to(dtype)
-    k, v = k0.expand(1, BIG, 1, d), v0.expand(1, BIG, 1, d)  # no memory: stride 0
+    # no memory: stride 0, expanded on the device itself (.to() of an expanded tensor materializes it)
+    k, v = k0.to(device).expand(1, BIG, 1, d), v0.to(device).expand(1, BIG, 1, d)
     window = kw.pop("window_size", (-1, -1))
     causal, chunk = kw.get("causal", False), kw.get("attention_chunk", 0)
-    out, lse = torch.ops.mate.fmha_fwd(q.to(device), k.to(device), v.to(device), window_size_left=window[0],
+    out, lse = torch.ops.mate.fmha_fwd(q.to(device), k, v, window_size_left=window[0],
                                        window_size_right=window[1], num_splits=num_splits, **kw)
     out, lse = out.cpu().double(), lse.cpu().double()
     s = (q.double()[0] @ k0.double()) / math.sqrt(d)  # (sq, heads)
