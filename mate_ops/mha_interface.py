@@ -2,7 +2,7 @@
 orders, defaults and return values as Moore Threads' MATE.
 
 Forward only: MATE's autograd backward is not implemented yet; a backward through these
-functions raises NotImplementedError (see mate_ops/_autograd.py).
+functions raises NotImplementedError (registered in C++: csrc/common/autograd.cpp).
 """
 from typing import Optional, Sequence, Tuple, Union
 
