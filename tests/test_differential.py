@@ -373,7 +373,8 @@ def check_kvcache_case(c):
     q_exp = q
     if c["rotary"]:
         offs = c["rotary_seqlens"] if c["rotary_seqlens"] is not None else cache_lens
-        per_row = c["causal"] or left >= 0 or right >= 0
+        # per row when the mask depends on the row: causal, local or chunked (FA3's is_local)
+        per_row = c["causal"] or left >= 0 or right >= 0 or c["chunk"] > 0
         positions = [offs[b] + (t if per_row else 0) for b in range(B) for t in range(c["q_lens"][b])]
         flat = q if cu_q is not None else q.flatten(0, 1)
         flat = T.rotary_ref(flat, cos, sin, positions, interleaved)
