@@ -17,8 +17,13 @@ Differences from FA3 that do not change results:
 * ``get_scheduler_metadata`` returns mate's own layout (int32 ``(batch_size + 1,)``); pass it
   only to calls of this module with the same arguments, as with FA3.
 * ``flash_attn_with_kvcache(..., return_softmax_lse=True)`` returns FA3's 4 values
-  ``(out, lse, out_accum, lse_accum)``; splits are merged inside the op, so the two
-  accumulators are always empty fp32 tensors (FA3's are empty too unless ``num_splits > 1``).
+  ``(out, lse, out_accum, lse_accum)`` in FA3's split-accumulator layouts, fp32
+  ``out_accum (num_splits, B, H, Sq, Dv)`` / ``lse_accum (num_splits, B, H, Sq)`` (varlen q:
+  ``(num_splits, H, total_q, Dv)`` / ``(num_splits, H, total_q)``). Splits are merged inside
+  the op, so they always describe one split: ``num_splits = 1``, ``out_accum[0]`` = ``out``
+  in fp32 and ``lse_accum[0]`` = ``lse`` (combining them gives ``(out, lse)`` back).
+* A negative ``num_splits`` is FA3's heuristic (FA3 treats ``num_splits <= 0`` so); it is
+  passed on as 0.
 * ``flash_attn_combine``'s lse is a contiguous ``(B, Sq, H)`` tensor; FA3's is a transposed
   view of a ``(B, H, Sq)`` buffer. The values are the same.
 """
@@ -94,7 +99,7 @@ def flash_attn_func(
         window_size=window_size,
         attention_chunk=attention_chunk,
         softcap=softcap,
-        num_splits=num_splits,
+        num_splits=_fa3_num_splits(num_splits),
         pack_gqa=pack_gqa,
         deterministic=deterministic,
         sm_margin=sm_margin,
@@ -165,7 +170,7 @@ def flash_attn_varlen_func(
         window_size=window_size,
         attention_chunk=attention_chunk,
         softcap=softcap,
-        num_splits=num_splits,
+        num_splits=_fa3_num_splits(num_splits),
         pack_gqa=pack_gqa,
         deterministic=deterministic,
         sm_margin=sm_margin,
@@ -259,8 +264,9 @@ def flash_attn_with_kvcache(
 
     Returns:
         ``out`` (``q.shape[:-1] + (Dv,)``), or ``(out, lse, out_accum, lse_accum)`` with ``lse``
-        fp32 ``(B, H, Sq)`` (``(H, total_q)`` with ``cu_seqlens_q``); ``out_accum`` and
-        ``lse_accum`` are empty fp32 tensors because the splits are merged inside the op.
+        fp32 ``(B, H, Sq)`` (``(H, total_q)`` with ``cu_seqlens_q``); ``out_accum`` fp32
+        ``(1, B, H, Sq, Dv)`` (``(1, H, total_q, Dv)``) and ``lse_accum`` fp32 ``(1, B, H, Sq)``
+        (``(1, H, total_q)``): FA3's accumulator layouts holding the single merged split.
 
     Raises:
         NotImplementedError: on a backward through the result (FA3 has no backward here either).
@@ -290,7 +296,7 @@ def flash_attn_with_kvcache(
         softcap=softcap,
         rotary_interleaved=rotary_interleaved,
         scheduler_metadata=scheduler_metadata,
-        num_splits=num_splits,
+        num_splits=_fa3_num_splits(num_splits),
         pack_gqa=pack_gqa,
         sm_margin=sm_margin,
         return_softmax_lse=return_softmax_lse,
@@ -299,7 +305,18 @@ def flash_attn_with_kvcache(
         return res
     # FA3 always returns 4 values (MATE's MLA route, q dim 64 + qv dim 512, returns 2).
     out, lse = res[0], res[1]
-    return out, lse, out.new_empty(0, dtype=torch.float32), lse.new_empty(0)
+    # FA3's accumulator layouts, one split: (1, B, H, Sq, Dv) / (1, B, H, Sq), or varlen
+    # (1, H, total_q, Dv) / (1, H, total_q); out is (..., Sq, H, Dv) with Sq, H at dims -3, -2.
+    out_accum = out.transpose(-3, -2).to(torch.float32, copy=True).contiguous().unsqueeze(0)
+    lse_accum = lse.to(torch.float32, copy=True).unsqueeze(0)
+    return out, lse, out_accum, lse_accum
+
+
+def _fa3_num_splits(num_splits):
+    """FA3 treats ``num_splits <= 0`` as "pick by heuristic"; mate's heuristic value is 0."""
+    if isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits < 0:
+        return 0
+    return num_splits
 
 
 def get_scheduler_metadata(
@@ -359,7 +376,7 @@ def get_scheduler_metadata(
         window_size=window_size,
         attention_chunk=attention_chunk,
         has_softcap=has_softcap,
-        num_splits=num_splits,
+        num_splits=_fa3_num_splits(num_splits),
         pack_gqa=pack_gqa,
         mp_margin=sm_margin,
     )

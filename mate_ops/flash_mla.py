@@ -206,7 +206,8 @@ def flash_mla_with_kvcache(
 
     Args:
         q: ``(batch_size, seq_len_q, num_heads_q, head_dim)``, head_dim 576 or 512.
-        k_cache: ``(num_blocks, page_block_size, num_heads_k, head_dim)``; with
+        k_cache: ``(num_blocks, page_block_size, num_heads_k, head_dim)`` (a 3-D cache without
+            the ``num_heads_k`` dim is read as ``num_heads_k = 1``); with
             ``is_fp8_kvcache`` a byte cache in the V3.2 (656 B/token) or MODEL1 (584 B/token)
             layout. V is the first ``head_dim_v`` channels of K.
         block_table, cache_seqlens: dense attention (int32 ``(B, max_blocks)`` / ``(B,)``);
@@ -219,8 +220,8 @@ def flash_mla_with_kvcache(
             ``get_mla_metadata(cache_seqlens, ...)`` (or None).
         softmax_scale: default ``1/sqrt(head_dim)``.
         causal: bottom-right aligned; dense attention only.
-        indices: int32 ``(B, seq_len_q, topk)`` slots ``block * page_block_size + offset``
-            (sparse attention); -1 / out-of-range slots are ignored.
+        indices: int32 ``(B, seq_len_q, topk)`` (or ``(B, seq_len_q, 1, topk)``) slots
+            ``block * page_block_size + offset`` (sparse attention); -1 / out-of-range slots are ignored.
         attn_sink: fp32 ``(num_heads_q,)``: output scaled by ``exp(lse) / (exp(lse) + exp(sink))``;
             the returned lse excludes it.
         extra_k_cache, extra_indices_in_kvcache: keys of a second cache joining the softmax.
@@ -234,6 +235,9 @@ def flash_mla_with_kvcache(
         FlashMLASchedMetaMismatchError: a :class:`FlashMLASchedMeta` reused with another
             configuration.
     """
+    # 3-D caches and (B, s_q, 1, topk) indices, as mate_ops.flashmla accepts them
+    k_cache, extra_k_cache, indices, extra_indices_in_kvcache = _fm.normalize_mla_forms(
+        k_cache, extra_k_cache, indices, extra_indices_in_kvcache)
     lazy = isinstance(tile_scheduler_metadata, FlashMLASchedMeta)
     if lazy:
         sched_meta = tile_scheduler_metadata

@@ -10,13 +10,14 @@ from typing import Optional, Tuple
 import torch
 
 from . import mla_fp8
+from ._common import default_device
 
 __all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd",
            "quantize_k_cache", "dequantize_k_cache"]
 
 
 def get_mla_metadata(
-    cache_seqlens: torch.Tensor,
+    cache_seqlens: Optional[torch.Tensor],
     num_q_tokens_per_head_k: int,
     num_heads_k: int,
     num_heads_q: Optional[int] = None,
@@ -31,7 +32,12 @@ def get_mla_metadata(
     """Tile-scheduler metadata for :func:`flash_mla_with_kvcache` (MATE/FlashMLA signature).
 
     Args:
-        cache_seqlens: int32 ``(B,)`` key lengths.
+        cache_seqlens: int32 ``(B,)`` key lengths, or None (MATE's sparse decode, which is
+            scheduled by ``topk``). With None the batch size is ``bs``, else ``q.shape[0]``;
+            when neither is given the returned ``num_splits`` is a batch-less placeholder of
+            shape ``(1,)`` on ``q``'s / ``topk_length``'s device (else the default device), which
+            :func:`flash_mla_with_kvcache` accepts for any batch of a sparse (``indices``) call
+            (scheduler metadata never changes the result).
         num_q_tokens_per_head_k: ``seqlen_q * num_heads_q // num_heads_k``.
         num_heads_k: kv heads (1 for MLA). The other arguments are accepted for compatibility
             (``topk``/``extra_topk`` size the work of sparse attention).
@@ -41,6 +47,10 @@ def get_mla_metadata(
         of parts depends only on the arguments and the device's multiprocessor (CPU: thread)
         count. Passing them never changes the attention result.
     """
+    if cache_seqlens is None:
+        batch = bs if bs is not None else (q.shape[0] if q is not None else 0)
+        device = default_device(q, topk_length, extra_topk_length)
+        cache_seqlens = torch.zeros((batch,), dtype=torch.int32, device=device)
     return torch.ops.mate.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
                                            is_fp8_kvcache, topk, extra_topk)
 
@@ -67,12 +77,15 @@ def flash_mla_with_kvcache(
 
     Args:
         q: ``(B, Sq, Hq, Dqk)``, Dqk 576 (512 latent + 64 rope) or 512.
-        k_cache: ``(num_blocks, page_block_size, Hkv, Dqk)`` in q's dtype, or with
+        k_cache: ``(num_blocks, page_block_size, Hkv, Dqk)`` in q's dtype (a 3-D
+            ``(num_blocks, page_block_size, Dqk)`` cache is read as ``Hkv = 1``; same for
+            ``extra_k_cache``), or with
             ``is_fp8_kvcache`` a byte tensor in the V3.2 (656 B/token) or MODEL1 (584 B/token)
             layout (see :func:`quantize_k_cache`). V is the first ``head_dim_v`` channels of K.
         block_table, cache_seqlens: dense attention: token t of sequence b is at
             ``k_cache[block_table[b, t // P], t % P]``; ``causal`` is bottom-right aligned.
-        indices: sparse attention, int32 ``(B, Sq, topk)`` global slots ``block * P + offset``;
+        indices: sparse attention, int32 ``(B, Sq, topk)`` (or ``(B, Sq, 1, topk)``, the form
+            FlashMLA's and MATE's tests build; likewise ``extra_indices_in_kvcache``) global slots ``block * P + offset``;
             -1 or out-of-range slots are ignored; ``topk_length (B,)`` keeps the first entries.
             ``extra_k_cache`` + ``extra_indices_in_kvcache`` (+ ``extra_topk_length``) add keys
             from a second cache to the same softmax. Needs ``Hkv == 1``.
@@ -83,9 +96,37 @@ def flash_mla_with_kvcache(
         ``(out (B, Sq, Hq, head_dim_v), lse fp32 (B, Hq, Sq))``; a query with no key gives
         out 0 and lse +inf.
     """
+    k_cache, extra_k_cache, indices, extra_indices_in_kvcache = normalize_mla_forms(
+        k_cache, extra_k_cache, indices, extra_indices_in_kvcache)
+    if (indices is not None and isinstance(num_splits, torch.Tensor) and num_splits.dim() == 1
+            and num_splits.shape[0] == 1 and q.dim() == 4 and q.shape[0] != 0):
+        # the batch-less placeholder of get_mla_metadata(cache_seqlens=None): a hint only
+        tile_scheduler_metadata, num_splits = None, None
     return torch.ops.mate.mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                                      num_splits, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
                                      extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
+
+
+def normalize_mla_forms(k_cache, extra_k_cache, indices, extra_indices_in_kvcache):
+    """MATE/FlashMLA call forms of the decode tensors -> the op's forms.
+
+    * A 3-D paged cache ``(num_blocks, page_block_size, head_dim)`` (num_heads_k dropped, as
+      FlashInfer-style callers pass it) becomes ``(num_blocks, page_block_size, 1, head_dim)``.
+    * Sparse indices ``(B, Sq, 1, topk)`` (num_heads_k = 1 kept, FlashMLA's and MATE's sparse
+      tests) become ``(B, Sq, topk)``; a 4-D form whose dim 2 is not 1 raises ``ValueError``.
+    """
+    def cache(t):
+        return t.unsqueeze(2) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+
+    def idx(t, name):
+        if isinstance(t, torch.Tensor) and t.dim() == 4:
+            if t.shape[2] != 1:
+                raise ValueError(f"{name} must be (batch, seqlen_q, topk) or (batch, seqlen_q, 1, topk) "
+                                 f"(num_heads_k = 1), got shape {tuple(t.shape)}")
+            return t.squeeze(2)
+        return t
+    return cache(k_cache), cache(extra_k_cache), idx(indices, "indices"), \
+        idx(extra_indices_in_kvcache, "extra_indices_in_kvcache")
 
 
 def flash_mla_sparse_fwd(

@@ -66,8 +66,12 @@ def flash_attn_varlen_func(
         learnable_sink: ``(H,)`` one unscaled logit per head that joins only the softmax denominator.
         softcap: ``softcap * tanh(s / softcap)`` when > 0.
         scheduler_metadata: from :func:`get_scheduler_metadata`; never changes the result.
+            MATE's MLA-through-MHA route passes a ``(workspace_tensor, bool)`` tuple: for a
+            tuple or list, its first element that is an int32 ``(B + 1,)`` tensor (our layout)
+            is used and everything else in it is ignored (MATE's workspaces have no meaning here).
         num_splits: 1 = no split-KV, 0 = heuristic, n > 1 = n key splits merged exactly as
-            :func:`flash_attn_combine` does. ``pack_gqa`` is a hint too.
+            :func:`flash_attn_combine` does; negative (MATE's ``-1``) = do not split, as 1.
+            ``pack_gqa`` is a hint too.
         deterministic, sm_margin: accepted for compatibility; the forward is deterministic.
         return_softmax_lse: also return the natural-log lse, fp32 ``(B, H, Sq)`` or ``(H, total_q)``.
         backend: ``"auto"``, ``"mutlass"`` or ``"mubin"`` (MATE's MUSA kernel families); all
@@ -82,6 +86,8 @@ def flash_attn_varlen_func(
     """
     check_backend(backend)
     left, right = normalize_window(window_size)
+    num_splits = mate_num_splits(num_splits)
+    scheduler_metadata = mate_scheduler_metadata(scheduler_metadata, q, cu_seqlens_q)
     # the op arguments after q, k, v (and out, lse), in schema order
     values = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, page_table, None, None,
               qv, q_descale, k_descale, v_descale, softmax_scale, causal, left, right, learnable_sink,
@@ -159,7 +165,9 @@ def flash_attn_with_kvcache(
             counting left padding). Defaults to the full dense cache length.
         qv, q_descale, k_descale, v_descale, softmax_scale, causal, window_size, learnable_sink,
         attention_chunk, softcap, scheduler_metadata, num_splits, pack_gqa, cp_*: as in
-            :func:`flash_attn_varlen_func`. ``num_splits=0`` (the default) picks splits by heuristic.
+            :func:`flash_attn_varlen_func` (a MATE ``(workspace, bool)`` ``scheduler_metadata``
+            tuple and a negative ``num_splits`` included). ``num_splits=0`` (the default) picks
+            splits by heuristic.
         sm_margin: accepted for compatibility.
 
     Returns:
@@ -169,6 +177,8 @@ def flash_attn_with_kvcache(
         returns ``(out, lse)``.
     """
     left, right = normalize_window(window_size)
+    num_splits = mate_num_splits(num_splits)
+    scheduler_metadata = mate_scheduler_metadata(scheduler_metadata, q, cu_seqlens_q)
     if isinstance(cache_seqlens, int):
         batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
         cache_seqlens = _int_seqlens(cache_seqlens, batch, q.device)
@@ -188,6 +198,36 @@ def flash_attn_with_kvcache(
 _fmha_fwd = OpCaller(torch.ops.mate.fmha_fwd.default, 3)
 _fmha_fwd_out = OpCaller(torch.ops.mate.fmha_fwd_out.default, 5)
 _fmha_fwd_kvcache = OpCaller(torch.ops.mate.fmha_fwd_kvcache.default, 3)
+
+
+def mate_num_splits(num_splits):
+    """MATE's ``num_splits``: a negative value (MATE documents ``-1``) means "do not split" = 1."""
+    if isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits < 0:
+        return 1
+    return num_splits
+
+
+def mate_scheduler_metadata(scheduler_metadata, q: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor]):
+    """MATE's ``scheduler_metadata`` forms -> ours (a hint that never changes the result).
+
+    A tensor or None passes through (the op validates it). A tuple or list (MATE's MLA route
+    passes ``(workspace_tensor, bool)``) yields its first int32 ``(batch + 1,)`` tensor, our
+    :func:`get_scheduler_metadata` layout, or None when it holds none (batch from
+    ``cu_seqlens_q``, else ``q.shape[0]``).
+    """
+    if not isinstance(scheduler_metadata, (tuple, list)):
+        return scheduler_metadata
+    if cu_seqlens_q is not None and cu_seqlens_q.dim() == 1:
+        batch = cu_seqlens_q.shape[0] - 1
+    elif q.dim() >= 1:
+        batch = q.shape[0]
+    else:
+        return None
+    for item in scheduler_metadata:
+        if (isinstance(item, torch.Tensor) and item.dtype == torch.int32 and item.dim() == 1
+                and item.shape[0] == batch + 1):
+            return item
+    return None
 
 
 def _int_seqlens(n: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -257,7 +297,9 @@ def get_scheduler_metadata(
     (entry 0: the split count, entry ``1 + b``: splits of sequence b), on the device of the
     given tensors. Its size depends only on ``batch_size``; passing it to an attention call gives
     the same result as not passing it. ``has_qv`` and ``mp_margin`` are accepted for compatibility.
+    A negative ``num_splits`` (MATE's ``-1``, "do not split") is taken as 1.
     """
+    num_splits = mate_num_splits(num_splits)
     device = default_device(seqused_k, seqused_q, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new)
     if seqused_k is None:
         if batch_size < 0 or max_seqlen_k < 0:

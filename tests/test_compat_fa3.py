@@ -333,7 +333,12 @@ def test_with_kvcache_like_fa3_tests(device, name):
         causal=c["causal"], window_size=c["window"], attention_chunk=0,
         rotary_interleaved=c["rotary"] == "interleaved", scheduler_metadata=scheduler_metadata,
         num_splits=0, return_softmax_lse=True)
-    assert len(rest) == 2 and all(t.numel() == 0 and t.dtype == torch.float32 for t in rest)
+    # FA3's accumulator layouts holding the one merged split (issue: they were empty)
+    out_accum, lse_accum = rest
+    assert out_accum.dtype == torch.float32 and lse_accum.dtype == torch.float32
+    assert out_accum.shape == (1,) + tuple(out.transpose(-3, -2).shape) and lse_accum.shape == (1,) + tuple(lse.shape)
+    torch.testing.assert_close(out_accum[0], out.transpose(-3, -2).float())
+    torch.testing.assert_close(lse_accum[0], lse)
     # append semantics: the caller's caches now hold exactly the expected caches
     if c["rotary"]:
         torch.testing.assert_close(k_cache.cpu(), kc_exp, atol=1e-2, rtol=1e-2, equal_nan=True)
@@ -360,7 +365,9 @@ def test_with_kvcache_arity_is_fa3s_on_mla_shapes(device):
     kc, vc = _rand(2, 16, 1, 64, device=device), _rand(2, 16, 1, 512, device=device)
     res = flash_attn_with_kvcache(q, kc, vc, qv=qv, cache_seqlens=_i32([9, 16], device), causal=True,
                                   return_softmax_lse=True)
-    assert len(res) == 4 and res[2].numel() == 0 and res[3].numel() == 0
+    assert len(res) == 4 and res[2].shape == (1, 2, 4, 1, 512) and res[3].shape == (1, 2, 4, 1)
+    torch.testing.assert_close(res[2][0], res[0].transpose(1, 2).float())
+    torch.testing.assert_close(res[3][0], res[1])
     check_oracle(res[0], res[1], q, kc, vc, qv=qv, seqused_k=_i32([9, 16]), causal=True)
 
 
