@@ -273,11 +273,14 @@ void run_fmha(const FmhaParams& p) {
 
   // Splits: from the scheduler metadata when given, else requested / heuristic.
   int max_k = 0, max_q = 0;
+  int64_t score_work = 0;  // multiply-adds of QK^T and PV, to decide whether threads pay off
   for (int b = 0; b < p.batch; ++b) {
     const SeqInfo s = seq_info(p, b);
     max_k = imax(max_k, s.k_len);
     max_q = imax(max_q, s.q_len);
+    score_work += static_cast<int64_t>(s.q_len) * s.k_len;
   }
+  score_work *= static_cast<int64_t>(p.num_heads) * (p.head_dim + p.head_dim_v);
   const int requested = resolve_num_splits(p.num_splits, p.batch, p.num_heads_k, max_q, G, max_k,
                                            at::get_num_threads());
   std::vector<Item> items;
@@ -301,10 +304,12 @@ void run_fmha(const FmhaParams& p) {
     parts.out = part_out.data_ptr<float>();
     parts.lse = part_lse.data_ptr<float>();
   }
+  // below ~10 us of arithmetic, waking the thread pool costs more than it saves (eager decode)
+  constexpr int64_t kSerialWork = int64_t{1} << 17;
   parallel_items(static_cast<int64_t>(items.size()), [&](int64_t idx) {
     const Item& it = items[idx];
     attend_tile<T>(p, it.b, it.hk, it.i0, it.i1, it.split, it.num_splits, parts);
-  });
+  }, score_work < kSerialWork);
   zero_unused_rows(p);
   if (max_splits == 1) return;
 
