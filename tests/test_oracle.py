@@ -7,43 +7,15 @@ split/combined, context parallel).  Run with:
     cd /work/main && PYTHONPATH=. python3 -m pytest -q tests/test_oracle.py
 """
 
-import importlib
 import math
-import os
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 
-def _load_testing():
-    """Import mate_ops.testing; fall back to loading the file by path.
-
-    mate_ops/__init__.py may not exist yet, or may need a compiled extension that
-    is not built; the oracle itself needs neither.
-    """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.exists(os.path.join(root, "mate_ops", "__init__.py")):
-        try:
-            import mate_ops.testing as mod  # noqa: WPS433
-
-            return mod
-        except Exception:  # extension not built etc.
-            pass
-    name = "_mate_ops_standalone"
-    if name + ".testing" in sys.modules:
-        return sys.modules[name + ".testing"]
-    # A namespace stand-in for the mate_ops package whose __init__ (and so the extension) never
-    # runs: mate_ops.testing and the pure-PyTorch mate_ops.mla_fp8 it uses load from their files.
-    parent = types.ModuleType(name)
-    parent.__path__ = [os.path.join(root, "mate_ops")]
-    sys.modules[name] = parent
-    return importlib.import_module(name + ".testing")
-
-
-mt = _load_testing()
+# the oracle is pure PyTorch; conftest has imported mate_ops (registering the ops) already
+import mate_ops.testing as mt  # noqa: E402
 fmha_ref = mt.fmha_ref
 combine_ref = mt.combine_ref
 

@@ -8,12 +8,8 @@ sparse with duplicate/invalid indices, sinks, topk_length, the extra cache, FP8 
     cd /work/main && python3 -m pytest -q tests/test_oracle_mla.py
 """
 
-import importlib
 import math
-import os
 import struct
-import sys
-import types
 
 import pytest
 import torch
@@ -22,27 +18,8 @@ import torch
 
 DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
 
-def _load_testing():
-    """Import mate_ops.testing; fall back to loading the file by path (no extension needed)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        import mate_ops.testing as mod  # noqa: WPS433
-
-        return mod
-    except Exception:  # extension not built etc.
-        pass
-    name = "_mate_ops_standalone"
-    if name + ".testing" in sys.modules:
-        return sys.modules[name + ".testing"]
-    # A namespace stand-in for the mate_ops package whose __init__ (and so the extension) never
-    # runs: mate_ops.testing and the pure-PyTorch mate_ops.mla_fp8 it uses load from their files.
-    parent = types.ModuleType(name)
-    parent.__path__ = [os.path.join(root, "mate_ops")]
-    sys.modules[name] = parent
-    return importlib.import_module(name + ".testing")
-
-
-mt = _load_testing()
+# the oracle is pure PyTorch; conftest has imported mate_ops (registering the ops) already
+import mate_ops.testing as mt  # noqa: E402
 INF = math.inf
 F64 = torch.float64
 BF16 = torch.bfloat16
