@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from test_key_interval import _rule as interval_rule
+
 from mate_ops import mha_interface as mi
 from mate_ops import testing as T
 
@@ -118,22 +120,6 @@ def test_context_parallel_huge_global_length(device, case, alibi):
         _check(out, lse, out_ref, lse_ref)
 
 
-def _allowed_count(i, sq, sk, causal, left, right, chunk):
-    """Keys row i sees (SEMANTICS §1 masks) with Python ints: they form one interval."""
-    a = i + sk - sq
-    lo, hi = 0, sk
-    if causal:
-        right = 0
-    if left >= 0:
-        lo = max(lo, a - left)
-    if right >= 0:
-        hi = min(hi, a + right + 1)
-    if chunk > 0:
-        start = (a // chunk) * chunk
-        lo, hi = max(lo, start), min(hi, start + chunk)
-    return max(0, hi - lo)
-
-
 HUGE_SK = [
     dict(causal=True, window_size=(2, -1)),
     dict(window_size=(5, BIG)),
@@ -162,8 +148,10 @@ def test_key_length_near_int32_max(device, case, num_splits, dtype):
                                        window_size_right=window[1], num_splits=num_splits, **kw)
     out, lse = out.cpu().double(), lse.cpu().double()
     s = (q.double()[0] @ k0.double()) / math.sqrt(d)  # (sq, heads)
+    rows = interval_rule(sq, BIG, BIG, causal, window[0], window[1], chunk, 1, 0)  # keys row i sees
     for i in range(sq):
-        n = _allowed_count(i, sq, BIG, causal, window[0], window[1], chunk)
+        lo, hi = rows[i]
+        n = hi - lo
         assert n > 0
         for h in range(heads):
             torch.testing.assert_close(out[0, i, h], v0.double(), atol=1e-2 if dtype != torch.float32 else 1e-5,
