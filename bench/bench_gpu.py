@@ -2,7 +2,7 @@
 (FlashAttention-2) and cuDNN backends on the same tensors, and decode bandwidth vs the
 measured device-to-device copy bandwidth. Prints markdown tables.
 
-    python3 bench/bench_gpu.py [--quick] [--only prefill|varlen|decode] [--dims 64,128]
+    python3 bench/bench_gpu.py [--quick] [--only prefill|varlen|decode|mla] [--dims 64,128]
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 4 * B * H * D * S^2 (halved when causal). Decode: one query token, H 32 / Hk 8,
@@ -143,7 +143,7 @@ def decode_table(quick):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["prefill", "varlen", "decode"])
+    ap.add_argument("--only", choices=["prefill", "varlen", "decode", "mla"])
     ap.add_argument("--dims", help="prefill head dims, e.g. 128,256")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -154,6 +154,9 @@ def main():
         varlen_table()
     if args.only in (None, "decode"):
         decode_table(args.quick)
+    if args.only in (None, "mla"):
+        import bench_mla  # bench/ is on sys.path when this file runs as a script
+        bench_mla.main(args.quick)
 
 
 if __name__ == "__main__":

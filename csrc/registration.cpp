@@ -114,7 +114,8 @@ TORCH_LIBRARY_IMPL(mate, PrivateUse1, m) {
 TORCH_LIBRARY_IMPL(mate, CUDA, m) {
 #endif
   mate::register_fmha_ops(m);
-  mate::register_kvcache_ops(m);  // MLA: no device kernels yet
+  mate::register_kvcache_ops(m);
+  mate::register_mla_ops(m);
 }
 #endif
 

@@ -5,9 +5,13 @@ from ._devices import same_device
 
 
 def _num_workers(device: torch.device) -> int:
-    """Workers get_mla_metadata schedules over: the CPU kernel's thread count (the only MLA
-    kernel so far; device MLA kernels will define theirs the same way in both places)."""
-    return torch.get_num_threads()
+    """Workers get_mla_metadata schedules over, as the kernels define them: the CPU kernel's
+    thread count, a GPU's multiprocessor count (csrc/musa/launch.cpp: mla_device_workers)."""
+    if device.type == "cpu":
+        return torch.get_num_threads()
+    backend = getattr(torch, device.type)  # torch.cuda, or torch.musa with torch_musa
+    index = device.index if device.index is not None else backend.current_device()
+    return backend.get_device_properties(index).multi_processor_count
 
 
 @torch.library.register_fake("mate::get_mla_metadata")

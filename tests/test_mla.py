@@ -10,7 +10,7 @@ from mate_ops import testing as T
 from mate_ops.flashinfer import BatchMLAPagedAttentionWrapper
 
 
-DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
+DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")
 
 BF16 = torch.bfloat16
 
@@ -187,3 +187,138 @@ def test_flashinfer_cuda_graph_buffers(device):
         ref, _ = T.mla_paged_ref(qn, qp, ckv.cpu(), kpe.cpu(), qo, kvp, torch.tensor([0, 1, 2, 3], dtype=torch.int32),
                                  torch.tensor(lens, dtype=torch.int32), 0.1, True)
         torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------- the device kernels' paths
+# Shapes that take each path of csrc/musa/mla_kernels.cu: the tensor-core kernel's 16-, 32-
+# and 64-row blocks, sequences split over several parts (merged by the combine kernel), any
+# page size, fp16, and the portable kernel (fp32, unaligned q). On the CPU they are more
+# random cases for the reference.
+@pytest.mark.parametrize("B,Sq,Hq,P,causal,dtype,max_len", [
+    (1, 1, 128, 64, False, BF16, 3000),      # one long sequence: split over many parts
+    (8, 2, 64, 33, True, BF16, 700),         # page size 33, 64-row blocks of 2 queries x 64 heads
+    (6, 4, 128, 16, True, torch.float16, 300),
+    (64, 1, 16, 1, False, BF16, 90),         # page size 1, 16-row blocks
+    (5, 3, 32, 64, True, BF16, 400),         # Sq 3: rows of different causal limits in one block
+    (3, 1, 16, 64, False, torch.float32, 200),  # fp32: the portable kernel
+])
+def test_dense_decode_paths(device, B, Sq, Hq, P, causal, dtype, max_len):
+    gen = torch.Generator().manual_seed(B * 7 + Hq + Sq)
+    lens = [int(x) for x in torch.randint(1, max_len, (B,), generator=gen)]
+    lens[0] = max_len
+    if B > 2:
+        lens[1] = 0  # a zero-length cache among long ones
+    kc, table = paged_cache(lens, P, 1, 576, dtype=dtype, gen=gen)
+    q = torch.randn(B, Sq, Hq, 576, dtype=dtype, generator=gen)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    out, lse = fm.flash_mla_with_kvcache(q.to(device), kc.to(device), table.to(device), seqlens.to(device), 512,
+                                         None, None, causal=causal)
+    ref = T.mla_decode_ref(q, kc, table, seqlens, 512, causal=causal)
+    low = T.mla_decode_ref(q, kc, table, seqlens, 512, causal=causal, compute_dtype=dtype)
+    check_mla(out, lse, *ref, low[0], input_dtype=dtype)
+
+
+def test_dense_decode_unaligned_q(device):
+    """q rows that are not 16-byte aligned take the portable kernel; same results."""
+    B, Sq, Hq, P = 2, 1, 16, 64
+    lens = [150, 77]
+    kc, table = paged_cache(lens, P, 1, 576)
+    big = torch.randn(B, Sq, Hq, 577, dtype=BF16)
+    q = big[..., 1:]  # offset by one element
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    qd = big.to(device)[..., 1:]
+    out, lse = fm.flash_mla_with_kvcache(qd, kc.to(device), table.to(device), seqlens.to(device), 512, None, None)
+    ref = T.mla_decode_ref(q, kc, table, seqlens, 512)
+    low = T.mla_decode_ref(q, kc, table, seqlens, 512, compute_dtype=BF16)
+    check_mla(out, lse, *ref, low[0])
+
+
+def _poison_unreferenced(cache, idx_lists, fp8):
+    """Every token slot that no valid index names gets NaN (bf16) or NaN bytes (FP8 e4m3
+    0x7f and a NaN fp32 scale): a kernel that reads an unselected token leaks NaN."""
+    nb, P = cache.shape[:2]
+    used = torch.zeros(nb * P, dtype=torch.bool)
+    for idx in idx_lists:
+        v = idx[(idx >= 0) & (idx < nb * P)].long()
+        used[v] = True
+    flat = cache.view(nb * P, -1) if not fp8 or cache.is_contiguous() else None
+    if flat is None:
+        return cache
+    if fp8:
+        flat[~used] = 0x7F  # e4m3 NaN in every latent byte; the scale bytes become NaN too
+    else:
+        flat[~used] = float("nan")
+    return cache
+
+
+@pytest.mark.parametrize("B,Sq,Hq,topk,layout,extra,sink", [
+    (2, 1, 128, 200, None, True, "finite"),
+    (4, 2, 64, 100, "v32", False, None),
+    (3, 1, 128, 333, "v32", True, "+inf"),
+    (1, 4, 16, 2048, "v32", False, "-inf"),
+    (2, 2, 128, 64, "model1", False, "finite"),
+    (3, 1, 16, 150, "model1", True, None),
+])
+def test_sparse_decode_paths(device, B, Sq, Hq, topk, layout, extra, sink):
+    gen = torch.Generator().manual_seed(topk + Hq)
+    dqk = 512 if layout == "model1" else 576
+    P, nb = 64, 40
+    kv = torch.randn(nb, P, 1, dqk, dtype=BF16, generator=gen)
+    idx = torch.randint(-1, nb * P + 50, (B, Sq, topk), dtype=torch.int32, generator=gen)
+    idx[0, 0] = -1  # a row with no valid index
+    kw = dict(indices=idx, topk_length=torch.randint(topk // 2, topk + 1, (B,), dtype=torch.int32, generator=gen))
+    lists = [idx]
+    if extra:
+        ekv = torch.randn(4, 16, 1, dqk, dtype=BF16, generator=gen)
+        eidx = torch.randint(-1, 64, (B, Sq, 37), dtype=torch.int32, generator=gen)
+        kw.update(extra_indices_in_kvcache=eidx, extra_topk_length=torch.randint(0, 38, (B,), dtype=torch.int32,
+                                                                                  generator=gen))
+    if sink is not None:
+        kw["attn_sink"] = (torch.randn(Hq, generator=gen) if sink == "finite"
+                           else torch.full((Hq,), math.inf if sink == "+inf" else -math.inf))
+    fp8 = layout is not None
+    cache = fm.quantize_k_cache(kv, layout) if fp8 else kv
+    if not fp8:
+        cache = _poison_unreferenced(cache, lists, False)
+    if extra:
+        kw["extra_k_cache"] = fm.quantize_k_cache(ekv, layout) if fp8 else ekv
+    q = torch.randn(B, Sq, Hq, dqk, dtype=BF16, generator=gen)
+    dev = {k: v.to(device) for k, v in kw.items()}
+    out, lse = fm.flash_mla_with_kvcache(q.to(device), cache.to(device), None, None, 512, None, None,
+                                         is_fp8_kvcache=fp8, **dev)
+    ref = T.mla_decode_ref(q, cache, None, None, 512, is_fp8_kvcache=fp8, **kw)
+    low = T.mla_decode_ref(q, cache, None, None, 512, is_fp8_kvcache=fp8, compute_dtype=BF16, **kw)
+    check_mla(out, lse, *ref, low[0])
+    assert (out[0, 0].float() == 0).all() or extra, "a row with no valid index must give zeros"
+    assert torch.isfinite(out.float()).all(), "an unselected (NaN) token leaked into the output"
+
+
+def test_sparse_prefill_many_heads(device):
+    """Sparse prefill at 128 heads (two row blocks per query on the device), topk not a multiple of 64."""
+    gen = torch.Generator().manual_seed(5)
+    Sq, Hq, Skv, topk = 45, 128, 700, 200
+    q = torch.randn(Sq, Hq, 576, dtype=BF16, generator=gen)
+    kv = torch.randn(Skv, 1, 576, dtype=BF16, generator=gen)
+    idx = torch.randint(-1, Skv + 5, (Sq, 1, topk), dtype=torch.int32, generator=gen)
+    used = torch.zeros(Skv, dtype=torch.bool)
+    used[idx[(idx >= 0) & (idx < Skv)].long()] = True
+    kv[~used] = float("nan")  # unselected rows must never be read
+    kw = dict(attn_sink=torch.randn(Hq, generator=gen))
+    out, max_logits, lse = fm.flash_mla_sparse_fwd(q.to(device), kv.to(device), idx.to(device), 0.04, 512,
+                                                   **{k: v.to(device) for k, v in kw.items()})
+    ref_out, ref_max, ref_lse = T.mla_sparse_prefill_ref(q, kv, idx, 0.04, 512, **kw)
+    low = T.mla_sparse_prefill_ref(q, kv, idx, 0.04, 512, compute_dtype=BF16, **kw)
+    check_mla(out, lse, ref_out, ref_lse, low[0])
+    torch.testing.assert_close(max_logits.cpu(), ref_max, atol=1e-3, rtol=1e-4)
+
+
+def test_metadata_shapes_match_fake(device):
+    """get_mla_metadata's real shapes equal its fake kernel's (device: one part per multiprocessor)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    lens = torch.randint(0, 500, (7,), dtype=torch.int32).to(device)
+    for args in ((128, 1), (16, 1), (512, 1)):
+        meta, splits = torch.ops.mate.get_mla_metadata(lens, *args)
+        with FakeTensorMode() as mode:
+            fmeta, fsplits = torch.ops.mate.get_mla_metadata(mode.from_tensor(lens), *args)
+        assert meta.shape == fmeta.shape and splits.shape == fsplits.shape
+        assert splits.cpu()[-1].item() >= 7 and splits.cpu()[0].item() == 0

@@ -28,7 +28,7 @@ from test_bad_input import (  # noqa: E402
     C, I, R, S, As, Fn, _calls_used, _expect_rejected, _same, dev, ints, rnd, strided_last, with_entry,
 )
 
-DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
+DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")
 
 OP = torch.ops.mate
 

@@ -42,7 +42,7 @@ from mate_ops.testing import (
 from test_compile import _NO_SCHEMA_UTILS, _opcheck  # noqa: E402  (tests/ is on sys.path)
 
 
-DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
+DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")
 
 MATE = torch.ops.mate
 BF16, F16, I32 = torch.bfloat16, torch.float16, torch.int32

@@ -16,7 +16,7 @@ import torch
 
 
 
-DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")  # CPU only so far
+DEVICE_OPS = ("mate::mla_decode", "mate::mla_sparse_prefill", "mate::get_mla_metadata")
 
 # the oracle is pure PyTorch; conftest has imported mate_ops (registering the ops) already
 import mate_ops.testing as mt  # noqa: E402

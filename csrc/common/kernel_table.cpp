@@ -9,6 +9,7 @@ KernelStub<void(const CombineParams&)> combine_kernel("split-KV combine kernel")
 KernelStub<void(const AppendParams&)> append_kernel("kv-cache append kernel");
 KernelStub<void(const RotaryApplyParams&)> rotary_kernel("rotary embedding kernel");
 KernelStub<int(int)> num_workers_kernel("worker count");
+KernelStub<int()> mla_workers_kernel("MLA worker count");
 KernelStub<void(const MlaParams&)> mla_kernel("MLA kernel");
 KernelStub<void(const MlaMetadataParams&)> mla_metadata_kernel("MLA metadata kernel");
 

@@ -58,6 +58,8 @@ extern KernelStub<void(const RotaryApplyParams&)> rotary_kernel;
 // Parallel workers the split heuristics schedule for (threads on the CPU, resident
 // blocks on a GPU), minus a margin of multiprocessors a caller keeps free.
 extern KernelStub<int(int sm_margin)> num_workers_kernel;
+// Workers get_mla_metadata schedules over (threads on the CPU, multiprocessors on a GPU).
+extern KernelStub<int()> mla_workers_kernel;
 // MLA decode / sparse prefill (one kernel: prefill is a decode of single-row queries).
 extern KernelStub<void(const MlaParams&)> mla_kernel;
 // MLA tile-scheduler metadata.

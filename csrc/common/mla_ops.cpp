@@ -65,7 +65,7 @@ void get_mla_metadata(const c10::OperatorHandle& op, Stack* stack) {
   const at::Tensor& cache_seqlens = a.tensor("cache_seqlens");
   const DeviceScope scope(cache_seqlens);
   const auto topk = a.opt_integer("topk"), extra_topk = a.opt_integer("extra_topk");
-  const int workers = num_workers_kernel.get(cache_seqlens.device().type())(0);
+  const int workers = mla_workers_kernel.get(cache_seqlens.device().type())();
   MlaMetadataParams p;
   p.parts = check_mla_metadata_args(cache_seqlens, a.integer("num_q_tokens_per_head_k", 0),
                                     a.integer("num_heads_k", 0), topk, extra_topk, workers);

@@ -60,32 +60,97 @@ struct MlaParams {
   DType q_dtype = DType::kBFloat16, out_dtype = DType::kBFloat16;
 };
 
+// Channel i (fp32) of one FP8 token: `token` is its first byte, `scales` its MODEL1 scale
+// bytes (unused for V3.2, whose scales follow the latent bytes).
+MATE_HD float mla_fp8_channel(MlaCacheFormat format, const uint8_t* token, const uint8_t* scales, int i) {
+  uint16_t h;
+  if (format == MlaCacheFormat::kFp8V32) {
+    if (i < 512) {
+      float scale;
+      memcpy(&scale, token + 512 + 4 * (i / 128), 4);
+      return fp8_e4m3_to_float(token[i]) * scale;
+    }
+    memcpy(&h, token + 528 + 2 * (i - 512), 2);
+    return bf16_to_float(h);
+  }
+  if (i < 448) return ldexpf(fp8_e4m3_to_float(token[i]), static_cast<int>(scales[i / 64]) - 127);
+  memcpy(&h, token + 448 + 2 * (i - 448), 2);
+  return bf16_to_float(h);
+}
+
+// Where token `off` of block `blk` starts (kv head h), and its MODEL1 scale bytes.
+struct MlaTokenRef {
+  const uint8_t* data = nullptr;    // nullptr: no such key (masked, never read)
+  const uint8_t* scales = nullptr;  // MODEL1 only
+};
+
+MATE_HD MlaTokenRef mla_token(const MlaCache& c, int64_t blk, int off, int h) {
+  const uint8_t* block = c.base + blk * c.block_stride;
+  if (c.format == MlaCacheFormat::kFp8Model1)
+    return {block + static_cast<int64_t>(off) * kMlaModel1DataBytes,
+            block + static_cast<int64_t>(c.page_size) * kMlaModel1DataBytes + static_cast<int64_t>(off) * 8};
+  return {block + off * c.token_stride + h * c.head_stride, nullptr};
+}
+
 // Dequantizes the Dqk channels of one FP8 token into dst (fp32).
 MATE_HD void load_mla_fp8_token(const MlaCache& c, int blk, int off, float* dst) {
-  const uint8_t* block = c.base + blk * c.block_stride;
-  if (c.format == MlaCacheFormat::kFp8V32) {
-    const uint8_t* tok = block + off * c.token_stride;
-    float scales[4];
-    memcpy(scales, tok + 512, 16);
-    for (int i = 0; i < 512; ++i) dst[i] = fp8_e4m3_to_float(tok[i]) * scales[i / 128];
-    for (int i = 0; i < 64; ++i) {
-      uint16_t h;
-      memcpy(&h, tok + 528 + 2 * i, 2);
-      dst[512 + i] = bf16_to_float(h);
-    }
-  } else {  // MODEL1
-    const uint8_t* tok = block + off * kMlaModel1DataBytes;
-    const uint8_t* sc = block + static_cast<int64_t>(c.page_size) * kMlaModel1DataBytes + off * 8;
-    for (int i = 0; i < 448; ++i) {
-      const int e = sc[i / 64];
-      dst[i] = ldexpf(fp8_e4m3_to_float(tok[i]), e - 127);
-    }
-    for (int i = 0; i < 64; ++i) {
-      uint16_t h;
-      memcpy(&h, tok + 448 + 2 * i, 2);
-      dst[448 + i] = bf16_to_float(h);
-    }
+  const MlaTokenRef t = mla_token(c, blk, off, 0);
+  const int dqk = c.format == MlaCacheFormat::kFp8V32 ? 576 : 512;
+  for (int i = 0; i < dqk; ++i) dst[i] = mla_fp8_channel(c.format, t.data, t.scales, i);
+}
+
+// The keys of one query row (b, s): a causal prefix of the dense paged cache, or the
+// index positions [0, topk + extra_topk) of the sparse lists, position j < topk in the main
+// list and the rest in the extra one; invalid positions are masked.
+struct MlaKeys {
+  int b = 0, s = 0;
+  int positions = 0;          // dense: cache_seqlens[b]; sparse: topk + extra_topk
+  int main_count = 0, extra_count = 0;  // sparse: the counted prefix of each list
+  const int32_t* main = nullptr;
+  const int32_t* extra = nullptr;
+};
+
+MATE_HD MlaKeys mla_keys(const MlaParams& p, int b, int s) {
+  MlaKeys k;
+  k.b = b;
+  k.s = s;
+  if (p.block_table) {
+    k.positions = imax(0, p.cache_seqlens[b]);
+    return k;
   }
+  k.positions = p.topk + p.extra_topk;
+  k.main_count = p.topk_length ? imax(0, imin(p.topk_length[b], p.topk)) : p.topk;
+  k.main = p.indices + b * p.indices_batch_stride + s * p.indices_row_stride;
+  if (p.extra_indices) {
+    k.extra_count = p.extra_topk_length ? imax(0, imin(p.extra_topk_length[b], p.extra_topk)) : p.extra_topk;
+    k.extra = p.extra_indices + b * p.extra_batch_stride + s * p.extra_row_stride;
+  }
+  return k;
+}
+
+// Key j of a row's keys, or {} when it does not count (past the dense length, past a list's
+// counted prefix, index -1 or out of range). Causal limits are the caller's (per row).
+MATE_HD MlaTokenRef mla_key(const MlaParams& p, const MlaKeys& k, int j, int h) {
+  if (p.block_table) {
+    if (j >= k.positions) return {};
+    const int P = p.cache.page_size;
+    return mla_token(p.cache, p.block_table[k.b * p.block_table_stride + j / P], j % P, h);
+  }
+  const MlaCache* c = &p.cache;
+  int32_t x = -1;
+  if (j < p.topk) {
+    if (j < k.main_count) x = k.main[j];
+  } else {
+    c = &p.extra;
+    if (j - p.topk < k.extra_count) x = k.extra[j - p.topk];
+  }
+  if (x < 0 || x >= static_cast<int64_t>(c->num_blocks) * c->page_size) return {};
+  return mla_token(*c, x / c->page_size, x % c->page_size, h);
+}
+
+// Keys row s of a dense cache of `len` keys may see (causal: bottom-right aligned).
+MATE_HD int mla_causal_limit(const MlaParams& p, int len, int s) {
+  return p.causal ? imax(0, imin(len, s + len - p.seqlen_q + 1)) : len;
 }
 
 // Tile scheduler metadata of get_mla_metadata: (num_parts, 8) int32 rows

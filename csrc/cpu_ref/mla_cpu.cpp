@@ -23,28 +23,24 @@ namespace {
 
 constexpr int kMlaKeysPerTile = 128;
 
-struct KeyRef {
-  const MlaCache* cache;
-  int block, offset;
-};
-
-// Writes the Dqk fp32 channels of one key (kv head h) into dst.
-void load_key(const KeyRef& k, int h, int dqk, float* dst) {
-  const MlaCache& c = *k.cache;
-  switch (c.format) {
+// Writes the Dqk fp32 channels of one key into dst.
+void load_key(const MlaTokenRef& k, MlaCacheFormat format, int dqk, float* dst) {
+  switch (format) {
     case MlaCacheFormat::kFp8V32:
-    case MlaCacheFormat::kFp8Model1: return load_mla_fp8_token(c, k.block, k.offset, dst);
-    default: break;
-  }
-  const uint8_t* src = c.base + k.block * c.block_stride + k.offset * c.token_stride + h * c.head_stride;
-  if (c.format == MlaCacheFormat::kBFloat16) {
-    const auto* s = reinterpret_cast<const c10::BFloat16*>(src);
-    for (int i = 0; i < dqk; ++i) dst[i] = static_cast<float>(s[i]);
-  } else if (c.format == MlaCacheFormat::kFloat16) {
-    const auto* s = reinterpret_cast<const c10::Half*>(src);
-    for (int i = 0; i < dqk; ++i) dst[i] = static_cast<float>(s[i]);
-  } else {
-    std::memcpy(dst, src, dqk * sizeof(float));
+    case MlaCacheFormat::kFp8Model1:
+      for (int i = 0; i < dqk; ++i) dst[i] = mla_fp8_channel(format, k.data, k.scales, i);
+      return;
+    case MlaCacheFormat::kBFloat16: {
+      const auto* s = reinterpret_cast<const c10::BFloat16*>(k.data);
+      for (int i = 0; i < dqk; ++i) dst[i] = static_cast<float>(s[i]);
+      return;
+    }
+    case MlaCacheFormat::kFloat16: {
+      const auto* s = reinterpret_cast<const c10::Half*>(k.data);
+      for (int i = 0; i < dqk; ++i) dst[i] = static_cast<float>(s[i]);
+      return;
+    }
+    default: std::memcpy(dst, k.data, dqk * sizeof(float));
   }
 }
 
@@ -56,43 +52,29 @@ float q_value(const MlaParams& p, int64_t offset) {
   }
 }
 
-// The keys of item (b, s, hkv): a causal prefix of the dense cache, or the valid indices.
-void collect_keys(const MlaParams& p, int b, int s, std::vector<KeyRef>& keys) {
+// The keys item (b, s, hkv) sees (mla_params.h: mla_keys / mla_key / mla_causal_limit).
+void collect_keys(const MlaParams& p, int b, int s, int hkv, std::vector<MlaTokenRef>& keys) {
   keys.clear();
-  if (p.block_table) {
-    const int len = p.cache_seqlens[b];
-    int limit = len;
-    if (p.causal) limit = imax(0, imin(len, s + len - p.seqlen_q + 1));
-    const int32_t* row = p.block_table + b * p.block_table_stride;
-    for (int t = 0; t < limit; ++t) keys.push_back({&p.cache, row[t / p.cache.page_size], t % p.cache.page_size});
-    return;
-  }
-  auto add = [&](const MlaCache& c, const int32_t* idx, int count) {
-    const int64_t slots = static_cast<int64_t>(c.num_blocks) * c.page_size;
-    for (int i = 0; i < count; ++i) {
-      const int32_t x = idx[i];
-      if (x < 0 || x >= slots) continue;  // -1 and out-of-range indices are ignored
-      keys.push_back({&c, x / c.page_size, x % c.page_size});
-    }
-  };
-  const int n = p.topk_length ? imax(0, imin(p.topk_length[b], p.topk)) : p.topk;
-  add(p.cache, p.indices + b * p.indices_batch_stride + s * p.indices_row_stride, n);
-  if (p.extra_indices) {
-    const int ne = p.extra_topk_length ? imax(0, imin(p.extra_topk_length[b], p.extra_topk)) : p.extra_topk;
-    add(p.extra, p.extra_indices + b * p.extra_batch_stride + s * p.extra_row_stride, ne);
+  const MlaKeys k = mla_keys(p, b, s);
+  const int limit = p.block_table ? mla_causal_limit(p, k.positions, s) : k.positions;
+  for (int j = 0; j < limit; ++j) {
+    const MlaTokenRef t = mla_key(p, k, j, hkv);
+    if (t.data) keys.push_back(t);
   }
 }
 
 struct MlaScratch {
-  std::vector<KeyRef> keys;
+  std::vector<MlaTokenRef> keys;
   std::vector<float> q, k, s, acc, m, l;
 };
 
 void attend_item(const MlaParams& p, int b, int s, int hkv) {
   static thread_local MlaScratch sc;
   const int G = p.heads_q / p.heads_kv, D = p.head_dim, Dv = p.head_dim_v;
-  collect_keys(p, b, s, sc.keys);
+  collect_keys(p, b, s, hkv, sc.keys);
   const int nkeys = static_cast<int>(sc.keys.size());
+  // the extra cache of sparse MLA has the main cache's format (checked)
+  const MlaCacheFormat format = p.cache.format;
   sc.q.resize(static_cast<size_t>(G) * D);
   sc.acc.assign(static_cast<size_t>(G) * Dv, 0.f);
   sc.m.assign(G, -INFINITY);
@@ -105,7 +87,7 @@ void attend_item(const MlaParams& p, int b, int s, int hkv) {
   sc.s.resize(static_cast<size_t>(G) * kMlaKeysPerTile);
   for (int n0 = 0; n0 < nkeys; n0 += kMlaKeysPerTile) {
     const int n = imin(kMlaKeysPerTile, nkeys - n0);
-    for (int j = 0; j < n; ++j) load_key(sc.keys[n0 + j], hkv, D, sc.k.data() + static_cast<int64_t>(j) * D);
+    for (int j = 0; j < n; ++j) load_key(sc.keys[n0 + j], format, D, sc.k.data() + static_cast<int64_t>(j) * D);
     gemm_nt(G, n, D, sc.q.data(), D, sc.k.data(), D, 0.f, sc.s.data(), kMlaKeysPerTile);
     for (int g = 0; g < G; ++g) {
       float* row = sc.s.data() + static_cast<int64_t>(g) * kMlaKeysPerTile;
@@ -149,9 +131,12 @@ void run_mla(const MlaParams& p) {
 
 void mla_metadata_cpu(const MlaMetadataParams& p) { mla_schedule(p); }
 
+int mla_workers_cpu() { return at::get_num_threads(); }
+
 }  // namespace
 
 MATE_REGISTER_KERNEL(mla_kernel, CPU, &run_mla);
 MATE_REGISTER_KERNEL(mla_metadata_kernel, CPU, &mla_metadata_cpu);
+MATE_REGISTER_KERNEL(mla_workers_kernel, CPU, &mla_workers_cpu);
 
 }  // namespace mate::cpu

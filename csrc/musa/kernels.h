@@ -5,6 +5,7 @@
 
 #include "../common/fmha_params.h"
 #include "../common/kvcache_params.h"
+#include "../common/mla_params.h"
 #include "arch/device.h"
 
 namespace mate::device {
@@ -33,5 +34,33 @@ arch::Error launch_kvcache_append(const AppendParams& p, int max_new, arch::Stre
 
 // max_rows: an upper bound of any sequence's rows.
 arch::Error launch_rotary(const RotaryApplyParams& p, int max_rows, arch::Stream stream);
+
+// ---- MLA (mla_kernels.cu) ----
+// Query rows of one kv head per schedule sequence (dense: seqlen_q * G; sparse: G) and the
+// number of sequences (dense: batch; sparse: batch * seqlen_q, each row its own indices).
+int mla_rows_per_sequence(const MlaParams& p);
+int mla_sequences(const MlaParams& p);
+// Rows of the fast kernel's block for p (16, 32 or 64): parts are counted in such blocks.
+int mla_fast_rows(const MlaParams& p);
+// The tensor-core path: bf16 (any cache format) or fp16 (fp16 cache) q, head_dim 576 or 512,
+// head_dim_v <= 512 and even, 16-byte aligned q rows and cache tokens.
+bool mla_mma_fits(const MlaParams& p);
+
+// get_mla_metadata's schedule in a one-thread kernel (metadata in device memory).
+arch::Error launch_mla_schedule(const MlaMetadataParams& m, arch::Stream stream);
+
+// The fast path's split buffers: the schedule (parts rows, from launch_mla_schedule) and fp32
+// partials for 2 * parts pieces: out (2 parts, rows_all, Dv), lse and max logits
+// (2 parts, rows_all), rows_all = seqlen_q * Hq (dense) or Hq (sparse).
+struct MlaSplitBuffers {
+  const int32_t* metadata = nullptr;
+  int parts = 1;
+  float* out = nullptr;
+  float* lse = nullptr;
+  float* max_logit = nullptr;
+};
+arch::Error launch_mla_fast(const MlaParams& p, const MlaSplitBuffers& split, arch::Stream stream);
+// Every MLA problem, on CUDA cores, without splits.
+arch::Error launch_mla_portable(const MlaParams& p, arch::Stream stream);
 
 }  // namespace mate::device

@@ -9,6 +9,7 @@
 
 #include "../common/fmha_checks.h"
 #include "../common/kernel_table.h"
+#include "../common/mla_params.h"
 #include "../common/scheduler.h"
 #include "arch/device.h"
 #include "arch/torch_device.h"
@@ -58,6 +59,46 @@ void rotary_device(const RotaryApplyParams& p) {
   check_launch(launch_rotary(p, p.max_rows, arch::current_stream()), "rotary_embedding");
 }
 
+// Multiprocessors: get_mla_metadata's workers (the fast MLA kernel runs one block per SM).
+int mla_device_workers() { return imax(1, arch::multiprocessor_count()); }
+
+void mla_metadata_device(const MlaMetadataParams& m) {
+  check_launch(launch_mla_schedule(m, arch::current_stream()), "get_mla_metadata");
+}
+
+// MLA decode / sparse prefill: the tensor-core path with its own schedule (computed on the
+// device, so a caller's metadata never changes results) and split partials, else the
+// portable kernel.
+void mla_device(const MlaParams& p) {
+  const arch::Stream stream = arch::current_stream();
+  if (!mla_mma_fits(p)) {
+    check_launch(launch_mla_portable(p, stream), "mla_decode");
+    return;
+  }
+  const int rows = mla_rows_per_sequence(p), seqs = mla_sequences(p);
+  const int tiles = ceil_div_pos(rows, mla_fast_rows(p));
+  const int parts = imax(1, mla_device_workers() / (tiles * p.heads_kv));
+  const int rows_all = (p.block_table ? p.seqlen_q : 1) * p.heads_q;
+  const auto options = at::TensorOptions().device(arch::kTorchDevice, arch::current_device());
+  at::Tensor sched = at::empty({parts * kMlaMetadataCols + seqs + 1}, options.dtype(at::kInt));
+  at::Tensor partial = at::empty({2 * static_cast<int64_t>(parts) * rows_all * (p.head_dim_v + 2)}, options.dtype(at::kFloat));
+  MlaMetadataParams m;
+  m.cache_seqlens = p.cache_seqlens;
+  m.fixed_keys = p.block_table ? -1 : static_cast<int64_t>(p.topk) + p.extra_topk;
+  m.batch = seqs;
+  m.parts = parts;
+  m.metadata = sched.data_ptr<int32_t>();
+  m.num_splits = m.metadata + parts * kMlaMetadataCols;
+  check_launch(launch_mla_schedule(m, stream), "mla_decode (schedule)");
+  MlaSplitBuffers split;
+  split.metadata = m.metadata;
+  split.parts = parts;
+  split.out = partial.data_ptr<float>();
+  split.lse = split.out + 2 * static_cast<int64_t>(parts) * rows_all * p.head_dim_v;
+  split.max_logit = split.lse + 2 * static_cast<int64_t>(parts) * rows_all;
+  check_launch(launch_mla_fast(p, split, stream), "mla_decode");
+}
+
 }  // namespace
 
 #if defined(MATE_WITH_MUSA)
@@ -71,5 +112,8 @@ MATE_REGISTER_KERNEL(combine_kernel, MATE_DEVICE_TYPE, &combine_device);
 MATE_REGISTER_KERNEL(append_kernel, MATE_DEVICE_TYPE, &append_device);
 MATE_REGISTER_KERNEL(rotary_kernel, MATE_DEVICE_TYPE, &rotary_device);
 MATE_REGISTER_KERNEL(num_workers_kernel, MATE_DEVICE_TYPE, &device_workers);
+MATE_REGISTER_KERNEL(mla_workers_kernel, MATE_DEVICE_TYPE, &mla_device_workers);
+MATE_REGISTER_KERNEL(mla_kernel, MATE_DEVICE_TYPE, &mla_device);
+MATE_REGISTER_KERNEL(mla_metadata_kernel, MATE_DEVICE_TYPE, &mla_metadata_device);
 
 }  // namespace mate::device

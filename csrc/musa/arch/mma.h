@@ -7,6 +7,7 @@
 // have MUSA equivalents, and the kernels fall back to their portable paths.
 #pragma once
 
+#include "../../common/dtype_convert.h"
 #include "device.h"
 
 #if defined(__CUDACC__) && !defined(__MUSACC__) && !defined(MATE_WITH_MUSA)
@@ -24,6 +25,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+// 8-byte variant (cp.async.ca: sizes below 16 go through L1); same zero-fill rule.
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src, bool valid) {
+  const int bytes = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Wait until at most `kPending` committed groups are still in flight.
@@ -92,6 +98,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// Two fp8 e4m3 values (lo byte first) as floats: one cvt on sm89+ (e4m3 -> f16 is exact),
+// the bit-level decode of dtype_convert.h elsewhere.
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint16_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(v));
+  return __half22float2(*reinterpret_cast<const __half2*>(&h2));
+#else
+  return make_float2(fp8_e4m3_to_float(static_cast<uint8_t>(v & 0xff)), fp8_e4m3_to_float(static_cast<uint8_t>(v >> 8)));
+#endif
 }
 
 __device__ __forceinline__ bool warp_any(bool x) { return __any_sync(0xffffffffu, x); }

@@ -7,6 +7,7 @@
 #include "torch_musa/csrc/core/MUSAStream.h"
 namespace mate::arch {
 using DeviceGuard = c10::musa::MUSAGuard;
+inline constexpr c10::DeviceType kTorchDevice = c10::DeviceType::PrivateUse1;
 inline Stream current_stream() { return c10::musa::getCurrentMUSAStream().stream(); }
 inline int multiprocessor_count() {
   musaDeviceProp prop;
@@ -21,6 +22,7 @@ inline int multiprocessor_count() {
 #include <c10/cuda/CUDAGuard.h>
 namespace mate::arch {
 using DeviceGuard = c10::cuda::CUDAGuard;
+inline constexpr c10::DeviceType kTorchDevice = c10::DeviceType::CUDA;
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 inline int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 }  // namespace mate::arch

@@ -1,0 +1,720 @@
+// MLA on the device: decode (dense paged, sparse top-k with the extra cache, FP8 V3.2 and
+// MODEL1 caches, attn_sink) and sparse prefill (a decode of one-row queries), plus the
+// get_mla_metadata schedule. Semantics: docs/semantics.md §3; the key lists, FP8 formats and
+// causal limit are the shared functions of mla_params.h, as on the CPU.
+//
+// Fast path (mla_mma_kernel, mma.sync): the query heads that share one latent row are the M
+// dimension of both GEMMs, so each key tile is read from memory once for all of them and V
+// is the first 512 channels of the same shared-memory tile. A block is kRowWarps x kColWarps
+// warps over 16 kRowWarps query rows: S = Q K^T is split over the channels (each column
+// warp sums a k-slice; the partial scores meet in shared memory, summed in one fixed order
+// so every warp of a row group holds bitwise the same scores and softmax), and O += P V is
+// split over the 512 output channels (P stays in registers). Key tiles of 32 stream through
+// two shared buffers with cp.async; FP8 tiles land raw in a staging buffer and are
+// dequantized in shared memory (scales per 128 / 64 values, bf16 rope copied) before use.
+//
+// Split-KV follows the get_mla_metadata schedule (mla_schedule, computed on the device for
+// every call, so results never depend on a caller's metadata): block x of the grid is part
+// x, which walks the 64-key blocks [begin, end) of consecutive sequences. A sequence that
+// one part covers whole is finished in place; a piece of a split sequence writes fp32
+// partials to slot 2 part (first sequence of the part) or 2 part + 1 (last), and
+// mla_combine_kernel merges them. A "sequence" is one batch entry for dense decode (all its
+// query rows share the cache) and one (batch, query row) for sparse attention (each row has
+// its own indices).
+//
+// Everything else (fp32, head dims other than 576 / 512, head_dim_v > 512, fp16 with an FP8
+// cache, unaligned tensors, MUSA builds) runs on mla_portable_kernel: CUDA cores, one warp
+// per query row, no split.
+#include <atomic>
+#include <cmath>
+
+#include "../common/dtype_convert.h"
+#include "../common/fmha_math.h"
+#include "../common/mla_params.h"
+#include "arch/mma.h"
+#include "kernels.h"
+
+namespace mate::device {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// The sequence `sq` of the schedule and its query rows of one kv head: dense decode has
+// seqlen_q * G rows (row r = query s = r / G, head g = r % G), sparse attention G rows.
+struct MlaSeq {
+  MlaKeys keys;
+  int dense_rows;  // seqlen_q for dense decode (rows span queries), 1 for sparse
+};
+
+__device__ __forceinline__ MlaSeq mla_seq(const MlaParams& p, int sq) {
+  if (p.block_table) return {mla_keys(p, sq, 0), p.seqlen_q};
+  return {mla_keys(p, sq / p.seqlen_q, sq % p.seqlen_q), 1};
+}
+
+// Output positions of row r (of kv head hkv) of sequence `seq`.
+struct MlaRow {
+  int s, h;
+  int64_t out, lse, max_logit;  // element offsets into out (times Dv), lse, max_logits
+};
+
+__device__ __forceinline__ MlaRow mla_row(const MlaParams& p, const MlaSeq& seq, int hkv, int r) {
+  const int G = p.heads_q / p.heads_kv;
+  MlaRow o;
+  o.s = seq.dense_rows > 1 ? r / G : seq.keys.s;
+  o.h = hkv * G + r % G;
+  const int64_t bs = static_cast<int64_t>(seq.keys.b) * p.seqlen_q + o.s;
+  o.out = (bs * p.heads_q + o.h) * p.head_dim_v;
+  o.max_logit = bs * p.heads_q + o.h;
+  o.lse = (static_cast<int64_t>(seq.keys.b) * p.heads_q + o.h) * p.seqlen_q + o.s;
+  return o;
+}
+
+// Finishes one row from its running max (base-2 logits), sum and unnormalized output
+// scale: out = acc * factor; lse +inf and max_logits -inf for a row with no key (MLA).
+struct MlaFinish {
+  float factor, lse, max_logit;
+};
+
+__device__ __forceinline__ MlaFinish mla_finish(const MlaParams& p, int h, float m2, float l) {
+  const bool has = l > 0.f || l != l;  // NaN inputs propagate, never read as "no key"
+  if (!has) return {0.f, INFINITY, -INFINITY};
+  MlaFinish f{1.f / l, m2 * kLn2 + logf(l), m2 * kLn2};
+  // MLA sink: out * exp(lse) / (exp(lse) + exp(sink)); lse excludes the sink
+  if (p.attn_sink) f.factor /= 1.f + expf(p.attn_sink[h] - f.lse);
+  return f;
+}
+
+// Split partials: (2 parts, rows_all, Dv) outputs, (2 parts, rows_all) lse and max logits,
+// rows_all = seqlen_q * Hq for dense decode, Hq for sparse.
+__device__ __forceinline__ int64_t mla_partial_row(const MlaParams& p, const MlaSeq& seq, const MlaRow& r, int slot) {
+  const int rows_all = seq.dense_rows * p.heads_q;
+  return static_cast<int64_t>(slot) * rows_all + (seq.dense_rows > 1 ? r.s : 0) * p.heads_q + r.h;
+}
+
+// ---- get_mla_metadata's schedule, on the device (one thread; no host synchronization) ----
+__global__ void mla_schedule_kernel(MlaMetadataParams p) { mla_schedule(p); }
+
+// ---- portable kernel: CUDA cores, one warp per query row ------------------------------
+constexpr int kPortRows = 4, kPortKeys = 16, kPortThreads = kPortRows * 32, kPortMaxV = 1024;
+
+__device__ __forceinline__ float mla_key_channel(const MlaCache& c, const MlaTokenRef& t, int i) {
+  switch (c.format) {
+    case MlaCacheFormat::kBFloat16: return bf16_to_float(reinterpret_cast<const uint16_t*>(t.data)[i]);
+    case MlaCacheFormat::kFloat16: return half_to_float(reinterpret_cast<const uint16_t*>(t.data)[i]);
+    case MlaCacheFormat::kFloat32: return reinterpret_cast<const float*>(t.data)[i];
+    default: return mla_fp8_channel(c.format, t.data, t.scales, i);
+  }
+}
+
+// grid (sequences, ceil(rows / kPortRows), heads_kv); dynamic shared memory:
+// q (kPortRows x D) and keys (kPortKeys x D) in fp32.
+__global__ void __launch_bounds__(kPortThreads) mla_portable_kernel(MlaParams p, int rows) {
+  extern __shared__ float smem[];
+  float* q_s = smem;
+  float* k_s = q_s + kPortRows * p.head_dim;
+  __shared__ MlaTokenRef refs[kPortKeys];
+  __shared__ bool from_extra[kPortKeys];
+  const int D = p.head_dim, Dv = p.head_dim_v, hkv = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const MlaSeq seq = mla_seq(p, blockIdx.x);
+  const int r = blockIdx.y * kPortRows + warp;
+  const bool row_ok = r < rows;
+  const MlaRow row = mla_row(p, seq, hkv, row_ok ? r : 0);
+  const int64_t q0 = seq.keys.b * p.q_batch_stride + row.s * p.q_row_stride + row.h * p.q_head_stride;
+  for (int c = lane; c < D; c += 32) q_s[warp * D + c] = row_ok ? load_float(p.q, q0 + c, p.q_dtype) : 0.f;
+  const int limit = p.block_table ? mla_causal_limit(p, seq.keys.positions, row.s) : seq.keys.positions;
+  // the block's last key: the largest limit of its rows (limits grow with the row)
+  int kend = seq.keys.positions;
+  if (p.block_table) {
+    const int r_last = imin(blockIdx.y * kPortRows + kPortRows, rows) - 1;
+    kend = mla_causal_limit(p, seq.keys.positions, mla_row(p, seq, hkv, r_last).s);
+  }
+  float acc[kPortMaxV / 32];
+#pragma unroll
+  for (int i = 0; i < kPortMaxV / 32; ++i) acc[i] = 0.f;
+  float m = -INFINITY, l = 0.f;
+  const float sl = p.softmax_scale * kLog2e;
+  for (int n0 = 0; n0 < kend; n0 += kPortKeys) {
+    __syncthreads();  // the previous tile is consumed
+    if (threadIdx.x < kPortKeys) {
+      const int j = n0 + threadIdx.x;
+      refs[threadIdx.x] = j < kend ? mla_key(p, seq.keys, j, hkv) : MlaTokenRef{};
+      from_extra[threadIdx.x] = !p.block_table && j >= p.topk;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < kPortKeys * D; e += kPortThreads) {
+      const int j = e / D, c = e % D;
+      const MlaTokenRef t = refs[j];
+      k_s[e] = t.data ? mla_key_channel(from_extra[j] ? p.extra : p.cache, t, c) : 0.f;  // masked keys: zeros
+    }
+    __syncthreads();
+    float sc[kPortKeys];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kPortKeys; ++j) {
+      float d = 0.f;
+      for (int c = lane; c < D; c += 32) d = fmaf(q_s[warp * D + c], k_s[j * D + c], d);
+      d = arch::warp_sum(d) * sl;
+      if (!refs[j].data || n0 + j >= limit) d = -INFINITY;
+      sc[j] = d;
+      mx = fmaxf(mx, d);
+    }
+    const float m_new = fmaxf(m, mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float corr = exp2f(m - m_use);
+    m = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPortKeys; ++j) {
+      sc[j] = exp2f(sc[j] - m_use);
+      sum += sc[j];
+    }
+    l = l * corr + sum;
+#pragma unroll
+    for (int i = 0; i < kPortMaxV / 32; ++i) {
+      const int c = lane + 32 * i;
+      if (c < Dv) {
+        float a = acc[i] * corr;
+#pragma unroll
+        for (int j = 0; j < kPortKeys; ++j) a = fmaf(sc[j], k_s[j * D + c], a);
+        acc[i] = a;
+      }
+    }
+  }
+  if (!row_ok) return;
+  const MlaFinish f = mla_finish(p, row.h, m, l);
+#pragma unroll
+  for (int i = 0; i < kPortMaxV / 32; ++i) {
+    const int c = lane + 32 * i;
+    if (c < Dv) store_float(p.out, row.out + c, p.out_dtype, acc[i] * f.factor);
+  }
+  if (lane == 0) {
+    p.lse[row.lse] = f.lse;
+    if (p.max_logits) p.max_logits[row.max_logit] = f.max_logit;
+  }
+}
+
+// ---- split-KV bookkeeping shared by the fast kernel and the combine ---------------------
+struct MlaSplitRun {
+  const int32_t* meta = nullptr;  // (parts, kMlaMetadataCols) from mla_schedule
+  int parts = 0, seqs = 0, rows = 0;  // rows: query rows of one kv head per sequence
+  float* out = nullptr;           // (2 parts, rows_all, Dv)
+  float* lse = nullptr;           // (2 parts, rows_all)
+  float* max_logit = nullptr;     // (2 parts, rows_all)
+};
+
+// Merges the partials of every split sequence: block (x, y) serves the sequence that part x
+// continues (the first part that does), 8 rows per block, one warp per row.
+__global__ void __launch_bounds__(256) mla_combine_kernel(MlaParams p, MlaSplitRun run) {
+  const int part = blockIdx.x;
+  const int32_t* row = run.meta + part * kMlaMetadataCols;
+  const int sq = row[0];
+  if (sq >= run.seqs || row[1] == 0 || part == 0) return;  // part does not continue a sequence
+  const int32_t* prev = row - kMlaMetadataCols;
+  if (prev[0] == sq && prev[1] > 0) return;  // an earlier part continues it and merges it
+  const MlaSeq seq = mla_seq(p, sq);
+  const int rows_all = seq.dense_rows * p.heads_q;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int ra = blockIdx.y * 8 + warp;
+  if (ra >= rows_all) return;
+  // the row's kv head and its row index within that head's rows
+  const int s = seq.dense_rows > 1 ? ra / p.heads_q : 0, h = ra % p.heads_q;
+  const int G = p.heads_q / p.heads_kv;
+  const MlaRow r = mla_row(p, seq, h / G, s * G + h % G);
+  // pieces: part - 1 (sq was its last sequence, or its only one) and the parts that continue sq
+  auto slot_of = [&](int q) { return 2 * q + (run.meta[q * kMlaMetadataCols] == sq ? 0 : 1); };
+  int last = part;
+  while (last + 1 < run.parts && run.meta[(last + 1) * kMlaMetadataCols] == sq &&
+         run.meta[(last + 1) * kMlaMetadataCols + 1] > 0)
+    ++last;
+  float mx = -INFINITY, ml = -INFINITY;
+  for (int q = part - 1; q <= last; ++q) {
+    const int64_t pr = mla_partial_row(p, seq, r, slot_of(q));
+    mx = fmaxf(mx, run.lse[pr]);
+    ml = fmaxf(ml, run.max_logit[pr]);
+  }
+  if (mx == -INFINITY) {  // no key in any piece: out 0, lse +inf
+    for (int c = lane; c < p.head_dim_v; c += 32) store_float(p.out, r.out + c, p.out_dtype, 0.f);
+    if (lane == 0) {
+      p.lse[r.lse] = INFINITY;
+      if (p.max_logits) p.max_logits[r.max_logit] = -INFINITY;
+    }
+    return;
+  }
+  float sum = 0.f;
+  for (int q = part - 1; q <= last; ++q) sum += expf(run.lse[mla_partial_row(p, seq, r, slot_of(q))] - mx);
+  const float lse = mx + logf(sum);
+  float factor = 1.f;
+  if (p.attn_sink) factor /= 1.f + expf(p.attn_sink[r.h] - lse);
+  for (int c = lane; c < p.head_dim_v; c += 32) {
+    float o = 0.f;
+    for (int q = part - 1; q <= last; ++q) {
+      const int64_t pr = mla_partial_row(p, seq, r, slot_of(q));
+      const float w = expf(run.lse[pr] - lse);
+      if (w > 0.f) o = fmaf(w, run.out[pr * p.head_dim_v + c], o);  // w = 0: an empty piece (out 0)
+    }
+    store_float(p.out, r.out + c, p.out_dtype, o * factor);
+  }
+  if (lane == 0) {
+    p.lse[r.lse] = lse;
+    if (p.max_logits) p.max_logits[r.max_logit] = ml;
+  }
+}
+
+#if defined(MATE_HAS_MMA_SYNC)
+
+// ---- fast kernel: mma.sync --------------------------------------------------------------
+template <typename T_, int kD_, int kRowWarps_, int kColWarps_>
+struct MlaMmaConfig {
+  using T = T_;
+  static constexpr int kD = kD_;                // head dim of q and k: 576 or 512
+  static constexpr int kRowWarps = kRowWarps_;  // 16-row groups
+  static constexpr int kColWarps = kColWarps_;  // warps sharing a row group (k-slices / V columns)
+  static constexpr int kWarps = kRowWarps * kColWarps;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = 16 * kRowWarps;
+  static constexpr int kKeys = 32;              // keys per tile
+  static constexpr int kDv = 512;               // V channels computed (head_dim_v <= 512 stored)
+  static constexpr int kChunks = kD / 8;        // 16-byte chunks per row
+  static constexpr int kKSteps = kD / 16 / kColWarps;  // k steps of Q K^T per warp
+  static constexpr int kVTiles = kDv / 8 / kColWarps;  // 8-channel tiles of O per warp
+  static constexpr int kNTiles = kKeys / 8;
+  static constexpr int kKeysPerWarp = kKeys / kWarps;
+  static constexpr int kRawStride = 656;        // staging bytes per FP8 token (V3.2: 656, MODEL1: 592)
+  static constexpr int kQBytes = kRows * kD * 2, kTileBytes = kKeys * kD * 2, kRawBytes = kKeys * kRawStride;
+  static constexpr int kScoreBytes = kWarps * 16 * kKeys * 4;
+  static constexpr int kSmemBytes = kQBytes + 2 * kTileBytes + kRawBytes + kScoreBytes + 2 * kKeys;
+  static_assert((kD / 16) % kColWarps == 0 && (kDv / 8) % (2 * kColWarps) == 0, "warps must split evenly");
+  static_assert(kKeys % kWarps == 0 && kKeysPerWarp <= 32, "each warp loads whole keys");
+};
+
+template <int kD>
+__device__ __forceinline__ int swz(int r, int c) {
+  return r * kD + ((c ^ (r & 7)) << 3);
+}
+
+// Issues the copies of keys [n0, n0 + kKeys) (positions past kend are masked): each warp
+// resolves kKeysPerWarp keys (one lane each) and copies their bytes, raw for FP8.
+template <class C>
+__device__ __forceinline__ void issue_key_tile(const MlaParams& p, const MlaKeys& keys, int hkv, int n0, int kend,
+                                               typename C::T* tile, uint8_t* raw, uint8_t* ok) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int k0 = warp * C::kKeysPerWarp;
+  MlaTokenRef mine;
+  if (lane < C::kKeysPerWarp && n0 + k0 + lane < kend) mine = mla_key(p, keys, n0 + k0 + lane, hkv);
+  if (lane < C::kKeysPerWarp) ok[k0 + lane] = mine.data != nullptr;
+  const uint8_t* data[C::kKeysPerWarp];
+  const uint8_t* scales[C::kKeysPerWarp];
+#pragma unroll
+  for (int i = 0; i < C::kKeysPerWarp; ++i) {
+    data[i] = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(mine.data), i));
+    scales[i] = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(mine.scales), i));
+  }
+  const MlaCacheFormat format = p.cache.format;
+  const int chunks = format == MlaCacheFormat::kFp8V32 ? kMlaV32TokenBytes / 16
+                     : format == MlaCacheFormat::kFp8Model1 ? kMlaModel1DataBytes / 16 + 1
+                                                            : C::kChunks;
+  const int stride = format == MlaCacheFormat::kFp8Model1 ? 592 : C::kRawStride;
+  for (int idx = lane; idx < C::kKeysPerWarp * chunks; idx += 32) {
+    const int i = idx / chunks, c = idx % chunks;
+    const uint8_t* d = data[0];
+    const uint8_t* sc = scales[0];
+#pragma unroll
+    for (int u = 1; u < C::kKeysPerWarp; ++u)
+      if (i == u) {
+        d = data[u];
+        sc = scales[u];
+      }
+    const bool valid = d != nullptr;
+    const int key = k0 + i;
+    if (format == MlaCacheFormat::kFp8V32) {
+      arch::cp_async_16(raw + key * stride + c * 16, valid ? d + c * 16 : p.cache.base, valid);
+    } else if (format == MlaCacheFormat::kFp8Model1) {
+      if (c < chunks - 1)
+        arch::cp_async_16(raw + key * stride + c * 16, valid ? d + c * 16 : p.cache.base, valid);
+      else
+        arch::cp_async_8(raw + key * stride + kMlaModel1DataBytes, valid ? sc : p.cache.base, valid);
+    } else {
+      arch::cp_async_16(tile + swz<C::kD>(key, c), valid ? d + c * 16 : p.cache.base, valid);
+    }
+  }
+}
+
+// Dequantizes a staged FP8 tile into bf16 rows of the key tile (masked keys are zero bytes,
+// hence zeros: a zero scale times zero values).
+template <class C>
+__device__ __forceinline__ void dequant_key_tile(MlaCacheFormat format, const uint8_t* raw, arch::bf16* tile) {
+  const bool v32 = format == MlaCacheFormat::kFp8V32;
+  const int stride = v32 ? C::kRawStride : 592, latent = v32 ? 512 : 448, rope = v32 ? 528 : 448;
+  for (int idx = threadIdx.x; idx < C::kKeys * C::kChunks; idx += C::kThreads) {
+    const int key = idx / C::kChunks, c = idx % C::kChunks;
+    const uint8_t* tok = raw + key * stride;
+    uint4 outv;
+    if (c * 8 < latent) {
+      float scale;
+      if (v32) {
+        scale = *reinterpret_cast<const float*>(tok + 512 + 4 * (c / 16));
+      } else {
+        scale = ldexpf(1.f, static_cast<int>(tok[kMlaModel1DataBytes + c / 8]) - 127);
+      }
+      const uint2 q8 = *reinterpret_cast<const uint2*>(tok + c * 8);
+      uint32_t w[4];
+      const uint32_t src[2] = {q8.x, q8.y};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = arch::e4m3x2_to_float2(static_cast<uint16_t>(src[k / 2] >> (16 * (k % 2))));
+        w[k] = arch::pack2<arch::bf16>(f.x * scale, f.y * scale);
+      }
+      outv = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      outv = *reinterpret_cast<const uint4*>(tok + rope + (c * 8 - latent) * 2);  // bf16 rope, as is
+    }
+    *reinterpret_cast<uint4*>(tile + swz<C::kD>(key, c)) = outv;
+  }
+}
+
+template <class C, bool kFp8>
+__global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, MlaSplitRun run) {
+  using T = typename C::T;
+  constexpr int kD = C::kD;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);
+  T* k_s = reinterpret_cast<T*>(smem_raw + C::kQBytes);  // two tiles
+  uint8_t* raw_s = smem_raw + C::kQBytes + 2 * C::kTileBytes;
+  float* s_x = reinterpret_cast<float*>(raw_s + C::kRawBytes);  // partial scores, per warp
+  uint8_t* ok_s = reinterpret_cast<uint8_t*>(s_x + C::kWarps * 16 * C::kKeys);  // two tiles
+
+  const int part = blockIdx.x, hkv = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int rw = warp / C::kColWarps, cw = warp % C::kColWarps;
+  const int r_base = blockIdx.y * C::kRows;
+  if (r_base >= run.rows) return;
+  const int32_t* sched = run.meta + part * kMlaMetadataCols;
+  const int b0 = sched[0], k0 = sched[1], b1 = sched[2], k1 = sched[3];
+  MlaMetadataParams blocks_of;  // mla_key_blocks' view of the sequences
+  blocks_of.cache_seqlens = p.cache_seqlens;
+  blocks_of.fixed_keys = p.block_table ? -1 : p.topk + p.extra_topk;
+  const float sl = p.softmax_scale * kLog2e;
+
+  for (int sq = b0; sq < run.seqs && (sq < b1 || (sq == b1 && k1 > 0)); ++sq) {
+    const int nblocks = static_cast<int>(mla_key_blocks(blocks_of, sq));
+    const int blk_lo = sq == b0 ? k0 : 0, blk_hi = sq == b1 ? k1 : nblocks;
+    const bool whole = blk_lo == 0 && blk_hi == nblocks;
+    const MlaSeq seq = mla_seq(p, sq);
+    // keys of this piece; for dense causal rows, up to the largest limit of the block's rows
+    const int kbeg = blk_lo * kMlaBlockTokens;
+    int kend = imin(blk_hi * kMlaBlockTokens, seq.keys.positions);
+    const int r_last = imin(r_base + C::kRows, run.rows) - 1;
+    if (p.block_table) kend = imin(kend, mla_causal_limit(p, seq.keys.positions, mla_row(p, seq, hkv, r_last).s));
+    int limit[2];  // this thread's rows' key limits (dense causal)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = imin(r_base + rw * 16 + hf * 8 + g, run.rows - 1);
+      limit[hf] = p.block_table ? mla_causal_limit(p, seq.keys.positions, mla_row(p, seq, hkv, r).s) : INT32_MAX;
+    }
+    const int ntiles = kend > kbeg ? ceil_div_pos(kend - kbeg, C::kKeys) : 0;
+
+    __syncthreads();  // the previous sequence is done with every buffer
+    if (ntiles > 0) {
+      const T* qbase = static_cast<const T*>(p.q);
+      for (int idx = threadIdx.x; idx < C::kRows * C::kChunks; idx += C::kThreads) {
+        const int rr = idx / C::kChunks, c = idx % C::kChunks, r = r_base + rr;
+        const bool valid = r < run.rows;
+        const T* src = qbase;
+        if (valid) {
+          const MlaRow row = mla_row(p, seq, hkv, r);
+          src = qbase + seq.keys.b * p.q_batch_stride + row.s * p.q_row_stride + row.h * p.q_head_stride + c * 8;
+        }
+        arch::cp_async_16(q_s + swz<kD>(rr, c), src, valid);
+      }
+      issue_key_tile<C>(p, seq.keys, hkv, kbeg, kend, k_s, raw_s, ok_s);
+      arch::cp_async_commit();
+    }
+
+    float o[C::kVTiles][4];
+#pragma unroll
+    for (int vt = 0; vt < C::kVTiles; ++vt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[vt][e] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // base-2 logits
+
+    for (int it = 0; it < ntiles; ++it) {
+      const int n0 = kbeg + it * C::kKeys, stage = it % 2;
+      T* tile = k_s + stage * (C::kKeys * kD);
+      const uint8_t* ok = ok_s + stage * C::kKeys;
+      arch::cp_async_wait<0>();
+      __syncthreads();  // tile it landed; every warp is done with tile it - 1
+      if constexpr (kFp8) {
+        dequant_key_tile<C>(p.cache.format, raw_s, reinterpret_cast<arch::bf16*>(tile));
+        __syncthreads();  // the staging buffer is free; the tile is ready
+      }
+      if (it + 1 < ntiles) {
+        issue_key_tile<C>(p, seq.keys, hkv, n0 + C::kKeys, kend, k_s + (1 - stage) * (C::kKeys * kD), raw_s,
+                          ok_s + (1 - stage) * C::kKeys);
+        arch::cp_async_commit();
+      }
+
+      // partial S over this warp's k-slice
+      float sacc[C::kNTiles][4];
+#pragma unroll
+      for (int nt = 0; nt < C::kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sacc[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < C::kKSteps; ++kk) {
+        const int ks = cw * C::kKSteps + kk;
+        uint32_t a[4];
+        arch::ldmatrix_x4(a, q_s + swz<kD>(rw * 16 + lane % 16, 2 * ks + lane / 16));
+#pragma unroll
+        for (int np = 0; np < C::kNTiles / 2; ++np) {
+          uint32_t kb[4];
+          arch::ldmatrix_x4(kb, tile + swz<kD>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
+          arch::mma_16x8x16<T>(sacc[2 * np], a, kb[0], kb[1]);
+          arch::mma_16x8x16<T>(sacc[2 * np + 1], a, kb[2], kb[3]);
+        }
+      }
+      if constexpr (C::kColWarps > 1) {
+        float* mine = s_x + (warp * 32 + lane) * (C::kNTiles * 4);
+#pragma unroll
+        for (int nt = 0; nt < C::kNTiles; ++nt)
+          *reinterpret_cast<float4*>(mine + nt * 4) = make_float4(sacc[nt][0], sacc[nt][1], sacc[nt][2], sacc[nt][3]);
+        __syncthreads();
+        // the same order in every warp of the row group: bitwise equal scores
+#pragma unroll
+        for (int nt = 0; nt < C::kNTiles; ++nt) {
+          float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+          for (int w = 0; w < C::kColWarps; ++w) {
+            const float4 x = *reinterpret_cast<const float4*>(
+                s_x + ((rw * C::kColWarps + w) * 32 + lane) * (C::kNTiles * 4) + nt * 4);
+            sum.x += x.x;
+            sum.y += x.y;
+            sum.z += x.z;
+            sum.w += x.w;
+          }
+          sacc[nt][0] = sum.x;
+          sacc[nt][1] = sum.y;
+          sacc[nt][2] = sum.z;
+          sacc[nt][3] = sum.w;
+        }
+      }
+
+      // online softmax (base 2); a row's values live in one lane quad
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < C::kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int jr = nt * 8 + 2 * t + e;
+            float x = sacc[nt][2 * hf + e] * sl;
+            if (!ok[jr] || n0 + jr >= limit[hf]) x = -INFINITY;
+            sacc[nt][2 * hf + e] = x;
+            mx = fmaxf(mx, x);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(row_max[hf], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float corr = arch::fast_exp2(row_max[hf] - m_use);
+        row_max[hf] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < C::kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pe = arch::fast_exp2(sacc[nt][2 * hf + e] - m_use);
+            sacc[nt][2 * hf + e] = pe;
+            sum += pe;
+          }
+        row_sum[hf] = row_sum[hf] * corr + sum;
+#pragma unroll
+        for (int vt = 0; vt < C::kVTiles; ++vt) {
+          o[vt][2 * hf] *= corr;
+          o[vt][2 * hf + 1] *= corr;
+        }
+      }
+
+      // O += P V over this warp's 512 / kColWarps channels; V = the tile's first 512 channels
+#pragma unroll
+      for (int pk = 0; pk < C::kKeys / 16; ++pk) {
+        uint32_t a[4];
+        a[0] = arch::pack2<T>(sacc[2 * pk][0], sacc[2 * pk][1]);
+        a[1] = arch::pack2<T>(sacc[2 * pk][2], sacc[2 * pk][3]);
+        a[2] = arch::pack2<T>(sacc[2 * pk + 1][0], sacc[2 * pk + 1][1]);
+        a[3] = arch::pack2<T>(sacc[2 * pk + 1][2], sacc[2 * pk + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < C::kVTiles / 2; ++dp) {
+          const int chunk = cw * (C::kVTiles) + 2 * dp;  // first 8-channel chunk of the pair
+          uint32_t vb[4];
+          arch::ldmatrix_x4_trans(vb, tile + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, chunk + lane / 16));
+          arch::mma_16x8x16<T>(o[2 * dp], a, vb[0], vb[1]);
+          arch::mma_16x8x16<T>(o[2 * dp + 1], a, vb[2], vb[3]);
+        }
+      }
+    }
+
+    // epilogue: whole pieces finish in place, split pieces write fp32 partials
+    const int slot = 2 * part + (sq == b0 ? 0 : 1);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = row_sum[hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int r = r_base + rw * 16 + hf * 8 + g;
+      if (r >= run.rows) continue;
+      const MlaRow row = mla_row(p, seq, hkv, r);
+      const int c0 = cw * (C::kVTiles * 8) + 2 * t;
+      if (whole) {
+        const MlaFinish f = mla_finish(p, row.h, row_max[hf], l);
+#pragma unroll
+        for (int vt = 0; vt < C::kVTiles; ++vt) {
+          const int c = c0 + vt * 8;
+          if (c < p.head_dim_v) {  // head_dim_v is even here
+            *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + row.out + c) =
+                arch::pack2<T>(o[vt][2 * hf] * f.factor, o[vt][2 * hf + 1] * f.factor);
+          }
+        }
+        if (cw == 0 && t == 0) {
+          p.lse[row.lse] = f.lse;
+          if (p.max_logits) p.max_logits[row.max_logit] = f.max_logit;
+        }
+      } else {
+        const bool has = l > 0.f || l != l;
+        const float factor = has ? 1.f / l : 0.f;
+        const int64_t pr = mla_partial_row(p, seq, row, slot);
+#pragma unroll
+        for (int vt = 0; vt < C::kVTiles; ++vt) {
+          const int c = c0 + vt * 8;
+          if (c < p.head_dim_v)
+            *reinterpret_cast<float2*>(run.out + pr * p.head_dim_v + c) =
+                make_float2(o[vt][2 * hf] * factor, o[vt][2 * hf + 1] * factor);
+        }
+        if (cw == 0 && t == 0) {
+          run.lse[pr] = has ? row_max[hf] * kLn2 + logf(l) : -INFINITY;
+          run.max_logit[pr] = has ? row_max[hf] * kLn2 : -INFINITY;
+        }
+      }
+    }
+  }
+}
+
+template <class C, bool kFp8>
+arch::Error launch_mma_config(const MlaParams& p, const MlaSplitRun& run, arch::Stream stream) {
+  static std::atomic<uint64_t> configured{0};  // the smem attribute, once per device
+  const int dev = arch::current_device();
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (!(configured.load(std::memory_order_relaxed) & bit)) {
+    const arch::Error e = arch::set_max_dynamic_smem(mla_mma_kernel<C, kFp8>, C::kSmemBytes);
+    if (e != arch::kSuccess) return e;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const dim3 grid(run.parts, ceil_div_pos(run.rows, C::kRows), p.heads_kv);
+  mla_mma_kernel<C, kFp8><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, run);
+  return arch::last_error();
+}
+
+template <typename T, int kD, bool kFp8>
+arch::Error launch_mma_dim(const MlaParams& p, const MlaSplitRun& run, arch::Stream stream) {
+  if (run.rows <= 16) return launch_mma_config<MlaMmaConfig<T, kD, 1, 4>, kFp8>(p, run, stream);
+  if (run.rows <= 32) return launch_mma_config<MlaMmaConfig<T, kD, 2, 4>, kFp8>(p, run, stream);
+  return launch_mma_config<MlaMmaConfig<T, kD, 4, 2>, kFp8>(p, run, stream);
+}
+
+#endif  // MATE_HAS_MMA_SYNC
+
+bool aligned16(const void* ptr, int64_t a = 0, int64_t b = 0, int64_t c = 0) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && a % 16 == 0 && b % 16 == 0 && c % 16 == 0;
+}
+
+bool cache_fits_mma(const MlaCache& c) {
+  return aligned16(c.base, c.block_stride, c.token_stride, c.head_stride);
+}
+
+}  // namespace
+
+int mla_rows_per_sequence(const MlaParams& p) {
+  const int G = p.heads_q / p.heads_kv;
+  return p.block_table ? p.seqlen_q * G : G;
+}
+
+int mla_sequences(const MlaParams& p) { return p.block_table ? p.batch : p.batch * p.seqlen_q; }
+
+int mla_fast_rows(const MlaParams& p) {
+  const int rows = mla_rows_per_sequence(p);
+  return rows <= 16 ? 16 : rows <= 32 ? 32 : 64;
+}
+
+bool mla_mma_fits(const MlaParams& p) {
+#if defined(MATE_HAS_MMA_SYNC)
+  const bool fp8 = p.cache.format == MlaCacheFormat::kFp8V32 || p.cache.format == MlaCacheFormat::kFp8Model1;
+  const bool dtype_ok = fp8 ? p.q_dtype == DType::kBFloat16
+                            : (p.q_dtype == DType::kBFloat16 && p.cache.format == MlaCacheFormat::kBFloat16) ||
+                                  (p.q_dtype == DType::kFloat16 && p.cache.format == MlaCacheFormat::kFloat16);
+  const int64_t es = 2;
+  return dtype_ok && (p.head_dim == 576 || p.head_dim == 512) && p.head_dim_v <= 512 && p.head_dim_v % 2 == 0 &&
+         aligned16(p.q, p.q_batch_stride * es, p.q_row_stride * es, p.q_head_stride * es) &&
+         reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && cache_fits_mma(p.cache) &&
+         (!p.extra_indices || cache_fits_mma(p.extra));
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+arch::Error launch_mla_schedule(const MlaMetadataParams& m, arch::Stream stream) {
+  mla_schedule_kernel<<<1, 1, 0, stream>>>(m);
+  return arch::last_error();
+}
+
+arch::Error launch_mla_portable(const MlaParams& p, arch::Stream stream) {
+  const int rows = mla_rows_per_sequence(p);
+  const int smem = (kPortRows + kPortKeys) * p.head_dim * static_cast<int>(sizeof(float));
+  static std::atomic<uint64_t> configured{0};
+  const int dev = arch::current_device();
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (!(configured.load(std::memory_order_relaxed) & bit)) {  // up to D = 1024: 80 KB
+    const arch::Error e = arch::set_max_dynamic_smem(mla_portable_kernel, (kPortRows + kPortKeys) * 1024 * 4);
+    if (e != arch::kSuccess) return e;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const dim3 grid(mla_sequences(p), ceil_div_pos(rows, kPortRows), p.heads_kv);
+  mla_portable_kernel<<<grid, kPortThreads, smem, stream>>>(p, rows);
+  return arch::last_error();
+}
+
+arch::Error launch_mla_fast(const MlaParams& p, const MlaSplitBuffers& split, arch::Stream stream) {
+  MlaSplitRun run;
+  run.meta = split.metadata;
+  run.parts = split.parts;
+  run.seqs = mla_sequences(p);
+  run.rows = mla_rows_per_sequence(p);
+  run.out = split.out;
+  run.lse = split.lse;
+  run.max_logit = split.max_logit;
+#if defined(MATE_HAS_MMA_SYNC)
+  const bool fp8 = p.cache.format == MlaCacheFormat::kFp8V32 || p.cache.format == MlaCacheFormat::kFp8Model1;
+  const bool bf = p.q_dtype == DType::kBFloat16;
+  arch::Error e;
+  if (p.head_dim == 576) {
+    e = fp8  ? launch_mma_dim<arch::bf16, 576, true>(p, run, stream)
+        : bf ? launch_mma_dim<arch::bf16, 576, false>(p, run, stream)
+             : launch_mma_dim<arch::f16, 576, false>(p, run, stream);
+  } else {
+    e = fp8  ? launch_mma_dim<arch::bf16, 512, true>(p, run, stream)
+        : bf ? launch_mma_dim<arch::bf16, 512, false>(p, run, stream)
+             : launch_mma_dim<arch::f16, 512, false>(p, run, stream);
+  }
+  if (e != arch::kSuccess) return e;
+  const int rows_all = (p.block_table ? p.seqlen_q : 1) * p.heads_q;
+  mla_combine_kernel<<<dim3(run.parts, ceil_div_pos(rows_all, 8)), 256, 0, stream>>>(p, run);
+  return arch::last_error();
+#else
+  (void)run;
+  return launch_mla_portable(p, stream);
+#endif
+}
+
+}  // namespace mate::device
