@@ -21,6 +21,7 @@ from bench_gpu import copy_bandwidth, timed  # noqa: E402
 
 import mate_ops  # noqa: E402,F401
 from mate_ops import flash_mla as fm  # noqa: E402
+from mate_ops.flashmla import quantize_k_cache  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -90,7 +91,7 @@ def memory_table(quick, bw):
     for layout, dqk, token_bytes in (("v32", 576, 656), ("model1", 512, 584)):
         pages = B * 8192 // 64
         kv = torch.randn(pages, 64, 1, dqk, dtype=BF16, device="cuda")
-        cache = fm.quantize_k_cache(kv, layout)
+        cache = quantize_k_cache(kv, layout)
         del kv
         q = torch.randn(B, 1, Hq, dqk, dtype=BF16, device="cuda")
         idx = torch.stack([torch.randperm(pages * 64, device="cuda")[:topk] for _ in range(B)]).to(torch.int32)
@@ -104,7 +105,7 @@ def memory_table(quick, bw):
         torch.cuda.empty_cache()
     if not quick:  # sparse FP8 at Hq 128: compute-bound again
         pages = B * 8192 // 64
-        cache = fm.quantize_k_cache(torch.randn(pages, 64, 1, 576, dtype=BF16, device="cuda"), "v32")
+        cache = quantize_k_cache(torch.randn(pages, 64, 1, 576, dtype=BF16, device="cuda"), "v32")
         q = torch.randn(B, 1, 128, 576, dtype=BF16, device="cuda")
         idx = torch.randint(0, pages * 64, (B, 1, topk), dtype=torch.int32, device="cuda")
         t = timed(lambda: fm.flash_mla_with_kvcache(q, cache, None, None, 512, None, None, is_fp8_kvcache=True,

@@ -106,7 +106,7 @@ def test_fp8_caches(device, layout, sparse):
         args = (table, lens)
         kw = dict(causal=False)
     dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    out, lse = fm.flash_mla_with_kvcache(dev(q), dev(cache), dev(args[0]), dev(args[1]), 512, None, None,
+    out, lse = fm.flash_mla_with_kvcache(dev(q), T.to_device_keeping_layout(cache, device), dev(args[0]), dev(args[1]), 512, None, None,
                                          is_fp8_kvcache=True, **{k: dev(v) for k, v in kw.items()})
     ref = T.mla_decode_ref(q, cache, *args, 512, is_fp8_kvcache=True, **kw)
     low = T.mla_decode_ref(q, cache, *args, 512, is_fp8_kvcache=True, compute_dtype=BF16, **kw)
@@ -283,9 +283,9 @@ def test_sparse_decode_paths(device, B, Sq, Hq, topk, layout, extra, sink):
     if extra:
         kw["extra_k_cache"] = fm.quantize_k_cache(ekv, layout) if fp8 else ekv
     q = torch.randn(B, Sq, Hq, dqk, dtype=BF16, generator=gen)
-    dev = {k: v.to(device) for k, v in kw.items()}
-    out, lse = fm.flash_mla_with_kvcache(q.to(device), cache.to(device), None, None, 512, None, None,
-                                         is_fp8_kvcache=fp8, **dev)
+    dev = {k: T.to_device_keeping_layout(v, device) for k, v in kw.items()}
+    out, lse = fm.flash_mla_with_kvcache(q.to(device), T.to_device_keeping_layout(cache, device), None, None, 512,
+                                         None, None, is_fp8_kvcache=fp8, **dev)
     ref = T.mla_decode_ref(q, cache, None, None, 512, is_fp8_kvcache=fp8, **kw)
     low = T.mla_decode_ref(q, cache, None, None, 512, is_fp8_kvcache=fp8, compute_dtype=BF16, **kw)
     check_mla(out, lse, *ref, low[0])

@@ -9,7 +9,7 @@ fmha_ref``). Every name below is also reachable as ``mate_ops.testing.<name>``.
 - :mod:`.tolerance` -- :func:`assert_close_fa3` (FlashAttention-3's "2x the low-precision
   reference error" rule) and its :data:`DEFAULT_ATOL`.
 - :mod:`.data` -- :func:`poison_`, :func:`random_seqlens`, :func:`random_cu_seqlens`,
-  :func:`make_paged_kv`.
+  :func:`make_paged_kv`, :func:`to_device_keeping_layout`.
 - The FP8 MLA cache format (:func:`quantize_mla_v32`, :func:`dequantize_mla_v32`,
   :func:`quantize_mla_model1`, :func:`dequantize_mla_model1`, :func:`mla_model1_block_stride`)
   is production code in :mod:`mate_ops.mla_fp8`; it is re-exported here because tests build
@@ -28,7 +28,7 @@ from ..mla_fp8 import (
     quantize_mla_model1,
     quantize_mla_v32,
 )
-from .data import make_paged_kv, poison_, random_cu_seqlens, random_seqlens
+from .data import make_paged_kv, poison_, random_cu_seqlens, random_seqlens, to_device_keeping_layout
 from .oracle import (
     combine_ref,
     fmha_ref,
@@ -51,6 +51,7 @@ __all__ = [
     "random_seqlens",
     "random_cu_seqlens",
     "make_paged_kv",
+    "to_device_keeping_layout",
     "quantize_mla_v32",
     "dequantize_mla_v32",
     "quantize_mla_model1",

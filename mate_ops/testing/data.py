@@ -32,6 +32,13 @@ def poison_(t: Tensor) -> Tensor:
     return t
 
 
+def to_device_keeping_layout(t: Tensor, device) -> Tensor:
+    """``t`` on ``device`` with its strides and storage offset kept (``Tensor.to`` makes a
+    dense copy of a strided view, which breaks layouts such as the FP8 MODEL1 block view)."""
+    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+    return flat.to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
 def random_seqlens(
     batch: int,
     max_len: int,
