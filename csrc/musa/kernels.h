@@ -40,8 +40,8 @@ arch::Error launch_rotary(const RotaryApplyParams& p, int max_rows, arch::Stream
 // number of sequences (dense: batch; sparse: batch * seqlen_q, each row its own indices).
 int mla_rows_per_sequence(const MlaParams& p);
 int mla_sequences(const MlaParams& p);
-// Rows of the fast kernel's block for p (16, 32 or 64): parts are counted in such blocks.
-int mla_fast_rows(const MlaParams& p);
+// Schedule parts for the fast kernel: as many blocks as the multiprocessors hold at once.
+int mla_fast_parts(const MlaParams& p, int multiprocessors);
 // The tensor-core path: bf16 (any cache format) or fp16 (fp16 cache) q, head_dim 576 or 512,
 // head_dim_v <= 512 and even, 16-byte aligned q rows and cache tokens.
 bool mla_mma_fits(const MlaParams& p);

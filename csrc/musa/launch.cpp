@@ -75,9 +75,8 @@ void mla_device(const MlaParams& p) {
     check_launch(launch_mla_portable(p, stream), "mla_decode");
     return;
   }
-  const int rows = mla_rows_per_sequence(p), seqs = mla_sequences(p);
-  const int tiles = ceil_div_pos(rows, mla_fast_rows(p));
-  const int parts = imax(1, mla_device_workers() / (tiles * p.heads_kv));
+  const int seqs = mla_sequences(p);
+  const int parts = mla_fast_parts(p, mla_device_workers());
   const int rows_all = (p.block_table ? p.seqlen_q : 1) * p.heads_q;
   const auto options = at::TensorOptions().device(arch::kTorchDevice, arch::current_device());
   at::Tensor sched = at::empty({parts * kMlaMetadataCols + seqs + 1}, options.dtype(at::kInt));

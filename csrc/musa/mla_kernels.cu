@@ -265,26 +265,41 @@ __global__ void __launch_bounds__(256) mla_combine_kernel(MlaParams p, MlaSplitR
 #if defined(MATE_HAS_MMA_SYNC)
 
 // ---- fast kernel: mma.sync --------------------------------------------------------------
-template <typename T_, int kD_, int kRowWarps_, int kColWarps_>
+// How key tiles arrive: bf16/fp16 rows copied as they are, or FP8 tokens staged raw and
+// dequantized to bf16 in shared memory.
+enum MlaTileFormat : int { kTilePlain = 0, kTileV32 = 1, kTileModel1 = 2 };
+
+template <typename T_, int kD_, int kRowWarps_, int kColWarps_, int kFormat_>
 struct MlaMmaConfig {
   using T = T_;
   static constexpr int kD = kD_;                // head dim of q and k: 576 or 512
   static constexpr int kRowWarps = kRowWarps_;  // 16-row groups
   static constexpr int kColWarps = kColWarps_;  // warps sharing a row group (k-slices / V columns)
+  static constexpr int kFormat = kFormat_;
+  static constexpr bool kFp8 = kFormat != kTilePlain;
   static constexpr int kWarps = kRowWarps * kColWarps;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = 16 * kRowWarps;
   static constexpr int kKeys = 32;              // keys per tile
   static constexpr int kDv = 512;               // V channels computed (head_dim_v <= 512 stored)
-  static constexpr int kChunks = kD / 8;        // 16-byte chunks per row
+  static constexpr int kChunks = kD / 8;        // 16-byte chunks per bf16 row
   static constexpr int kKSteps = kD / 16 / kColWarps;  // k steps of Q K^T per warp
   static constexpr int kVTiles = kDv / 8 / kColWarps;  // 8-channel tiles of O per warp
   static constexpr int kNTiles = kKeys / 8;
   static constexpr int kKeysPerWarp = kKeys / kWarps;
-  static constexpr int kRawStride = 656;        // staging bytes per FP8 token (V3.2: 656, MODEL1: 592)
-  static constexpr int kQBytes = kRows * kD * 2, kTileBytes = kKeys * kD * 2, kRawBytes = kKeys * kRawStride;
-  static constexpr int kScoreBytes = kWarps * 16 * kKeys * 4;
-  static constexpr int kSmemBytes = kQBytes + 2 * kTileBytes + kRawBytes + kScoreBytes + 2 * kKeys;
+  // FP8 staging: V3.2 tokens are 656 bytes (41 chunks); MODEL1 576 data bytes + 8 scale
+  // bytes, staged at a 592-byte stride (16-byte aligned rows)
+  static constexpr int kRawStride = kFormat == kTileV32 ? 656 : 592;
+  static constexpr int kTokenChunks = kFormat == kTileV32 ? 41 : kFormat == kTileModel1 ? 37 : kChunks;
+  // Plain tiles double-buffer the key tile (tile t + 1 lands while t computes); FP8 tiles
+  // double-buffer through the raw staging buffer and dequantize into a single key tile.
+  static constexpr int kStages = kFp8 ? 1 : 2;
+  static constexpr int kQBytes = kRows * kD * 2, kTileBytes = kKeys * kD * 2;
+  static constexpr int kRawBytes = kFp8 ? kKeys * kRawStride : 0;
+  static constexpr int kScoreBytes = kColWarps > 1 ? kWarps * 16 * kKeys * 4 : 0;
+  static constexpr int kSmemBytes = kQBytes + kStages * kTileBytes + kRawBytes + kScoreBytes + 2 * kKeys;
+  // two 4-warp blocks fit an SM (shared memory and registers) when the block is small
+  static constexpr int kBlocksPerSm = (kWarps <= 4 && 2 * (kSmemBytes + 1024) <= 228 * 1024) ? 2 : 1;
   static_assert((kD / 16) % kColWarps == 0 && (kDv / 8) % (2 * kColWarps) == 0, "warps must split evenly");
   static_assert(kKeys % kWarps == 0 && kKeysPerWarp <= 32, "each warp loads whole keys");
 };
@@ -295,48 +310,34 @@ __device__ __forceinline__ int swz(int r, int c) {
 }
 
 // Issues the copies of keys [n0, n0 + kKeys) (positions past kend are masked): each warp
-// resolves kKeysPerWarp keys (one lane each) and copies their bytes, raw for FP8.
+// resolves kKeysPerWarp keys (one lane each, addresses shared through `refs`) and copies
+// their bytes, raw for FP8; masked keys become zero bytes.
 template <class C>
 __device__ __forceinline__ void issue_key_tile(const MlaParams& p, const MlaKeys& keys, int hkv, int n0, int kend,
-                                               typename C::T* tile, uint8_t* raw, uint8_t* ok) {
+                                               typename C::T* tile, uint8_t* raw, uint8_t* ok, MlaTokenRef* refs) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int k0 = warp * C::kKeysPerWarp;
-  MlaTokenRef mine;
-  if (lane < C::kKeysPerWarp && n0 + k0 + lane < kend) mine = mla_key(p, keys, n0 + k0 + lane, hkv);
-  if (lane < C::kKeysPerWarp) ok[k0 + lane] = mine.data != nullptr;
-  const uint8_t* data[C::kKeysPerWarp];
-  const uint8_t* scales[C::kKeysPerWarp];
-#pragma unroll
-  for (int i = 0; i < C::kKeysPerWarp; ++i) {
-    data[i] = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(mine.data), i));
-    scales[i] = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(mine.scales), i));
+  if (lane < C::kKeysPerWarp) {
+    MlaTokenRef mine;
+    if (n0 + k0 + lane < kend) mine = mla_key(p, keys, n0 + k0 + lane, hkv);
+    ok[k0 + lane] = mine.data != nullptr;
+    refs[k0 + lane] = mine;
   }
-  const MlaCacheFormat format = p.cache.format;
-  const int chunks = format == MlaCacheFormat::kFp8V32 ? kMlaV32TokenBytes / 16
-                     : format == MlaCacheFormat::kFp8Model1 ? kMlaModel1DataBytes / 16 + 1
-                                                            : C::kChunks;
-  const int stride = format == MlaCacheFormat::kFp8Model1 ? 592 : C::kRawStride;
-  for (int idx = lane; idx < C::kKeysPerWarp * chunks; idx += 32) {
-    const int i = idx / chunks, c = idx % chunks;
-    const uint8_t* d = data[0];
-    const uint8_t* sc = scales[0];
-#pragma unroll
-    for (int u = 1; u < C::kKeysPerWarp; ++u)
-      if (i == u) {
-        d = data[u];
-        sc = scales[u];
-      }
-    const bool valid = d != nullptr;
-    const int key = k0 + i;
-    if (format == MlaCacheFormat::kFp8V32) {
-      arch::cp_async_16(raw + key * stride + c * 16, valid ? d + c * 16 : p.cache.base, valid);
-    } else if (format == MlaCacheFormat::kFp8Model1) {
-      if (c < chunks - 1)
-        arch::cp_async_16(raw + key * stride + c * 16, valid ? d + c * 16 : p.cache.base, valid);
+  __syncwarp();
+  const uint8_t* dummy = p.cache.base;  // a mapped address for zero-fill copies
+  for (int idx = lane; idx < C::kKeysPerWarp * C::kTokenChunks; idx += 32) {
+    const int key = k0 + idx / C::kTokenChunks, c = idx % C::kTokenChunks;
+    const MlaTokenRef r = refs[key];
+    const bool valid = r.data != nullptr;
+    if constexpr (C::kFormat == kTileV32) {
+      arch::cp_async_16(raw + key * C::kRawStride + c * 16, valid ? r.data + c * 16 : dummy, valid);
+    } else if constexpr (C::kFormat == kTileModel1) {
+      if (c < C::kTokenChunks - 1)
+        arch::cp_async_16(raw + key * C::kRawStride + c * 16, valid ? r.data + c * 16 : dummy, valid);
       else
-        arch::cp_async_8(raw + key * stride + kMlaModel1DataBytes, valid ? sc : p.cache.base, valid);
+        arch::cp_async_8(raw + key * C::kRawStride + kMlaModel1DataBytes, valid ? r.scales : dummy, valid);
     } else {
-      arch::cp_async_16(tile + swz<C::kD>(key, c), valid ? d + c * 16 : p.cache.base, valid);
+      arch::cp_async_16(tile + swz<C::kD>(key, c), valid ? r.data + c * 16 : dummy, valid);
     }
   }
 }
@@ -344,16 +345,16 @@ __device__ __forceinline__ void issue_key_tile(const MlaParams& p, const MlaKeys
 // Dequantizes a staged FP8 tile into bf16 rows of the key tile (masked keys are zero bytes,
 // hence zeros: a zero scale times zero values).
 template <class C>
-__device__ __forceinline__ void dequant_key_tile(MlaCacheFormat format, const uint8_t* raw, arch::bf16* tile) {
-  const bool v32 = format == MlaCacheFormat::kFp8V32;
-  const int stride = v32 ? C::kRawStride : 592, latent = v32 ? 512 : 448, rope = v32 ? 528 : 448;
+__device__ __forceinline__ void dequant_key_tile(const uint8_t* raw, arch::bf16* tile) {
+  constexpr bool v32 = C::kFormat == kTileV32;
+  constexpr int latent = v32 ? 512 : 448, rope = v32 ? 528 : 448;
   for (int idx = threadIdx.x; idx < C::kKeys * C::kChunks; idx += C::kThreads) {
     const int key = idx / C::kChunks, c = idx % C::kChunks;
-    const uint8_t* tok = raw + key * stride;
+    const uint8_t* tok = raw + key * C::kRawStride;
     uint4 outv;
     if (c * 8 < latent) {
       float scale;
-      if (v32) {
+      if constexpr (v32) {
         scale = *reinterpret_cast<const float*>(tok + 512 + 4 * (c / 16));
       } else {
         scale = ldexpf(1.f, static_cast<int>(tok[kMlaModel1DataBytes + c / 8]) - 127);
@@ -374,16 +375,17 @@ __device__ __forceinline__ void dequant_key_tile(MlaCacheFormat format, const ui
   }
 }
 
-template <class C, bool kFp8>
-__global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, MlaSplitRun run) {
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(MlaParams p, MlaSplitRun run) {
   using T = typename C::T;
   constexpr int kD = C::kD;
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ MlaTokenRef refs[C::kKeys];
   T* q_s = reinterpret_cast<T*>(smem_raw);
-  T* k_s = reinterpret_cast<T*>(smem_raw + C::kQBytes);  // two tiles
-  uint8_t* raw_s = smem_raw + C::kQBytes + 2 * C::kTileBytes;
+  T* k_s = reinterpret_cast<T*>(smem_raw + C::kQBytes);  // kStages tiles
+  uint8_t* raw_s = smem_raw + C::kQBytes + C::kStages * C::kTileBytes;
   float* s_x = reinterpret_cast<float*>(raw_s + C::kRawBytes);  // partial scores, per warp
-  uint8_t* ok_s = reinterpret_cast<uint8_t*>(s_x + C::kWarps * 16 * C::kKeys);  // two tiles
+  uint8_t* ok_s = reinterpret_cast<uint8_t*>(s_x) + C::kScoreBytes;  // key flags, two tiles
 
   const int part = blockIdx.x, hkv = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -395,6 +397,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
   MlaMetadataParams blocks_of;  // mla_key_blocks' view of the sequences
   blocks_of.cache_seqlens = p.cache_seqlens;
   blocks_of.fixed_keys = p.block_table ? -1 : p.topk + p.extra_topk;
+  const bool dense = p.block_table != nullptr;
   const float sl = p.softmax_scale * kLog2e;
 
   for (int sq = b0; sq < run.seqs && (sq < b1 || (sq == b1 && k1 > 0)); ++sq) {
@@ -406,12 +409,14 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
     const int kbeg = blk_lo * kMlaBlockTokens;
     int kend = imin(blk_hi * kMlaBlockTokens, seq.keys.positions);
     const int r_last = imin(r_base + C::kRows, run.rows) - 1;
-    if (p.block_table) kend = imin(kend, mla_causal_limit(p, seq.keys.positions, mla_row(p, seq, hkv, r_last).s));
-    int limit[2];  // this thread's rows' key limits (dense causal)
+    if (dense) kend = imin(kend, mla_causal_limit(p, seq.keys.positions, mla_row(p, seq, hkv, r_last).s));
+    // dense: this thread's rows see keys below limit[hf] (causal and the piece's end);
+    // sparse: the per-key flags of the tile decide
+    int limit[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = imin(r_base + rw * 16 + hf * 8 + g, run.rows - 1);
-      limit[hf] = p.block_table ? mla_causal_limit(p, seq.keys.positions, mla_row(p, seq, hkv, r).s) : INT32_MAX;
+      limit[hf] = dense ? imin(kend, mla_causal_limit(p, seq.keys.positions, mla_row(p, seq, hkv, r).s)) : kend;
     }
     const int ntiles = kend > kbeg ? ceil_div_pos(kend - kbeg, C::kKeys) : 0;
 
@@ -428,7 +433,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
         }
         arch::cp_async_16(q_s + swz<kD>(rr, c), src, valid);
       }
-      issue_key_tile<C>(p, seq.keys, hkv, kbeg, kend, k_s, raw_s, ok_s);
+      issue_key_tile<C>(p, seq.keys, hkv, kbeg, kend, k_s, raw_s, ok_s, refs);
       arch::cp_async_commit();
     }
 
@@ -441,17 +446,17 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
 
     for (int it = 0; it < ntiles; ++it) {
       const int n0 = kbeg + it * C::kKeys, stage = it % 2;
-      T* tile = k_s + stage * (C::kKeys * kD);
+      T* tile = k_s + (C::kStages == 2 ? stage : 0) * (C::kKeys * kD);
       const uint8_t* ok = ok_s + stage * C::kKeys;
       arch::cp_async_wait<0>();
       __syncthreads();  // tile it landed; every warp is done with tile it - 1
-      if constexpr (kFp8) {
-        dequant_key_tile<C>(p.cache.format, raw_s, reinterpret_cast<arch::bf16*>(tile));
+      if constexpr (C::kFp8) {
+        dequant_key_tile<C>(raw_s, reinterpret_cast<arch::bf16*>(tile));
         __syncthreads();  // the staging buffer is free; the tile is ready
       }
       if (it + 1 < ntiles) {
-        issue_key_tile<C>(p, seq.keys, hkv, n0 + C::kKeys, kend, k_s + (1 - stage) * (C::kKeys * kD), raw_s,
-                          ok_s + (1 - stage) * C::kKeys);
+        T* next = k_s + (C::kStages == 2 ? 1 - stage : 0) * (C::kKeys * kD);
+        issue_key_tile<C>(p, seq.keys, hkv, n0 + C::kKeys, kend, next, raw_s, ok_s + (1 - stage) * C::kKeys, refs);
         arch::cp_async_commit();
       }
 
@@ -500,7 +505,24 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
         }
       }
 
+      // masks: dense tiles below every row's limit need none (the common case)
+      const bool full = dense && arch::warp_all(n0 + C::kKeys <= imin(limit[0], limit[1]));
+      if (!full) {
+#pragma unroll
+        for (int nt = 0; nt < C::kNTiles; ++nt) {
+          const uint16_t pair_ok = *reinterpret_cast<const uint16_t*>(ok + nt * 8 + 2 * t);  // keys jr, jr + 1
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int jr = nt * 8 + 2 * t + e;
+              const bool key_ok = dense ? n0 + jr < limit[hf] : ((pair_ok >> (8 * e)) & 0xff) != 0;
+              if (!key_ok) sacc[nt][2 * hf + e] = -INFINITY;
+            }
+        }
+      }
       // online softmax (base 2); a row's values live in one lane quad
+      float corr[2];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = -INFINITY;
@@ -508,9 +530,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
         for (int nt = 0; nt < C::kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int jr = nt * 8 + 2 * t + e;
-            float x = sacc[nt][2 * hf + e] * sl;
-            if (!ok[jr] || n0 + jr >= limit[hf]) x = -INFINITY;
+            const float x = sacc[nt][2 * hf + e] * sl;
             sacc[nt][2 * hf + e] = x;
             mx = fmaxf(mx, x);
           }
@@ -518,7 +538,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(row_max[hf], mx);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float corr = arch::fast_exp2(row_max[hf] - m_use);
+        corr[hf] = arch::fast_exp2(row_max[hf] - m_use);
         row_max[hf] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -529,11 +549,16 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
             sacc[nt][2 * hf + e] = pe;
             sum += pe;
           }
-        row_sum[hf] = row_sum[hf] * corr + sum;
+        row_sum[hf] = row_sum[hf] * corr[hf] + sum;
+      }
+      // rescale O only when some row's maximum moved (rare once the first tiles are in)
+      if (arch::warp_any(corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
         for (int vt = 0; vt < C::kVTiles; ++vt) {
-          o[vt][2 * hf] *= corr;
-          o[vt][2 * hf + 1] *= corr;
+          o[vt][0] *= corr[0];
+          o[vt][1] *= corr[0];
+          o[vt][2] *= corr[1];
+          o[vt][3] *= corr[1];
         }
       }
 
@@ -547,7 +572,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
         a[3] = arch::pack2<T>(sacc[2 * pk + 1][2], sacc[2 * pk + 1][3]);
 #pragma unroll
         for (int dp = 0; dp < C::kVTiles / 2; ++dp) {
-          const int chunk = cw * (C::kVTiles) + 2 * dp;  // first 8-channel chunk of the pair
+          const int chunk = cw * C::kVTiles + 2 * dp;  // first 8-channel chunk of the pair
           uint32_t vb[4];
           arch::ldmatrix_x4_trans(vb, tile + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, chunk + lane / 16));
           arch::mma_16x8x16<T>(o[2 * dp], a, vb[0], vb[1]);
@@ -601,26 +626,40 @@ __global__ void __launch_bounds__(C::kThreads, 1) mla_mma_kernel(MlaParams p, Ml
   }
 }
 
-template <class C, bool kFp8>
+template <class C>
 arch::Error launch_mma_config(const MlaParams& p, const MlaSplitRun& run, arch::Stream stream) {
   static std::atomic<uint64_t> configured{0};  // the smem attribute, once per device
   const int dev = arch::current_device();
   const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
   if (!(configured.load(std::memory_order_relaxed) & bit)) {
-    const arch::Error e = arch::set_max_dynamic_smem(mla_mma_kernel<C, kFp8>, C::kSmemBytes);
+    const arch::Error e = arch::set_max_dynamic_smem(mla_mma_kernel<C>, C::kSmemBytes);
     if (e != arch::kSuccess) return e;
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
   const dim3 grid(run.parts, ceil_div_pos(run.rows, C::kRows), p.heads_kv);
-  mla_mma_kernel<C, kFp8><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, run);
+  mla_mma_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, run);
   return arch::last_error();
 }
 
-template <typename T, int kD, bool kFp8>
-arch::Error launch_mma_dim(const MlaParams& p, const MlaSplitRun& run, arch::Stream stream) {
-  if (run.rows <= 16) return launch_mma_config<MlaMmaConfig<T, kD, 1, 4>, kFp8>(p, run, stream);
-  if (run.rows <= 32) return launch_mma_config<MlaMmaConfig<T, kD, 2, 4>, kFp8>(p, run, stream);
-  return launch_mma_config<MlaMmaConfig<T, kD, 4, 2>, kFp8>(p, run, stream);
+// The block shape for `rows` query rows per sequence: 16 rows = 1 x 4 warps, 32 = 2 x 4,
+// more = 4 x 2 (64 rows).
+template <typename T, int kD, int kFormat, class Fn>
+auto with_config(int rows, Fn&& fn) {
+  if (rows <= 16) return fn(MlaMmaConfig<T, kD, 1, 4, kFormat>{});
+  if (rows <= 32) return fn(MlaMmaConfig<T, kD, 2, 4, kFormat>{});
+  return fn(MlaMmaConfig<T, kD, 4, 2, kFormat>{});
+}
+
+// Calls fn with the config instance that serves p.
+template <class Fn>
+auto with_mla_config(const MlaParams& p, int rows, Fn&& fn) {
+  const bool bf = p.q_dtype == DType::kBFloat16;
+  if (p.head_dim == 576) {
+    if (p.cache.format == MlaCacheFormat::kFp8V32) return with_config<arch::bf16, 576, kTileV32>(rows, fn);
+    return bf ? with_config<arch::bf16, 576, kTilePlain>(rows, fn) : with_config<arch::f16, 576, kTilePlain>(rows, fn);
+  }
+  if (p.cache.format == MlaCacheFormat::kFp8Model1) return with_config<arch::bf16, 512, kTileModel1>(rows, fn);
+  return bf ? with_config<arch::bf16, 512, kTilePlain>(rows, fn) : with_config<arch::f16, 512, kTilePlain>(rows, fn);
 }
 
 #endif  // MATE_HAS_MMA_SYNC
@@ -642,9 +681,18 @@ int mla_rows_per_sequence(const MlaParams& p) {
 
 int mla_sequences(const MlaParams& p) { return p.block_table ? p.batch : p.batch * p.seqlen_q; }
 
-int mla_fast_rows(const MlaParams& p) {
+int mla_fast_parts(const MlaParams& p, int multiprocessors) {
+#if defined(MATE_HAS_MMA_SYNC)
   const int rows = mla_rows_per_sequence(p);
-  return rows <= 16 ? 16 : rows <= 32 ? 32 : 64;
+  return with_mla_config(p, rows, [&](auto c) {
+    using C = decltype(c);
+    const int blocks_per_part = ceil_div_pos(rows, C::kRows) * p.heads_kv;
+    return imax(1, multiprocessors * C::kBlocksPerSm / blocks_per_part);
+  });
+#else
+  (void)p;
+  return multiprocessors;
+#endif
 }
 
 bool mla_mma_fits(const MlaParams& p) {
@@ -695,18 +743,8 @@ arch::Error launch_mla_fast(const MlaParams& p, const MlaSplitBuffers& split, ar
   run.lse = split.lse;
   run.max_logit = split.max_logit;
 #if defined(MATE_HAS_MMA_SYNC)
-  const bool fp8 = p.cache.format == MlaCacheFormat::kFp8V32 || p.cache.format == MlaCacheFormat::kFp8Model1;
-  const bool bf = p.q_dtype == DType::kBFloat16;
-  arch::Error e;
-  if (p.head_dim == 576) {
-    e = fp8  ? launch_mma_dim<arch::bf16, 576, true>(p, run, stream)
-        : bf ? launch_mma_dim<arch::bf16, 576, false>(p, run, stream)
-             : launch_mma_dim<arch::f16, 576, false>(p, run, stream);
-  } else {
-    e = fp8  ? launch_mma_dim<arch::bf16, 512, true>(p, run, stream)
-        : bf ? launch_mma_dim<arch::bf16, 512, false>(p, run, stream)
-             : launch_mma_dim<arch::f16, 512, false>(p, run, stream);
-  }
+  const arch::Error e =
+      with_mla_config(p, run.rows, [&](auto c) { return launch_mma_config<decltype(c)>(p, run, stream); });
   if (e != arch::kSuccess) return e;
   const int rows_all = (p.block_table ? p.seqlen_q : 1) * p.heads_q;
   mla_combine_kernel<<<dim3(run.parts, ceil_div_pos(rows_all, 8)), 256, 0, stream>>>(p, run);
