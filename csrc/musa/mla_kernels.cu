@@ -323,6 +323,19 @@ __device__ __forceinline__ void issue_key_tile(const MlaParams& p, const MlaKeys
     ok[k0 + lane] = mine.data != nullptr;
     refs[k0 + lane] = mine;
   }
+  // L2 prefetch of the tile after this one, so its bytes are near when its copies issue
+  // (memory-bound decode needs more than one tile in flight per block)
+  const int n2 = n0 + C::kKeys + k0 + lane;
+  if (lane < C::kKeysPerWarp && n2 < kend) {
+    const MlaTokenRef ahead = mla_key(p, keys, n2, hkv);
+    if (ahead.data) {
+      constexpr int kBytes = C::kFormat == kTileV32 ? kMlaV32TokenBytes
+                             : C::kFormat == kTileModel1 ? kMlaModel1DataBytes : C::kD * 2;
+#pragma unroll
+      for (int off = 0; off < kBytes + 127; off += 128) arch::prefetch_l2(ahead.data + imin(off, kBytes - 1));
+      if (C::kFormat == kTileModel1) arch::prefetch_l2(ahead.scales);
+    }
+  }
   __syncwarp();
   const uint8_t* dummy = p.cache.base;  // a mapped address for zero-fill copies
   for (int idx = lane; idx < C::kKeysPerWarp * C::kTokenChunks; idx += 32) {
@@ -420,6 +433,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
     }
     const int ntiles = kend > kbeg ? ceil_div_pos(kend - kbeg, C::kKeys) : 0;
 
+    // the sequence's index lists (or page-table row) into L2: the key lookups of every tile read them
+    if (ntiles > 0) {
+      const int32_t* list = dense ? p.block_table + seq.keys.b * p.block_table_stride + kbeg / p.cache.page_size
+                                  : seq.keys.main + kbeg;
+      const int count = dense ? (kend - 1) / p.cache.page_size - kbeg / p.cache.page_size + 1
+                              : imax(0, imin(kend, p.topk) - kbeg);
+      for (int i = threadIdx.x * 32; i < count; i += C::kThreads * 32) arch::prefetch_l2(list + i);
+    }
     __syncthreads();  // the previous sequence is done with every buffer
     if (ntiles > 0) {
       const T* qbase = static_cast<const T*>(p.q);
@@ -669,6 +690,8 @@ bool aligned16(const void* ptr, int64_t a = 0, int64_t b = 0, int64_t c = 0) {
 }
 
 bool cache_fits_mma(const MlaCache& c) {
+  // MODEL1 tokens sit at 576-byte steps inside a block (the view's 584-byte stride is nominal)
+  if (c.format == MlaCacheFormat::kFp8Model1) return aligned16(c.base, c.block_stride);
   return aligned16(c.base, c.block_stride, c.token_stride, c.head_stride);
 }
 

@@ -31,6 +31,8 @@ __device__ __forceinline__ void cp_async_8(void* dst, const void* src, bool vali
   const int bytes = valid ? 8 : 0;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
 }
+// Starts fetching the 128-byte line holding p into L2 (a hint: no register, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Wait until at most `kPending` committed groups are still in flight.
 template <int kPending>
