@@ -199,6 +199,32 @@ def test_mask_function_lengths():
     assert got.view(3, 2).tolist() == [[0, 0], [5, 5], [1, 1]]
 
 
+def test_bf16_logits_within_sdpa_error():
+    """bf16 weights: our error against the fp32 logits is at most about SDPA's own."""
+    model, _ = model_for("llama")
+    ids, mask = padded_batch("left")
+    exact = logits(model, "sdpa", ids, mask)
+    low = transformers.LlamaForCausalLM(model.config).eval()
+    low.load_state_dict(model.state_dict())
+    low.to(torch.bfloat16)
+    real = mask.bool()
+    err_sdpa = (logits(low, "sdpa", ids, mask).float() - exact).abs()[real].max().item()
+    err_mate = (logits(low, "mate", ids, mask).float() - exact).abs()[real].max().item()
+    assert 0 < err_sdpa and err_mate <= 2 * err_sdpa + 1e-2, (err_mate, err_sdpa)
+
+
+def test_unsupported_patterns_raise():
+    """Packed sequences (position_ids restarting, no mask) would need a materialized mask."""
+    model, _ = model_for("llama")
+    model.set_attn_implementation("mate")
+    ids = torch.randint(0, VOCAB, (1, 12))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(input_ids=ids, position_ids=packed, use_cache=False)
+    with pytest.raises(NotImplementedError, match="mask overlays"):
+        mt.mate_mask(1, 4, 4, attention_mask=None, use_vmap=True)
+
+
 def test_bad_input():
     model, _ = model_for("llama")
     model.set_attn_implementation("mate")

@@ -75,6 +75,15 @@ def mate_mask(
         ValueError: in eager mode, when a row's real tokens are not contiguous (a hole in
             the padding mask), which these lengths cannot describe.
     """
+    # Patterns other than causal / sliding window / bidirectional (+ padding) cannot be told
+    # from the mask callable; transformers' own flags say when one is present.
+    if kwargs.get("use_vmap"):
+        raise NotImplementedError("attn_implementation='mate' does not support custom or/and mask overlays "
+                                  "(e.g. bidirectional image-token blocks); use 'sdpa' or 'eager' for this model")
+    if "allow_is_bidirectional_skip" not in kwargs and kwargs.get("allow_is_causal_skip") is False and q_length > 1:
+        raise NotImplementedError("attn_implementation='mate' does not support packed sequences given through "
+                                  "position_ids, block masks or other causal masks that must be materialized; "
+                                  "pass one padded row per sequence with an attention_mask")
     plain_end = isinstance(q_offset, int) and kv_offset + kv_length == q_offset + q_length
     if attention_mask is None and plain_end:
         return None
