@@ -146,7 +146,8 @@ def _compiled_runs(model, impl, shapes):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_compile_fullgraph_no_extra_recompiles(family):
     model, ref = model_for(family)
-    shapes = [(3, 12, True), (5, 16, True), (4, 10, False)]  # static, then dynamic shapes; no mask
+    # static shapes, then dynamic ones; then without a mask (llama only, to keep the suite quick)
+    shapes = [(3, 12, True), (5, 16, True), (4, 10, False)][:3 if family == "llama" else 2]
     torch.manual_seed(2)
     ref_outs, ref_frames = _compiled_runs(model, ref, shapes)
     torch.manual_seed(2)
