@@ -8,23 +8,29 @@ a whole (ragged) tensor.
 
 :func:`context_parallel_attention` returns, on each rank, the attention output and lse of
 that rank's own query tokens against all keys of their sequences, equal to single-process
-attention on the whole sequences. Two methods:
+attention on the whole sequences. Three methods:
 
-- ``"allgather"`` (default): the op's own context parallelism. It is defined for a rank
-  that holds *all* queries and its interleaved *share of the keys* (a sharded kv cache), so
-  the keys and values never move: the queries are all-gathered, each rank runs
-  ``fmha_fwd(..., cp_world_size=W, cp_rank=r, cp_tot_seqused_k=...)`` on its key shard,
-  and an all-to-all returns to every rank the W partial results of its queries, which
-  ``fmha_combine`` merges. Every mask of the op (causal, windows, attention chunks),
-  softcap and sinks work, because the op evaluates them on global positions. Traffic per
-  rank: all queries once plus W partial outputs (fp32) of its own queries.
-- ``"ring"``: the K/V shards travel around the ring (send to rank r+1, receive from r-1,
-  overlapped with compute), so no rank ever holds more than two shards. Each shard's
-  partial attention uses the local-index form of the causal mask and is merged into a
-  running result with ``fmha_combine``. Causal or full attention only (no window /
-  chunk).
+- ``"gather_q"`` (default): the op's own context parallelism. ``fmha_fwd`` with
+  ``cp_world_size`` / ``cp_rank`` / ``cp_tot_seqused_k`` is defined for a rank that holds
+  *all* queries and its interleaved *share of the keys* (a kv cache sharded over ranks), so
+  here the keys and values stay put and the queries move: the queries are all-gathered, each
+  rank runs the op on its own K/V shard, and an all-to-all hands every rank the W partial
+  results of its own queries, which ``fmha_combine`` merges. Every mask of the op (causal,
+  windows, attention chunks), softcap and sinks work, because the op evaluates them on
+  global positions. Traffic per rank: all queries, plus W fp32 partial outputs of its own.
+- ``"gather_kv"``: the K/V shards are all-gathered; this rank's queries attend each shard
+  (partial attention with the causal mask in local indices, see :func:`_shard_partial`) and
+  the W partials are merged with ``fmha_combine``. Causal or full attention only.
+- ``"ring"``: like ``"gather_kv"``, but the shards travel around the ring (send to rank
+  r+1, receive from r-1, overlapped with compute) and the partials are merged as they come,
+  so no rank ever holds more than two K/V shards. Causal or full attention only.
 
-Both take ragged layouts: ``q (Tq_r, H, D)``, ``k (Tk_r, Hk, D)``, ``v (Tk_r, Hk, Dv)`` for
+Which to pick: ``"gather_q"`` moves queries and outputs, the others move K/V; so
+``"gather_q"`` suits few queries over long sharded contexts (decode, chunked prefill against
+a sharded cache), ``"gather_kv"`` / ``"ring"`` suit prefill with GQA (small K/V), and
+``"ring"`` bounds memory.
+
+All take ragged layouts: ``q (Tq_r, H, D)``, ``k (Tk_r, Hk, D)``, ``v (Tk_r, Hk, Dv)`` for
 this rank's tokens, and the *global* ``cu_seqlens_q`` / ``cu_seqlens_k`` (the same on
 every rank). Forward only. Works with any backend whose collectives the tensors' device
 supports (gloo on the CPU, NCCL on GPUs).
@@ -41,7 +47,7 @@ Tensor = torch.Tensor
 
 __all__ = ["context_parallel_attention", "shard", "shard_rows", "shard_cu_seqlens"]
 
-_METHODS = ("allgather", "ring")
+_METHODS = ("gather_q", "gather_kv", "ring")
 
 
 def _host_cu(cu: Tensor, name: str) -> List[int]:
@@ -82,7 +88,7 @@ def shard_cu_seqlens(cu_seqlens: Tensor, world_size: int, rank: int) -> Tensor:
     _check_world(world_size, rank)
     counts = [_count(b - a, world_size, rank) for a, b in zip(cu, cu[1:])]
     out = torch.zeros(len(cu), dtype=torch.int32)
-    out[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0) if counts else out[1:]
+    out[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
     return out.to(cu_seqlens.device)
 
 
@@ -134,7 +140,7 @@ def context_parallel_attention(
     attention_chunk: int = 0,
     softcap: float = 0.0,
     learnable_sink: Optional[Tensor] = None,
-    method: str = "allgather",
+    method: str = "gather_q",
 ) -> Tuple[Tensor, Tensor]:
     """Attention of this rank's interleaved query tokens against every key of their sequences.
 
@@ -151,9 +157,11 @@ def context_parallel_attention(
             process's rank in it.
         softmax_scale, causal, window_size, attention_chunk, softcap, learnable_sink: as in
             ``flash_attn_varlen_func``, applied to the whole sequences (bottom-right aligned
-            on the global lengths). ``method="ring"`` supports neither windows nor chunks.
-        method: ``"allgather"`` (the op's context parallelism: gathers q, keeps K/V) or
-            ``"ring"`` (rotates K/V shards); see the module docstring.
+            on the global lengths). ``"gather_kv"`` and ``"ring"`` support neither windows
+            nor chunks.
+        method: ``"gather_q"`` (the op's context parallelism: gathers q, keeps K/V),
+            ``"gather_kv"`` (gathers the K/V shards) or ``"ring"`` (passes K/V shards
+            around); see the module docstring.
 
     Returns:
         ``(out (Tq_r, H, Dv), lse (H, Tq_r) fp32)`` for this rank's query tokens, out in q's
@@ -172,17 +180,18 @@ def context_parallel_attention(
     cu_q, cu_k = _host_cu(cu_seqlens_q, "cu_seqlens_q"), _host_cu(cu_seqlens_k, "cu_seqlens_k")
     _check_inputs(q, k, v, cu_q, cu_k, world, rank)
     left, right = normalize_window(window_size)
-    if method == "ring" and (left >= 0 or right >= 0 or attention_chunk):
-        raise ValueError(f"method='ring' supports causal or full attention only, got window_size={window_size!r}, "
-                         f"attention_chunk={attention_chunk}; use method='allgather'")
-    if method == "ring" and k.dtype != v.dtype:
-        raise ValueError(f"method='ring' needs k and v of one dtype (they travel in one buffer), got {k.dtype} "
+    if method != "gather_q" and (left >= 0 or right >= 0 or attention_chunk):
+        raise ValueError(f"method={method!r} supports causal or full attention only, got window_size={window_size!r}, "
+                         f"attention_chunk={attention_chunk}; use method='gather_q'")
+    if method != "gather_q" and k.dtype != v.dtype:
+        raise ValueError(f"method={method!r} needs k and v of one dtype (they travel in one buffer), got {k.dtype} "
                          f"and {v.dtype}")
     opts = dict(softmax_scale=softmax_scale, causal=causal, softcap=softcap)
-    if method == "allgather":
-        return _allgather(q, k, v, cu_q, cu_k, world, rank, group, learnable_sink,
-                          dict(opts, window_size_left=left, window_size_right=right, attention_chunk=attention_chunk))
-    return _ring(q, k, v, cu_q, cu_k, world, rank, group, learnable_sink, opts)
+    if method == "gather_q":
+        return _gather_q(q, k, v, cu_q, cu_k, world, rank, group, learnable_sink,
+                         dict(opts, window_size_left=left, window_size_right=right, attention_chunk=attention_chunk))
+    return (_gather_kv if method == "gather_kv" else _ring)(q, k, v, cu_q, cu_k, world, rank, group, learnable_sink,
+                                                             opts)
 
 
 def _i32(values, device) -> Tensor:
@@ -198,7 +207,7 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
     return out
 
 
-def _allgather(q, k, v, cu_q, cu_k, world, rank, group, sink, opts):
+def _gather_q(q, k, v, cu_q, cu_k, world, rank, group, sink, opts):
     dev = q.device
     rows = [shard_rows(_i32(cu_q, "cpu"), world, s) for s in range(world)]
     nq = [int(r.numel()) for r in rows]
@@ -210,9 +219,7 @@ def _allgather(q, k, v, cu_q, cu_k, world, rank, group, sink, opts):
     q_all[torch.cat(rows).to(dev)] = torch.cat([p[:n] for p, n in zip(parts, nq)])
     # 2. partial attention on this rank's key shard; the op maps local key j to global j*W + r
     kn = [_count(b - a, world, rank) for a, b in zip(cu_k, cu_k[1:])]
-    cu_k_local = [0]
-    for n in kn:
-        cu_k_local.append(cu_k_local[-1] + n)
+    cu_k_local = _cu(kn)
     out_p, lse_p = torch.ops.mate.fmha_fwd(
         q_all, k, v, cu_seqlens_q=_i32(cu_q, dev), cu_seqlens_k=_i32(cu_k_local, dev),
         max_seqlen_q=max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0), max_seqlen_k=max(kn, default=0),
@@ -239,49 +246,78 @@ def _allgather(q, k, v, cu_q, cu_k, world, rank, group, sink, opts):
     return out, lse.t().contiguous()
 
 
-def _ring(q, k, v, cu_q, cu_k, world, rank, group, sink, opts):
-    dev = q.device
-    lq = [b - a for a, b in zip(cu_q, cu_q[1:])]
-    lk = [b - a for a, b in zip(cu_k, cu_k[1:])]
-    nq = [_count(n, world, rank) for n in lq]
-    cu_q_local = _i32([0] + torch.tensor(nq, dtype=torch.int64).cumsum(0).tolist(), dev)
-    nk = [[_count(n, world, s) for n in lk] for s in range(world)]
-    mk = sum(nk[0])  # rank 0 owns the most key tokens: the size of every message
-    D = k.shape[-1]
+def _cu(counts) -> List[int]:
+    out = [0]
+    for n in counts:
+        out.append(out[-1] + n)
+    return out
+
+
+class _Shards:
+    """Per-sequence token counts of the interleave, for the K/V-moving methods."""
+
+    def __init__(self, cu_q, cu_k, world, rank, dev):
+        self.world, self.rank, self.dev = world, rank, dev
+        self.lq = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        self.lk = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        self.nq = [_count(n, world, rank) for n in self.lq]
+        self.nk = [[_count(n, world, s) for n in self.lk] for s in range(world)]
+        self.cu_q = _i32(_cu(self.nq), dev)
+        self.rows_k = sum(self.nk[0])  # rank 0 owns the most key tokens: the size of every message
+
+
+def _shard_partial(q, kv, D, src, sh: _Shards, sink, opts):
+    """Partial (out fp32, lse (Tq_r, H)) of this rank's queries against rank ``src``'s K/V shard.
+
+    Query token i*W + r may see key token j*W + src under causal iff
+    ``j <= i + floor((r - src + Lk - Lq) / W)``: a causal mask between local indices with a
+    shifted diagonal. The op's bottom-right causal mask over the first ``nq + shift`` keys of
+    the shard is exactly that, so the key count is cut with ``seqused_k``.
+    """
+    kw = dict(opts)
+    nk = sh.nk[src]
+    if opts["causal"]:
+        kw["seqused_k"] = _i32([max(0, min(nk[b], sh.nq[b] + (sh.rank - src + sh.lk[b] - sh.lq[b]) // sh.world))
+                                for b in range(len(nk))], sh.dev)
+    o, lse = torch.ops.mate.fmha_fwd(
+        q, kv[..., :D], kv[..., D:], cu_seqlens_q=sh.cu_q, cu_seqlens_k=_i32(_cu(nk), sh.dev),
+        max_seqlen_q=max(sh.nq, default=0), max_seqlen_k=max(nk, default=0),
+        learnable_sink=sink, out_dtype=torch.float32, **kw)
+    return o, lse.t()
+
+
+def _gather_kv(q, k, v, cu_q, cu_k, world, rank, group, sink, opts):
+    sh = _Shards(cu_q, cu_k, world, rank, q.device)
     # k and v travel together in one buffer, padded to the largest shard
-    buf = _pad_rows(torch.cat([k, v], dim=-1), mk)
+    mine = _pad_rows(torch.cat([k, v], dim=-1), sh.rows_k)
+    shards = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(shards, mine, group=group)
+    # the sink joins one softmax denominator: give it to one partial only
+    parts = [_shard_partial(q, shards[s], k.shape[-1], s, sh, sink if s == 0 else None, opts) for s in range(world)]
+    out, lse = torch.ops.mate.fmha_combine(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]),
+                                           out_dtype=fp8_out_dtype(q))
+    return out, lse.t().contiguous()
+
+
+def _ring(q, k, v, cu_q, cu_k, world, rank, group, sink, opts):
+    sh = _Shards(cu_q, cu_k, world, rank, q.device)
+    buf = _pad_rows(torch.cat([k, v], dim=-1), sh.rows_k)
     peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
     acc_o = acc_l = None
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
     for step in range(world):
         src = (rank - step) % world  # the rank whose shard we hold now
         reqs = []
         if step + 1 < world:  # post the next transfer before computing on this shard
             incoming = torch.empty_like(buf)
             reqs = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, buf, peer(nxt), group),
-                dist.P2POp(dist.irecv, incoming, peer(prv), group),
+                dist.P2POp(dist.isend, buf, peer((rank + 1) % world), group),
+                dist.P2POp(dist.irecv, incoming, peer((rank - 1) % world), group),
             ])
-        ks, vs = buf[..., :D], buf[..., D:]
-        cu_k_s = [0]
-        for n in nk[src]:
-            cu_k_s.append(cu_k_s[-1] + n)
-        # token i*W + rank (query) may see token j*W + src (key) under causal iff
-        # j <= i + floor((rank - src + Lk - Lq) / W): a causal mask between local indices
-        # whose diagonal is shifted; the op's bottom-right causal mask with the key count
-        # cut to nq + shift gives exactly that
-        kw = dict(opts)
-        if opts["causal"]:
-            used = [max(0, min(nk[src][b], nq[b] + (rank - src + lk[b] - lq[b]) // world)) for b in range(len(lq))]
-            kw["seqused_k"] = _i32(used, dev)
-        o, l = torch.ops.mate.fmha_fwd(
-            q, ks, vs, cu_seqlens_q=cu_q_local, cu_seqlens_k=_i32(cu_k_s, dev),
-            max_seqlen_q=max(nq, default=0), max_seqlen_k=max(nk[src], default=0),
-            learnable_sink=sink if step == 0 else None, out_dtype=torch.float32, **kw)
+        o, lse = _shard_partial(q, buf, k.shape[-1], src, sh, sink if step == 0 else None, opts)
         if acc_o is None:
-            acc_o, acc_l = o, l.t()
-        else:
-            acc_o, acc_l = torch.ops.mate.fmha_combine(torch.stack([acc_o, o]), torch.stack([acc_l, l.t()]),
+            acc_o, acc_l = o, lse
+        else:  # a running merge keeps one partial result, whatever W is
+            acc_o, acc_l = torch.ops.mate.fmha_combine(torch.stack([acc_o, o]), torch.stack([acc_l, lse]),
                                                        out_dtype=torch.float32)
         for req in reqs:
             req.wait()

@@ -5,7 +5,7 @@
 
 Runs tests/cp_check.py's cases (the CPU suite's tests/test_distributed.py runs the same
 with gloo): every rank's share of the output and lse of mate_ops.distributed.
-context_parallel_attention, methods "allgather" and "ring", against the oracle on the whole
+context_parallel_attention, methods "gather_q", "gather_kv" and "ring", against the oracle on the whole
 sequences; prints the largest errors over both ranks per case.
 """
 import os

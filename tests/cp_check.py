@@ -3,6 +3,7 @@ scripts/cp_gpu_check.py (NCCL, GPUs): every rank runs the same cases and compare
 share of the output with the oracle run on the whole sequences in one process.
 """
 import datetime
+import os
 import re
 
 import torch
@@ -22,10 +23,10 @@ CASES = {
     "full_d_ne_dv_softcap": dict(lq=[11, 6], H=2, Hk=1, D=32, Dv=48, causal=False, softcap=3.0),
     "causal_sink": dict(lq=[10, 7], H=4, Hk=2, causal=True, sink=True),
     "causal_bf16": dict(lq=[21, 9], H=4, Hk=2, causal=True, dtype=torch.bfloat16),
-    "window_softcap": dict(lq=[19, 8], H=4, Hk=2, causal=True, window=(4, 0), softcap=2.0, methods=("allgather",)),
-    "local_window_chunk": dict(lq=[23, 12], H=2, Hk=2, causal=False, window=(5, 3), chunk=8, methods=("allgather",)),
+    "window_softcap": dict(lq=[19, 8], H=4, Hk=2, causal=True, window=(4, 0), softcap=2.0, methods=("gather_q",)),
+    "local_window_chunk": dict(lq=[23, 12], H=2, Hk=2, causal=False, window=(5, 3), chunk=8, methods=("gather_q",)),
 }
-METHODS = ("allgather", "ring")
+METHODS = ("gather_q", "gather_kv", "ring")
 
 
 def _data(case, seed):
@@ -84,8 +85,8 @@ def bad_input_cases(device):
         ("method", dict(method=lambda a: "ulysses"), ValueError, r"method must be one of"),
         ("ring_window", dict(method=lambda a: "ring", window_size=lambda a: (3, 0)), ValueError,
          r"method='ring' supports causal or full attention only"),
-        ("ring_chunk", dict(method=lambda a: "ring", attention_chunk=lambda a: 4), ValueError,
-         r"method='ring' supports causal or full attention only"),
+        ("gather_kv_chunk", dict(method=lambda a: "gather_kv", attention_chunk=lambda a: 4), ValueError,
+         r"method='gather_kv' supports causal or full attention only"),
         ("ring_kv_dtypes", dict(method=lambda a: "ring", v=lambda a: a["v"].double()), ValueError,
          r"needs k and v of one dtype"),
         ("window_pair", dict(window_size=lambda a: (1, 2, 3)), ValueError, r"window_size must be a \(left, right\)"),
@@ -111,8 +112,19 @@ def run_bad_inputs(device, group=None):
     mdist.context_parallel_attention(group=group, **base)  # the ranks are still in step
 
 
-def worker(rank, world, port, backend, device_kind, case_names, methods, bad_inputs, report):
-    """mp.spawn target: set up the group, run the cases, print one line per case on rank 0."""
+def worker(rank, world, port, backend, device_kind, case_names, methods, bad_inputs, report, err_dir):
+    """mp.spawn target: run the cases; a failure's traceback also goes to ``err_dir``/rank<r>.txt,
+    so that the report shows the failing rank's error, not a peer's "connection reset"."""
+    try:
+        _work(rank, world, port, backend, device_kind, case_names, methods, bad_inputs, report)
+    except BaseException:
+        import traceback
+        with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _work(rank, world, port, backend, device_kind, case_names, methods, bad_inputs, report):
     torch.set_num_threads(1)  # W processes share the machine's cores
     device = torch.device(device_kind, rank) if device_kind != "cpu" else torch.device("cpu")
     if device.type == "cuda":
@@ -148,15 +160,27 @@ def free_port():
 def spawn(world, backend, device_kind, case_names=tuple(CASES), methods=METHODS, bad_inputs=False, report=False,
           timeout_s=180.0):
     """Run ``worker`` on ``world`` processes; raise on a failure, kill everything past ``timeout_s``."""
+    import glob
+    import tempfile
     import time
 
     import torch.multiprocessing as mp
-    ctx = mp.spawn(worker, args=(world, free_port(), backend, device_kind, tuple(case_names), tuple(methods),
-                                 bad_inputs, report), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
+    with tempfile.TemporaryDirectory() as err_dir:
+        ctx = mp.spawn(worker, args=(world, free_port(), backend, device_kind, tuple(case_names), tuple(methods),
+                                     bad_inputs, report, err_dir), nprocs=world, join=False)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"context-parallel check on {world} processes did not finish in "
+                                       f"{timeout_s:.0f} s")
+        except Exception as e:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            raise TimeoutError(f"context-parallel check on {world} processes did not finish in {timeout_s:.0f} s")
+            for p in ctx.processes:
+                p.join(5)
+            errors = "".join(f"\n--- {os.path.basename(f)}:\n" + open(f).read()
+                             for f in sorted(glob.glob(os.path.join(err_dir, "rank*.txt"))))
+            raise AssertionError(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                                 f"{errors}") from e

@@ -3,7 +3,7 @@
 The real test spawns 2 and 3 processes (gloo, CPU, 127.0.0.1), each holding its interleaved
 share of q/k/v (token t on rank t mod W), and compares every rank's output and lse with the
 oracle on the whole sequences: causal and not, varlen (some sequences shorter than W), GQA,
-Lq != Lk, D != Dv, softcap, sinks, bf16, and (allgather only) windows and chunks; both
+Lq != Lk, D != Dv, softcap, sinks, bf16, and (gather_q only) windows and chunks; all three
 methods. A hang fails the test after a time limit instead of blocking the suite. The same
 check runs on two GPUs with NCCL when they exist (scripts/cp_gpu_check.py runs it alone).
 """
