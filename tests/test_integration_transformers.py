@@ -185,6 +185,30 @@ def test_compile_static_cache_decode_steps():
     assert cnt.frame_count <= 2, cnt.frame_count  # static shapes once, then dynamic (mask length grows)
 
 
+def test_torch_export_dynamic_batch_and_length():
+    """torch.export of a padded forward: the op stays one node, batch and length stay dynamic."""
+    model, _ = model_for("gemma2")
+    model.set_attn_implementation("mate")
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, mask):
+            return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    dims = {0: torch.export.Dim("batch", min=2), 1: torch.export.Dim("length", min=2)}
+    exported = torch.export.export(Logits(), padded_batch("left", B=3, seqlen=12), dynamic_shapes=(dims, dims))
+    assert sum(n.target is torch.ops.mate.fmha_fwd.default for n in exported.graph.nodes) == 2  # one per layer
+    for shape in [(4, 9, "left"), (3, 15, "right")]:
+        ids, mask = padded_batch(shape[2], B=shape[0], seqlen=shape[1])
+        with torch.no_grad():
+            got = exported.module()(ids, mask)
+        want = logits(model, "eager", ids, mask)
+        assert (got - want).abs()[mask.bool()].max() < 2e-5
+
+
 def test_mask_function_lengths():
     """The (3, B, 1, 1) lengths: left pad, key end, real query rows; None when nothing is padded."""
     assert mt.mate_mask(2, 5, 5, attention_mask=None) is None
