@@ -151,6 +151,7 @@ def _work(rank, world, port, backend, device_kind, case_names, methods, bad_inpu
 
 
 def free_port():
+    """A TCP port on 127.0.0.1 that is free now (for the group's rendezvous)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
