@@ -37,6 +37,15 @@ if ! have ninja expecttest pytest hypothesis numpy; then
   echo "setup_env: installing ninja expecttest pytest hypothesis numpy"
   pip_install -q ninja expecttest pytest hypothesis numpy
 fi
+# transformers for the integration tests (tests/test_integration_transformers.py), pinned
+# like pyproject's [test] extra; an installed transformers is kept (those tests may then
+# skip or differ); needs Python >= 3.10 (older Pythons skip those tests). It depends on
+# no torch, so pip leaves the torch above alone.
+TRANSFORMERS_PIN=5.24.0
+if ! have transformers && "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  echo "setup_env: installing transformers==$TRANSFORMERS_PIN (integration tests)"
+  pip_install -q "transformers==$TRANSFORMERS_PIN"
+fi
 # pip puts the ninja executable next to the interpreter's scripts; when a venv's python is
 # called by its path without activating the venv that folder is not on PATH, and torch
 # would fall back to a slow, serial build without ninja
