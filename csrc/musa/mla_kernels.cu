@@ -297,7 +297,7 @@ struct MlaMmaConfig {
   static constexpr int kQBytes = kRows * kD * 2, kTileBytes = kKeys * kD * 2;
   static constexpr int kRawBytes = kFp8 ? kKeys * kRawStride : 0;
   static constexpr int kScoreBytes = kColWarps > 1 ? kWarps * 16 * kKeys * 4 : 0;
-  static constexpr int kSmemBytes = kQBytes + kStages * kTileBytes + kRawBytes + kScoreBytes + 2 * kKeys;
+  static constexpr int kSmemBytes = kQBytes + kStages * kTileBytes + kRawBytes + kScoreBytes + 3 * kKeys;
   // two 4-warp blocks fit an SM (shared memory and registers) when the block is small
   static constexpr int kBlocksPerSm = (kWarps <= 4 && 2 * (kSmemBytes + 1024) <= 228 * 1024) ? 2 : 1;
   static_assert((kD / 16) % kColWarps == 0 && (kDv / 8) % (2 * kColWarps) == 0, "warps must split evenly");
@@ -309,34 +309,41 @@ __device__ __forceinline__ int swz(int r, int c) {
   return r * kD + ((c ^ (r & 7)) << 3);
 }
 
-// Issues the copies of keys [n0, n0 + kKeys) (positions past kend are masked): each warp
-// resolves kKeysPerWarp keys (one lane each, addresses shared through `refs`) and copies
-// their bytes, raw for FP8; masked keys become zero bytes.
+// Key tiles move in three steps, spread over the loop so no warp waits on an address:
+// resolve_key (two tiles ahead: the page-table or index load is issued, its result used
+// later), publish_key (one tile's worth of addresses and mask flags into shared memory, plus
+// an L2 prefetch of the token), issue_key_copies (cp.async of a published tile, one tile
+// ahead). Lane i < kKeysPerWarp of warp w owns key w * kKeysPerWarp + i of a tile.
 template <class C>
-__device__ __forceinline__ void issue_key_tile(const MlaParams& p, const MlaKeys& keys, int hkv, int n0, int kend,
-                                               typename C::T* tile, uint8_t* raw, uint8_t* ok, MlaTokenRef* refs) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int k0 = warp * C::kKeysPerWarp;
-  if (lane < C::kKeysPerWarp) {
-    MlaTokenRef mine;
-    if (n0 + k0 + lane < kend) mine = mla_key(p, keys, n0 + k0 + lane, hkv);
-    ok[k0 + lane] = mine.data != nullptr;
-    refs[k0 + lane] = mine;
-  }
-  // L2 prefetch of the tile after this one, so its bytes are near when its copies issue
-  // (memory-bound decode needs more than one tile in flight per block)
-  const int n2 = n0 + C::kKeys + k0 + lane;
-  if (lane < C::kKeysPerWarp && n2 < kend) {
-    const MlaTokenRef ahead = mla_key(p, keys, n2, hkv);
-    if (ahead.data) {
-      constexpr int kBytes = C::kFormat == kTileV32 ? kMlaV32TokenBytes
-                             : C::kFormat == kTileModel1 ? kMlaModel1DataBytes : C::kD * 2;
+__device__ __forceinline__ MlaTokenRef resolve_key(const MlaParams& p, const MlaKeys& keys, int hkv, int n0, int kend) {
+  const int lane = threadIdx.x % 32, j = n0 + (threadIdx.x / 32) * C::kKeysPerWarp + lane;
+  MlaTokenRef r;
+  if (lane < C::kKeysPerWarp && j < kend) r = mla_key(p, keys, j, hkv);
+  return r;
+}
+
+template <class C>
+__device__ __forceinline__ void publish_key(const MlaTokenRef& r, MlaTokenRef* refs, uint8_t* ok) {
+  const int lane = threadIdx.x % 32, key = (threadIdx.x / 32) * C::kKeysPerWarp + lane;
+  if (lane >= C::kKeysPerWarp) return;
+  refs[key] = r;
+  ok[key] = r.data != nullptr;
+  if (r.data) {
+    constexpr int kBytes = C::kFormat == kTileV32 ? kMlaV32TokenBytes
+                           : C::kFormat == kTileModel1 ? kMlaModel1DataBytes : C::kD * 2;
 #pragma unroll
-      for (int off = 0; off < kBytes + 127; off += 128) arch::prefetch_l2(ahead.data + imin(off, kBytes - 1));
-      if (C::kFormat == kTileModel1) arch::prefetch_l2(ahead.scales);
-    }
+    for (int off = 0; off < kBytes + 127; off += 128) arch::prefetch_l2(r.data + imin(off, kBytes - 1));
+    if (C::kFormat == kTileModel1) arch::prefetch_l2(r.scales);
   }
-  __syncwarp();
+}
+
+// cp.async of the warp's keys of a published tile: bytes as they are into the swizzled key
+// tile, or raw FP8 tokens into the staging buffer; masked keys become zero bytes.
+template <class C>
+__device__ __forceinline__ void issue_key_copies(const MlaParams& p, const MlaTokenRef* refs, typename C::T* tile,
+                                                 uint8_t* raw) {
+  const int lane = threadIdx.x % 32, k0 = (threadIdx.x / 32) * C::kKeysPerWarp;
+  __syncwarp();  // the warp's own refs are published
   const uint8_t* dummy = p.cache.base;  // a mapped address for zero-fill copies
   for (int idx = lane; idx < C::kKeysPerWarp * C::kTokenChunks; idx += 32) {
     const int key = k0 + idx / C::kTokenChunks, c = idx % C::kTokenChunks;
@@ -393,12 +400,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
   using T = typename C::T;
   constexpr int kD = C::kD;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ MlaTokenRef refs[C::kKeys];
+  __shared__ MlaTokenRef refs[3][C::kKeys];  // tile t's addresses in refs[t % 3]
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s = reinterpret_cast<T*>(smem_raw + C::kQBytes);  // kStages tiles
   uint8_t* raw_s = smem_raw + C::kQBytes + C::kStages * C::kTileBytes;
   float* s_x = reinterpret_cast<float*>(raw_s + C::kRawBytes);  // partial scores, per warp
-  uint8_t* ok_s = reinterpret_cast<uint8_t*>(s_x) + C::kScoreBytes;  // key flags, two tiles
+  uint8_t* ok_s = reinterpret_cast<uint8_t*>(s_x) + C::kScoreBytes;  // key flags of tile t at t % 3
 
   const int part = blockIdx.x, hkv = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -454,7 +461,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
         }
         arch::cp_async_16(q_s + swz<kD>(rr, c), src, valid);
       }
-      issue_key_tile<C>(p, seq.keys, hkv, kbeg, kend, k_s, raw_s, ok_s, refs);
+      publish_key<C>(resolve_key<C>(p, seq.keys, hkv, kbeg, kend), refs[0], ok_s);
+      publish_key<C>(resolve_key<C>(p, seq.keys, hkv, kbeg + C::kKeys, kend), refs[1], ok_s + C::kKeys);
+      issue_key_copies<C>(p, refs[0], k_s, raw_s);
       arch::cp_async_commit();
     }
 
@@ -468,7 +477,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
     for (int it = 0; it < ntiles; ++it) {
       const int n0 = kbeg + it * C::kKeys, stage = it % 2;
       T* tile = k_s + (C::kStages == 2 ? stage : 0) * (C::kKeys * kD);
-      const uint8_t* ok = ok_s + stage * C::kKeys;
+      const uint8_t* ok = ok_s + (it % 3) * C::kKeys;
       arch::cp_async_wait<0>();
       __syncthreads();  // tile it landed; every warp is done with tile it - 1
       if constexpr (C::kFp8) {
@@ -477,9 +486,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
       }
       if (it + 1 < ntiles) {
         T* next = k_s + (C::kStages == 2 ? 1 - stage : 0) * (C::kKeys * kD);
-        issue_key_tile<C>(p, seq.keys, hkv, n0 + C::kKeys, kend, next, raw_s, ok_s + (1 - stage) * C::kKeys, refs);
+        issue_key_copies<C>(p, refs[(it + 1) % 3], next, raw_s);
         arch::cp_async_commit();
       }
+      // tile it + 2's addresses: loads issued now, published after Q K^T
+      const MlaTokenRef ahead = resolve_key<C>(p, seq.keys, hkv, n0 + 2 * C::kKeys, kend);
 
       // partial S over this warp's k-slice
       float sacc[C::kNTiles][4];
@@ -500,11 +511,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
           arch::mma_16x8x16<T>(sacc[2 * np + 1], a, kb[2], kb[3]);
         }
       }
+      if (it + 2 < ntiles) publish_key<C>(ahead, refs[(it + 2) % 3], ok_s + ((it + 2) % 3) * C::kKeys);
       if constexpr (C::kColWarps > 1) {
-        float* mine = s_x + (warp * 32 + lane) * (C::kNTiles * 4);
+        // partial scores as [warp][n tile][lane] float4s: consecutive lanes, no bank conflicts
 #pragma unroll
         for (int nt = 0; nt < C::kNTiles; ++nt)
-          *reinterpret_cast<float4*>(mine + nt * 4) = make_float4(sacc[nt][0], sacc[nt][1], sacc[nt][2], sacc[nt][3]);
+          *reinterpret_cast<float4*>(s_x + ((warp * C::kNTiles + nt) * 32 + lane) * 4) =
+              make_float4(sacc[nt][0], sacc[nt][1], sacc[nt][2], sacc[nt][3]);
         __syncthreads();
         // the same order in every warp of the row group: bitwise equal scores
 #pragma unroll
@@ -513,7 +526,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
 #pragma unroll
           for (int w = 0; w < C::kColWarps; ++w) {
             const float4 x = *reinterpret_cast<const float4*>(
-                s_x + ((rw * C::kColWarps + w) * 32 + lane) * (C::kNTiles * 4) + nt * 4);
+                s_x + (((rw * C::kColWarps + w) * C::kNTiles + nt) * 32 + lane) * 4);
             sum.x += x.x;
             sum.y += x.y;
             sum.z += x.z;
