@@ -6,8 +6,9 @@ from ._devices import same_device
 
 def _num_workers(device: torch.device) -> int:
     """Workers get_mla_metadata schedules over, as the kernels define them: the CPU kernel's
-    thread count, a GPU's multiprocessor count (csrc/musa/launch.cpp: mla_device_workers)."""
-    if device.type == "cpu":
+    thread count, a GPU's multiprocessor count (csrc/musa/launch.cpp: mla_device_workers).
+    Meta tensors follow the CPU rule (the meta kernel is the CPU body's shape logic)."""
+    if device.type in ("cpu", "meta"):
         return torch.get_num_threads()
     backend = getattr(torch, device.type)  # torch.cuda, or torch.musa with torch_musa
     index = device.index if device.index is not None else backend.current_device()
