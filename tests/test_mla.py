@@ -322,3 +322,47 @@ def test_metadata_shapes_match_fake(device):
             fmeta, fsplits = torch.ops.mate.get_mla_metadata(mode.from_tensor(lens), *args)
         assert meta.shape == fmeta.shape and splits.shape == fsplits.shape
         assert splits.cpu()[-1].item() >= 7 and splits.cpu()[0].item() == 0
+
+
+def _schedule_ref(lens, parts, fixed_keys=None):
+    """get_mla_metadata's schedule written out plainly: the sequences' 64-key blocks (at least
+    one each) dealt out in equal runs of ceil(total / parts) blocks."""
+    blocks = [max(1, -(-(fixed_keys if fixed_keys is not None else max(0, n)) // 64)) for n in lens]
+    total = sum(blocks)
+    per_part = max(1, -(-total // parts))
+    starts = [0]
+    for nb in blocks:
+        starts.append(starts[-1] + nb)
+
+    def locate(g):
+        if g >= total:
+            return len(lens), 0
+        b = max(i for i in range(len(lens)) if starts[i] <= g)
+        return b, g - starts[b]
+
+    rows, first = [], 0
+    for p in range(parts):
+        b0, k0 = locate(min(p * per_part, total))
+        b1, k1 = locate(min((p + 1) * per_part, total))
+        rows.append([b0, k0, b1, k1, first, 0, 0, 0])
+        first += (b1 - b0) + (1 if k1 > 0 else 0)
+    splits = [0]
+    for b in range(len(lens)):
+        touched = sum(1 for r in rows if (r[0], r[1]) <= (b, blocks[b] - 1) and (r[2], r[3]) > (b, 0)
+                      and (r[0], r[1]) != (r[2], r[3]))
+        splits.append(splits[-1] + max(1, touched))
+    return rows, splits
+
+
+@pytest.mark.parametrize("B,topk", [(1, None), (7, None), (300, None), (2500, None), (64, 2048), (4096, 200)])
+def test_metadata_schedule_contents(device, B, topk):
+    """get_mla_metadata's rows and cumulative splits on every device equal the plain schedule
+    (the device computes it with a parallel prefix-sum kernel, the CPU with the sequential loop)."""
+    gen = torch.Generator().manual_seed(B)
+    lens = torch.randint(0, 3000, (B,), dtype=torch.int32, generator=gen)
+    lens[: B // 3] = 0
+    kw = {} if topk is None else dict(topk=topk)
+    meta, splits = torch.ops.mate.get_mla_metadata(lens.to(device), 128, 1, **kw)
+    rows, ref_splits = _schedule_ref(lens.tolist(), meta.shape[0], topk)
+    assert meta.cpu().tolist() == rows
+    assert splits.cpu().tolist() == ref_splits

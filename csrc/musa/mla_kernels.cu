@@ -92,8 +92,124 @@ __device__ __forceinline__ int64_t mla_partial_row(const MlaParams& p, const Mla
   return static_cast<int64_t>(slot) * rows_all + (seq.dense_rows > 1 ? r.s : 0) * p.heads_q + r.h;
 }
 
-// ---- get_mla_metadata's schedule, on the device (one thread; no host synchronization) ----
+// ---- get_mla_metadata's schedule, on the device (no host synchronization) ----------------
+// mla_schedule deals out the concatenated 64-key blocks of all sequences in equal runs of
+// per_part = ceil(total / parts) blocks, so part p covers global blocks
+// [p per_part, (p + 1) per_part) and every row has a closed form once the sequences' first
+// global blocks (prefix sums) are known. One block of kScheduleThreads computes them in
+// parallel; it writes exactly what mla_schedule writes (the sequential loop remains the
+// reference and the fallback for more than kScheduleMaxSeqs dense sequences).
+constexpr int kScheduleThreads = 1024, kScheduleMaxSeqs = 6000;
+
 __global__ void mla_schedule_kernel(MlaMetadataParams p) { mla_schedule(p); }
+
+// Exclusive prefix sum over the block's threads; `total` gets the sum of all v.
+__device__ __forceinline__ int64_t block_exclusive_scan(int64_t v, int64_t& total) {
+  __shared__ int64_t warp_sums[kScheduleThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int64_t x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int64_t y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t w = lane < kScheduleThreads / 32 ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int64_t y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < kScheduleThreads / 32) warp_sums[lane] = w;  // inclusive warp totals
+  }
+  __syncthreads();
+  const int64_t before = warp > 0 ? warp_sums[warp - 1] : 0;
+  total = warp_sums[kScheduleThreads / 32 - 1];
+  __syncthreads();  // warp_sums may be reused by the next call
+  return before + x - v;
+}
+
+__global__ void __launch_bounds__(kScheduleThreads) mla_schedule_parallel_kernel(MlaMetadataParams p) {
+  extern __shared__ int64_t seq_start[];  // dense: first global block of each sequence, then the total
+  const bool fixed = p.fixed_keys >= 0;
+  const int64_t fixed_blocks = fixed ? mla_key_blocks(p, 0) : 0;
+  if (!fixed) {
+    int64_t carry = 0;
+    for (int base = 0; base < p.batch; base += kScheduleThreads) {
+      const int b = base + threadIdx.x;
+      const int64_t v = b < p.batch ? mla_key_blocks(p, b) : 0;
+      int64_t chunk;
+      const int64_t ex = block_exclusive_scan(v, chunk);
+      if (b < p.batch) seq_start[b] = carry + ex;
+      carry += chunk;
+    }
+    if (threadIdx.x == 0) seq_start[p.batch] = carry;
+    __syncthreads();
+  }
+  auto start_of = [&](int b) { return fixed ? b * fixed_blocks : seq_start[b]; };
+  const int64_t total = start_of(p.batch);
+  const int64_t per_part = (total + p.parts - 1) / p.parts;
+  const int64_t step = per_part > 1 ? per_part : 1;  // mla_schedule's per_part
+  // global block g -> (sequence, block): the last sequence starting at or before g
+  auto locate = [&](int64_t g, int32_t& b_out, int32_t& k_out) {
+    if (g >= total) {
+      b_out = p.batch;
+      k_out = 0;
+      return;
+    }
+    int lo = 0, hi = p.batch - 1;
+    if (fixed) {
+      lo = hi = static_cast<int>(g / fixed_blocks);
+    } else {
+      while (lo < hi) {  // largest b with start_of(b) <= g
+        const int mid = (lo + hi + 1) / 2;
+        if (start_of(mid) <= g) lo = mid; else hi = mid - 1;
+      }
+    }
+    b_out = lo;
+    k_out = static_cast<int32_t>(g - start_of(lo));
+  };
+  // rows [begin_batch, begin_block, end_batch, end_block, first_split, 0, 0, 0]; first_split is
+  // the scan of the pieces (sequences touched) of the parts before
+  int64_t carry = 0;
+  for (int base = 0; base < p.parts; base += kScheduleThreads) {
+    const int part = base + threadIdx.x;
+    int32_t b0 = 0, k0 = 0, b1 = 0, k1 = 0;
+    int64_t pieces = 0;
+    if (part < p.parts) {
+      const int64_t g0 = part * step, g1 = g0 + step;
+      locate(g0 < total ? g0 : total, b0, k0);
+      locate(g1 < total ? g1 : total, b1, k1);
+      pieces = (b1 - b0) + (k1 > 0 ? 1 : 0);
+    }
+    int64_t chunk;
+    const int64_t first = carry + block_exclusive_scan(pieces, chunk);
+    carry += chunk;
+    if (part < p.parts) {
+      int32_t* row = p.metadata + static_cast<int64_t>(part) * kMlaMetadataCols;
+      row[0] = b0;
+      row[1] = k0;
+      row[2] = b1;
+      row[3] = k1;
+      row[4] = static_cast<int32_t>(first);
+      row[5] = row[6] = row[7] = 0;
+    }
+  }
+  __syncthreads();  // rows are visible to the whole block
+  // num_splits[b] = the global split id of b's first piece: the first split of the part
+  // holding b's first block, plus one piece per sequence that part starts before b
+  for (int b = threadIdx.x; b <= p.batch; b += kScheduleThreads) {
+    if (b == p.batch) {
+      p.num_splits[b] = static_cast<int32_t>(carry);
+    } else {
+      const int64_t part = start_of(b) / step;
+      const int32_t* row = p.metadata + part * kMlaMetadataCols;
+      p.num_splits[b] = row[4] + (b - row[0]);
+    }
+  }
+}
 
 // ---- portable kernel: CUDA cores, one warp per query row ------------------------------
 constexpr int kPortRows = 4, kPortKeys = 16, kPortThreads = kPortRows * 32, kPortMaxV = 1024;
@@ -223,17 +339,24 @@ __global__ void __launch_bounds__(256) mla_combine_kernel(MlaParams p, MlaSplitR
   const int G = p.heads_q / p.heads_kv;
   const MlaRow r = mla_row(p, seq, h / G, s * G + h % G);
   // pieces: part - 1 (sq was its last sequence, or its only one) and the parts that continue sq
-  auto slot_of = [&](int q) { return 2 * q + (run.meta[q * kMlaMetadataCols] == sq ? 0 : 1); };
   int last = part;
   while (last + 1 < run.parts && run.meta[(last + 1) * kMlaMetadataCols] == sq &&
          run.meta[(last + 1) * kMlaMetadataCols + 1] > 0)
     ++last;
+  const int n = last - part + 2;
+  auto piece_row = [&](int i) {  // partial row of piece i (part - 1 + i)
+    const int q = part - 1 + i;
+    return mla_partial_row(p, seq, r, 2 * q + (run.meta[q * kMlaMetadataCols] == sq ? 0 : 1));
+  };
+  // lanes over pieces for the maxima and the sum, then over channels for the weighted sum
   float mx = -INFINITY, ml = -INFINITY;
-  for (int q = part - 1; q <= last; ++q) {
-    const int64_t pr = mla_partial_row(p, seq, r, slot_of(q));
+  for (int i = lane; i < n; i += 32) {
+    const int64_t pr = piece_row(i);
     mx = fmaxf(mx, run.lse[pr]);
     ml = fmaxf(ml, run.max_logit[pr]);
   }
+  mx = arch::warp_max(mx);
+  ml = arch::warp_max(ml);
   if (mx == -INFINITY) {  // no key in any piece: out 0, lse +inf
     for (int c = lane; c < p.head_dim_v; c += 32) store_float(p.out, r.out + c, p.out_dtype, 0.f);
     if (lane == 0) {
@@ -243,18 +366,39 @@ __global__ void __launch_bounds__(256) mla_combine_kernel(MlaParams p, MlaSplitR
     return;
   }
   float sum = 0.f;
-  for (int q = part - 1; q <= last; ++q) sum += expf(run.lse[mla_partial_row(p, seq, r, slot_of(q))] - mx);
-  const float lse = mx + logf(sum);
+  for (int i = lane; i < n; i += 32) sum += expf(run.lse[piece_row(i)] - mx);
+  const float lse = mx + logf(arch::warp_sum(sum));
+  __shared__ float weight[8][32];
+  __shared__ int64_t rows[8][32];
+  constexpr int kPerLane = 512 / 32;  // the fast path's head_dim_v <= 512
+  float acc[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) acc[j] = 0.f;
+  for (int base = 0; base < n; base += 32) {
+    const int i = base + lane;
+    const int64_t pr = i < n ? piece_row(i) : 0;
+    weight[warp][lane] = i < n ? expf(run.lse[pr] - lse) : 0.f;  // 0 for an empty piece (lse -inf)
+    rows[warp][lane] = pr;
+    __syncwarp();
+    for (int k = 0; k < 32 && base + k < n; ++k) {
+      const float w = weight[warp][k];
+      if (w > 0.f) {
+        const float* src = run.out + rows[warp][k] * p.head_dim_v;
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          const int c = lane + 32 * j;
+          if (c < p.head_dim_v) acc[j] = fmaf(w, src[c], acc[j]);
+        }
+      }
+    }
+    __syncwarp();
+  }
   float factor = 1.f;
   if (p.attn_sink) factor /= 1.f + expf(p.attn_sink[r.h] - lse);
-  for (int c = lane; c < p.head_dim_v; c += 32) {
-    float o = 0.f;
-    for (int q = part - 1; q <= last; ++q) {
-      const int64_t pr = mla_partial_row(p, seq, r, slot_of(q));
-      const float w = expf(run.lse[pr] - lse);
-      if (w > 0.f) o = fmaf(w, run.out[pr * p.head_dim_v + c], o);  // w = 0: an empty piece (out 0)
-    }
-    store_float(p.out, r.out + c, p.out_dtype, o * factor);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int c = lane + 32 * j;
+    if (c < p.head_dim_v) store_float(p.out, r.out + c, p.out_dtype, acc[j] * factor);
   }
   if (lane == 0) {
     p.lse[r.lse] = lse;
@@ -749,7 +893,12 @@ bool mla_mma_fits(const MlaParams& p) {
 }
 
 arch::Error launch_mla_schedule(const MlaMetadataParams& m, arch::Stream stream) {
-  mla_schedule_kernel<<<1, 1, 0, stream>>>(m);
+  if (m.fixed_keys >= 0 || m.batch <= kScheduleMaxSeqs) {
+    const int smem = m.fixed_keys >= 0 ? 0 : (m.batch + 1) * static_cast<int>(sizeof(int64_t));
+    mla_schedule_parallel_kernel<<<1, kScheduleThreads, smem, stream>>>(m);
+  } else {
+    mla_schedule_kernel<<<1, 1, 0, stream>>>(m);
+  }
   return arch::last_error();
 }
 
