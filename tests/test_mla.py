@@ -233,21 +233,27 @@ def test_dense_decode_unaligned_q(device):
     check_mla(out, lse, *ref, low[0])
 
 
-def _poison_unreferenced(cache, idx_lists, fp8):
-    """Every token slot that no valid index names gets NaN (bf16) or NaN bytes (FP8 e4m3
-    0x7f and a NaN fp32 scale): a kernel that reads an unselected token leaks NaN."""
+def _poison_unreferenced(cache, idx_lists, layout):
+    """Every token slot that no valid index names is poisoned: bf16 NaN values, or 0x7f bytes
+    (the e4m3 NaN in every latent byte; huge finite scales and rope values for V3.2) and, for
+    MODEL1, 0xff scale bytes (the ue8m0 NaN). A kernel that reads an unselected token leaks NaN
+    into the output."""
     nb, P = cache.shape[:2]
     used = torch.zeros(nb * P, dtype=torch.bool)
     for idx in idx_lists:
-        v = idx[(idx >= 0) & (idx < nb * P)].long()
-        used[v] = True
-    flat = cache.view(nb * P, -1) if not fp8 or cache.is_contiguous() else None
-    if flat is None:
-        return cache
-    if fp8:
-        flat[~used] = 0x7F  # e4m3 NaN in every latent byte; the scale bytes become NaN too
-    else:
-        flat[~used] = float("nan")
+        used[idx[(idx >= 0) & (idx < nb * P)].long()] = True
+    unused = (~used).nonzero().flatten().tolist()
+    if layout is None:
+        cache.view(nb * P, -1)[~used] = float("nan")
+    elif layout == "v32":
+        cache.view(nb * P, -1)[~used] = 0x7F
+    else:  # MODEL1: per block, P x 576 data bytes, then P x 8 scale bytes
+        raw = torch.empty(0, dtype=torch.uint8).set_(cache.untyped_storage())
+        stride = cache.stride(0)
+        for slot in unused:
+            blk, off = divmod(slot, P)
+            raw[blk * stride + off * 576: blk * stride + (off + 1) * 576] = 0x7F
+            raw[blk * stride + P * 576 + off * 8: blk * stride + P * 576 + off * 8 + 7] = 0xFF
     return cache
 
 
@@ -278,8 +284,7 @@ def test_sparse_decode_paths(device, B, Sq, Hq, topk, layout, extra, sink):
                            else torch.full((Hq,), math.inf if sink == "+inf" else -math.inf))
     fp8 = layout is not None
     cache = fm.quantize_k_cache(kv, layout) if fp8 else kv
-    if not fp8:
-        cache = _poison_unreferenced(cache, lists, False)
+    cache = _poison_unreferenced(cache, lists, layout)
     if extra:
         kw["extra_k_cache"] = fm.quantize_k_cache(ekv, layout) if fp8 else ekv
     q = torch.randn(B, Sq, Hq, dqk, dtype=BF16, generator=gen)
