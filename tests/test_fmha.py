@@ -103,6 +103,28 @@ def test_decode_shapes(device, d, sq, h, num_splits):
     check_fmha(q, k, v, device=device, causal=True, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("d,dv", [(80, 80), (96, 96), (192, 128), (72, 72), (64, 128), (128, 64), (160, 160),
+                                  (256, 128), (40, 24)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tensor_core_padded_dims(device, d, dv, dtype, causal):
+    """Head dims that the device's tensor-core path pads inside the kernel (to the 64, 128,
+    192 x 128 or 256 tile widths; zero channels, never stored): several row blocks and key
+    tiles with ragged edges, GQA packed."""
+    q, k, v = rand(2, 201, 8, d, dtype=dtype), rand(2, 333, 2, d, dtype=dtype), rand(2, 333, 2, dv, dtype=dtype)
+    check_fmha(q, k, v, device=device, causal=causal, pack_gqa=True)
+
+
+@pytest.mark.parametrize("d,dv", [(96, 96), (192, 128), (80, 80)])
+@pytest.mark.parametrize("sq,h", [(1, 8), (3, 16)])
+@pytest.mark.parametrize("num_splits", [1, 0, 5])
+def test_tensor_core_padded_decode(device, d, dv, sq, h, num_splits):
+    """The same padded widths on the decode tile, with and without key splits (the fp32
+    partials are Dv wide, not the padded width)."""
+    q, k, v = rand(3, sq, h, d), rand(3, 700, 2, d), rand(3, 700, 2, dv)
+    check_fmha(q, k, v, device=device, causal=True, num_splits=num_splits)
+
+
 @pytest.mark.parametrize("h,hk", [(8, 8), (8, 2), (8, 1), (12, 3)])
 def test_gqa_mqa(device, h, hk):
     q, k, v = rand(2, 40, h, 64), rand(2, 90, hk, 64), rand(2, 90, hk, 64)

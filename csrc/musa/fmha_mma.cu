@@ -1,5 +1,8 @@
-// FMHA forward on tensor cores (mma.sync m16n8k16, sm80+), for bf16/fp16 with D = Dv of
-// 64, 128 or 256: the fast path of both prefill and decode.
+// FMHA forward on tensor cores (mma.sync m16n8k16, sm80+), for bf16/fp16 with any D and Dv
+// that are multiples of 8 up to 256: the fast path of both prefill and decode. Tiles are
+// instantiated at widths (D, Dv) of 64, 128, 192 x 128 (DeepSeek's prefill) and 256; a head
+// dim in between pads up inside the kernel: the extra channels load as zeros (they add
+// nothing to Q K^T) and are never stored.
 //
 // One block per (block of packed query rows, kv-head row group, sequence, split). A packed
 // row m is (query m / R, head h0 + m % R) with R = G under GQA packing, else 1, so all the G
@@ -39,37 +42,61 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <typename T_, int kD_, int kWarps_, int kMTiles_, int kBlockN_>
+template <typename T_, int kD_, int kDv_, int kWarps_, int kMTiles_, int kBlockN_>
 struct MmaConfig {
   using T = T_;
-  static constexpr int kD = kD_;              // head dim of q, k and v
+  static constexpr int kD = kD_;              // head dim of q and k, padded: the tile width
+  static constexpr int kDv = kDv_;            // head dim of v, padded
   static constexpr int kWarps = kWarps_;
   static constexpr int kMTiles = kMTiles_;    // 16-row tiles per warp
   static constexpr int kBlockN = kBlockN_;    // keys per K/V tile
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = kWarps * kMTiles * 16;
-  static constexpr int kChunks = kD / 8;      // 16-byte chunks per row
+  static constexpr int kChunks = kD / 8;      // 16-byte chunks per Q / K row
+  static constexpr int kVChunks = kDv / 8;    // 16-byte chunks per V row
   static constexpr int kNTiles = kBlockN / 8; // 8-key column tiles of S
-  static constexpr int kDTiles = kD / 8;      // 8-channel column tiles of O
+  static constexpr int kVTiles = kDv / 8;     // 8-channel column tiles of O
   static constexpr int kKSteps = kD / 16;     // k steps of Q K^T
   static constexpr int kPSteps = kBlockN / 16;  // k steps of P V
   // Q fragments stay in registers when they are few; otherwise ldmatrix re-reads them.
   static constexpr bool kQInRegs = kMTiles * kD <= 128;
   static constexpr int kStages = 2;            // K/V tile buffers: tile t + 1 loads during tile t
-  static constexpr int kTileElems = kBlockN * kD;
-  static constexpr int kSmemBytes = (kBlockM + 2 * kStages * kBlockN) * kD * static_cast<int>(sizeof(T));
-  // K/V loading: each warp copies kBlockN / kWarps rows, 32 / kChunks rows per step
+  static constexpr int kKTileElems = kBlockN * kD, kVTileElems = kBlockN * kDv;
+  static constexpr int kSmemBytes =
+      (kBlockM * kD + kStages * (kKTileElems + kVTileElems)) * static_cast<int>(sizeof(T));
+  // K/V loading: each warp copies kBlockN / kWarps rows, every lane one 16-byte chunk per step
   static constexpr int kRowsPerWarp = kBlockN / kWarps;
-  static constexpr int kRowsPerStep = 32 / kChunks;
-  static_assert(kD % 64 == 0 && kD <= 256, "the swizzle needs 8..32 chunks per row");
+  static_assert(kD % 64 == 0 && kD <= 256 && kDv % 64 == 0 && kDv <= 256,
+                "the swizzle needs a multiple of 8 chunks per row");
   static_assert(kBlockN % 16 == 0, "P V steps are 16 keys");
-  static_assert(kRowsPerWarp % kRowsPerStep == 0, "a warp's rows must fill its copy steps");
+  static_assert((kRowsPerWarp * kChunks) % 32 == 0 && (kRowsPerWarp * kVChunks) % 32 == 0 && kRowsPerWarp <= 64,
+                "a warp's rows must fill whole copy steps");
 };
 
-// Element offset of 16-byte chunk c of row r in a tile with kD-element rows.
-template <int kD>
+// Element offset of 16-byte chunk c of row r in a tile with kRow-element rows.
+template <int kRow>
 __device__ __forceinline__ int swz(int r, int c) {
-  return r * kD + ((c ^ (r & 7)) << 3);
+  return r * kRow + ((c ^ (r & 7)) << 3);
+}
+
+// Copies the warp's rows of one tile: row rl's storage offset is lane rl % 32's offs[rl / 32]
+// (-1: a zero row); chunks at or past `valid_chunks` (the real head dim) are zero-filled, so
+// a head dim below the tile width pads with zeros inside the kernel, never in memory.
+template <class C, int kCh, int kRow>
+__device__ __forceinline__ void copy_rows(typename C::T* dst, const typename C::T* base, const int64_t (&offs)[2],
+                                          int r0, int valid_chunks) {
+  const int lane = threadIdx.x % arch::kWarpSize;
+#pragma unroll
+  for (int step = 0; step < C::kRowsPerWarp * kCh / 32; ++step) {
+    const int idx = step * 32 + lane, rl = idx / kCh, c = idx % kCh;
+    int64_t off = __shfl_sync(0xffffffffu, offs[0], rl % 32);
+    if constexpr (C::kRowsPerWarp > 32) {
+      const int64_t hi = __shfl_sync(0xffffffffu, offs[1], rl % 32);
+      if (rl >= 32) off = hi;
+    }
+    const bool valid = off >= 0 && c < valid_chunks;
+    arch::cp_async_16(dst + swz<kRow>(r0 + rl, c), valid ? base + off + c * 8 : base, valid);
+  }
 }
 
 // Copies keys [n0, n0 + kBlockN) of one kv head into swizzled K and V tiles; keys >= kmax
@@ -80,33 +107,20 @@ template <class C>
 __device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::T* v_dst, const FmhaParams& p,
                                               const SeqInfo& s, int hk, int n0, int kmax) {
   using T = typename C::T;
-  constexpr int kOffRegs = (C::kRowsPerWarp + 31) / 32;
   const int warp = threadIdx.x / arch::kWarpSize, lane = threadIdx.x % arch::kWarpSize;
   const int r0 = warp * C::kRowsPerWarp;
-  int64_t koff[kOffRegs], voff[kOffRegs];
+  int64_t koff[2] = {-1, -1}, voff[2] = {-1, -1};
 #pragma unroll
-  for (int i = 0; i < kOffRegs; ++i) {
+  for (int i = 0; i < 2; ++i) {
     const int rl = lane + 32 * i;
-    koff[i] = voff[i] = -1;
     if (rl < C::kRowsPerWarp && r0 + rl < kmax - n0) {
       const int j = n0 + r0 + rl;
       koff[i] = key_offset(p, s, s.k_start + j, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride;
       voff[i] = key_offset(p, s, s.k_start + j, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride;
     }
   }
-  const T* kbase = static_cast<const T*>(p.k);
-  const T* vbase = static_cast<const T*>(p.v);
-  const int c = lane % C::kChunks;
-#pragma unroll
-  for (int step = 0; step < C::kRowsPerWarp / C::kRowsPerStep; ++step) {
-    const int rl = step * C::kRowsPerStep + lane / C::kChunks;
-    const int reg = (step * C::kRowsPerStep) / 32;  // the same for every lane of the step
-    const int64_t ko = __shfl_sync(0xffffffffu, koff[reg], rl % 32);
-    const int64_t vo = __shfl_sync(0xffffffffu, voff[reg], rl % 32);
-    const int r = r0 + rl;
-    arch::cp_async_16(k_dst + swz<C::kD>(r, c), ko >= 0 ? kbase + ko + c * 8 : kbase, ko >= 0);
-    arch::cp_async_16(v_dst + swz<C::kD>(r, c), vo >= 0 ? vbase + vo + c * 8 : vbase, vo >= 0);
-  }
+  copy_rows<C, C::kChunks, C::kD>(k_dst, static_cast<const T*>(p.k), koff, r0, p.head_dim / 8);
+  copy_rows<C, C::kVChunks, C::kDv>(v_dst, static_cast<const T*>(p.v), voff, r0, p.head_dim_v / 8);
 }
 
 // kPlain: no softcap, no ALiBi and a positive scale, so raw scores order like the logits and
@@ -121,7 +135,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s = q_s + C::kBlockM * kD;                 // kStages K tiles, then kStages V tiles
-  T* v_s = k_s + C::kStages * C::kTileElems;
+  T* v_s = k_s + C::kStages * C::kKTileElems;
 
   const int n = parts.num_splits;
   const int b = blockIdx.z / n, split = blockIdx.z % n;
@@ -162,13 +176,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       row_hi[mt][hf] = keys.hi;
     }
 
-  float o[kMT][C::kDTiles][4];
+  float o[kMT][C::kVTiles][4];
   float row_max[kMT][2], row_sum[kMT][2];  // max in score units: raw (kPlain) or base-2 logits
   const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;  // score units -> base-2 logits
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < C::kDTiles; ++dt)
+    for (int dt = 0; dt < C::kVTiles; ++dt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
     row_max[mt][0] = row_max[mt][1] = -INFINITY;
@@ -181,7 +195,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const T* q0 = static_cast<const T*>(p.q);
       for (int idx = threadIdx.x; idx < C::kBlockM * C::kChunks; idx += C::kThreads) {
         const int r = idx / C::kChunks, c = idx % C::kChunks, m = m0 + r;
-        const bool valid = m < real_rows;
+        const bool valid = m < real_rows && c < p.head_dim / 8;  // zeros pad to the tile width
         const T* src = q0;
         if (valid)
           src = q0 + b * p.q_batch_stride + (s.q_row0 + m / row_heads) * p.q_row_stride +
@@ -196,14 +210,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
     for (int it = 0; it < num_tiles; ++it) {
       const int n0 = kmin + it * C::kBlockN;
-      T* k_t = k_s + (it % C::kStages) * C::kTileElems;
-      T* v_t = v_s + (it % C::kStages) * C::kTileElems;
+      T* k_t = k_s + (it % C::kStages) * C::kKTileElems;
+      T* v_t = v_s + (it % C::kStages) * C::kVTileElems;
       arch::cp_async_wait<0>();  // tile it has landed
       // One barrier per tile: past it, tile it is visible to all and every warp is done with
       // tile it - 1, whose stage now receives tile it + 1 (in flight while tile it computes).
       __syncthreads();
       if (it + 1 < num_tiles) {
-        load_kv_tiles<C>(k_s + ((it + 1) % C::kStages) * C::kTileElems, v_s + ((it + 1) % C::kStages) * C::kTileElems, p,
+        load_kv_tiles<C>(k_s + ((it + 1) % C::kStages) * C::kKTileElems, v_s + ((it + 1) % C::kStages) * C::kVTileElems, p,
                          s, hk, n0 + C::kBlockN, kmax);
         arch::cp_async_commit();
       }
@@ -305,7 +319,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               }
             row_sum[mt][hf] = row_sum[mt][hf] * corr + sum;  // this lane's part; quads sum at the end
 #pragma unroll
-            for (int dt = 0; dt < C::kDTiles; ++dt) {
+            for (int dt = 0; dt < C::kVTiles; ++dt) {
               o[mt][dt][2 * hf] *= corr;
               o[mt][dt][2 * hf + 1] *= corr;
             }
@@ -323,9 +337,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             a[mt][3] = arch::pack2<T>(sacc[mt][2 * pk + 1][2], sacc[mt][2 * pk + 1][3]);
           }
 #pragma unroll
-          for (int dp = 0; dp < C::kDTiles / 2; ++dp) {
+          for (int dp = 0; dp < C::kVTiles / 2; ++dp) {
             uint32_t vb[4];
-            arch::ldmatrix_x4_trans(vb, v_t + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
+            arch::ldmatrix_x4_trans(vb, v_t + swz<C::kDv>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
 #pragma unroll
             for (int mt = 0; mt < kMT; ++mt) {
               arch::mma_16x8x16<T>(o[mt][2 * dp], a[mt], vb[0], vb[1]);
@@ -356,21 +370,23 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       float scale = has ? 1.f / l : 0.f;
       if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
 #pragma unroll
-        for (int dt = 0; dt < C::kDTiles; ++dt) o[mt][dt][2 * hf] = o[mt][dt][2 * hf + 1] = 0.f;
+        for (int dt = 0; dt < C::kVTiles; ++dt) o[mt][dt][2 * hf] = o[mt][dt][2 * hf + 1] = 0.f;
       if (n > 1 && !padded) {
         const int64_t grow = (static_cast<int64_t>(split) * p.total_q + global_row(p, s, b, qi)) * p.num_heads + h;
-        float* dst = parts.out + grow * kD + 2 * t;
+        float* dst = parts.out + grow * p.head_dim_v + 2 * t;
 #pragma unroll
-        for (int dt = 0; dt < C::kDTiles; ++dt)
-          *reinterpret_cast<float2*>(dst + dt * 8) =
-              make_float2(o[mt][dt][2 * hf] * scale, o[mt][dt][2 * hf + 1] * scale);
+        for (int dt = 0; dt < C::kVTiles; ++dt)
+          if (dt * 8 < p.head_dim_v)  // the padding channels are never stored
+            *reinterpret_cast<float2*>(dst + dt * 8) =
+                make_float2(o[mt][dt][2 * hf] * scale, o[mt][dt][2 * hf + 1] * scale);
         if (t == 0) parts.lse[grow] = lse;
         continue;
       }
       if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
       const int64_t base = b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride + 2 * t;
 #pragma unroll
-      for (int dt = 0; dt < C::kDTiles; ++dt) {
+      for (int dt = 0; dt < C::kVTiles; ++dt) {
+        if (dt * 8 >= p.head_dim_v) break;
         const float x0 = o[mt][dt][2 * hf] * scale, x1 = o[mt][dt][2 * hf + 1] * scale;
         if (out_pairs) {
           *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + base + dt * 8) = arch::pack2<T>(x0, x1);
@@ -409,17 +425,44 @@ arch::Error launch_config(const FmhaParams& p, const FmhaSplitBuffers& splits, i
 // Tile shapes (measured on an H200, docs/performance.md): prefill takes 4 warps of 16 rows;
 // up to 16 packed rows (decode) take one warp per block, so many blocks per SM keep K/V
 // loads in flight. Softcap / ALiBi / non-positive scales use the prefill tile for every size.
-template <typename T, int kD>
+template <typename T, int kD, int kDv>
 arch::Error launch_dim(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
                        arch::Stream stream) {
-  constexpr int kPrefillKeys = kD == 256 ? 32 : 64, kDecodeKeys = kD == 64 ? 64 : 32;
-  using Prefill = MmaConfig<T, kD, 4, 1, kPrefillKeys>;
-  using Decode = MmaConfig<T, kD, 1, 1, kDecodeKeys>;
+  constexpr int kPrefillKeys = (kD == 256 || kDv == 256) ? 32 : 64, kDecodeKeys = kD == 64 ? 64 : 32;
+  using Prefill = MmaConfig<T, kD, kDv, 4, 1, kPrefillKeys>;
+  using Decode = MmaConfig<T, kD, kDv, 1, 1, kDecodeKeys>;
   const bool plain = scores_are_plain(p);
   if (!plain) return launch_config<Prefill, false>(p, splits, max_rows, row_heads, stream);
   if (static_cast<int64_t>(max_rows) * row_heads <= 16)
     return launch_config<Decode, true>(p, splits, max_rows, row_heads, stream);
   return launch_config<Prefill, true>(p, splits, max_rows, row_heads, stream);
+}
+
+// The instantiated tile widths (kD, kDv): a head dim pads up to the first that holds it.
+// DeepSeek's prefill shape (192, 128) has its own; other dims pad to 64, 128 or 256.
+enum class MmaWidths { k64, k128, k192x128, k256 };
+
+bool mma_widths(int d, int dv, MmaWidths& w) {
+  if (d % 8 != 0 || dv % 8 != 0) return false;  // 16-byte chunks
+  if (d <= 64 && dv <= 64) w = MmaWidths::k64;
+  else if (d <= 128 && dv <= 128) w = MmaWidths::k128;
+  else if (d <= 192 && dv <= 128) w = MmaWidths::k192x128;
+  else if (d <= 256 && dv <= 256) w = MmaWidths::k256;
+  else return false;
+  return true;
+}
+
+template <typename T>
+arch::Error launch_typed(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
+                         arch::Stream stream) {
+  MmaWidths w = MmaWidths::k256;
+  mma_widths(p.head_dim, p.head_dim_v, w);
+  switch (w) {
+    case MmaWidths::k64: return launch_dim<T, 64, 64>(p, splits, max_rows, row_heads, stream);
+    case MmaWidths::k128: return launch_dim<T, 128, 128>(p, splits, max_rows, row_heads, stream);
+    case MmaWidths::k192x128: return launch_dim<T, 192, 128>(p, splits, max_rows, row_heads, stream);
+    default: return launch_dim<T, 256, 256>(p, splits, max_rows, row_heads, stream);
+  }
 }
 
 }  // namespace
@@ -428,9 +471,9 @@ bool mma_path_fits(const FmhaParams& p) {
   auto aligned = [](const void* ptr, int64_t a, int64_t b, int64_t c) {
     return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * 2) % 16 == 0 && (b * 2) % 16 == 0 && (c * 2) % 16 == 0;
   };
+  MmaWidths w;
   return (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) && !p.qv &&
-         p.head_dim == p.head_dim_v && (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) &&
-         aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+         mma_widths(p.head_dim, p.head_dim_v, w) && aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
          aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
          aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
 }
@@ -438,18 +481,8 @@ bool mma_path_fits(const FmhaParams& p) {
 arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
   const int G = p.num_heads / p.num_heads_k;
   const int row_heads = p.pack_gqa ? G : 1;
-  const bool bf = p.in_dtype == DType::kBFloat16;
-  switch (p.head_dim) {
-    case 64:
-      return bf ? launch_dim<arch::bf16, 64>(p, splits, max_rows, row_heads, stream)
-                : launch_dim<arch::f16, 64>(p, splits, max_rows, row_heads, stream);
-    case 128:
-      return bf ? launch_dim<arch::bf16, 128>(p, splits, max_rows, row_heads, stream)
-                : launch_dim<arch::f16, 128>(p, splits, max_rows, row_heads, stream);
-    default:
-      return bf ? launch_dim<arch::bf16, 256>(p, splits, max_rows, row_heads, stream)
-                : launch_dim<arch::f16, 256>(p, splits, max_rows, row_heads, stream);
-  }
+  return p.in_dtype == DType::kBFloat16 ? launch_typed<arch::bf16>(p, splits, max_rows, row_heads, stream)
+                                        : launch_typed<arch::f16>(p, splits, max_rows, row_heads, stream);
 }
 
 #else  // no mma.sync in this build: the portable kernels of fmha_kernels.cu serve everything

@@ -21,8 +21,9 @@ struct FmhaSplitBuffers {
 // sequence's length exit at once).
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream);
 
-// The tensor-core FMHA path (fmha_mma.cu): bf16/fp16, D = Dv in {64, 128, 256}, no qv,
-// 16-byte aligned rows. launch_fmha uses it when mma_path_fits; the launch writes what
+// The tensor-core FMHA path (fmha_mma.cu): bf16/fp16, D and Dv multiples of 8 up to 256
+// (padded inside the kernel to the 64, 128, 192 x 128 or 256 tile widths), no qv, 16-byte
+// aligned rows. launch_fmha uses it when mma_path_fits; the launch writes what
 // the portable kernels would (partials when splits.num_splits > 1; the caller merges).
 bool mma_path_fits(const FmhaParams& p);
 arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream);
