@@ -52,24 +52,27 @@ def copy_bandwidth():
 
 
 def prefill_table(quick, dims=None):
+    """dims: (D, Dv) pairs; FLOPs = 2 B H S^2 (D + Dv), halved when causal."""
     print("\n| prefill bf16 (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |")
     print("|---|---|---|---|---|---|")
     seqlens = [2048, 8192] if quick else [512, 2048, 8192, 16384]
-    dims = dims or ([128] if quick else [64, 128, 256])
-    for D in dims:
+    dims = dims or ([(128, 128)] if quick else [(64, 64), (128, 128), (256, 256)])
+    for D, Dv in dims:
         H = 2048 // D
         for S in seqlens:
             B = 16384 // S
             for causal in (False, True):
                 q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
-                k, v = torch.randn_like(q), torch.randn_like(q)
+                k = torch.randn_like(q)
+                v = torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
                 qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-                flops = 4 * B * H * D * S * S * (0.5 if causal else 1.0)
+                flops = 2 * B * H * S * S * (D + Dv) * (0.5 if causal else 1.0)
                 ours = timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal))
                 fl = sdpa_time(SDPBackend.FLASH_ATTENTION, qt, kt, vt, causal)
                 cu = sdpa_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal)
                 tf = lambda t: flops / t / 1e12  # noqa: E731
-                print(f"| B{B} S{S} H{H} D{D} {'causal' if causal else 'full'} | {tf(ours):.1f} | {tf(fl):.1f} | "
+                dims_s = f"D{D}" if D == Dv else f"D{D}/Dv{Dv}"
+                print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {tf(ours):.1f} | {tf(fl):.1f} | "
                       f"{tf(cu):.1f} | {fl / ours:.2f} | {cu / ours:.2f} |", flush=True)
                 del q, k, v, qt, kt, vt
 
@@ -144,12 +147,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["prefill", "varlen", "decode", "mla"])
-    ap.add_argument("--dims", help="prefill head dims, e.g. 128,256")
+    ap.add_argument("--dims", help="prefill head dims, e.g. 128,256 or 192x128 (D x Dv)")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     if args.only in (None, "prefill"):
-        prefill_table(args.quick, [int(d) for d in args.dims.split(",")] if args.dims else None)
+        dims = None
+        if args.dims:
+            dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]
+        prefill_table(args.quick, dims)
     if args.only in (None, "varlen"):
         varlen_table()
     if args.only in (None, "decode"):
