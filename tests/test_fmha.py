@@ -263,6 +263,19 @@ def test_fp8(device, with_descale):
     assert out.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("d,dv", [(128, 128), (256, 256), (192, 128), (96, 96), (48, 48)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_tensor_core_widths(device, d, dv, causal, num_splits):
+    """FP8 e4m3 prefill at the widths the device's tensor-core path serves (inputs converted
+    to bf16 inside the kernel): several row blocks and key tiles with ragged edges, GQA,
+    descales per (batch, kv head), with and without key splits."""
+    q, k, v = rand(2, 150, 8, d, dtype=FP8), rand(2, 211, 2, d, dtype=FP8), rand(2, 211, 2, dv, dtype=FP8)
+    kw = dict(q_descale=torch.rand(2, 2) + 0.5, k_descale=torch.rand(2, 2) + 0.5, v_descale=torch.rand(2, 2) + 0.5)
+    out, _ = check_fmha(q, k, v, device=device, causal=causal, num_splits=num_splits, **kw)
+    assert out.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- splits / metadata -------
 
 @pytest.mark.parametrize("num_splits", [0, 2, 3, 7, 256])

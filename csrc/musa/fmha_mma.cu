@@ -42,9 +42,10 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <typename T_, int kD_, int kDv_, int kWarps_, int kMTiles_, int kBlockN_>
+template <typename T_, int kD_, int kDv_, int kWarps_, int kMTiles_, int kBlockN_, bool kFp8In_ = false>
 struct MmaConfig {
-  using T = T_;
+  using T = T_;                               // the tensor-core operand type (bf16 for fp8 inputs)
+  static constexpr bool kFp8In = kFp8In_;     // e4m3 inputs, converted to T in shared memory
   static constexpr int kD = kD_;              // head dim of q and k, padded: the tile width
   static constexpr int kDv = kDv_;            // head dim of v, padded
   static constexpr int kWarps = kWarps_;
@@ -60,10 +61,13 @@ struct MmaConfig {
   static constexpr int kPSteps = kBlockN / 16;  // k steps of P V
   // Q fragments stay in registers when they are few; otherwise ldmatrix re-reads them.
   static constexpr bool kQInRegs = kMTiles * kD <= 128;
-  static constexpr int kStages = 2;            // K/V tile buffers: tile t + 1 loads during tile t
+  // K/V tile buffers: tile t + 1 loads during tile t. FP8 tiles land raw in a staging buffer
+  // (kBlockN rows of K bytes, then of V bytes) and are converted into a single T tile.
+  static constexpr int kStages = kFp8In ? 1 : 2;
   static constexpr int kKTileElems = kBlockN * kD, kVTileElems = kBlockN * kDv;
+  static constexpr int kRawBytes = kFp8In ? kBlockN * (kD + kDv) : 0;
   static constexpr int kSmemBytes =
-      (kBlockM * kD + kStages * (kKTileElems + kVTileElems)) * static_cast<int>(sizeof(T));
+      (kBlockM * kD + kStages * (kKTileElems + kVTileElems)) * static_cast<int>(sizeof(T)) + kRawBytes;
   // K/V loading: each warp copies kBlockN / kWarps rows, every lane one 16-byte chunk per step
   static constexpr int kRowsPerWarp = kBlockN / kWarps;
   static_assert(kD % 64 == 0 && kD <= 256 && kDv % 64 == 0 && kDv <= 256,
@@ -71,6 +75,8 @@ struct MmaConfig {
   static_assert(kBlockN % 16 == 0, "P V steps are 16 keys");
   static_assert((kRowsPerWarp * kChunks) % 32 == 0 && (kRowsPerWarp * kVChunks) % 32 == 0 && kRowsPerWarp <= 64,
                 "a warp's rows must fill whole copy steps");
+  static_assert(!kFp8In || ((kRowsPerWarp * kD / 16) % 32 == 0 && (kRowsPerWarp * kDv / 16) % 32 == 0),
+                "a warp's raw FP8 rows must fill whole copy steps");
 };
 
 // Element offset of 16-byte chunk c of row r in a tile with kRow-element rows.
@@ -99,13 +105,65 @@ __device__ __forceinline__ void copy_rows(typename C::T* dst, const typename C::
   }
 }
 
+// The FP8 form of copy_rows: rows of kRowBytes e4m3 bytes, row-major in the staging buffer
+// (the conversion pass swizzles them into the T tile).
+template <class C, int kRowBytes>
+__device__ __forceinline__ void copy_raw_rows(uint8_t* dst, const uint8_t* base, const int64_t (&offs)[2], int r0,
+                                              int valid_chunks) {
+  constexpr int kCh = kRowBytes / 16;
+  const int lane = threadIdx.x % arch::kWarpSize;
+#pragma unroll
+  for (int step = 0; step < C::kRowsPerWarp * kCh / 32; ++step) {
+    const int idx = step * 32 + lane, rl = idx / kCh, c = idx % kCh;
+    int64_t off = __shfl_sync(0xffffffffu, offs[0], rl % 32);
+    if constexpr (C::kRowsPerWarp > 32) {
+      const int64_t hi = __shfl_sync(0xffffffffu, offs[1], rl % 32);
+      if (rl >= 32) off = hi;
+    }
+    const bool valid = off >= 0 && c < valid_chunks;
+    arch::cp_async_16(dst + (r0 + rl) * kRowBytes + c * 16, valid ? base + off + c * 16 : base, valid);
+  }
+}
+
+// 16 e4m3 values -> 16 bf16 values (exact: every e4m3 value is a bf16 value).
+__device__ __forceinline__ void e4m3x16_to_bf16(const uint4& in, uint4& lo, uint4& hi) {
+  const uint32_t w[4] = {in.x, in.y, in.z, in.w};
+  uint32_t o[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 f = arch::e4m3x2_to_float2(static_cast<uint16_t>(w[i / 2] >> (16 * (i % 2))));
+    o[i] = arch::pack2<arch::bf16>(f.x, f.y);
+  }
+  lo = make_uint4(o[0], o[1], o[2], o[3]);
+  hi = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+// The staged FP8 K and V rows of a tile into the swizzled bf16 tiles (zero bytes stay zero).
+template <class C>
+__device__ __forceinline__ void convert_kv_tiles(const uint8_t* raw, typename C::T* k_t, typename C::T* v_t) {
+  constexpr int kKU = C::kD / 16, kVU = C::kDv / 16;  // 16-byte units per row
+  for (int idx = threadIdx.x; idx < C::kBlockN * (kKU + kVU); idx += C::kThreads) {
+    const bool is_k = idx < C::kBlockN * kKU;
+    const int j = is_k ? idx : idx - C::kBlockN * kKU, units = is_k ? kKU : kVU;
+    const int r = j / units, u = j % units;
+    const uint8_t* src = is_k ? raw + r * C::kD + u * 16 : raw + C::kBlockN * C::kD + r * C::kDv + u * 16;
+    uint4 lo, hi;
+    e4m3x16_to_bf16(*reinterpret_cast<const uint4*>(src), lo, hi);
+    typename C::T* dst = is_k ? k_t : v_t;
+    const int o0 = is_k ? swz<C::kD>(r, 2 * u) : swz<C::kDv>(r, 2 * u);
+    const int o1 = is_k ? swz<C::kD>(r, 2 * u + 1) : swz<C::kDv>(r, 2 * u + 1);
+    *reinterpret_cast<uint4*>(dst + o0) = lo;
+    *reinterpret_cast<uint4*>(dst + o1) = hi;
+  }
+}
+
 // Copies keys [n0, n0 + kBlockN) of one kv head into swizzled K and V tiles; keys >= kmax
 // become zeros (compared as offsets from n0: n0 + kBlockN may pass 2^31 - 1). Each lane
 // finds the storage offset of one row (page-table lookups in parallel, once per row), then
 // the warp's lanes share them through shuffles.
 template <class C>
-__device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::T* v_dst, const FmhaParams& p,
-                                              const SeqInfo& s, int hk, int n0, int kmax) {
+__device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::T* v_dst, uint8_t* raw,
+                                              const FmhaParams& p, const SeqInfo& s, int hk, int n0, int kmax) {
   using T = typename C::T;
   const int warp = threadIdx.x / arch::kWarpSize, lane = threadIdx.x % arch::kWarpSize;
   const int r0 = warp * C::kRowsPerWarp;
@@ -119,8 +177,14 @@ __device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::
       voff[i] = key_offset(p, s, s.k_start + j, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride;
     }
   }
-  copy_rows<C, C::kChunks, C::kD>(k_dst, static_cast<const T*>(p.k), koff, r0, p.head_dim / 8);
-  copy_rows<C, C::kVChunks, C::kDv>(v_dst, static_cast<const T*>(p.v), voff, r0, p.head_dim_v / 8);
+  if constexpr (C::kFp8In) {
+    copy_raw_rows<C, C::kD>(raw, static_cast<const uint8_t*>(p.k), koff, r0, p.head_dim / 16);
+    copy_raw_rows<C, C::kDv>(raw + C::kBlockN * C::kD, static_cast<const uint8_t*>(p.v), voff, r0,
+                             p.head_dim_v / 16);
+  } else {
+    copy_rows<C, C::kChunks, C::kD>(k_dst, static_cast<const T*>(p.k), koff, r0, p.head_dim / 8);
+    copy_rows<C, C::kVChunks, C::kDv>(v_dst, static_cast<const T*>(p.v), voff, r0, p.head_dim_v / 8);
+  }
 }
 
 // kPlain: no softcap, no ALiBi and a positive scale, so raw scores order like the logits and
@@ -136,6 +200,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s = q_s + C::kBlockM * kD;                 // kStages K tiles, then kStages V tiles
   T* v_s = k_s + C::kStages * C::kKTileElems;
+  uint8_t* raw_s = reinterpret_cast<uint8_t*>(v_s + C::kStages * C::kVTileElems);  // FP8 staging
 
   const int n = parts.num_splits;
   const int b = blockIdx.z / n, split = blockIdx.z % n;
@@ -176,6 +241,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       row_hi[mt][hf] = keys.hi;
     }
 
+  // FP8 descales (1 without): q and k fold into the logits, v into the output
+  float dscale = 1.f, vscale = 1.f;
+  if constexpr (C::kFp8In) {
+    dscale = (p.q_descale ? p.q_descale[b * p.q_descale_batch_stride + hk * p.q_descale_head_stride] : 1.f) *
+             (p.k_descale ? p.k_descale[b * p.k_descale_batch_stride + hk * p.k_descale_head_stride] : 1.f);
+    vscale = p.v_descale ? p.v_descale[b * p.v_descale_batch_stride + hk * p.v_descale_head_stride] : 1.f;
+  }
   float o[kMT][C::kVTiles][4];
   float row_max[kMT][2], row_sum[kMT][2];  // max in score units: raw (kPlain) or base-2 logits
   const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;  // score units -> base-2 logits
@@ -191,7 +263,22 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
   const int num_tiles = kmax > kmin ? ceil_div_pos(kmax - kmin, C::kBlockN) : 0;
   if (num_tiles > 0) {
-    {  // Q rows of the block (zeros past the real rows), then the first kStages K/V tiles
+    if constexpr (C::kFp8In) {  // Q rows converted on the way in (once per block)
+      const uint8_t* q0 = static_cast<const uint8_t*>(p.q);
+      for (int idx = threadIdx.x; idx < C::kBlockM * (kD / 16); idx += C::kThreads) {
+        const int r = idx / (kD / 16), u = idx % (kD / 16), m = m0 + r;
+        uint4 in = make_uint4(0, 0, 0, 0);
+        if (m < real_rows && u < p.head_dim / 16)
+          in = *reinterpret_cast<const uint4*>(q0 + b * p.q_batch_stride + (s.q_row0 + m / row_heads) * p.q_row_stride +
+                                               (h0 + m % row_heads) * p.q_head_stride + u * 16);
+        uint4 lo, hi;
+        e4m3x16_to_bf16(in, lo, hi);
+        *reinterpret_cast<uint4*>(q_s + swz<kD>(r, 2 * u)) = lo;
+        *reinterpret_cast<uint4*>(q_s + swz<kD>(r, 2 * u + 1)) = hi;
+      }
+      load_kv_tiles<C>(k_s, v_s, raw_s, p, s, hk, kmin, kmax);
+      arch::cp_async_commit();
+    } else {  // Q rows of the block (zeros past the real rows), then the first K/V tiles
       const T* q0 = static_cast<const T*>(p.q);
       for (int idx = threadIdx.x; idx < C::kBlockM * C::kChunks; idx += C::kThreads) {
         const int r = idx / C::kChunks, c = idx % C::kChunks, m = m0 + r;
@@ -202,7 +289,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
                 (h0 + m % row_heads) * p.q_head_stride + c * 8;
         arch::cp_async_16(q_s + swz<kD>(r, c), src, valid);
       }
-      load_kv_tiles<C>(k_s, v_s, p, s, hk, kmin, kmax);
+      load_kv_tiles<C>(k_s, v_s, raw_s, p, s, hk, kmin, kmax);
       arch::cp_async_commit();
     }
     uint32_t qf[C::kQInRegs ? kMT : 1][C::kQInRegs ? C::kKSteps : 1][4];
@@ -215,10 +302,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       arch::cp_async_wait<0>();  // tile it has landed
       // One barrier per tile: past it, tile it is visible to all and every warp is done with
       // tile it - 1, whose stage now receives tile it + 1 (in flight while tile it computes).
+      // FP8: tile it is converted from the staging buffer first, behind a second barrier.
       __syncthreads();
+      if constexpr (C::kFp8In) {
+        convert_kv_tiles<C>(raw_s, k_t, v_t);
+        __syncthreads();
+      }
       if (it + 1 < num_tiles) {
-        load_kv_tiles<C>(k_s + ((it + 1) % C::kStages) * C::kKTileElems, v_s + ((it + 1) % C::kStages) * C::kVTileElems, p,
-                         s, hk, n0 + C::kBlockN, kmax);
+        load_kv_tiles<C>(k_s + ((it + 1) % C::kStages) * C::kKTileElems, v_s + ((it + 1) % C::kStages) * C::kVTileElems,
+                         raw_s, p, s, hk, n0 + C::kBlockN, kmax);
         arch::cp_async_commit();
       }
       if constexpr (C::kQInRegs) {
@@ -295,7 +387,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
                   const ScoreMod mod = score_mod(p, s, b, h0 + m % row_heads);
                   // key n0 + jr, formed without signed overflow (past kmax it is masked anyway)
                   const int j = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(jr));
-                  x = mod.logit(x, m / row_heads, j) * kLog2e;
+                  x = mod.logit(x * dscale, m / row_heads, j) * kLog2e;
                 }
                 if (!all && !keys.contains(jr)) x = -INFINITY;
                 sacc[mt][nt][2 * hf + e] = x;
@@ -367,7 +459,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       if (padded && split != 0) continue;
       const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
       float lse = has ? row_max[mt][hf] * sl * kLn2 + logf(l) : -INFINITY;
-      float scale = has ? 1.f / l : 0.f;
+      float scale = has ? vscale / l : 0.f;
       if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
 #pragma unroll
         for (int dt = 0; dt < C::kVTiles; ++dt) o[mt][dt][2 * hf] = o[mt][dt][2 * hf + 1] = 0.f;
@@ -416,7 +508,8 @@ arch::Error launch_config(const FmhaParams& p, const FmhaSplitBuffers& splits, i
   const dim3 grid(static_cast<unsigned>((rows + C::kBlockM - 1) / C::kBlockM), p.num_heads / row_heads,
                   p.batch * splits.num_splits);
   auto even = [](int64_t x) { return x % 2 == 0; };
-  const bool out_pairs = p.out_dtype == p.in_dtype && reinterpret_cast<uintptr_t>(p.out) % 4 == 0 &&
+  const bool out_pairs = p.out_dtype == p.in_dtype && p.in_dtype != DType::kFloat8E4M3 &&
+                         reinterpret_cast<uintptr_t>(p.out) % 4 == 0 &&
                          even(p.out_batch_stride) && even(p.out_row_stride) && even(p.out_head_stride);
   fmha_mma_kernel<C, kPlain><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, splits, row_heads, out_pairs);
   return arch::last_error();
@@ -452,11 +545,29 @@ bool mma_widths(int d, int dv, MmaWidths& w) {
   return true;
 }
 
+// FP8 inputs: bf16 tiles converted in shared memory; the descales go through the ScoreMod
+// path (any sign), on the prefill tile.
+template <int kD, int kDv>
+arch::Error launch_fp8(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
+                       arch::Stream stream) {
+  constexpr int kKeys = (kD == 256 || kDv == 256) ? 32 : 64;
+  return launch_config<MmaConfig<arch::bf16, kD, kDv, 4, 1, kKeys, true>, false>(p, splits, max_rows, row_heads,
+                                                                                  stream);
+}
+
 template <typename T>
 arch::Error launch_typed(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, int row_heads,
                          arch::Stream stream) {
   MmaWidths w = MmaWidths::k256;
   mma_widths(p.head_dim, p.head_dim_v, w);
+  if (p.in_dtype == DType::kFloat8E4M3) {
+    switch (w) {
+      case MmaWidths::k64: return launch_fp8<64, 64>(p, splits, max_rows, row_heads, stream);
+      case MmaWidths::k128: return launch_fp8<128, 128>(p, splits, max_rows, row_heads, stream);
+      case MmaWidths::k192x128: return launch_fp8<192, 128>(p, splits, max_rows, row_heads, stream);
+      default: return launch_fp8<256, 256>(p, splits, max_rows, row_heads, stream);
+    }
+  }
   switch (w) {
     case MmaWidths::k64: return launch_dim<T, 64, 64>(p, splits, max_rows, row_heads, stream);
     case MmaWidths::k128: return launch_dim<T, 128, 128>(p, splits, max_rows, row_heads, stream);
@@ -468,11 +579,16 @@ arch::Error launch_typed(const FmhaParams& p, const FmhaSplitBuffers& splits, in
 }  // namespace
 
 bool mma_path_fits(const FmhaParams& p) {
-  auto aligned = [](const void* ptr, int64_t a, int64_t b, int64_t c) {
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * 2) % 16 == 0 && (b * 2) % 16 == 0 && (c * 2) % 16 == 0;
+  const bool fp8 = p.in_dtype == DType::kFloat8E4M3;
+  const int64_t es = fp8 ? 1 : 2;  // element bytes
+  auto aligned = [es](const void* ptr, int64_t a, int64_t b, int64_t c) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * es) % 16 == 0 && (b * es) % 16 == 0 &&
+           (c * es) % 16 == 0;
   };
   MmaWidths w;
-  return (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) && !p.qv &&
+  // FP8 rows move in 16-value units: head dims multiples of 16
+  const bool dims_ok = fp8 ? p.head_dim % 16 == 0 && p.head_dim_v % 16 == 0 : true;
+  return (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16 || fp8) && !p.qv && dims_ok &&
          mma_widths(p.head_dim, p.head_dim_v, w) && aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
          aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
          aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
@@ -481,8 +597,8 @@ bool mma_path_fits(const FmhaParams& p) {
 arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
   const int G = p.num_heads / p.num_heads_k;
   const int row_heads = p.pack_gqa ? G : 1;
-  return p.in_dtype == DType::kBFloat16 ? launch_typed<arch::bf16>(p, splits, max_rows, row_heads, stream)
-                                        : launch_typed<arch::f16>(p, splits, max_rows, row_heads, stream);
+  return p.in_dtype == DType::kFloat16 ? launch_typed<arch::f16>(p, splits, max_rows, row_heads, stream)
+                                       : launch_typed<arch::bf16>(p, splits, max_rows, row_heads, stream);
 }
 
 #else  // no mma.sync in this build: the portable kernels of fmha_kernels.cu serve everything
