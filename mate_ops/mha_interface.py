@@ -1,8 +1,11 @@
 """MATE's ``mate.mha_interface`` surface on ``torch.ops.mate``: same names, argument
 orders, defaults and return values as Moore Threads' MATE.
 
-Forward only: MATE's autograd backward is not implemented yet; a backward through these
-functions raises NotImplementedError (registered in C++: csrc/common/autograd.cpp).
+Training: :func:`flash_attn_varlen_func` is differentiable in q, k, v and ``learnable_sink``
+(``torch.ops.mate.fmha_bwd``, registered with ``torch.library.register_autograd`` in
+``mate_ops/_autograd.py``; CPU now). Paged K/V, ``qv``, float8, context parallel and the
+kv-cache decode step (:func:`flash_attn_with_kvcache`) are forward-only: a backward through
+them raises naming the reason (csrc/common/autograd.cpp and fmha_bwd's checks).
 """
 from typing import Optional, Sequence, Tuple, Union
 
@@ -72,7 +75,8 @@ def flash_attn_varlen_func(
         num_splits: 1 = no split-KV, 0 = heuristic, n > 1 = n key splits merged exactly as
             :func:`flash_attn_combine` does; negative (MATE's ``-1``) = do not split, as 1.
             ``pack_gqa`` is a hint too.
-        deterministic, sm_margin: accepted for compatibility; the forward is deterministic.
+        deterministic: bitwise-reproducible gradients; the CPU backward always is (forward too).
+        sm_margin: accepted for compatibility.
         return_softmax_lse: also return the natural-log lse, fp32 ``(B, H, Sq)`` or ``(H, total_q)``.
         backend: ``"auto"``, ``"mutlass"`` or ``"mubin"`` (MATE's MUSA kernel families); all
             compute the same result here. Anything else raises ``ValueError``.
