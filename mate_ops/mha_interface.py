@@ -82,7 +82,8 @@ def flash_attn_varlen_func(
             compute the same result here. Anything else raises ``ValueError``.
         cp_world_size, cp_rank, cp_tot_seqused_k: context parallel; keys of this rank are the
             global keys ``j * cp_world_size + cp_rank``; ``cp_tot_seqused_k`` int32 ``(B,)``.
-        out: optional output tensor, written in place and returned.
+        out: optional output tensor, written in place and returned. Forward-only: with inputs
+            that require grad (under grad mode) it raises ``ValueError``; call without ``out`` to train.
 
     Returns:
         ``out`` of shape ``q.shape[:-1] + (Dv,)`` (bf16 for float8 inputs), or ``(out, lse)``
@@ -100,6 +101,11 @@ def flash_attn_varlen_func(
     if out is None:
         out, lse = _fmha_fwd((q, k, v), values)
     else:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, learnable_sink)):
+            # fmha_fwd_out writes the caller's tensor and has no backward: refuse rather than
+            # hand back an output whose gradient would silently be missing
+            raise ValueError("flash_attn_varlen_func(out=...) is forward-only (it writes into `out` in place): "
+                             "call it without out to train, or under torch.no_grad()")
         ragged = cu_seqlens_q is not None
         if q.dim() != (3 if ragged else 4):
             raise ValueError(f"q must be {'(total_q, H, D) with cu_seqlens_q' if ragged else '(B, Sq, H, D)'}, "

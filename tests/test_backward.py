@@ -295,6 +295,15 @@ def test_forward_only_raises_at_backward(name):
         torch.autograd.grad(out.float().sum(), qq)
 
 
+def test_out_argument_is_forward_only():
+    q = torch.randn(1, 4, 2, 8, requires_grad=True)
+    k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="forward-only"):
+        flash_attn_varlen_func(q, k, v, out=torch.empty(1, 4, 2, 8))
+    with torch.no_grad():
+        flash_attn_varlen_func(q, k, v, out=torch.empty(1, 4, 2, 8))
+
+
 # ------------------------------------------------------------------ bad input to fmha_bwd
 def _bwd_args():
     gen = torch.Generator().manual_seed(11)
