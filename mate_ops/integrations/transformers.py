@@ -23,8 +23,8 @@ Supported: left or right padding (the real tokens of a row must be contiguous), 
 static and sliding-window caches (dynamic and static), GQA/MQA, sinks, softcap, sliding
 windows. Not supported (raises or is documented): masks with holes (packed sequences given
 only through ``position_ids``, or a 2-D mask with zeros between real tokens), custom
-``or``/``and`` mask overlays (e.g. bidirectional image-token blocks), dropout in training,
-backward (the ops are forward-only).
+``or``/``and`` mask overlays (e.g. bidirectional image-token blocks), dropout in training.
+Training works (``fmha_fwd`` has a backward, ``fmha_bwd``; CPU for now), padding included.
 """
 from typing import Callable, Optional
 
@@ -133,7 +133,7 @@ def mate_attention_forward(
             strides with a contiguous last dim (key/value are usually cache views).
         attention_mask: what :func:`mate_mask` returned (``None`` or ``(3, B, 1, 1)`` int32
             lengths).
-        dropout: must be 0 (inference; the ops are forward-only).
+        dropout: must be 0 in training mode (attention dropout is not implemented).
         scaling: softmax scale (default ``1/sqrt(D)``).
         sliding_window: transformers' window ``w`` (a key is seen when ``q - k < w``), i.e. our
             ``window_size_left = w - 1``.
