@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._autograd import below_autograd
 from ._common import OpCaller, check_backend, default_device, normalize_window
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "flash_attn_combine", "get_scheduler_metadata"]
@@ -99,7 +100,8 @@ def flash_attn_varlen_func(
               attention_chunk or 0, softcap, scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank,
               cp_tot_seqused_k)
     if out is None:
-        out, lse = _fmha_fwd((q, k, v), values)
+        with below_autograd(q, k, v, qv, q_descale, k_descale, v_descale, learnable_sink):
+            out, lse = _fmha_fwd((q, k, v), values)
     else:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, learnable_sink)):
             # fmha_fwd_out writes the caller's tensor and has no backward: refuse rather than

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 import mate_ops  # noqa: F401  registers torch.ops.mate.*
+from mate_ops._autograd import below_autograd
 
 try:
     from transformers import AttentionInterface
@@ -168,9 +169,10 @@ def mate_attention_forward(
     if softcap:
         kw["softcap"] = float(softcap)
     # (B, H, S, D) -> (B, S, H, D) views; the op takes any strides with a contiguous last dim
-    out, _ = torch.ops.mate.fmha_fwd(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        softmax_scale=scaling, causal=bool(causal), window_size_left=left, window_size_right=right, **kw)
+    with below_autograd(query, key, value, s_aux):  # inference: skip the autograd kernel's cost
+        out, _ = torch.ops.mate.fmha_fwd(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            softmax_scale=scaling, causal=bool(causal), window_size_left=left, window_size_right=right, **kw)
     return out, None
 
 
