@@ -40,7 +40,9 @@ def _backward(ctx, dout, dlse):
     args.update(ctx.options)
     if dout is None:
         dout = torch.zeros_like(out)
-    elif dout.dim() == 0 or dout.stride(-1) != 1:
+    elif dout.numel() == 0:
+        dout = torch.zeros_like(out, memory_format=torch.contiguous_format)  # stride-0 empty grads stay stride 0
+    elif dout.stride(-1) != 1:
         dout = dout.contiguous()  # e.g. the expanded gradient of out.sum()
     kwargs = {n: args[n] for n in _BWD_OPTIONS if args.get(n) is not None}
     grads = _BWD(dout, args["q"], args["k"], args["v"], out, lse, dlse, **kwargs)

@@ -196,6 +196,42 @@ def test_grads_random(seed):
     _run_case(_make_case(seed, dtype, **spec), dtype)
 
 
+def _vs_oracle(inputs, make_inputs_for_op, loss, kw, rtol=1e-5):
+    """Gradients of loss(fmha_fwd(...)) against the fp64 oracle's, relative to their size."""
+    got = torch.autograd.grad(loss(*MATE.fmha_fwd(*make_inputs_for_op(inputs), **kw)), inputs)
+    x64 = [x.detach().double().requires_grad_() for x in inputs]
+    ref_kw = {n: (x64[-1] if n == "learnable_sink" else v) for n, v in kw.items()}
+    ref = torch.autograd.grad(loss(*fmha_ref(*make_inputs_for_op(x64), **ref_kw)), x64)
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and not torch.isnan(a).any()
+        assert (a.double() - r).abs().max() <= rtol * max(1.0, r.abs().max().item()), (a, r)
+
+
+def test_edge_shapes():
+    """Empty batches, a sequence without keys (sink + lse gradient), expanded (stride-0) k,
+    head dims 256 / 512."""
+    def dense(x):
+        return x[:3]
+
+    xs = [torch.randn(*sh, requires_grad=True) for sh in ((1, 9, 2, 256), (1, 11, 1, 256), (1, 11, 1, 512))]
+    _vs_oracle(xs, dense, lambda o, lse: o.square().sum(), dict(causal=True))
+    xs = [torch.randn(*sh, requires_grad=True) for sh in ((0, 3, 2, 8), (0, 4, 2, 8), (0, 4, 2, 8))]
+    out, _ = MATE.fmha_fwd(*xs, causal=True)
+    assert [g.shape for g in torch.autograd.grad(out.sum(), xs)] == [x.shape for x in xs]
+    q, k, v = (torch.randn(2, 3 + i, 2, 8, requires_grad=True) for i in range(3))
+    sink = torch.randn(2, requires_grad=True)
+    _vs_oracle([q, k, k.detach().clone().requires_grad_(), sink], dense,
+               lambda o, lse: o.sum() + lse.sum(), dict(seqused_k=torch.tensor([0, 2], dtype=torch.int32),
+                                                        learnable_sink=sink))
+    kb = torch.randn(1, 1, 2, 8, requires_grad=True)
+    _vs_oracle([torch.randn(1, 5, 2, 8, requires_grad=True), kb, torch.randn(1, 6, 2, 8, requires_grad=True)],
+               lambda x: (x[0], x[1].expand(1, 6, 2, 8), x[2]), lambda o, lse: o.square().sum(), {})
+    q, k, v = (torch.randn(0, 2, 8, requires_grad=True) for _ in range(3))
+    cu = torch.zeros(1, dtype=torch.int32)
+    out, _ = MATE.fmha_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert [g.shape for g in torch.autograd.grad(out.sum(), (q, k, v))] == [q.shape] * 3
+
+
 def test_out_dtype_differs_from_inputs():
     """fmha_fwd's out_dtype: the output gradient arrives in out's dtype."""
     gen = torch.Generator().manual_seed(9)
