@@ -19,6 +19,19 @@ _BWD_OPTIONS = tuple(a.name for a in _BWD._schema.arguments)[7:]
 _DIFFERENTIABLE = {"q": 0, "k": 1, "v": 2, "learnable_sink": 3}  # -> index in fmha_bwd's returns
 
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "musa": "PrivateUse1", "privateuseone": "PrivateUse1"}
+
+
+def _check_backward_kernel(device: torch.device) -> None:
+    """A clear error where this build has no fmha_bwd kernel for the device (the device
+    kernels come later than the CPU one), instead of the dispatcher's generic message."""
+    key = _DISPATCH_KEYS.get(device.type)
+    if key is None or device.type == "meta" or torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_bwd", key):
+        return
+    raise NotImplementedError(f"mate::fmha_fwd backward: this build has no {device.type} kernel for mate::fmha_bwd "
+                              "yet (the backward runs on the CPU only for now)")
+
+
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FWD_NAMES, inputs))
     tensor_names = tuple(n for n, x in args.items() if isinstance(x, torch.Tensor))
@@ -36,6 +49,7 @@ def _backward(ctx, dout, dlse):
             f"mate::fmha_fwd backward: no gradient w.r.t. {', '.join(ctx.no_grad_for)} (only q, k, v and "
             "learnable_sink are differentiable); detach them")
     *saved, out, lse = ctx.saved_tensors
+    _check_backward_kernel(out.device)
     args = dict(zip(ctx.tensor_names, saved))
     args.update(ctx.options)
     if dout is None:
