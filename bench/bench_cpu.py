@@ -3,6 +3,8 @@ on the same tensors, in one run. Prints a markdown table (times, TFLOP/s, ratio)
 
     python3 bench/bench_cpu.py             # the table of docs/performance.md
     python3 bench/bench_cpu.py --quick     # fewer repetitions
+    python3 bench/bench_cpu.py --backward  # only the backward table (docs/performance.md,
+                                           # "CPU: FMHA backward")
 
 ratio = SDPA time / our time (> 1: we are faster). FLOPs are counted as
 4 * H * D * sum(Sq * Sk_eff) (QK^T and PV; causal halves Sk_eff), as in docs/design.md.
@@ -50,6 +52,35 @@ def dense_case(B, H, S, D, causal, dtype, reps):
     flops = 4 * B * H * D * causal_pairs(S, S, causal)
     name = f"B{B} H{H} S{S} D{D} {'causal' if causal else 'full'} {str(dtype).split('.')[-1]}"
     return row(name, ours, peer, flops)
+
+
+def backward_case(B, H, Hk, S, D, causal, dtype, reps):
+    """Backward only: dq, dk, dv of one attention call from the same forward graph, ours
+    (fmha_bwd through autograd) vs SDPA's CPU backward on the same tensors (GQA via enable_gqa).
+    FLOPs: 10 * H * D * pairs (five GEMMs of the size of the forward's two)."""
+    q = torch.randn(B, S, H, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, S, Hk, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, S, Hk, D, dtype=dtype, requires_grad=True)
+    g = torch.randn(B, S, H, D, dtype=dtype)
+    out = mi.flash_attn_varlen_func(q, k, v, causal=causal)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=causal, enable_gqa=Hk != H).transpose(1, 2)
+    ours = timeit(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), reps)
+    peer = timeit(lambda: torch.autograd.grad(ref, (q, k, v), g, retain_graph=True), reps)
+    flops = 10 * B * H * D * causal_pairs(S, S, causal)
+    gqa = f" H{H}/{Hk}" if Hk != H else f" H{H}"
+    name = f"B{B}{gqa} S{S} D{D} {'causal' if causal else 'full'} {str(dtype).split('.')[-1]}"
+    return row(name, ours, peer, flops)
+
+
+def print_backward_table(reps):
+    print("| backward (dq, dk, dv) | ours ms | SDPA ms | ours GFLOP/s | SDPA GFLOP/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    for case in [(1, 16, 16, 2048, 128, True, bf16), (1, 16, 16, 2048, 128, False, fp32),
+                 (4, 32, 8, 512, 64, True, bf16), (2, 8, 8, 1024, 128, True, fp16),
+                 (1, 16, 16, 2048, 128, True, fp32)]:
+        print(backward_case(*case, reps=reps), flush=True)
 
 
 def varlen_case(lens, H, D, dtype, reps):
@@ -154,11 +185,15 @@ def peak_memory(seqlen, which):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--backward", action="store_true", help="only the backward table")
     args = ap.parse_args()
     reps = 2 if args.quick else 5
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU BLAS symbols from torch; "
           f"ratio = SDPA time / our time\n")
+    if args.backward:
+        print_backward_table(reps)
+        return
     print("| shape | ours ms | SDPA ms | ours GFLOP/s | SDPA GFLOP/s | ratio |")
     print("|---|---|---|---|---|---|")
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
@@ -176,6 +211,8 @@ def main():
     print("|---|---|---|---|")
     for kind in ("dense", "sparse"):
         print(mla_case(kind, reps), flush=True)
+    print()
+    print_backward_table(reps)
     print()
     print(f"one 32k-token causal sequence (H4 D64 bf16), ours: {peak_memory(32768, 'ours')}")
     print(f"same with SDPA:                                  {peak_memory(32768, 'sdpa')}")

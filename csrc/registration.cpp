@@ -20,7 +20,7 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// Arguments shared by fmha_fwd and fmha_fwd_out after (q, k, v[, out, lse]).
+// Arguments shared by fmha_fwd, fmha_fwd_out and fmha_bwd after (q, k, v[, out, lse]).
 #define MATE_FMHA_SCHEMA_ARGS                                                              \
   "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "                                \
   "SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, "                                \
@@ -41,6 +41,14 @@ TORCH_LIBRARY(mate, m) {
   // The same, writing into the caller's out and lse.
   m.def("fmha_fwd_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, "
         MATE_FMHA_SCHEMA_ARGS ", Tensor? alibi_slopes=None) -> ()");
+  // FMHA backward (docs/semantics.md, "Backward"): the gradients of fmha_fwd's (out, lse)
+  // w.r.t. q, k, v and learnable_sink, from the saved out and lse; the forward's options follow
+  // in fmha_fwd's order. dlse: the gradient flowing into lse (None = 0). dsink is (H,) fp32 when
+  // learnable_sink is given, else empty. Paged K/V, cache_batch_idx, qv, fp8 and context
+  // parallel are forward-only and raise. CPU only for now.
+  m.def("fmha_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse=None, "
+        MATE_FMHA_SCHEMA_ARGS ", Tensor? alibi_slopes=None, bool deterministic=False) "
+        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
   // Split-KV combine (SEMANTICS §2).
   m.def("fmha_combine(Tensor out_partial, Tensor lse_partial, ScalarType? out_dtype=None) "
         "-> (Tensor out, Tensor lse)");
@@ -103,6 +111,7 @@ TORCH_LIBRARY(mate, m) {
 // The op bodies, per dispatch key: one line per op family a backend has kernels for.
 TORCH_LIBRARY_IMPL(mate, CPU, m) {
   mate::register_fmha_ops(m);
+  mate::register_fmha_bwd_ops(m);
   mate::register_kvcache_ops(m);
   mate::register_mla_ops(m);
 }

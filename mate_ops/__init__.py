@@ -7,6 +7,7 @@ import torch  # noqa: F401  (the extension links against torch)
 
 from . import _C  # noqa: F401  registers the schemas and the compiled kernels
 from . import meta_kernels  # noqa: F401  registers the fake kernels
+from . import _autograd  # noqa: F401  registers fmha_fwd's backward (fmha_bwd)
 from . import compat, flash_attn_interface, flash_mla, flashinfer, flashmla, metal_flash_sdpa  # noqa: F401
 from . import mha_interface, mla_fp8  # noqa: F401
 from .mha_interface import (  # noqa: F401

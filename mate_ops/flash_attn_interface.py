@@ -6,11 +6,14 @@ names, argument order, defaults and return arities as FA3 (Dao-AILab/flash-atten
 :mod:`mate_ops.mha_interface` (MATE's surface), which calls the ``torch.ops.mate`` ops; the
 math is the contract of SEMANTICS §1-§2 (docs/semantics.md).
 
-Forward only. FA3's :func:`flash_attn_func` and :func:`flash_attn_varlen_func` have an
-autograd backward; ours do not yet. Calls with inputs that require grad run the forward,
-and a backward through the result raises ``NotImplementedError`` naming the op (instead
-of PyTorch's silent "no autograd kernel" fallback, which would leave the grads ``None``).
-FA3's :func:`flash_attn_with_kvcache` and :func:`flash_attn_combine` have no backward either.
+Training: :func:`flash_attn_func` and :func:`flash_attn_varlen_func` have an autograd
+backward, as in FA3 (``torch.ops.mate.fmha_bwd``; CPU now, device kernels later; see
+docs/semantics.md "Backward"): gradients w.r.t. q, k, v (GQA: summed over the group), with
+causal / local / chunked masks and softcap. ``deterministic=True`` is honoured: the CPU
+backward is always bitwise reproducible run to run. Paged K/V, ``qv`` and float8 inputs stay
+forward-only: a backward through them raises naming the reason, never a silent None gradient.
+FA3's :func:`flash_attn_with_kvcache` and :func:`flash_attn_combine` have no backward: a
+backward through them raises ``NotImplementedError``.
 
 Differences from FA3 that do not change results:
 
@@ -61,7 +64,7 @@ def flash_attn_func(
     sm_margin=0,
     return_attn_probs=False,
 ):
-    """Dense attention, FA3 ``flash_attn_func`` (forward only).
+    """Dense attention, FA3 ``flash_attn_func`` (differentiable in q, k, v).
 
     Args:
         q: ``(B, Sq, H, D)``; k: ``(B, Sk, Hk, D)``; v: ``(B, Sk, Hk, Dv)``; ``H % Hk == 0``.
@@ -77,16 +80,18 @@ def flash_attn_func(
         softcap: ``softcap * tanh(s / softcap)`` when > 0.
         num_splits: 1 (default) = no split-KV, 0 = heuristic, n > 1 = n splits; never changes
             the result beyond fp32 rounding. ``pack_gqa`` is a hint too.
-        deterministic, sm_margin: accepted for compatibility (the forward is deterministic).
+        deterministic: bitwise-reproducible gradients; the CPU backward always is.
+        sm_margin: accepted for compatibility.
         return_attn_probs: also return the softmax lse (FA3 returns the lse, not probabilities).
 
     Returns:
         ``out`` ``(B, Sq, H, Dv)``, or ``(out, lse)`` with ``lse`` fp32 ``(B, H, Sq)`` (natural
         log; ``-inf`` for a query that sees no key, whose ``out`` row is 0).
 
+    Backward: gradients w.r.t. q, k, v (and through the returned lse) via ``torch.ops.mate.fmha_bwd``.
+
     Raises:
-        NotImplementedError: on a backward through the result. FA3 has a backward here; ours is
-            forward-only until autograd lands.
+        RuntimeError: at backward, for what stays forward-only (``qv``, float8 inputs), naming it.
     """
     return _mi.flash_attn_varlen_func(
         q, k, v,
@@ -132,7 +137,7 @@ def flash_attn_varlen_func(
     sm_margin=0,
     return_attn_probs=False,
 ):
-    """Attention over packed variable-length sequences, FA3 ``flash_attn_varlen_func`` (forward only).
+    """Attention over packed variable-length sequences, FA3 ``flash_attn_varlen_func`` (differentiable in q, k, v).
 
     Args:
         q: ``(total_q, H, D)`` with ``cu_seqlens_q`` int32 ``(B+1,)`` (sequence b owns rows
@@ -149,9 +154,10 @@ def flash_attn_varlen_func(
     Returns:
         ``out`` ``(total_q, H, Dv)``, or ``(out, lse)`` with ``lse`` fp32 ``(H, total_q)``.
 
+    Backward: gradients w.r.t. q, k, v (and through the returned lse) via ``torch.ops.mate.fmha_bwd``.
+
     Raises:
-        NotImplementedError: on a backward through the result. FA3 has a backward here; ours is
-            forward-only until autograd lands.
+        RuntimeError: at backward, for what stays forward-only (``qv``, float8 inputs), naming it.
     """
     return _mi.flash_attn_varlen_func(
         q, k, v,

@@ -1,13 +1,17 @@
 """MATE's ``mate.mha_interface`` surface on ``torch.ops.mate``: same names, argument
 orders, defaults and return values as Moore Threads' MATE.
 
-Forward only: MATE's autograd backward is not implemented yet; a backward through these
-functions raises NotImplementedError (registered in C++: csrc/common/autograd.cpp).
+Training: :func:`flash_attn_varlen_func` is differentiable in q, k, v and ``learnable_sink``
+(``torch.ops.mate.fmha_bwd``, registered with ``torch.library.register_autograd`` in
+``mate_ops/_autograd.py``; CPU now). Paged K/V, ``qv``, float8, context parallel and the
+kv-cache decode step (:func:`flash_attn_with_kvcache`) are forward-only: a backward through
+them raises naming the reason (csrc/common/autograd.cpp and fmha_bwd's checks).
 """
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._autograd import below_autograd
 from ._common import OpCaller, check_backend, default_device, normalize_window
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "flash_attn_combine", "get_scheduler_metadata"]
@@ -72,13 +76,15 @@ def flash_attn_varlen_func(
         num_splits: 1 = no split-KV, 0 = heuristic, n > 1 = n key splits merged exactly as
             :func:`flash_attn_combine` does; negative (MATE's ``-1``) = do not split, as 1.
             ``pack_gqa`` is a hint too.
-        deterministic, sm_margin: accepted for compatibility; the forward is deterministic.
+        deterministic: bitwise-reproducible gradients; the CPU backward always is (forward too).
+        sm_margin: accepted for compatibility.
         return_softmax_lse: also return the natural-log lse, fp32 ``(B, H, Sq)`` or ``(H, total_q)``.
         backend: ``"auto"``, ``"mutlass"`` or ``"mubin"`` (MATE's MUSA kernel families); all
             compute the same result here. Anything else raises ``ValueError``.
         cp_world_size, cp_rank, cp_tot_seqused_k: context parallel; keys of this rank are the
             global keys ``j * cp_world_size + cp_rank``; ``cp_tot_seqused_k`` int32 ``(B,)``.
-        out: optional output tensor, written in place and returned.
+        out: optional output tensor, written in place and returned. Forward-only: with inputs
+            that require grad (under grad mode) it raises ``ValueError``; call without ``out`` to train.
 
     Returns:
         ``out`` of shape ``q.shape[:-1] + (Dv,)`` (bf16 for float8 inputs), or ``(out, lse)``
@@ -94,8 +100,14 @@ def flash_attn_varlen_func(
               attention_chunk or 0, softcap, scheduler_metadata, num_splits, pack_gqa, cp_world_size, cp_rank,
               cp_tot_seqused_k)
     if out is None:
-        out, lse = _fmha_fwd((q, k, v), values)
+        with below_autograd(q, k, v, qv, q_descale, k_descale, v_descale, learnable_sink):
+            out, lse = _fmha_fwd((q, k, v), values)
     else:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, learnable_sink)):
+            # fmha_fwd_out writes the caller's tensor and has no backward: refuse rather than
+            # hand back an output whose gradient would silently be missing
+            raise ValueError("flash_attn_varlen_func(out=...) is forward-only (it writes into `out` in place): "
+                             "call it without out to train, or under torch.no_grad()")
         ragged = cu_seqlens_q is not None
         if q.dim() != (3 if ragged else 4):
             raise ValueError(f"q must be {'(total_q, H, D) with cu_seqlens_q' if ragged else '(B, Sq, H, D)'}, "

@@ -85,3 +85,18 @@ def get_scheduler_metadata_fake(batch_size, max_seqlen_q, max_seqlen_k, num_head
                                 sm_margin=0):
     # Layout of csrc/common/scheduler.h: (batch_size + 1,) int32.
     return seqused_k.new_empty((batch_size + 1,), dtype=torch.int32)
+
+
+@torch.library.register_fake("mate::fmha_bwd")
+@same_device
+def fmha_bwd_fake(dout, q, k, v, out, lse, dlse=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                  max_seqlen_q=None, max_seqlen_k=None, seqused_q=None, seqused_k=None,
+                  page_table=None, cache_batch_idx=None, cache_leftpad=None, qv=None,
+                  q_descale=None, k_descale=None, v_descale=None, softmax_scale=None,
+                  causal=False, window_size_left=-1, window_size_right=-1,
+                  learnable_sink=None, attention_chunk=0, softcap=0.0,
+                  scheduler_metadata=None, num_splits=1, pack_gqa=None, cp_world_size=1,
+                  cp_rank=0, cp_tot_seqused_k=None, alibi_slopes=None, deterministic=False):
+    # dq / dk / dv: the shapes and dtypes of q / k / v; dsink (H,) fp32 with a sink, else (0,)
+    dsink = q.new_empty((q.shape[-2] if learnable_sink is not None else 0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsink

@@ -1,7 +1,9 @@
-// Autograd for the functional ops, in C++ so that an eager call pays nothing for it when
-// no input requires grad. The ops are forward-only for now: when an input requires grad,
-// the outputs get a graph node whose backward raises NotImplementedError (instead of
-// PyTorch's fallback, which would leave gradients silently None).
+// Autograd for the forward-only functional ops, in C++ so that an eager call pays nothing for
+// it when no input requires grad. When an input requires grad, the outputs get a graph node
+// whose backward raises NotImplementedError naming the reason (instead of PyTorch's fallback,
+// which would leave gradients silently None). fmha_fwd has a real backward (fmha_bwd), whose
+// autograd formula is registered in Python (mate_ops/_autograd.py, torch.library.register_autograd,
+// so that torch.compile and torch.export see it); a C++ Autograd kernel here would conflict with it.
 #include <torch/csrc/autograd/function.h>
 #include <torch/library.h>
 
@@ -16,11 +18,22 @@ namespace {
 using torch::autograd::Node;
 using torch::autograd::variable_list;
 
+// Why each op stays forward-only (the text of its backward's error).
+const char* forward_only_reason(const std::string& op) {
+  if (op == "mate::fmha_fwd_kvcache")
+    return "the kv-cache decode step (in-place cache append, paged K/V caches) is an inference path";
+  if (op == "mate::fmha_combine") return "the split-KV combine has no backward (fmha_fwd merges its splits inside)";
+  if (op == "mate::rotary_embedding") return "the rotary embedding of the decode step is an inference path";
+  if (op == "mate::mla_decode" || op == "mate::mla_sparse_prefill")
+    return "MLA decode / sparse prefill (paged, possibly FP8 caches) are inference paths";
+  return "its backward is not implemented";
+}
+
 struct ForwardOnlyBackward : Node {
   explicit ForwardOnlyBackward(std::string op) : op_(std::move(op)) {}
   variable_list apply(variable_list&&) override {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, op_, " is forward-only: its backward is not implemented yet (run it under "
-                                "torch.no_grad() or torch.inference_mode())");
+    TORCH_CHECK_NOT_IMPLEMENTED(false, op_, " is forward-only: ", forward_only_reason(op_),
+                                " (run it under torch.no_grad() or torch.inference_mode())");
   }
   std::string name() const override { return "ForwardOnlyBackward"; }
   std::string op_;
@@ -63,7 +76,7 @@ void forward_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
 }  // namespace
 
 void register_forward_only_autograd(torch::Library& m) {
-  for (const char* op : {"fmha_fwd", "fmha_fwd_kvcache", "fmha_combine", "rotary_embedding", "mla_decode",
+  for (const char* op : {"fmha_fwd_kvcache", "fmha_combine", "rotary_embedding", "mla_decode",
                          "mla_sparse_prefill"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&forward_only>());
 }

@@ -373,6 +373,90 @@ void check_fmha_index_values(const FmhaParams& p) {
   }
 }
 
+FmhaBwdProblem check_fmha_bwd_inputs(const OpArgs& a) {
+  const at::Tensor &dout = a.tensor("dout"), &q = a.tensor("q"), &k = a.tensor("k"), &v = a.tensor("v");
+  const at::Tensor &out = a.tensor("out"), &lse = a.tensor("lse");
+  // Forward-only features first, each naming why.
+  TORCH_CHECK(q.scalar_type() != at::kFloat8_e4m3fn,
+              "fmha_bwd: float8_e4m3fn inputs are forward-only (FP8 attention is an inference path; "
+              "train in float32, float16 or bfloat16)");
+  TORCH_CHECK(!a.opt_tensor("page_table"),
+              "fmha_bwd: paged K/V (page_table) is forward-only (a paged kv cache is an inference "
+              "structure); pass dense or ragged (cu_seqlens_k) k/v to train");
+  TORCH_CHECK(!a.opt_tensor("cache_batch_idx"),
+              "fmha_bwd: cache_batch_idx is forward-only (sequences may share cache rows, so their "
+              "key gradients would collide)");
+  TORCH_CHECK(!a.opt_tensor("qv"), "fmha_bwd: qv is forward-only (the gradient of qv is not implemented)");
+  TORCH_CHECK(a.integer("cp_world_size", 1) == 1,
+              "fmha_bwd: context parallel (cp_world_size > 1) is forward-only (no backward of a "
+              "rank's partial result)");
+  FmhaBwdProblem bp;
+  bp.fwd = check_fmha_inputs(a, {q, k, v, a.opt_tensor("seqused_k"), out.scalar_type()});
+  check_same_device(out, q, "out");
+  check_same_device(lse, q, "lse");
+  set_fmha_outputs(bp.fwd, out, lse);  // the saved forward outputs: shapes, dtypes
+  FmhaBwdParams& g = bp.params;
+  g.fwd = bp.fwd.params;
+
+  TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have the shape of out ", out.sizes(), ", got ", dout.sizes());
+  TORCH_CHECK(dout.scalar_type() == out.scalar_type(), "dout must have the dtype of out (", out.scalar_type(),
+              "), got ", dout.scalar_type());
+  check_same_device(dout, q, "dout");
+  check_last_dim_contiguous(dout, "dout");
+  g.dout = dout.data_ptr();
+  g.dout_batch_stride = g.fwd.q_is_ragged ? 0 : dout.stride(0);
+  g.dout_row_stride = dout.stride(-3);
+  g.dout_head_stride = dout.stride(-2);
+
+  if (const auto dlse = a.opt_tensor("dlse")) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes(), "dlse must have the shape of lse ", lse.sizes(), ", got ",
+                dlse->sizes());
+    TORCH_CHECK(at::isFloatingType(dlse->scalar_type()), "dlse must be a floating tensor, got ",
+                dlse->scalar_type());
+    check_same_device(*dlse, q, "dlse");
+    bp.dlse = dlse->to(at::kFloat).contiguous();
+    g.dlse = bp.dlse.data_ptr<float>();
+    if (g.fwd.q_is_ragged) {  // (H, Tq)
+      g.dlse_head_stride = bp.dlse.stride(0);
+      g.dlse_row_stride = bp.dlse.stride(1);
+    } else {  // (B, H, Sq)
+      g.dlse_batch_stride = bp.dlse.stride(0);
+      g.dlse_head_stride = bp.dlse.stride(1);
+      g.dlse_row_stride = bp.dlse.stride(2);
+    }
+  }
+  g.deterministic = a.flag("deterministic", false);
+  return bp;
+}
+
+void check_fmha_bwd_index_values(const FmhaBwdParams& g) {
+  const FmhaParams& p = g.fwd;
+  check_fmha_index_values(p);
+  if (!p.k_is_ragged) return;
+  for (int b = 0; b < p.batch; ++b) {
+    const int64_t own = static_cast<int64_t>(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b];
+    TORCH_CHECK(!p.seqused_k || p.seqused_k[b] <= own, "fmha_bwd: seqused_k[", b, "] = ", p.seqused_k[b],
+                " reaches past sequence ", b, "'s cu_seqlens_k segment of ", own,
+                " keys (allowed in the forward; the backward needs each key owned by one sequence)");
+  }
+}
+
+void set_fmha_bwd_outputs(FmhaBwdProblem& prob, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                          const at::Tensor& dsink) {
+  FmhaBwdParams& g = prob.params;
+  TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous() && dv.is_contiguous(), "dq, dk, dv must be contiguous");
+  g.dq = dq.data_ptr();
+  g.dk = dk.data_ptr();
+  g.dv = dv.data_ptr();
+  g.dk_batch_stride = g.fwd.k_is_ragged ? 0 : dk.stride(0);
+  g.dk_row_stride = dk.stride(-3);
+  g.dk_head_stride = dk.stride(-2);
+  g.dv_batch_stride = g.fwd.k_is_ragged ? 0 : dv.stride(0);
+  g.dv_row_stride = dv.stride(-3);
+  g.dv_head_stride = dv.stride(-2);
+  g.dsink = g.fwd.learnable_sink ? dsink.data_ptr<float>() : nullptr;
+}
+
 CombineProblem check_combine_inputs(const at::Tensor& out_partial, const at::Tensor& lse_partial,
                                     std::optional<at::ScalarType> out_dtype) {
   CombineProblem prob;

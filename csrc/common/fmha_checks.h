@@ -54,6 +54,26 @@ void check_fmha_index_values(const FmhaParams& p);
 
 DType to_dtype(at::ScalarType t);
 
+// The backward of one attention call: the forward's problem (out / lse point at the saved
+// forward outputs) and the backward's parameters. Gradient outputs are set by the op body.
+struct FmhaBwdProblem {
+  FmhaProblem fwd;
+  FmhaBwdParams params;
+  at::Tensor dlse;  // contiguous fp32 copy of the incoming lse gradient, if any
+};
+
+// Validates fmha_bwd's arguments: everything fmha_fwd checks (the same code), the saved out /
+// lse and the incoming gradients; forward-only features raise, naming the reason.
+FmhaBwdProblem check_fmha_bwd_inputs(const OpArgs& args);
+
+// Host-side: the index checks of the forward, plus the backward's own rule that every
+// sequence's keys lie in its own cu_seqlens_k segment (its dk / dv rows are written by it alone).
+void check_fmha_bwd_index_values(const FmhaBwdParams& p);
+
+// Points the backward at its (contiguous) gradient outputs.
+void set_fmha_bwd_outputs(FmhaBwdProblem& prob, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                          const at::Tensor& dsink);
+
 // Combine: out_partial (S, ..., Dv) fp32, lse_partial (S, ...) fp32.
 struct CombineProblem {
   CombineParams params;

@@ -55,6 +55,25 @@ void fmha_fwd_out(const c10::OperatorHandle& op, Stack* stack) {
   a.set_returns();
 }
 
+// The backward of fmha_fwd (dense / ragged / padded keys and queries): recomputes the
+// probabilities from the saved lse. dq / dk / dv have the shapes and dtypes of q / k / v;
+// rows no sequence uses (past seqused, outside every cu_seqlens segment) get 0. dsink is
+// (H,) fp32 when a learnable_sink was given, else an empty tensor.
+void fmha_bwd(const c10::OperatorHandle& op, Stack* stack) {
+  const OpArgs a(op, stack);
+  const at::Tensor &q = a.tensor("q"), &k = a.tensor("k"), &v = a.tensor("v");
+  const DeviceScope scope(q);
+  FmhaBwdProblem prob = check_fmha_bwd_inputs(a);
+  if (q.is_cpu()) check_fmha_bwd_index_values(prob.params);
+  at::Tensor dq = at::empty(q.sizes(), q.options());  // every element is written by the kernel
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dsink = at::empty({prob.params.fwd.learnable_sink ? q.size(-2) : 0}, q.options().dtype(at::kFloat));
+  set_fmha_bwd_outputs(prob, dq, dk, dv, dsink);
+  fmha_bwd_kernel.get(q.device().type())(prob.params);
+  a.set_returns(std::move(dq), std::move(dk), std::move(dv), std::move(dsink));
+}
+
 // Points the attention at a rotated copy of q (a fresh contiguous tensor).
 void use_rotated_q(FmhaParams& p, const at::Tensor& q_rot) {
   p.q = q_rot.data_ptr();
@@ -189,5 +208,7 @@ void register_fmha_ops(torch::Library& m) {
   m.impl("fmha_combine_out", boxed<&fmha_combine_out>());
   m.impl("get_scheduler_metadata", boxed<&get_scheduler_metadata>());
 }
+
+void register_fmha_bwd_ops(torch::Library& m) { m.impl("fmha_bwd", boxed<&fmha_bwd>()); }
 
 }  // namespace mate

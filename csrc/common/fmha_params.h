@@ -88,6 +88,23 @@ struct FmhaParams {
   DType out_dtype = DType::kBFloat16;
 };
 
+// FMHA backward (fmha_bwd): the forward's parameters, whose out / lse point at the saved
+// forward outputs, plus the incoming gradients and where the input gradients go.
+struct FmhaBwdParams {
+  FmhaParams fwd;
+  const void* dout = nullptr;    // like out (out dtype)
+  int64_t dout_batch_stride = 0, dout_row_stride = 0, dout_head_stride = 0;
+  const float* dlse = nullptr;   // like lse, optional (a gradient flowing into the lse output)
+  int64_t dlse_batch_stride = 0, dlse_head_stride = 0, dlse_row_stride = 0;
+  void* dq = nullptr;            // contiguous, q's shape and dtype
+  void* dk = nullptr;            // contiguous, k's shape and dtype
+  void* dv = nullptr;            // contiguous, v's shape and dtype
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;  // 0 batch stride when ragged
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+  float* dsink = nullptr;        // (H) fp32 when the forward had a learnable_sink
+  bool deterministic = false;    // bitwise-identical gradients run to run
+};
+
 // The split-KV combine of SEMANTICS §2, over rows of Dv values.
 struct CombineParams {
   const float* out_partial = nullptr;  // (S, rows, Dv): split stride, row stride, unit col stride

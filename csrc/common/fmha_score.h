@@ -112,6 +112,20 @@ struct ScoreMod {
   }
   // The logit of a raw dot product (q.k [+ qv.v], descaled), without the mask.
   MATE_HD float logit(float dot, int i, int j) const { return softcap_alibi(dot * scale, i, j); }
+  // The backward's form of logit(): also d logit / d dot (scale, times 1 - tanh^2 under a
+  // softcap; ALiBi is a constant shift). The same operations as logit(), so recomputed
+  // probabilities match the forward's.
+  MATE_HD float logit_grad(float dot, int i, int j, float& dlogit) const {
+    float x = dot * scale;
+    dlogit = scale;
+    if (softcap > 0.f) {
+      const float t = tanhf(x / softcap);
+      x = softcap * t;
+      dlogit = scale * (1.f - t * t);
+    }
+    if (alibi) x -= slope * alibi_distance(i, j);
+    return x;
+  }
   // The full pipeline: -inf for a key outside the row's interval (key_range_for_row).
   MATE_HD float apply(float dot, int i, int j, const KeyInterval& keys) const {
     return keys.contains(j) ? logit(dot, i, j) : -INFINITY;

@@ -5,6 +5,7 @@ namespace mate {
 // The constexpr constructor makes these constant-initialized: they exist before any
 // backend's static MATE_REGISTER_KERNEL runs, whatever the order of translation units.
 KernelStub<void(const FmhaProblem&)> fmha_kernel("FMHA kernel");
+KernelStub<void(const FmhaBwdParams&)> fmha_bwd_kernel("FMHA backward kernel");
 KernelStub<void(const CombineParams&)> combine_kernel("split-KV combine kernel");
 KernelStub<void(const AppendParams&)> append_kernel("kv-cache append kernel");
 KernelStub<void(const RotaryApplyParams&)> rotary_kernel("rotary embedding kernel");

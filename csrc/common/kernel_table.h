@@ -14,6 +14,7 @@ namespace mate {
 
 struct FmhaProblem;
 struct CombineParams;
+struct FmhaBwdParams;
 struct AppendParams;
 struct RotaryApplyParams;
 struct MlaParams;
@@ -49,6 +50,8 @@ class KernelStub {
 // ---- the kernels ---------------------------------------------------------------
 // FMHA forward (also the attention step of fmha_fwd_kvcache): writes out / lse.
 extern KernelStub<void(const FmhaProblem&)> fmha_kernel;
+// FMHA backward: writes dq / dk / dv (and dsink) from the saved forward outputs.
+extern KernelStub<void(const FmhaBwdParams&)> fmha_bwd_kernel;
 // Split-KV combine.
 extern KernelStub<void(const CombineParams&)> combine_kernel;
 // In-place append of new keys/values (keys rotated when the params carry rotary tables).

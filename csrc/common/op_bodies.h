@@ -12,11 +12,14 @@ namespace mate {
 
 // fmha_fwd, fmha_fwd_out, fmha_fwd_kvcache, fmha_combine(_out), get_scheduler_metadata.
 void register_fmha_ops(torch::Library& m);
+// fmha_bwd: registered only by backends that have an FMHA backward kernel (the CPU for now).
+void register_fmha_bwd_ops(torch::Library& m);
 // kvcache_append, rotary_embedding.
 void register_kvcache_ops(torch::Library& m);
 // get_mla_metadata, mla_decode, mla_sparse_prefill.
 void register_mla_ops(torch::Library& m);
-// Autograd: the functional ops are forward-only, their backward raises NotImplementedError.
+// Autograd of the forward-only functional ops: their backward raises NotImplementedError
+// naming the reason. fmha_fwd's autograd is registered in Python (mate_ops/_autograd.py).
 void register_forward_only_autograd(torch::Library& m);
 
 // An op body as a boxed kernel (it reads its arguments by name, see op_args.h).

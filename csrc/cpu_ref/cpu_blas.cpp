@@ -79,6 +79,28 @@ void portable_nn(int m, int n, int k, const T* A, int64_t lda, const T* B, int64
   }
 }
 
+template <typename T>
+void portable_tn(int m, int n, int k, const T* A, int64_t lda, const T* B, int64_t ldb,
+                 float beta, float* C, int64_t ldc) {
+  for (int i = 0; i < m; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f) {
+      for (int j = 0; j < n; ++j) c[j] = 0.f;
+    } else if (beta != 1.f) {
+      for (int j = 0; j < n; ++j) c[j] *= beta;
+    }
+  }
+  for (int x = 0; x < k; ++x) {
+    const T* a = A + x * lda;
+    const T* b = B + x * ldb;
+    for (int i = 0; i < m; ++i) {
+      const float ai = static_cast<float>(a[i]);
+      float* c = C + i * ldc;
+      for (int j = 0; j < n; ++j) c[j] += ai * static_cast<float>(b[j]);
+    }
+  }
+}
+
 // BLAS needs int leading dimensions at least as wide as the rows (a stride-0 / overlapping
 // view would be rejected by MKL, leaving C unwritten): else the portable loops run.
 bool blas_ok(int64_t lda, int64_t min_a, int64_t ldb, int64_t min_b, int64_t ldc, int64_t min_c) {
@@ -87,11 +109,13 @@ bool blas_ok(int64_t lda, int64_t min_a, int64_t ldb, int64_t min_b, int64_t ldc
 
 template <typename T>
 void gemm16(Gemm16Fn fn, bool nt, int m, int n, int k, const T* A, int64_t lda, const T* B,
-            int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (fn && m > 0 && n > 0 && k > 0 && blas_ok(lda, k, ldb, nt ? k : n, ldc, n)) {
-    fn(kRowMajor, kNoTrans, nt ? kTrans : kNoTrans, m, n, k, 1.f,
+            int64_t ldb, float beta, float* C, int64_t ldc, bool ta = false) {
+  if (fn && m > 0 && n > 0 && k > 0 && blas_ok(lda, ta ? m : k, ldb, nt ? k : n, ldc, n)) {
+    fn(kRowMajor, ta ? kTrans : kNoTrans, nt ? kTrans : kNoTrans, m, n, k, 1.f,
        reinterpret_cast<const uint16_t*>(A), static_cast<int>(lda),
        reinterpret_cast<const uint16_t*>(B), static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
+  } else if (ta) {
+    portable_tn(m, n, k, A, lda, B, ldb, beta, C, ldc);
   } else if (nt) {
     portable_nt(m, n, k, A, lda, B, ldb, beta, C, ldc);
   } else {
@@ -141,6 +165,27 @@ void gemm_nn(int m, int n, int k, const c10::BFloat16* A, int64_t lda, const c10
 void gemm_nn(int m, int n, int k, const c10::Half* A, int64_t lda, const c10::Half* B,
              int64_t ldb, float beta, float* C, int64_t ldc) {
   gemm16(blas().gemm_f16, false, m, n, k, A, lda, B, ldb, beta, C, ldc);
+}
+
+void gemm_tn(int m, int n, int k, const float* A, int64_t lda, const float* B, int64_t ldb,
+             float beta, float* C, int64_t ldc) {
+  const auto f = blas().sgemm;
+  if (f && m > 0 && n > 0 && k > 0 && blas_ok(lda, m, ldb, n, ldc, n)) {
+    // column-major C^T (n, m) = B^T (n, k) * A (k, m): B as stored, A transposed.
+    const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
+    const float one = 1.f;
+    f("N", "T", &n, &m, &k, &one, B, &ib, A, &ia, &beta, C, &ic);
+  } else {
+    portable_tn(m, n, k, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+void gemm_tn(int m, int n, int k, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
+             int64_t ldb, float beta, float* C, int64_t ldc) {
+  gemm16(blas().gemm_bf16, false, m, n, k, A, lda, B, ldb, beta, C, ldc, true);
+}
+void gemm_tn(int m, int n, int k, const c10::Half* A, int64_t lda, const c10::Half* B,
+             int64_t ldb, float beta, float* C, int64_t ldc) {
+  gemm16(blas().gemm_f16, false, m, n, k, A, lda, B, ldb, beta, C, ldc, true);
 }
 
 const char* blas_backend() { return blas().sgemm ? "blas" : "portable"; }

@@ -28,6 +28,14 @@ void gemm_nn(int m, int n, int k, const c10::BFloat16* A, int64_t lda, const c10
 void gemm_nn(int m, int n, int k, const c10::Half* A, int64_t lda, const c10::Half* B,
              int64_t ldb, float beta, float* C, int64_t ldc);
 
+// C[m, n] = beta * C + A[k, m]^T * B[k, n] (the backward's P^T dO and dS^T Q)
+void gemm_tn(int m, int n, int k, const float* A, int64_t lda, const float* B, int64_t ldb,
+             float beta, float* C, int64_t ldc);
+void gemm_tn(int m, int n, int k, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
+             int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm_tn(int m, int n, int k, const c10::Half* A, int64_t lda, const c10::Half* B,
+             int64_t ldb, float beta, float* C, int64_t ldc);
+
 // Which implementation runs: "blas" (torch's BLAS) or "portable" (for docs, tests and benchmarks).
 const char* blas_backend();
 

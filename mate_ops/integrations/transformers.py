@@ -23,14 +23,15 @@ Supported: left or right padding (the real tokens of a row must be contiguous), 
 static and sliding-window caches (dynamic and static), GQA/MQA, sinks, softcap, sliding
 windows. Not supported (raises or is documented): masks with holes (packed sequences given
 only through ``position_ids``, or a 2-D mask with zeros between real tokens), custom
-``or``/``and`` mask overlays (e.g. bidirectional image-token blocks), dropout in training,
-backward (the ops are forward-only).
+``or``/``and`` mask overlays (e.g. bidirectional image-token blocks), dropout in training.
+Training works (``fmha_fwd`` has a backward, ``fmha_bwd``; CPU for now), padding included.
 """
 from typing import Callable, Optional
 
 import torch
 
 import mate_ops  # noqa: F401  registers torch.ops.mate.*
+from mate_ops._autograd import below_autograd
 
 try:
     from transformers import AttentionInterface
@@ -133,7 +134,7 @@ def mate_attention_forward(
             strides with a contiguous last dim (key/value are usually cache views).
         attention_mask: what :func:`mate_mask` returned (``None`` or ``(3, B, 1, 1)`` int32
             lengths).
-        dropout: must be 0 (inference; the ops are forward-only).
+        dropout: must be 0 in training mode (attention dropout is not implemented).
         scaling: softmax scale (default ``1/sqrt(D)``).
         sliding_window: transformers' window ``w`` (a key is seen when ``q - k < w``), i.e. our
             ``window_size_left = w - 1``.
@@ -168,9 +169,10 @@ def mate_attention_forward(
     if softcap:
         kw["softcap"] = float(softcap)
     # (B, H, S, D) -> (B, S, H, D) views; the op takes any strides with a contiguous last dim
-    out, _ = torch.ops.mate.fmha_fwd(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        softmax_scale=scaling, causal=bool(causal), window_size_left=left, window_size_right=right, **kw)
+    with below_autograd(query, key, value, s_aux):  # inference: skip the autograd kernel's cost
+        out, _ = torch.ops.mate.fmha_fwd(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            softmax_scale=scaling, causal=bool(causal), window_size_left=left, window_size_right=right, **kw)
     return out, None
 
 

@@ -318,7 +318,7 @@ def fmha_ref(
     if learnable_sink is not None:
         if learnable_sink.numel() != H:
             raise ValueError(f"learnable_sink must have shape ({H},), got {tuple(learnable_sink.shape)}")
-        sink = learnable_sink.detach().reshape(H).to(acc).cpu()
+        sink = learnable_sink.reshape(H).to(acc).cpu()  # not detached: autograd through the oracle
     else:
         sink = None
 
@@ -331,8 +331,9 @@ def fmha_ref(
         descale_of(v_descale, "v_descale")
 
     def effective(x: Tensor, scale_row: Optional[Tensor]) -> Tensor:
-        """x.float() * descale, in `acc`, then rounded to the matmul dtype."""
-        x = x.detach().cpu().to(acc)
+        """x.float() * descale, in `acc`, then rounded to the matmul dtype (differentiable:
+        autograd through the oracle gives the reference gradients of the backward)."""
+        x = x.cpu().to(acc)
         if scale_row is not None:
             x = x * scale_row.view(1, -1, 1)
         return x.to(mm_dtype)
