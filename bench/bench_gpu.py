@@ -2,7 +2,7 @@
 (FlashAttention-2) and cuDNN backends on the same tensors, and decode bandwidth vs the
 measured device-to-device copy bandwidth. Prints markdown tables.
 
-    python3 bench/bench_gpu.py [--quick] [--only prefill|varlen|decode|mla] [--dims 64,128]
+    python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|decode|mla] [--dims 64,128]
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 4 * B * H * D * S^2 (halved when causal). Decode: one query token, H 32 / Hk 8,
@@ -77,6 +77,33 @@ def prefill_table(quick, dims=None):
                 del q, k, v, qt, kt, vt
 
 
+def fp8_prefill_table(quick):
+    """fp8 e4m3 prefill with per-(batch, kv head) descales beside bf16 SDPA on tensors of the
+    same shape (what the issue compares against: there is no fp8 SDPA)."""
+    print("\n| prefill fp8 e4m3 (TFLOP/s) | ours fp8 | ours bf16 | SDPA cuDNN bf16 | ours fp8 / cuDNN bf16 |")
+    print("|---|---|---|---|---|")
+    seqlens = [8192] if quick else [2048, 8192]
+    for D in (128, 256):
+        H = 2048 // D
+        for S in seqlens:
+            B = 16384 // S
+            for causal in (False, True):
+                qb = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
+                kb, vb = torch.randn_like(qb), torch.randn_like(qb)
+                q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (qb, kb, vb))
+                ds = torch.ones(B, H, device="cuda")
+                flops = 4 * B * H * D * S * S * (0.5 if causal else 1.0)
+                t8 = timed(lambda: mi.flash_attn_varlen_func(q8, k8, v8, causal=causal, q_descale=ds, k_descale=ds,
+                                                             v_descale=ds))
+                tb = timed(lambda: mi.flash_attn_varlen_func(qb, kb, vb, causal=causal))
+                qt, kt, vt = (x.transpose(1, 2) for x in (qb, kb, vb))
+                cu = sdpa_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal)
+                tf = lambda t: flops / t / 1e12  # noqa: E731
+                print(f"| B{B} S{S} H{H} D{D} {'causal' if causal else 'full'} | {tf(t8):.1f} | {tf(tb):.1f} | "
+                      f"{tf(cu):.1f} | {cu / t8:.2f} |", flush=True)
+                del qb, kb, vb, q8, k8, v8, qt, kt, vt
+
+
 def varlen_table():
     """Mixed lengths (ragged q/k) and paged K/V prefill; the peer is SDPA flash on the
     same sequences padded to the longest one (what a padded batch costs)."""
@@ -146,7 +173,7 @@ def decode_table(quick):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["prefill", "varlen", "decode", "mla"])
+    ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "decode", "mla"])
     ap.add_argument("--dims", help="prefill head dims, e.g. 128,256 or 192x128 (D x Dv)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -156,6 +183,8 @@ def main():
         if args.dims:
             dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]
         prefill_table(args.quick, dims)
+    if args.only in (None, "fp8"):
+        fp8_prefill_table(args.quick)
     if args.only in (None, "varlen"):
         varlen_table()
     if args.only in (None, "decode"):
