@@ -1,5 +1,6 @@
-"""mate_ops demo: exercises the ops, compiles a small model with fullgraph=True and prints
-every result against the pure-PyTorch oracle (mate_ops.testing).
+"""mate_ops demo: exercises the ops (FMHA, kv-cache decode, combine, MLA, the backward),
+compiles a small model with fullgraph=True and prints every result against the pure-PyTorch
+oracle (mate_ops.testing).
 
     bash scripts/demo.sh            # set up + run (README)
     python3 examples/demo.py        # run only
@@ -81,6 +82,37 @@ def main():
     op, lp = torch.randn(4, 2, 3, 8, 64), torch.randn(4, 2, 3, 8)
     out, lse = mi.flash_attn_combine(op.to(dev), lp.to(dev))
     errors.append(report("combine of 4 splits", out, T.combine_ref(op, lp)[0]))
+
+    print("MLA (FlashMLA-style calls): dense paged decode and sparse top-k over an FP8 cache")
+    from mate_ops import flash_mla as fm
+    from mate_ops.flashmla import quantize_k_cache
+    lens = [150, 37]
+    dense = torch.randn(2, 192, 1, 576, dtype=bf16)
+    kc, _, table = T.make_paged_kv(dense, dense[..., :1], lens, 64)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    qm = torch.randn(2, 1, 16, 576, dtype=bf16)
+    meta = fm.get_mla_metadata(seqlens.to(dev), 16, 1)
+    out, _ = fm.flash_mla_with_kvcache(qm.to(dev), kc.to(dev), table.to(dev), seqlens.to(dev), 512, *meta, causal=True)
+    errors.append(report("dense decode, 16 heads, latent 512 + rope 64", out,
+                         T.mla_decode_ref(qm, kc, table, seqlens, 512, causal=True)[0]))
+    fp8 = quantize_k_cache(torch.randn(4, 64, 1, 576, dtype=bf16), "v32")
+    idx = torch.randint(-1, 4 * 64, (2, 1, 100), dtype=torch.int32)
+    out, _ = fm.flash_mla_with_kvcache(qm.to(dev), fp8.to(dev), None, None, 512, None, None, is_fp8_kvcache=True,
+                                       indices=idx.to(dev))
+    errors.append(report("sparse top-100, FP8 V3.2 cache", out,
+                         T.mla_decode_ref(qm, fp8, None, None, 512, is_fp8_kvcache=True, indices=idx)[0]))
+
+    if dev == "cpu":  # the backward has a CPU kernel only so far
+        print("backward: gradients of flash_attn_varlen_func (fp32) vs autograd through the fp64 oracle")
+        q, k, v = (torch.randn(1, 50, h, 64, requires_grad=True) for h in (4, 2, 2))
+        out = mi.flash_attn_varlen_func(q, k, v, causal=True, window_size=(16, 0))
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+        ref = T.fmha_ref(q64, k64, v64, causal=True, window_size=(16, 0))[0]
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+        for name, g, r in zip(("dq", "dk", "dv (GQA: summed over the group)"), grads, ref_grads):
+            errors.append(report(name, g, r))
 
     print("torch.compile(fullgraph=True, dynamic=True) of a small attention block")
 
