@@ -371,3 +371,20 @@ def test_metadata_schedule_contents(device, B, topk):
     rows, ref_splits = _schedule_ref(lens.tolist(), meta.shape[0], topk)
     assert meta.cpu().tolist() == rows
     assert splits.cpu().tolist() == ref_splits
+
+
+@pytest.mark.parametrize("dqk,dv,dtype,Hkv", [(64, 32, BF16, 1), (1024, 1024, torch.float32, 1), (320, 256, BF16, 2),
+                                             (576, 576, BF16, 1)])
+def test_dense_decode_other_head_dims(device, dqk, dv, dtype, Hkv):
+    """Head dims the tensor-core kernel does not take (the device's portable kernel): small,
+    the 1024 maximum, head_dim_v = head_dim (V includes the rope part), GQA."""
+    gen = torch.Generator().manual_seed(dqk + dv)
+    lens = [90, 0, 33]
+    kc, table = paged_cache(lens, 16, Hkv, dqk, dtype=dtype, gen=gen)
+    q = torch.randn(3, 2, 4 * Hkv, dqk, dtype=dtype, generator=gen)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    out, lse = fm.flash_mla_with_kvcache(q.to(device), kc.to(device), table.to(device), seqlens.to(device), dv,
+                                         None, None, causal=True)
+    ref = T.mla_decode_ref(q, kc, table, seqlens, dv, causal=True)
+    low = T.mla_decode_ref(q, kc, table, seqlens, dv, causal=True, compute_dtype=dtype)
+    check_mla(out, lse, *ref, low[0], input_dtype=dtype)
