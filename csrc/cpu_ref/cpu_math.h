@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "../common/fmha_math.h"
 #include "../common/fmha_score.h"
@@ -117,6 +118,13 @@ inline float combine_rows(const float* lse, int64_t lse_stride, const float* out
     for (int c = 0; c < dv; ++c) o[c] += w * src[c];
   }
   return total;
+}
+
+// Per-thread scratch: v holds at least n values (kept across calls, never shrunk).
+template <typename V>
+V* grow(std::vector<V>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
 }
 
 }  // namespace mate::cpu

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../common/dtype_convert.h"
 #include "../common/fmha_checks.h"
 #include "../common/fmha_math.h"
 #include "../common/fmha_score.h"
@@ -45,21 +46,6 @@ Scratch<T>& scratch() {
   return s;
 }
 
-template <typename V>
-V* grow(std::vector<V>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
-// n values of dtype dt at element offset `off` of `base`, as float.
-inline float load_value(const void* base, DType dt, int64_t off) {
-  switch (dt) {
-    case DType::kFloat16: return static_cast<float>(static_cast<const c10::Half*>(base)[off]);
-    case DType::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[off]);
-    default: return static_cast<const float*>(base)[off];
-  }
-}
-
 // n values of dtype dt into the GEMM type T (a copy when they already are T).
 template <typename T>
 inline void load_row(T* dst, const void* base, DType dt, int64_t off, int n) {
@@ -67,7 +53,7 @@ inline void load_row(T* dst, const void* base, DType dt, int64_t off, int n) {
       (std::is_same_v<T, c10::BFloat16> && dt == DType::kBFloat16)) {
     std::memcpy(dst, static_cast<const T*>(base) + off, n * sizeof(T));
   } else {
-    for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(load_value(base, dt, off + i));
+    for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(load_float(base, off + i, dt));
   }
 }
 
@@ -89,7 +75,7 @@ void compute_delta(const FmhaBwdParams& g, float* delta) {
           const int64_t d_off = b * g.dout_batch_stride + row * g.dout_row_stride + h * g.dout_head_stride;
           float acc = 0.f;
           for (int c = 0; c < p.head_dim_v; ++c)
-            acc += load_value(p.out, p.out_dtype, o_off + c) * load_value(g.dout, p.out_dtype, d_off + c);
+            acc += load_float(p.out, o_off + c, p.out_dtype) * load_float(g.dout, d_off + c, p.out_dtype);
           if (g.dlse) acc -= g.dlse[b * g.dlse_batch_stride + h * g.dlse_head_stride + row * g.dlse_row_stride];
           delta[global_row(p, s, b, i) * p.num_heads + h] = acc;
         }

@@ -58,12 +58,6 @@ Scratch<MT>& scratch() {
   return s;
 }
 
-template <typename V>
-V* grow(std::vector<V>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
 struct SplitOutputs {  // where a split writes its partial result (num_splits > 1)
   float* out = nullptr;  // (splits, total_q, H, Dv)
   float* lse = nullptr;  // (splits, total_q, H)

@@ -85,12 +85,14 @@ __device__ __forceinline__ int swz(int r, int c) {
   return r * kRow + ((c ^ (r & 7)) << 3);
 }
 
-// Copies the warp's rows of one tile: row rl's storage offset is lane rl % 32's offs[rl / 32]
-// (-1: a zero row); chunks at or past `valid_chunks` (the real head dim) are zero-filled, so
-// a head dim below the tile width pads with zeros inside the kernel, never in memory.
-template <class C, int kCh, int kRow>
-__device__ __forceinline__ void copy_rows(typename C::T* dst, const typename C::T* base, const int64_t (&offs)[2],
-                                          int r0, int valid_chunks) {
+// Copies the warp's rows of one tile, kCh 16-byte chunks per row: row rl's storage offset
+// is lane rl % 32's offs[rl / 32] (-1: a zero row); chunks at or past `valid_chunks` (the
+// real head dim) are zero-filled, so a head dim below the tile width pads with zeros inside
+// the kernel, never in memory. `dst_of(row, chunk)` places a chunk: the swizzled T tile, or
+// row-major in the FP8 staging buffer; `src_of(offset, chunk)` finds it in global memory.
+template <class C, int kCh, class Dst, class Src>
+__device__ __forceinline__ void copy_rows(const int64_t (&offs)[2], int r0, int valid_chunks, const void* base,
+                                          Dst&& dst_of, Src&& src_of) {
   const int lane = threadIdx.x % arch::kWarpSize;
 #pragma unroll
   for (int step = 0; step < C::kRowsPerWarp * kCh / 32; ++step) {
@@ -101,27 +103,7 @@ __device__ __forceinline__ void copy_rows(typename C::T* dst, const typename C::
       if (rl >= 32) off = hi;
     }
     const bool valid = off >= 0 && c < valid_chunks;
-    arch::cp_async_16(dst + swz<kRow>(r0 + rl, c), valid ? base + off + c * 8 : base, valid);
-  }
-}
-
-// The FP8 form of copy_rows: rows of kRowBytes e4m3 bytes, row-major in the staging buffer
-// (the conversion pass swizzles them into the T tile).
-template <class C, int kRowBytes>
-__device__ __forceinline__ void copy_raw_rows(uint8_t* dst, const uint8_t* base, const int64_t (&offs)[2], int r0,
-                                              int valid_chunks) {
-  constexpr int kCh = kRowBytes / 16;
-  const int lane = threadIdx.x % arch::kWarpSize;
-#pragma unroll
-  for (int step = 0; step < C::kRowsPerWarp * kCh / 32; ++step) {
-    const int idx = step * 32 + lane, rl = idx / kCh, c = idx % kCh;
-    int64_t off = __shfl_sync(0xffffffffu, offs[0], rl % 32);
-    if constexpr (C::kRowsPerWarp > 32) {
-      const int64_t hi = __shfl_sync(0xffffffffu, offs[1], rl % 32);
-      if (rl >= 32) off = hi;
-    }
-    const bool valid = off >= 0 && c < valid_chunks;
-    arch::cp_async_16(dst + (r0 + rl) * kRowBytes + c * 16, valid ? base + off + c * 16 : base, valid);
+    arch::cp_async_16(dst_of(r0 + rl, c), valid ? src_of(off, c) : base, valid);
   }
 }
 
@@ -177,13 +159,22 @@ __device__ __forceinline__ void load_kv_tiles(typename C::T* k_dst, typename C::
       voff[i] = key_offset(p, s, s.k_start + j, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride;
     }
   }
-  if constexpr (C::kFp8In) {
-    copy_raw_rows<C, C::kD>(raw, static_cast<const uint8_t*>(p.k), koff, r0, p.head_dim / 16);
-    copy_raw_rows<C, C::kDv>(raw + C::kBlockN * C::kD, static_cast<const uint8_t*>(p.v), voff, r0,
-                             p.head_dim_v / 16);
+  if constexpr (C::kFp8In) {  // raw e4m3 rows: K rows, then V rows, row-major
+    const uint8_t* kb = static_cast<const uint8_t*>(p.k);
+    const uint8_t* vb = static_cast<const uint8_t*>(p.v);
+    uint8_t* raw_v = raw + C::kBlockN * C::kD;
+    copy_rows<C, C::kD / 16>(koff, r0, p.head_dim / 16, kb, [&](int r, int c) { return raw + r * C::kD + c * 16; },
+                             [&](int64_t o, int c) { return kb + o + c * 16; });
+    copy_rows<C, C::kDv / 16>(voff, r0, p.head_dim_v / 16, vb,
+                              [&](int r, int c) { return raw_v + r * C::kDv + c * 16; },
+                              [&](int64_t o, int c) { return vb + o + c * 16; });
   } else {
-    copy_rows<C, C::kChunks, C::kD>(k_dst, static_cast<const T*>(p.k), koff, r0, p.head_dim / 8);
-    copy_rows<C, C::kVChunks, C::kDv>(v_dst, static_cast<const T*>(p.v), voff, r0, p.head_dim_v / 8);
+    const T* kb = static_cast<const T*>(p.k);
+    const T* vb = static_cast<const T*>(p.v);
+    copy_rows<C, C::kChunks>(koff, r0, p.head_dim / 8, kb, [&](int r, int c) { return k_dst + swz<C::kD>(r, c); },
+                             [&](int64_t o, int c) { return kb + o + c * 8; });
+    copy_rows<C, C::kVChunks>(voff, r0, p.head_dim_v / 8, vb, [&](int r, int c) { return v_dst + swz<C::kDv>(r, c); },
+                              [&](int64_t o, int c) { return vb + o + c * 8; });
   }
 }
 
