@@ -45,7 +45,7 @@ TORCH_LIBRARY(mate, m) {
   // w.r.t. q, k, v and learnable_sink, from the saved out and lse; the forward's options follow
   // in fmha_fwd's order. dlse: the gradient flowing into lse (None = 0). dsink is (H,) fp32 when
   // learnable_sink is given, else empty. Paged K/V, cache_batch_idx, qv, fp8 and context
-  // parallel are forward-only and raise. CPU only for now.
+  // parallel are forward-only and raise.
   m.def("fmha_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse=None, "
         MATE_FMHA_SCHEMA_ARGS ", Tensor? alibi_slopes=None, bool deterministic=False) "
         "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)");
@@ -123,6 +123,7 @@ TORCH_LIBRARY_IMPL(mate, PrivateUse1, m) {
 TORCH_LIBRARY_IMPL(mate, CUDA, m) {
 #endif
   mate::register_fmha_ops(m);
+  mate::register_fmha_bwd_ops(m);
   mate::register_kvcache_ops(m);
   mate::register_mla_ops(m);
 }

@@ -426,6 +426,8 @@ FmhaBwdProblem check_fmha_bwd_inputs(const OpArgs& a) {
     }
   }
   g.deterministic = a.flag("deterministic", false);
+  g.max_seqlen_q = bp.fwd.max_seqlen_q;
+  g.max_seqlen_k = bp.fwd.max_seqlen_k;
   return bp;
 }
 

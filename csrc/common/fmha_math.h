@@ -22,6 +22,8 @@ MATE_HD int ceil_div_signed(int a, int b) {
   return (a % b != 0 && a > 0) ? q + 1 : q;
 }
 // ceil(a / b) for a >= 0, b > 0, without forming a + b - 1.
+constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = exp2(x * kLog2e)
+
 MATE_HD int ceil_div_pos(int a, int b) { return a / b + (a % b != 0 ? 1 : 0); }
 MATE_HD int imin(int a, int b) { return a < b ? a : b; }
 MATE_HD int imax(int a, int b) { return a > b ? a : b; }

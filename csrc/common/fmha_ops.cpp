@@ -65,7 +65,8 @@ void fmha_bwd(const c10::OperatorHandle& op, Stack* stack) {
   const DeviceScope scope(q);
   FmhaBwdProblem prob = check_fmha_bwd_inputs(a);
   if (q.is_cpu()) check_fmha_bwd_index_values(prob.params);
-  at::Tensor dq = at::empty(q.sizes(), q.options());  // every element is written by the kernel
+  // the CPU kernel writes every dq element; the device kernels only the rows sequences use
+  at::Tensor dq = q.is_cpu() ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), k.options());
   at::Tensor dv = at::zeros(v.sizes(), v.options());
   at::Tensor dsink = at::empty({prob.params.fwd.learnable_sink ? q.size(-2) : 0}, q.options().dtype(at::kFloat));

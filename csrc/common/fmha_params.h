@@ -103,6 +103,7 @@ struct FmhaBwdParams {
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
   float* dsink = nullptr;        // (H) fp32 when the forward had a learnable_sink
   bool deterministic = false;    // bitwise-identical gradients run to run
+  int max_seqlen_q = 0, max_seqlen_k = 0;  // bounds of any sequence's query rows / keys (grids)
 };
 
 // The split-KV combine of SEMANTICS §2, over rows of Dv values.

@@ -12,7 +12,7 @@ namespace mate {
 
 // fmha_fwd, fmha_fwd_out, fmha_fwd_kvcache, fmha_combine(_out), get_scheduler_metadata.
 void register_fmha_ops(torch::Library& m);
-// fmha_bwd: registered only by backends that have an FMHA backward kernel (the CPU for now).
+// fmha_bwd: registered by backends that have an FMHA backward kernel (CPU, CUDA).
 void register_fmha_bwd_ops(torch::Library& m);
 // kvcache_append, rotary_embedding.
 void register_kvcache_ops(torch::Library& m);

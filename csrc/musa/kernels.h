@@ -28,6 +28,15 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
 bool mma_path_fits(const FmhaParams& p);
 arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream);
 
+// FMHA backward (fmha_bwd_kernels.cu): scratch of total_q * H floats each, indexed
+// [global row * H + head]: the base-2 lse (+inf for a row without keys) and delta =
+// rowsum(dO * O) - dlse. dq / dk / dv must be zero-filled (rows no sequence uses stay 0).
+struct FmhaBwdScratch {
+  float* lse2 = nullptr;
+  float* delta = nullptr;
+};
+arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
+
 arch::Error launch_combine(const CombineParams& c, arch::Stream stream);
 
 // max_new: an upper bound of any sequence's new keys.

@@ -45,6 +45,20 @@ void fmha_device(const FmhaProblem& prob) {
   check_launch(launch_fmha(p, parts, prob.max_seqlen_q, arch::current_stream()), "fmha_fwd");
 }
 
+// FMHA backward: fp32 per-row scratch (lse in base 2, delta), then the kernels; deterministic
+// always (no atomics), so g.deterministic needs nothing more.
+void fmha_bwd_device(const FmhaBwdParams& g) {
+  const FmhaParams& p = g.fwd;
+  TORCH_CHECK(p.batch <= 65535, "the device kernels handle at most 65535 sequences per call, got ", p.batch);
+  const auto options = at::TensorOptions().device(arch::kTorchDevice, arch::current_device()).dtype(at::kFloat);
+  const int64_t n = static_cast<int64_t>(p.total_q) * p.num_heads;
+  at::Tensor scratch = at::empty({2 * n}, options);
+  FmhaBwdScratch rows;
+  rows.lse2 = scratch.data_ptr<float>();
+  rows.delta = rows.lse2 + n;
+  check_launch(launch_fmha_bwd(g, rows, arch::current_stream()), "fmha_bwd");
+}
+
 void combine_device(const CombineParams& c) {
   check_launch(launch_combine(c, arch::current_stream()), "fmha_combine");
 }
@@ -107,6 +121,7 @@ void mla_device(const MlaParams& p) {
 #endif
 
 MATE_REGISTER_KERNEL(fmha_kernel, MATE_DEVICE_TYPE, &fmha_device);
+MATE_REGISTER_KERNEL(fmha_bwd_kernel, MATE_DEVICE_TYPE, &fmha_bwd_device);
 MATE_REGISTER_KERNEL(combine_kernel, MATE_DEVICE_TYPE, &combine_device);
 MATE_REGISTER_KERNEL(append_kernel, MATE_DEVICE_TYPE, &append_device);
 MATE_REGISTER_KERNEL(rotary_kernel, MATE_DEVICE_TYPE, &rotary_device);

@@ -37,7 +37,6 @@
 namespace mate::device {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // The sequence `sq` of the schedule and its query rows of one kv head: dense decode has
