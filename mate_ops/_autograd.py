@@ -23,13 +23,13 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "musa": "PrivateUse1", "privateu
 
 
 def _check_backward_kernel(device: torch.device) -> None:
-    """A clear error where this build has no fmha_bwd kernel for the device (the device
-    kernels come later than the CPU one), instead of the dispatcher's generic message."""
+    """A clear error where this build has no fmha_bwd kernel for the device (e.g. a CPU-only
+    build given CUDA tensors), instead of the dispatcher's generic message."""
     key = _DISPATCH_KEYS.get(device.type)
     if key is None or device.type == "meta" or torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_bwd", key):
         return
     raise NotImplementedError(f"mate::fmha_fwd backward: this build has no {device.type} kernel for mate::fmha_bwd "
-                              "yet (the backward runs on the CPU only for now)")
+                              "(build mate_ops with that device's compiler to train on it)")
 
 
 def _setup_context(ctx, inputs, output):
