@@ -2,11 +2,14 @@
 (FlashAttention-2) and cuDNN backends on the same tensors, and decode bandwidth vs the
 measured device-to-device copy bandwidth. Prints markdown tables.
 
-    python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|decode|mla] [--dims 64,128]
+    python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|decode|mla|backward] [--dims 64,128]
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 4 * B * H * D * S^2 (halved when causal). Decode: one query token, H 32 / Hk 8,
 D 128, bf16; GB/s counts the K and V bytes of the cache read once.
+Backward: the prefill shapes (S 512/2048/8192), the backward alone (ours: fmha_bwd on the
+saved out / lse of one forward; SDPA: autograd.grad of one forward's output), FLOPs = 2.5x
+the forward's. A backend that cannot run a shape prints n/a.
 """
 import argparse
 
@@ -44,6 +47,40 @@ def sdpa_time(backend, q, k, v, causal, **kw):
         return float("nan")
 
 
+def sdpa_bwd_time(backend, q, k, v, dout, causal):
+    """Seconds per SDPA backward alone: one forward under `backend`, then autograd.grad of its
+    output (graph retained) is timed. q, k, v, dout in SDPA's (B, H, S, D) order."""
+    try:
+        with sdpa_kernel(backend):
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+            return timed(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
+    except RuntimeError:
+        return float("nan")
+
+
+def ours_bwd_time(q, k, v, dout, causal, deterministic=False):
+    """Seconds per torch.ops.mate.fmha_bwd call on the (out, lse) of one forward."""
+    try:
+        out, lse = torch.ops.mate.fmha_fwd(q, k, v, causal=causal)
+        return timed(lambda: torch.ops.mate.fmha_bwd(dout, q, k, v, out, lse, causal=causal,
+                                                     deterministic=deterministic))
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if msg not in _REPORTED:  # once per distinct error, as a comment beside the table
+            _REPORTED.add(msg)
+            print(f"<!-- ours n/a: {msg} -->")
+        return float("nan")
+
+
+_REPORTED = set()
+
+
+def na(x, spec=".1f"):
+    """x formatted, or n/a for NaN (a backend that could not run)."""
+    return "n/a" if x != x else format(x, spec)
+
+
 def copy_bandwidth():
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -75,6 +112,36 @@ def prefill_table(quick, dims=None):
                 print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {tf(ours):.1f} | {tf(fl):.1f} | "
                       f"{tf(cu):.1f} | {fl / ours:.2f} | {cu / ours:.2f} |", flush=True)
                 del q, k, v, qt, kt, vt
+
+
+def backward_table(quick, dims=None):
+    """The backward alone, bf16, prefill shapes; FLOPs = 2.5 x the forward's 2 B H S^2 (D + Dv),
+    halved when causal. Ours: fmha_bwd (and with deterministic=True); peers: SDPA flash and cuDNN."""
+    print("\n| backward bf16 (TFLOP/s) | ours | ours deterministic | SDPA flash | SDPA cuDNN | ours / flash | "
+          "ours / cuDNN |")
+    print("|---|---|---|---|---|---|---|")
+    seqlens = [2048] if quick else [512, 2048, 8192]
+    dims = dims or [(64, 64), (128, 128), (256, 256)]
+    for D, Dv in dims:
+        H = 2048 // D
+        for S in seqlens:
+            B = 16384 // S
+            for causal in (False, True):
+                q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
+                k = torch.randn_like(q)
+                v = torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
+                dout = torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
+                qt, kt, vt, dt = (x.transpose(1, 2) for x in (q, k, v, dout))
+                flops = 2.5 * 2 * B * H * S * S * (D + Dv) * (0.5 if causal else 1.0)
+                ours = ours_bwd_time(q, k, v, dout, causal)
+                det = ours_bwd_time(q, k, v, dout, causal, deterministic=True)
+                fl = sdpa_bwd_time(SDPBackend.FLASH_ATTENTION, qt, kt, vt, dt, causal)
+                cu = sdpa_bwd_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, dt, causal)
+                tf = lambda t: flops / t / 1e12  # noqa: E731
+                dims_s = f"D{D}" if D == Dv else f"D{D}/Dv{Dv}"
+                print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {na(tf(ours))} | {na(tf(det))} | "
+                      f"{na(tf(fl))} | {na(tf(cu))} | {na(fl / ours, '.2f')} | {na(cu / ours, '.2f')} |", flush=True)
+                del q, k, v, dout, qt, kt, vt, dt
 
 
 def fp8_prefill_table(quick):
@@ -173,16 +240,18 @@ def decode_table(quick):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "decode", "mla"])
-    ap.add_argument("--dims", help="prefill head dims, e.g. 128,256 or 192x128 (D x Dv)")
+    ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "decode", "mla", "backward"])
+    ap.add_argument("--dims", help="prefill and backward head dims, e.g. 128,256 or 192x128 (D x Dv)")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    dims = None
+    if args.dims:
+        dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]
     if args.only in (None, "prefill"):
-        dims = None
-        if args.dims:
-            dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]
         prefill_table(args.quick, dims)
+    if args.only in (None, "backward"):
+        backward_table(args.quick, dims)
     if args.only in (None, "fp8"):
         fp8_prefill_table(args.quick)
     if args.only in (None, "varlen"):

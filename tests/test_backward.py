@@ -7,6 +7,10 @@
 - Unused positions (rows past seqused, ragged gaps) of q / k / v / dout are NaN-poisoned:
   nothing leaks, and their gradients are exactly 0.
 - deterministic: bitwise-identical gradients run to run.
+- Device (CUDA) backward, where this build has the kernel and a GPU is visible (else skipped):
+  the tensor-core path over its head dims and lengths around the 64 x 64 tiles, softcap / ALiBi /
+  sink / lse gradient, the CUDA-core fallback (fp32, other head dims, unaligned rows),
+  deterministic=True (the op and the public wrappers), and a B 2 S 1024 case against SDPA math.
 - Forward-only features raise at backward, naming the reason; bad fmha_bwd input raises.
 - opcheck (autograd registration included), torch.compile (0 graph breaks), torch.export.
 """
@@ -18,7 +22,7 @@ import torch
 import mate_ops  # noqa: F401
 from mate_ops.flash_attn_interface import flash_attn_func
 from mate_ops.mha_interface import flash_attn_varlen_func, flash_attn_with_kvcache
-from mate_ops.testing import assert_close_fa3, fmha_ref, poison_, random_cu_seqlens
+from mate_ops.testing import assert_close_fa3, fmha_ref, poison_, random_cu_seqlens, to_device_keeping_layout
 
 MATE = torch.ops.mate
 DEVICE_OPS = ("mate::fmha_bwd",)  # device tests run once a device has a backward kernel
@@ -119,18 +123,59 @@ def _grads(out, lse, g, gl, inputs):
     return torch.autograd.grad(outs, inputs, grads)
 
 
-def _run_case(c, dtype):
+def _misaligned(t, how):
+    """``t``'s values in a layout whose rows are not 16-byte aligned (last dim still contiguous):
+    ``"offset"`` starts the data one element past an aligned allocation (strides stay dense),
+    ``"padded"`` pads every row by one element (odd row strides)."""
+    if how == "offset":
+        x = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    elif how == "padded":
+        x = torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype)[..., 1:]
+    else:
+        raise ValueError(how)
+    return x.copy_(t)
+
+
+def _on(device, t, how=None):
+    """t (built on the CPU) on ``device``; with ``how`` in a misaligned layout (kept on the device)."""
+    if how is None:
+        return t.to(device)
+    return to_device_keeping_layout(_misaligned(t, how), device)
+
+
+def _dsink_formula(out, lse, dout, dlse, sink):
+    """dsink_h = -sum_i exp(sink_h - lse_i) (dout_i . out_i - dlse_i) over the rows with a finite
+    lse (docs/semantics.md, Backward), in fp64 from the given out / lse."""
+    dout = torch.where(torch.isnan(dout), torch.zeros_like(dout), dout)
+    delta = (dout.double() * out.double()).sum(-1).transpose(-1, -2)  # lse's layout (B, H, Sq) / (H, Tq)
+    if dlse is not None:
+        delta = delta - dlse.double()
+    lse = lse.double()
+    ok = torch.isfinite(lse)
+    w = torch.exp(sink.detach().double().view(-1, 1) - torch.where(ok, lse, torch.zeros_like(lse)))
+    w = torch.where(ok, w, torch.zeros_like(w))
+    return -(w * delta).reshape(-1, *lse.shape[-2:]).sum(0).sum(-1)
+
+
+def _run_case(c, dtype, device="cpu", layouts=None):
+    """Our gradients on ``device`` against the fp64 oracle's (on the CPU), FA3's rule.
+
+    ``layouts`` maps "q" / "k" / "v" / "dout" to a :func:`_misaligned` layout (device
+    fallback paths for unaligned rows)."""
+    layouts = layouts or {}
     names = ["q", "k", "v"] + (["learnable_sink"] if "learnable_sink" in c["op_kw"] else [])
     base = {"q": c["q"], "k": c["k"], "v": c["v"], "learnable_sink": c["op_kw"].get("learnable_sink")}
 
     def leaves(cast=None):
         return {n: base[n].detach().to(cast or base[n].dtype).requires_grad_() for n in names}
 
-    ours = leaves()
-    op_kw = dict(c["op_kw"], learnable_sink=ours.get("learnable_sink"))
+    ours = {n: _on(device, base[n].detach(), layouts.get(n)).requires_grad_() for n in names}
+    op_kw = {n: (_on(device, x) if isinstance(x, torch.Tensor) else x) for n, x in c["op_kw"].items()}
+    op_kw["learnable_sink"] = ours.get("learnable_sink")
     out, lse = MATE.fmha_fwd(ours["q"], ours["k"], ours["v"], **op_kw)
-    g, gl = _loss_weights(c, out, lse)
-    got = _grads(out, lse, g, gl, [ours[n] for n in names])
+    g, gl = _loss_weights(c, out.cpu(), lse.cpu())
+    got = _grads(out, lse, _on(device, g, layouts.get("dout")), _on(device, gl) if gl is not None else None,
+                 [ours[n] for n in names])
 
     def oracle(compute_dtype, cast):
         x = leaves(cast)
@@ -139,11 +184,19 @@ def _run_case(c, dtype):
         o = torch.where(_unused_q_mask(c, o.shape)[..., None, None], torch.zeros_like(o), o)
         gg = torch.where(torch.isnan(g), torch.zeros_like(g), g).to(o.dtype)
         glr = gl.to(l.dtype) if gl is not None else None
-        return _grads(o, l, gg, glr, [x[n] for n in names])
+        return _grads(o, l, gg, glr, [x[n] for n in names]), o, l
 
-    ref = oracle(torch.float64, torch.float64)
-    lowp = oracle(dtype, None)
+    ref, _, _ = oracle(torch.float64, torch.float64)
+    lowp, out_lowp, lse_lowp = oracle(dtype, None)
     for n, a, r, lp in zip(names, got, ref, lowp):
+        a = a.cpu()
+        if n == "learnable_sink":
+            # dsink sums delta_i = dout_i . out_i over every row, with out rounded to its dtype (the
+            # contract, as FA's dot(dO, O)); autograd through the oracle never sees that rounding, so
+            # the low-precision bound also takes the contract's formula on the oracle's rounded out
+            alt = _dsink_formula(out_lowp, lse_lowp, g, gl, base[n])
+            if (alt - r).abs().max() > (lp.double() - r).abs().max():
+                lp = alt
         assert a.dtype == base[n].dtype and a.shape == base[n].shape, n
         assert not torch.isnan(a).any(), f"d{n} has NaN (a poisoned position leaked)"
         if n == "q":
@@ -177,13 +230,11 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_grads_vs_oracle(device, name):
     dtype, spec = CASES[name]
-    if device != "cpu":
-        pytest.skip("device cases: with the device kernels")
-    _run_case(_make_case(sum(map(ord, name)), dtype, **spec), dtype)
+    _run_case(_make_case(sum(map(ord, name)), dtype, **spec), dtype, device)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_grads_random(seed):
+def test_grads_random(device, seed):
     """Random shapes / masks / dtypes / layouts."""
     gen = torch.Generator().manual_seed(1000 + seed)
     pick = lambda xs: xs[int(torch.randint(0, len(xs), (1,), generator=gen))]  # noqa: E731
@@ -193,7 +244,7 @@ def test_grads_random(seed):
                 window=pick([(-1, -1), (17, 3), (-1, 40)]), chunk=pick([0, 0, 24]), softcap=pick([0.0, 4.0]),
                 sink=pick([False, True]), alibi=pick([False, True]), lse_grad=pick([False, True]))
     dtype = pick([F32, F16, BF16])
-    _run_case(_make_case(seed, dtype, **spec), dtype)
+    _run_case(_make_case(seed, dtype, **spec), dtype, device)
 
 
 def _vs_oracle(inputs, make_inputs_for_op, loss, kw, rtol=1e-5):
@@ -258,6 +309,26 @@ def test_deterministic_bitwise():
     for r in runs[1:]:
         for a, b in zip(runs[0], r):
             assert torch.equal(a, b)
+
+
+@pytest.mark.xfail(strict=True, reason="fmha_fwd's schema has no deterministic argument, so the wrappers' "
+                   "deterministic=True never reaches fmha_bwd (docs/semantics.md, Backward); harmless while every "
+                   "backward kernel is deterministic by construction, needed by one that is not")
+def test_deterministic_flag_reaches_fmha_bwd(monkeypatch):
+    """flash_attn_func(..., deterministic=True) calls fmha_bwd with deterministic=True. Pins the
+    known gap: once the flag is plumbed this XPASSes (strict) and the marker goes."""
+    import mate_ops._autograd as ag
+    calls = []
+    real = ag._BWD
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ag, "_BWD", spy)
+    q, k, v = (torch.randn(1, 9, 2, 16, requires_grad=True) for _ in range(3))
+    torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=True).sum(), (q, k, v))
+    assert len(calls) == 1 and calls[0].get("deterministic") is True, calls
 
 
 # ------------------------------------------------------------------ through the public APIs
@@ -477,3 +548,249 @@ def test_export_training_step():
     assert len(grads) == len(ref)
     for a, r in zip(grads, ref):
         torch.testing.assert_close(a, r)
+
+
+# ------------------------------------------------------------------ device (CUDA) backward
+# The device backward has a tensor-core path (bf16 / fp16, D and Dv multiples of 8 up to 256;
+# 64-row query tiles x 64-key tiles) and a CUDA-core fallback (fp32, other head dims, unaligned
+# rows). These cases run only where this build has a CUDA kernel for mate::fmha_bwd and a GPU
+# is visible; elsewhere (CI) they skip. Oracle and comparisons run on the CPU.
+def _cuda_bwd_skip_reason():
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_bwd", "CUDA"):
+        return "no cuda kernel yet for mate::fmha_bwd"
+    if not torch.cuda.is_available():
+        return "this build has CUDA kernels for mate::fmha_bwd but no GPU is visible"
+    return None
+
+
+@pytest.fixture
+def cuda():
+    """"cuda", or a skip naming why the CUDA backward cannot run here."""
+    reason = _cuda_bwd_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return "cuda"
+
+
+# Lengths cross the 64-row / 64-key tile edges (1, 63, 65, 130, 257), with Sq < Sk and Sq > Sk.
+TILE_DIMS = [(64, 64), (96, 96), (128, 128), (192, 128), (256, 256), (40, 72), (8, 8)]
+TILE_VARIANTS = {
+    # dense MHA, full attention, Sq 130 < Sk 257
+    "mha_dense": dict(H=4, Hk=4, lens_q=[130, 130], lens_k=[257, 257]),
+    # GQA 8/2, ragged (with a gap), causal; a 1-row query, Sq < Sk and Sq > Sk (rows without keys)
+    "gqa_ragged_causal": dict(H=8, Hk=2, ragged=True, causal=True, lens_q=[1, 65, 257], lens_k=[63, 130, 64]),
+    # MQA, padded (seqused_q / seqused_k, NaN past them), local window (37, 5)
+    "mqa_padded_window": dict(H=4, Hk=1, seqused=True, window=(37, 5), lens_q=[257, 63], lens_k=[65, 130]),
+    # GQA 8/2, dense, causal + attention_chunk 48 (chunk borders inside tiles), Sq 257 > Sk 130
+    "gqa_dense_chunk_causal": dict(H=8, Hk=2, causal=True, chunk=48, lens_q=[257], lens_k=[130]),
+    # MHA, ragged, attention_chunk 64 (chunk borders on tile borders), no causal
+    "mha_ragged_chunk": dict(H=2, Hk=2, ragged=True, chunk=64, lens_q=[63, 130], lens_k=[257, 65]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(TILE_VARIANTS))
+@pytest.mark.parametrize("dims", TILE_DIMS, ids=[f"D{d}_Dv{dv}" for d, dv in TILE_DIMS])
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_cuda_tensor_core_tiles(cuda, dtype, dims, variant):
+    """The tensor-core path: every (D, Dv) it serves x MHA / GQA / MQA x full / causal / local /
+    chunked x dense / ragged / padded, with lengths around the tile edges; NaN in unused positions."""
+    D, Dv = dims
+    spec = dict(TILE_VARIANTS[variant], D=D, Dv=Dv)
+    _run_case(_make_case(sum(map(ord, variant)) + D + 7 * Dv, dtype, **spec), dtype, cuda)
+
+
+# bf16, D 128, GQA: the score modifiers and the lse gradient on the tensor-core path
+CUDA_FEATURE_CASES = {
+    "softcap_gqa_causal": dict(H=8, Hk=2, causal=True, softcap=5.0, lens_q=[130, 65], lens_k=[257, 63]),
+    "alibi_ragged_window": dict(H=4, Hk=2, ragged=True, alibi=True, window=(37, 5), lens_q=[65, 130],
+                                lens_k=[257, 130]),
+    "alibi_causal_sq_gt_sk": dict(H=8, Hk=2, causal=True, alibi=True, lens_q=[257], lens_k=[130]),
+    "sink_padded_causal": dict(H=8, Hk=2, seqused=True, causal=True, sink=True, lens_q=[65, 257],
+                               lens_k=[257, 130]),
+    "sink_ragged_chunk": dict(H=4, Hk=1, ragged=True, chunk=64, sink=True, lens_q=[130, 63], lens_k=[130, 257]),
+    "lse_grad_ragged_empty_keys": dict(H=4, Hk=2, ragged=True, lse_grad=True, lens_q=[130, 1, 63],
+                                       lens_k=[65, 257, 0]),
+    # rows without keys (Sq > Sk, causal): lse = sink, their gradient comes through dlse and dsink
+    "sink_lse_grad_rows_without_keys": dict(H=8, Hk=2, causal=True, sink=True, lse_grad=True, lens_q=[257, 130],
+                                            lens_k=[63, 65]),
+    "everything": dict(H=8, Hk=2, seqused=True, window=(37, 5), softcap=5.0, alibi=True, sink=True,
+                       lse_grad=True, lens_q=[130, 257], lens_k=[257, 65]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUDA_FEATURE_CASES))
+def test_cuda_features_bf16_d128(cuda, name):
+    spec = dict(CUDA_FEATURE_CASES[name], D=128, Dv=128)
+    _run_case(_make_case(sum(map(ord, name)), BF16, **spec), BF16, cuda)
+
+
+# The CUDA-core fallback: fp32, head dims the tensor-core path does not serve, unaligned rows.
+CUDA_FALLBACK_CASES = {
+    "fp32_gqa_ragged_causal": (F32, dict(H=8, Hk=2, D=64, Dv=64, ragged=True, causal=True, lens_q=[65, 257, 1],
+                                         lens_k=[130, 63, 64]), None),
+    "fp32_odd_dims_padded_window": (F32, dict(H=4, Hk=1, D=40, Dv=24, seqused=True, window=(37, 5), sink=True,
+                                              lens_q=[130, 65], lens_k=[257, 63]), None),
+    "fp32_d256_softcap_alibi_lse": (F32, dict(B=1, H=4, Hk=4, D=256, Dv=256, causal=True, softcap=5.0, alibi=True,
+                                              lse_grad=True, lens_q=[130], lens_k=[257]), None),
+    "fp16_d320": (F16, dict(H=4, Hk=2, D=320, Dv=320, causal=True, lens_q=[130, 130], lens_k=[65, 65]), None),
+    "fp16_d320_dv64_ragged": (F16, dict(H=4, Hk=1, D=320, Dv=64, ragged=True, window=(37, 5), lens_q=[65, 130],
+                                        lens_k=[257, 63]), None),
+    "bf16_d264_padded": (BF16, dict(H=2, Hk=1, D=264, Dv=264, seqused=True, causal=True, lens_q=[65, 130],
+                                    lens_k=[130, 257]), None),
+    "fp16_dv36_sink": (F16, dict(H=8, Hk=2, D=64, Dv=36, causal=True, sink=True, lens_q=[130, 130],
+                                 lens_k=[257, 257]), None),
+    "bf16_d20_dv128_chunk": (BF16, dict(H=4, Hk=4, D=20, Dv=128, ragged=True, chunk=48, lens_q=[257, 63],
+                                        lens_k=[130, 65]), None),
+    # rows 2 bytes past a 16-byte boundary (q only), dense strides
+    "unaligned_q_offset_bf16_d128": (BF16, dict(H=8, Hk=2, D=128, Dv=128, causal=True, lens_q=[130, 130],
+                                                lens_k=[257, 257]), dict(q="offset")),
+    # odd row strides for k and v, offset dout, ragged GQA
+    "unaligned_kv_padded_fp16_d64": (F16, dict(H=4, Hk=2, D=64, Dv=64, ragged=True, window=(37, 5),
+                                               lens_q=[65, 130], lens_k=[130, 257]),
+                                     dict(k="padded", v="padded", dout="offset")),
+    # everything misaligned, D 256 / Dv 256
+    "unaligned_all_bf16_d256": (BF16, dict(B=1, H=2, Hk=1, D=256, Dv=256, causal=True, sink=True,
+                                           lens_q=[130], lens_k=[130]),
+                                dict(q="padded", k="offset", v="padded", dout="padded")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUDA_FALLBACK_CASES))
+def test_cuda_fallback(cuda, name):
+    """The CUDA-core fallback is right too: fp32, D 320 / 264 / 20, Dv 36, unaligned rows."""
+    dtype, spec, layouts = CUDA_FALLBACK_CASES[name]
+    _run_case(_make_case(sum(map(ord, name)), dtype, **spec), dtype, cuda, layouts)
+
+
+def _det_case(device, dtype=BF16, B=2, S=640, Sk=640, H=8, Hk=2, D=128, sink=True):
+    gen = torch.Generator().manual_seed(21)
+    q = _randn(gen, B, S, H, D, dtype=dtype).to(device)
+    k = _randn(gen, B, Sk, Hk, D, dtype=dtype).to(device)
+    v = _randn(gen, B, Sk, Hk, D, dtype=dtype).to(device)
+    dout = _randn(gen, B, S, H, D, dtype=dtype).to(device)
+    s = _randn(gen, H, dtype=F32).to(device) if sink else None
+    return q, k, v, dout, s
+
+
+def _assert_bitwise_runs(runs):
+    for r in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], r)):
+            assert torch.equal(a, b), f"gradient {i} differs between runs with deterministic=True"
+
+
+def test_cuda_deterministic_op(cuda):
+    """fmha_bwd(..., deterministic=True): dq / dk / dv / dsink bitwise identical run to run
+    (GQA 8/2, causal, 640 keys: many key tiles add into every dq row, 4 query heads into each kv head)."""
+    q, k, v, dout, sink = _det_case(cuda)
+    out, lse = MATE.fmha_fwd(q, k, v, causal=True, learnable_sink=sink)
+    runs = [MATE.fmha_bwd(dout, q, k, v, out, lse, causal=True, learnable_sink=sink, deterministic=True)
+            for _ in range(3)]
+    assert all(torch.isfinite(g).all() for g in runs[0])
+    _assert_bitwise_runs(runs)
+
+
+def test_cuda_deterministic_public_api(cuda):
+    """deterministic=True through the public wrappers (FA3 flash_attn_func; MATE's
+    flash_attn_varlen_func, ragged, with a sink): bitwise-identical gradients run to run."""
+    q, k, v, dout, sink = _det_case(cuda)
+    q, k, v, sink = (x.requires_grad_() for x in (q, k, v, sink))
+    runs = [torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
+            for _ in range(3)]
+    _assert_bitwise_runs(runs)
+    B, S, H, D = q.shape
+    cu = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=cuda)
+    cu_q = torch.tensor([0, 300, 2 * S], dtype=torch.int32, device=cuda)  # uneven lengths
+    flat = lambda x: x.flatten(0, 1)  # noqa: E731
+    runs = [torch.autograd.grad(flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_q, cu, 2 * S - 300, S,
+                                                       causal=True, learnable_sink=sink, deterministic=True),
+                                (q, k, v, sink), flat(dout)) for _ in range(3)]
+    _assert_bitwise_runs(runs)
+
+
+def _sdpa_grads(q, k, v, dout, causal, backend):
+    """Gradients of torch SDPA (inputs (B, S, H, D), transposed to SDPA's (B, H, S, D))."""
+    from torch.nn.attention import sdpa_kernel
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with sdpa_kernel(backend):
+        out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in leaves),
+                                                               is_causal=causal)
+    return torch.autograd.grad(out.transpose(1, 2), leaves, dout)
+
+
+def _attention_lowp_grads(q, k, v, dout, causal):
+    """FA3's attention_ref(upcast=False) and its autograd: matmuls in the input dtype, softmax in
+    fp32, P rounded to the input dtype before P @ V (the "oracle in input precision")."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    qq, kk, vv = leaves
+    Sq, Sk = q.shape[1], k.shape[1]
+    s = torch.einsum("bqhd,bkhd->bhqk", qq, kk).float() / math.sqrt(q.shape[-1])
+    if causal:
+        keep = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vv)
+    return torch.autograd.grad(out, leaves, dout)
+
+
+def _vs_sdpa_math(device, B, S, H, D, causal, dtype=BF16, monkeypatch=None):
+    """Our gradients (FA3 flash_attn_func) against torch SDPA's math backend in fp32 on the same
+    tensors, FA3's rule (the bound from attention_ref in the input precision)."""
+    from torch.nn.attention import SDPBackend
+    gen = torch.Generator().manual_seed(31)
+    q, k, v, dout = (_randn(gen, B, S, H, D, dtype=dtype).to(device) for _ in range(4))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    got = torch.autograd.grad(flash_attn_func(*leaves, causal=causal), leaves, dout)
+    if monkeypatch is not None:  # an fp32 reference: no TF32 matmuls
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ref = _sdpa_grads(q.float(), k.float(), v.float(), dout.float(), causal, SDPBackend.MATH)
+    lowp = _attention_lowp_grads(q, k, v, dout, causal)
+    for n, a, r, lp in zip("qkv", got, ref, lowp):
+        assert a.dtype == dtype and a.shape == r.shape
+        assert_close_fa3(a, r, lp, name=f"d{n}", input_dtype=dtype)
+
+
+def test_cuda_vs_sdpa_math_b2_s1024(cuda, monkeypatch):
+    """A realistic size: B 2, S 1024, H 8, D 128, bf16, causal, against SDPA math in fp32."""
+    _vs_sdpa_math(cuda, 2, 1024, 8, 128, causal=True, monkeypatch=monkeypatch)
+
+
+def test_cuda_broadcast_output_grads(cuda):
+    """Output gradients as autograd hands them over: dout broadcast from a (Dv,) weight (strides
+    (0, 0, 0, 1): every row aliases one row) and dlse of lse.sum() (all strides 0)."""
+    gen = torch.Generator().manual_seed(41)
+    q = _randn(gen, 2, 130, 8, 128, dtype=BF16)
+    k = _randn(gen, 2, 257, 2, 128, dtype=BF16)
+    v = _randn(gen, 2, 257, 2, 128, dtype=BF16)
+    w = _randn(gen, 128, dtype=BF16)
+
+    def grads(x, compute_dtype=None):
+        if compute_dtype is None:
+            out, lse = MATE.fmha_fwd(*x, causal=True)
+        else:
+            out, lse = fmha_ref(*x, causal=True, compute_dtype=compute_dtype)
+        gw = w.to(device=out.device, dtype=out.dtype).expand(out.shape)
+        return torch.autograd.grad([out, lse], x, [gw, torch.ones((), device=lse.device).expand(lse.shape)])
+
+    got = grads([t.to(cuda).requires_grad_() for t in (q, k, v)])
+    ref = grads([t.double().requires_grad_() for t in (q, k, v)], torch.float64)
+    lowp = grads([t.clone().requires_grad_() for t in (q, k, v)], BF16)
+    for n, a, r, lp in zip("qkv", got, ref, lowp):
+        assert_close_fa3(a.cpu().double(), r, lp.double(), name=f"d{n}", input_dtype=BF16)
+
+
+def test_cuda_empty_batches_with_sink(cuda):
+    """No query rows at all (dense batch 0; ragged with every sequence empty) with a learnable
+    sink: the gradients have the inputs' shapes and dsink is exactly 0 (not left unwritten)."""
+    sink = torch.randn(4, device=cuda)
+    for shapes, kw in [
+        (((0, 5, 4, 64), (0, 7, 2, 64), (0, 7, 2, 64)), {}),
+        (((3, 4, 64), (6, 2, 64), (6, 2, 64)),
+         dict(cu_seqlens_q=torch.zeros(3, dtype=torch.int32, device=cuda),
+              cu_seqlens_k=torch.tensor([0, 2, 6], dtype=torch.int32, device=cuda), max_seqlen_q=0, max_seqlen_k=4)),
+    ]:
+        for dtype in (BF16, F32):
+            q, k, v = (torch.randn(s, device=cuda).to(dtype) for s in shapes)
+            out, lse = MATE.fmha_fwd(q, k, v, learnable_sink=sink, **kw)
+            dq, dk, dv, dsink = MATE.fmha_bwd(torch.randn_like(out), q, k, v, out, lse, learnable_sink=sink, **kw)
+            assert (dq.shape, dk.shape, dv.shape, dsink.shape) == (q.shape, k.shape, v.shape, sink.shape)
+            assert all((x == 0).all() for x in (dq, dk, dv, dsink)), dsink
