@@ -311,26 +311,6 @@ def test_deterministic_bitwise():
             assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="fmha_fwd's schema has no deterministic argument, so the wrappers' "
-                   "deterministic=True never reaches fmha_bwd (docs/semantics.md, Backward); harmless while every "
-                   "backward kernel is deterministic by construction, needed by one that is not")
-def test_deterministic_flag_reaches_fmha_bwd(monkeypatch):
-    """flash_attn_func(..., deterministic=True) calls fmha_bwd with deterministic=True. Pins the
-    known gap: once the flag is plumbed this XPASSes (strict) and the marker goes."""
-    import mate_ops._autograd as ag
-    calls = []
-    real = ag._BWD
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ag, "_BWD", spy)
-    q, k, v = (torch.randn(1, 9, 2, 16, requires_grad=True) for _ in range(3))
-    torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=True).sum(), (q, k, v))
-    assert len(calls) == 1 and calls[0].get("deterministic") is True, calls
-
-
 # ------------------------------------------------------------------ through the public APIs
 def test_public_apis_grad():
     """FA3 flash_attn_func / flash_attn_varlen_func and MATE flash_attn_varlen_func (with a sink) train."""

@@ -69,7 +69,8 @@ void fmha_bwd(const c10::OperatorHandle& op, Stack* stack) {
   at::Tensor dq = q.is_cpu() ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), k.options());
   at::Tensor dv = at::zeros(v.sizes(), v.options());
-  at::Tensor dsink = at::empty({prob.params.fwd.learnable_sink ? q.size(-2) : 0}, q.options().dtype(at::kFloat));
+  // zeros: a call without query rows (batch 0) launches no kernel
+  at::Tensor dsink = at::zeros({prob.params.fwd.learnable_sink ? q.size(-2) : 0}, q.options().dtype(at::kFloat));
   set_fmha_bwd_outputs(prob, dq, dk, dv, dsink);
   fmha_bwd_kernel.get(q.device().type())(prob.params);
   a.set_returns(std::move(dq), std::move(dk), std::move(dv), std::move(dsink));
