@@ -1,4 +1,4 @@
-"""End-to-end training on the CPU through the mate ops (issue 15, point 5).
+"""End-to-end training on the CPU (and on a CUDA GPU) through the mate ops (issue 15, point 5).
 
 A tiny causal language model trains a few steps through FA3's ``flash_attn_func``, MATE's
 ``flash_attn_varlen_func`` (packed sequences), ``torch.compile`` and the transformers backend:
@@ -31,7 +31,7 @@ def _fa3(q, k, v):
 
 def _mate_varlen(q, k, v):  # every batch row as one packed sequence
     B, S = q.shape[:2]
-    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32)
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)
     out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, S, S, causal=True)
     return out.view(B, S, *out.shape[1:])
 
@@ -95,6 +95,41 @@ def test_tiny_lm_trains_like_sdpa(attn):
     losses, ref_losses = _train(run, tokens), _train(ref, tokens)
     assert losses[-1] < 0.7 * losses[0], losses
     assert abs(losses[-1] - ref_losses[-1]) < 1e-2 * ref_losses[0], (losses, ref_losses)
+
+
+_CUDA_BWD = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_bwd", "CUDA")
+
+
+@pytest.mark.skipif(not _CUDA_BWD, reason="needs a CUDA GPU and a build with the CUDA backward")
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("attn", ["fa3", "mate_varlen", "fa3_compiled"])
+def test_tiny_lm_trains_on_cuda(attn, precision):
+    """The same training on a GPU: fp32 runs the CUDA-core backward, bf16 autocast the
+    tensor-core one (head dim 8 padded to the 64-wide tile inside the kernel)."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (3, 25), device="cuda")
+    ref = TinyLM(_sdpa).cuda()
+    ours = copy.deepcopy(ref)
+    ours.attn = {"fa3": _fa3, "mate_varlen": _mate_varlen, "fa3_compiled": _fa3}[attn]
+    run = ours
+    if attn == "fa3_compiled":
+        torch._dynamo.reset()
+        run = torch.compile(ours, fullgraph=True)
+    bf16 = precision == "bf16_autocast"
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else torch.enable_grad
+    with ctx():
+        g_ref = torch.autograd.grad(_loss(ref, tokens), list(ref.parameters()))
+        g_ours = torch.autograd.grad(_loss(run, tokens), list(ours.parameters()))
+    for (name, _), a, r in zip(ref.named_parameters(), g_ours, g_ref):
+        if bf16:  # both sides round q/k/v/P to bf16, in different orders
+            err, size = (a - r).abs().max().item(), r.abs().max().item()
+            assert err <= 0.1 * size + 1e-3, (name, err, size)
+        else:
+            torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-3, msg=name)
+    with ctx():
+        losses, ref_losses = _train(run, tokens), _train(ref, tokens)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert abs(losses[-1] - ref_losses[-1]) < (5e-2 if bf16 else 1e-2) * ref_losses[0], (losses, ref_losses)
 
 
 def test_transformers_backend_trains_like_sdpa():
