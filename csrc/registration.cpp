@@ -35,11 +35,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(mate, m) {
   // FMHA forward (SEMANTICS §1): dense / ragged / padded / paged, GQA, qv, fp8,
   // masks, softcap, sink, splits, context parallel, ALiBi (FA2: -slope * |i + Sk - Sq - j|
-  // added to the scaled, soft-capped score). Returns (out, lse). `deterministic` only reaches
-  // the backward (fmha_bwd), through the autograd formula.
+  // added to the scaled, soft-capped score). Returns (out, lse).
   m.def("fmha_fwd(Tensor q, Tensor k, Tensor v, " MATE_FMHA_SCHEMA_ARGS
-        ", ScalarType? out_dtype=None, Tensor? alibi_slopes=None, bool deterministic=False) "
-        "-> (Tensor out, Tensor lse)");
+        ", ScalarType? out_dtype=None, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // The same, writing into the caller's out and lse.
   m.def("fmha_fwd_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, "
         MATE_FMHA_SCHEMA_ARGS ", Tensor? alibi_slopes=None) -> ()");

@@ -7,10 +7,10 @@ names, argument order, defaults and return arities as FA3 (Dao-AILab/flash-atten
 math is the contract of SEMANTICS §1-§2 (docs/semantics.md).
 
 Training: :func:`flash_attn_func` and :func:`flash_attn_varlen_func` have an autograd
-backward, as in FA3 (``torch.ops.mate.fmha_bwd`` on the CPU and CUDA; see docs/semantics.md
-"Backward"): gradients w.r.t. q, k, v (GQA: summed over the group), with causal / local /
-chunked masks and softcap. ``deterministic=True`` is honoured: the CUDA backward then sums dq
-in a fixed order instead of with atomics (the CPU backward always is bitwise reproducible). Paged K/V, ``qv`` and float8 inputs stay
+backward, as in FA3 (``torch.ops.mate.fmha_bwd``; CPU now, device kernels later; see
+docs/semantics.md "Backward"): gradients w.r.t. q, k, v (GQA: summed over the group), with
+causal / local / chunked masks and softcap. ``deterministic=True`` is honoured: the CPU
+backward is always bitwise reproducible run to run. Paged K/V, ``qv`` and float8 inputs stay
 forward-only: a backward through them raises naming the reason, never a silent None gradient.
 FA3's :func:`flash_attn_with_kvcache` and :func:`flash_attn_combine` have no backward: a
 backward through them raises ``NotImplementedError``.
@@ -80,8 +80,7 @@ def flash_attn_func(
         softcap: ``softcap * tanh(s / softcap)`` when > 0.
         num_splits: 1 (default) = no split-KV, 0 = heuristic, n > 1 = n splits; never changes
             the result beyond fp32 rounding. ``pack_gqa`` is a hint too.
-        deterministic: bitwise-reproducible gradients (the CUDA backward then sums dq in a fixed
-            order instead of with atomics; the CPU backward always is).
+        deterministic: bitwise-reproducible gradients; the CPU backward always is.
         sm_margin: accepted for compatibility.
         return_attn_probs: also return the softmax lse (FA3 returns the lse, not probabilities).
 

@@ -76,9 +76,7 @@ def flash_attn_varlen_func(
         num_splits: 1 = no split-KV, 0 = heuristic, n > 1 = n key splits merged exactly as
             :func:`flash_attn_combine` does; negative (MATE's ``-1``) = do not split, as 1.
             ``pack_gqa`` is a hint too.
-        deterministic: bitwise-reproducible gradients (passed to the backward: the CUDA backward
-            then sums dq in a fixed order instead of with atomics; the CPU backward and every
-            forward always are).
+        deterministic: bitwise-reproducible gradients; the CPU backward always is (forward too).
         sm_margin: accepted for compatibility.
         return_softmax_lse: also return the natural-log lse, fp32 ``(B, H, Sq)`` or ``(H, total_q)``.
         backend: ``"auto"``, ``"mutlass"`` or ``"mubin"`` (MATE's MUSA kernel families); all
@@ -103,8 +101,7 @@ def flash_attn_varlen_func(
               cp_tot_seqused_k)
     if out is None:
         with below_autograd(q, k, v, qv, q_descale, k_descale, v_descale, learnable_sink):
-            # then out_dtype, alibi_slopes, and deterministic (read by the backward only)
-            out, lse = _fmha_fwd((q, k, v), values + (None, None, deterministic))
+            out, lse = _fmha_fwd((q, k, v), values)
     else:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, learnable_sink)):
             # fmha_fwd_out writes the caller's tensor and has no backward: refuse rather than

@@ -24,7 +24,7 @@ def fmha_fwd_fake(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=No
                   window_size_left=-1, window_size_right=-1, learnable_sink=None,
                   attention_chunk=0, softcap=0.0, scheduler_metadata=None, num_splits=1,
                   pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
-                  out_dtype=None, alibi_slopes=None, deterministic=False):
+                  out_dtype=None, alibi_slopes=None):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=_out_dtype(q, out_dtype))
     if cu_seqlens_q is not None:  # ragged: lse (H, Tq)
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)

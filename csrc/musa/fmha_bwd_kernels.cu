@@ -4,7 +4,8 @@
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta) * dlogit/ddot,  dK = dS^T Q,  dQ = dS K.
 // The mask and score pipeline are the forward's (key_range_for_row, ScoreMod; fmha_score.h).
 //
-// Three steps:
+// Three steps, none with atomics, so every gradient is bitwise identical run to run (the
+// `deterministic` flag costs nothing):
 //  1. fmha_bwd_rows_kernel: per (query row, head) the base-2 lse (+inf for a row without keys,
 //     so its P is 0, not NaN) and delta, into an fp32 scratch [global row * H + h]; then the
 //     learnable-sink gradient, one block per head summing in a fixed order.
@@ -13,14 +14,11 @@
 //     GQA sums over the group in registers). Keys are the M dimension of the tensor-core
 //     GEMMs: S^T = K Q^T and dP^T = V dO^T land in registers in the A-operand layout of
 //     dV += P^T dO and dK += dS^T Q. A head dim of 256 runs two passes (dV, then dK), since
-//     both accumulators do not fit in one thread's registers. By default the same step also
-//     forms dQ = dS K for its rows (dS^T through shared memory) and adds it to an fp32 buffer
-//     with atomics (FlashAttention-2's scheme: 5 GEMM units of work); a conversion kernel
-//     rounds the buffer into dq.
-//  3. deterministic: dQ instead comes from one block per (64 packed query rows, kv head,
-//     sequence) looping over the key tiles the rows see, like the forward: S = Q K^T,
-//     dP = dO V^T, dQ += dS K. It recomputes S and dP (7 GEMM units in all) but adds in a
-//     fixed order: gradients are bitwise identical run to run.
+//     both accumulators do not fit in one thread's registers.
+//  3. dQ: one block per (64 packed query rows, kv head, sequence) loops over the key tiles the
+//     rows see, like the forward: S = Q K^T, dP = dO V^T, dQ += dS K. This recomputes S and dP
+//     (8 GEMM units of work where an atomic dQ in step 2 needs 5) in exchange for no fp32
+//     accumulation buffer, no atomics and determinism by construction.
 // The tensor-core kernels (mma.sync m16n8k16) serve bf16/fp16 with D and Dv multiples of 8 up
 // to 256 (the forward's tile widths; padding inside the kernel), dout in the input dtype and
 // 16-byte aligned rows; the portable CUDA-core kernels (one warp per key / per query row)
@@ -237,42 +235,23 @@ using namespace mma_tiles;
 
 // dK / dV block: kWarps x 16 keys (each warp owns 16 key rows), kBlockM packed query rows per
 // step. kPass 0 computes both gradients; 1 only dV; 2 only dK (head dim 256: two launches).
-// kAtomicDq: the pass that has dS also adds dQ = dS K into an fp32 buffer with atomics.
-template <typename T_, int kD_, int kDv_, int kBlockM_, int kPass_, bool kAtomicDq_>
+template <typename T_, int kD_, int kDv_, int kBlockM_, int kPass_>
 struct BwdKvConfig {
   using T = T_;
   static constexpr int kD = kD_, kDv = kDv_, kBlockM = kBlockM_, kPass = kPass_;
-  static constexpr bool kDoDv = kPass != 2, kDoDk = kPass != 1, kDoDq = kAtomicDq_ && kDoDk;
+  static constexpr bool kDoDv = kPass != 2, kDoDk = kPass != 1;
   static constexpr int kWarps = 4, kThreads = kWarps * 32;
   static constexpr int kBlockN = kWarps * 16;        // keys of the block
   static constexpr int kNTiles = kBlockM / 8;        // 8-row column tiles of S^T
   static constexpr int kRowsPerWarp = kBlockM / kWarps;  // Q / dO rows each warp copies
   using KvTiles = MmaConfig<T, kD, kDv, kWarps, 1, kBlockN>;  // load_kv_tiles' view of the K / V tile
   static constexpr int kQElems = kBlockM * kD, kDoElems = kBlockM * kDv;
-  // dS^T of a step for the dQ product: [key][row], rows padded by 8 elements so that the
-  // ldmatrix reads and the pair writes are bank-conflict free
-  static constexpr int kDsStride = kBlockM + 8;
-  static constexpr int kDsElems = kDoDq ? kBlockN * kDsStride : 0;
-  // dQ work split: 16-row groups x column parts, 64 (or 32) columns at a time
-  static constexpr int kRowGroups = kBlockM / 16, kColSplits = kWarps / kRowGroups;
-  static constexpr int kDqCols = kD / kColSplits, kDqChunk = kDqCols % 64 == 0 ? 64 : 32;
-  // K, V; two stages of (Q, dO); dS^T; two stages of the per-row lse2, delta, key interval
+  // K, V; two stages of (Q, dO); two stages of the per-row lse2, delta, key interval
   static constexpr int kSmemBytes =
-      (kBlockN * (kD + kDv) + 2 * (kQElems + kDoElems) + kDsElems) * static_cast<int>(sizeof(T)) + 2 * kBlockM * 16;
+      (kBlockN * (kD + kDv) + 2 * (kQElems + kDoElems)) * static_cast<int>(sizeof(T)) + 2 * kBlockM * 16;
   static_assert(kBlockM % 16 == 0 && (kRowsPerWarp * (kD / 8)) % 32 == 0 && (kRowsPerWarp * (kDv / 8)) % 32 == 0,
                 "a warp's Q / dO rows must fill whole copy steps");
-  static_assert(kWarps % kRowGroups == 0 && kDqCols % kDqChunk == 0, "dQ: whole column chunks per warp");
 };
-
-// Adds two adjacent fp32 values (8-byte aligned) to global memory.
-__device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
-#else
-  atomicAdd(dst, x);
-  atomicAdd(dst + 1, y);
-#endif
-}
 
 // Sets a kernel's dynamic shared-memory limit once per device (a driver call per launch costs
 // host time).
@@ -297,8 +276,7 @@ __global__ void __launch_bounds__(C::kThreads) fmha_bwd_dkdv_kernel(FmhaBwdParam
   T* v_s = k_s + C::kBlockN * kD;
   T* q_s = v_s + C::kBlockN * kDv;         // 2 stages
   T* do_s = q_s + 2 * C::kQElems;          // 2 stages
-  T* ds_s = do_s + 2 * C::kDoElems;        // dS^T (kDoDq)
-  float* lse_s = reinterpret_cast<float*>(ds_s + C::kDsElems);  // [2][kBM] each
+  float* lse_s = reinterpret_cast<float*>(do_s + 2 * C::kDoElems);  // [2][kBM] each
   float* delta_s = lse_s + 2 * kBM;
   int* lo_s = reinterpret_cast<int*>(delta_s + 2 * kBM);
   int* hi_s = lo_s + 2 * kBM;
@@ -480,59 +458,6 @@ __global__ void __launch_bounds__(C::kThreads) fmha_bwd_dkdv_kernel(FmhaBwdParam
           arch::ldmatrix_x4_trans(qb, q_t + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
           arch::mma_16x8x16<T>(dk[2 * dp], a, qb[0], qb[1]);
           arch::mma_16x8x16<T>(dk[2 * dp + 1], a, qb[2], qb[3]);
-        }
-      }
-    }
-    if constexpr (C::kDoDq) {
-      // dQ (kBM rows x kD) += dS (kBM x 64 keys) K: dS^T goes through shared memory (the
-      // product needs all the block's keys), then each warp takes 16 rows and its columns.
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          *reinterpret_cast<uint32_t*>(ds_s + (krow + 8 * hf + g4) * C::kDsStride + nt * 8 + 2 * t) =
-              arch::pack2<T>(dpacc[nt][2 * hf], dpacc[nt][2 * hf + 1]);
-      __syncthreads();
-      const int rg = warp % C::kRowGroups, cs = warp / C::kRowGroups;
-      constexpr int kCols = C::kDqCols, kChunk = C::kDqChunk;
-      int64_t row_at[2] = {-1, -1};  // this thread's two rows in dq_acc (-1: past the run)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int r = st * kBM + rg * 16 + 8 * hf + g4;
-        if (r < rows_total)
-          row_at[hf] = (global_row(p, s, b, ia + r / G) * H + hk * G + r % G) * static_cast<int64_t>(p.head_dim);
-      }
-#pragma unroll
-      for (int chunk = 0; chunk < kCols / kChunk; ++chunk) {
-        const int c0 = cs * kCols + chunk * kChunk;
-        if (c0 >= p.head_dim) break;
-        float acc[kChunk / 8][4];
-#pragma unroll
-        for (int x = 0; x < kChunk / 8; ++x)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[x][e] = 0.f;
-#pragma unroll
-        for (int pk = 0; pk < C::kBlockN / 16; ++pk) {
-          uint32_t a[4];  // rows rg 16.., keys pk 16..: transposed out of [key][row]
-          arch::ldmatrix_x4_trans(a, ds_s + (pk * 16 + lane % 8 + (lane / 16) * 8) * C::kDsStride + rg * 16 +
-                                         ((lane / 8) % 2) * 8);
-#pragma unroll
-          for (int dp = 0; dp < kChunk / 16; ++dp) {
-            uint32_t kb[4];
-            arch::ldmatrix_x4_trans(kb, k_s + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8,
-                                                      c0 / 8 + 2 * dp + lane / 16));
-            arch::mma_16x8x16<T>(acc[2 * dp], a, kb[0], kb[1]);
-            arch::mma_16x8x16<T>(acc[2 * dp + 1], a, kb[2], kb[3]);
-          }
-        }
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          if (row_at[hf] < 0) continue;
-#pragma unroll
-          for (int x = 0; x < kChunk / 8; ++x) {
-            const int c = c0 + x * 8 + 2 * t;
-            if (c < p.head_dim) atomic_add2(rows.dq_acc + row_at[hf] + c, acc[x][2 * hf], acc[x][2 * hf + 1]);
-          }
         }
       }
     }
@@ -767,42 +692,17 @@ arch::Error launch_dq(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::
   return arch::last_error();
 }
 
-// dq = the fp32 accumulator rounded to the input dtype (dq and dq_acc share their layout).
-template <typename T>
-__global__ void fmha_bwd_dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n) {
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 2; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x * 2) {
-    const float2 x = *reinterpret_cast<const float2*>(acc + i);
-    *reinterpret_cast<uint32_t*>(dq + i) = arch::pack2<T>(x.x, x.y);
-  }
-}
-
 // Tile shapes per width: dK/dV accumulators (kD + kDv) / 2 registers per thread plus 2 x kBlockM
-// / 2 for S^T and dP^T; a 256 width splits into a dV pass and a dK pass. dQ: atomics into
-// rows.dq_acc from the dK pass and a conversion (the default), or the dQ kernel, which adds in a
-// fixed order (deterministic: bitwise-identical gradients run to run).
-template <typename T, int kD, int kDv, bool kPlain, bool kAtomicDq>
-arch::Error launch_passes(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream) {
-  if constexpr (kD == 256 || kDv == 256) {
-    const arch::Error e = launch_dkdv<BwdKvConfig<T, kD, kDv, 32, 1, false>, kPlain>(g, rows, stream);
-    if (e != arch::kSuccess) return e;
-    return launch_dkdv<BwdKvConfig<T, kD, kDv, 32, 2, kAtomicDq>, kPlain>(g, rows, stream);
-  } else {
-    return launch_dkdv<BwdKvConfig<T, kD, kDv, (kD + kDv <= 256 ? 64 : 32), 0, kAtomicDq>, kPlain>(g, rows, stream);
-  }
-}
-
+// / 2 for S^T and dP^T; a 256 width splits into a dV pass and a dK pass.
 template <typename T, int kD, int kDv, bool kPlain>
 arch::Error launch_width(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream) {
-  if (rows.dq_acc) {
-    arch::Error e = launch_passes<T, kD, kDv, kPlain, true>(g, rows, stream);
-    if (e != arch::kSuccess) return e;
-    const int64_t n = static_cast<int64_t>(g.fwd.total_q) * g.fwd.num_heads * g.fwd.head_dim;
-    const int blocks = static_cast<int>(imin(static_cast<int>((n / 2 + 255) / 256), 65535));
-    if (n > 0) fmha_bwd_dq_convert_kernel<T><<<imax(blocks, 1), 256, 0, stream>>>(rows.dq_acc, static_cast<T*>(g.dq), n);
-    return arch::last_error();
+  arch::Error e;
+  if constexpr (kD == 256 || kDv == 256) {
+    e = launch_dkdv<BwdKvConfig<T, kD, kDv, 32, 1>, kPlain>(g, rows, stream);
+    if (e == arch::kSuccess) e = launch_dkdv<BwdKvConfig<T, kD, kDv, 32, 2>, kPlain>(g, rows, stream);
+  } else {
+    e = launch_dkdv<BwdKvConfig<T, kD, kDv, (kD + kDv <= 256 ? 64 : 32), 0>, kPlain>(g, rows, stream);
   }
-  const arch::Error e = launch_passes<T, kD, kDv, kPlain, false>(g, rows, stream);
   if (e != arch::kSuccess) return e;
   constexpr int kKeys = (kD == 256 || kDv == 256) ? 32 : 64;
   return launch_dq<MmaConfig<T, kD, kDv, 4, 1, kKeys>, kPlain>(g, rows, stream);
@@ -820,9 +720,7 @@ arch::Error launch_typed(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arc
   }
 }
 
-}  // namespace
-
-bool fmha_bwd_mma_fits(const FmhaBwdParams& g) {
+bool bwd_mma_fits(const FmhaBwdParams& g) {
   const FmhaParams& p = g.fwd;
   auto aligned = [](const void* ptr, int64_t a, int64_t b, int64_t c) {
     return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * 2) % 16 == 0 && (b * 2) % 16 == 0 && (c * 2) % 16 == 0;
@@ -835,20 +733,18 @@ bool fmha_bwd_mma_fits(const FmhaBwdParams& g) {
          aligned(g.dout, g.dout_batch_stride, g.dout_row_stride, g.dout_head_stride);
 }
 
-namespace {
 arch::Error launch_mma(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream) {
   const bool plain = !(g.fwd.softcap > 0.f) && !g.fwd.alibi_slopes;
   if (g.fwd.in_dtype == DType::kFloat16)
     return plain ? launch_typed<arch::f16, true>(g, rows, stream) : launch_typed<arch::f16, false>(g, rows, stream);
   return plain ? launch_typed<arch::bf16, true>(g, rows, stream) : launch_typed<arch::bf16, false>(g, rows, stream);
 }
-}  // namespace
 #else
-bool fmha_bwd_mma_fits(const FmhaBwdParams&) { return false; }
-namespace {
+bool bwd_mma_fits(const FmhaBwdParams&) { return false; }
 arch::Error launch_mma(const FmhaBwdParams&, const FmhaBwdScratch&, arch::Stream) { return arch::kSuccess; }
-}  // namespace
 #endif  // MATE_HAS_MMA_SYNC
+
+}  // namespace
 
 arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream) {
   const FmhaParams& p = g.fwd;
@@ -862,7 +758,7 @@ arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, 
     fmha_bwd_sink_kernel<<<p.num_heads, kSinkThreads, 0, stream>>>(g, rows);
     if ((e = arch::last_error()) != arch::kSuccess) return e;
   }
-  if (fmha_bwd_mma_fits(g)) return launch_mma(g, rows, stream);
+  if (bwd_mma_fits(g)) return launch_mma(g, rows, stream);
   const dim3 kv_grid(static_cast<unsigned>(ceil_div_pos(imax(g.max_seqlen_k, 1), kPortableWarps)), p.num_heads_k,
                      p.batch);
   fmha_bwd_dkdv_portable_kernel<<<kv_grid, kPortableWarps * 32, 0, stream>>>(g, rows);

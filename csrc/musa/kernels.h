@@ -31,15 +31,10 @@ arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits,
 // FMHA backward (fmha_bwd_kernels.cu): scratch of total_q * H floats each, indexed
 // [global row * H + head]: the base-2 lse (+inf for a row without keys) and delta =
 // rowsum(dO * O) - dlse. dq / dk / dv must be zero-filled (rows no sequence uses stay 0).
-// dq_acc: a zero-filled fp32 buffer shaped like dq, given only on the tensor-core path when
-// results need not be deterministic: dQ is then added with atomics (5 GEMMs of work instead
-// of 7); without it a dQ kernel sums in a fixed order.
 struct FmhaBwdScratch {
   float* lse2 = nullptr;
   float* delta = nullptr;
-  float* dq_acc = nullptr;
 };
-bool fmha_bwd_mma_fits(const FmhaBwdParams& g);
 arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
 
 arch::Error launch_combine(const CombineParams& c, arch::Stream stream);

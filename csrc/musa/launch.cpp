@@ -45,9 +45,8 @@ void fmha_device(const FmhaProblem& prob) {
   check_launch(launch_fmha(p, parts, prob.max_seqlen_q, arch::current_stream()), "fmha_fwd");
 }
 
-// FMHA backward: fp32 per-row scratch (lse in base 2, delta) and, unless deterministic results
-// were asked for (the op's flag or torch.use_deterministic_algorithms), an fp32 dQ accumulator
-// for the atomic tensor-core path.
+// FMHA backward: fp32 per-row scratch (lse in base 2, delta), then the kernels; deterministic
+// always (no atomics), so g.deterministic needs nothing more.
 void fmha_bwd_device(const FmhaBwdParams& g) {
   const FmhaParams& p = g.fwd;
   TORCH_CHECK(p.batch <= 65535, "the device kernels handle at most 65535 sequences per call, got ", p.batch);
@@ -57,12 +56,6 @@ void fmha_bwd_device(const FmhaBwdParams& g) {
   FmhaBwdScratch rows;
   rows.lse2 = scratch.data_ptr<float>();
   rows.delta = rows.lse2 + n;
-  at::Tensor dq_acc;
-  const bool deterministic = g.deterministic || at::globalContext().deterministicAlgorithms();
-  if (!deterministic && fmha_bwd_mma_fits(g)) {
-    dq_acc = at::zeros({n * p.head_dim}, options);
-    rows.dq_acc = dq_acc.data_ptr<float>();
-  }
   check_launch(launch_fmha_bwd(g, rows, arch::current_stream()), "fmha_bwd");
 }
 
