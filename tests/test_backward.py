@@ -537,7 +537,7 @@ def test_export_training_step():
 # is visible; elsewhere (CI) they skip. Oracle and comparisons run on the CPU.
 def _cuda_bwd_skip_reason():
     if not torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_bwd", "CUDA"):
-        return "no cuda kernel yet for mate::fmha_bwd"
+        return "this build has no cuda kernel for mate::fmha_bwd"
     if not torch.cuda.is_available():
         return "this build has CUDA kernels for mate::fmha_bwd but no GPU is visible"
     return None

@@ -128,8 +128,10 @@ def test_tiny_lm_trains_on_cuda(attn, precision):
             torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-3, msg=name)
     with ctx():
         losses, ref_losses = _train(run, tokens), _train(ref, tokens)
-    assert losses[-1] < 0.7 * losses[0], losses
-    assert abs(losses[-1] - ref_losses[-1]) < (5e-2 if bf16 else 1e-2) * ref_losses[0], (losses, ref_losses)
+    # under bf16 autocast this model learns slower on any attention (SDPA's loss too: about
+    # 4.33 -> 4.15 in 8 steps on the CPU), so there the loss must fall and follow SDPA's path
+    assert losses[-1] < (0.98 if bf16 else 0.7) * losses[0], (losses, ref_losses)
+    assert abs(losses[-1] - ref_losses[-1]) < (2e-2 if bf16 else 1e-2) * ref_losses[0], (losses, ref_losses)
 
 
 def test_transformers_backend_trains_like_sdpa():
