@@ -235,12 +235,12 @@ using namespace mma_tiles;
 
 // dK / dV block: kWarps x 16 keys (each warp owns 16 key rows), kBlockM packed query rows per
 // step. kPass 0 computes both gradients; 1 only dV; 2 only dK (head dim 256: two launches).
-template <typename T_, int kD_, int kDv_, int kBlockM_, int kPass_>
+template <typename T_, int kD_, int kDv_, int kBlockM_, int kPass_, int kWarps_ = 4>
 struct BwdKvConfig {
   using T = T_;
   static constexpr int kD = kD_, kDv = kDv_, kBlockM = kBlockM_, kPass = kPass_;
   static constexpr bool kDoDv = kPass != 2, kDoDk = kPass != 1;
-  static constexpr int kWarps = 4, kThreads = kWarps * 32;
+  static constexpr int kWarps = kWarps_, kThreads = kWarps * 32;
   static constexpr int kBlockN = kWarps * 16;        // keys of the block
   static constexpr int kNTiles = kBlockM / 8;        // 8-row column tiles of S^T
   static constexpr int kRowsPerWarp = kBlockM / kWarps;  // Q / dO rows each warp copies
@@ -698,14 +698,18 @@ template <typename T, int kD, int kDv, bool kPlain>
 arch::Error launch_width(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream) {
   arch::Error e;
   if constexpr (kD == 256 || kDv == 256) {
-    e = launch_dkdv<BwdKvConfig<T, kD, kDv, 32, 1>, kPlain>(g, rows, stream);
-    if (e == arch::kSuccess) e = launch_dkdv<BwdKvConfig<T, kD, kDv, 32, 2>, kPlain>(g, rows, stream);
+    // 8 warps: 128 keys share each Q / dO step, and the 190 KB of shared memory still holds
+    // 8 warps per SM (4 warps x 64 keys took 128 KB for 4)
+    e = launch_dkdv<BwdKvConfig<T, kD, kDv, 32, 1, 8>, kPlain>(g, rows, stream);
+    if (e == arch::kSuccess) e = launch_dkdv<BwdKvConfig<T, kD, kDv, 32, 2, 8>, kPlain>(g, rows, stream);
   } else {
     e = launch_dkdv<BwdKvConfig<T, kD, kDv, (kD + kDv <= 256 ? 64 : 32), 0>, kPlain>(g, rows, stream);
   }
   if (e != arch::kSuccess) return e;
-  constexpr int kKeys = (kD == 256 || kDv == 256) ? 32 : 64;
-  return launch_dq<MmaConfig<T, kD, kDv, 4, 1, kKeys>, kPlain>(g, rows, stream);
+  if constexpr (kD == 256 || kDv == 256)  // 8 warps x 16 rows: 8 warps per SM in 192 KB
+    return launch_dq<MmaConfig<T, kD, kDv, 8, 1, 32>, kPlain>(g, rows, stream);
+  else
+    return launch_dq<MmaConfig<T, kD, kDv, 4, 1, 64>, kPlain>(g, rows, stream);
 }
 
 template <typename T, bool kPlain>
