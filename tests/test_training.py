@@ -5,6 +5,7 @@ A tiny causal language model trains a few steps through FA3's ``flash_attn_func`
 the loss decreases, and the gradients equal those of the same model on
 ``torch.nn.functional.scaled_dot_product_attention``.
 """
+import contextlib
 import copy
 
 import pytest
@@ -63,12 +64,15 @@ def _loss(model, tokens):
     return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
 
-def _train(model, tokens, steps=8):
+def _train(model, tokens, steps=8, precision=contextlib.nullcontext):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = _loss(model, tokens)
+        # a fresh autocast context per step: autocast caches the low-precision weight copies
+        # until its context exits, so one context around all steps would train stale weights
+        with precision():
+            loss = _loss(model, tokens)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -116,7 +120,7 @@ def test_tiny_lm_trains_on_cuda(attn, precision):
         torch._dynamo.reset()
         run = torch.compile(ours, fullgraph=True)
     bf16 = precision == "bf16_autocast"
-    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else torch.enable_grad
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     with ctx():
         g_ref = torch.autograd.grad(_loss(ref, tokens), list(ref.parameters()))
         g_ours = torch.autograd.grad(_loss(run, tokens), list(ours.parameters()))
@@ -126,12 +130,9 @@ def test_tiny_lm_trains_on_cuda(attn, precision):
             assert err <= 0.1 * size + 1e-3, (name, err, size)
         else:
             torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-3, msg=name)
-    with ctx():
-        losses, ref_losses = _train(run, tokens), _train(ref, tokens)
-    # under bf16 autocast this model learns slower on any attention (SDPA's loss too: about
-    # 4.33 -> 4.15 in 8 steps on the CPU), so there the loss must fall and follow SDPA's path
-    assert losses[-1] < (0.98 if bf16 else 0.7) * losses[0], (losses, ref_losses)
-    assert abs(losses[-1] - ref_losses[-1]) < (2e-2 if bf16 else 1e-2) * ref_losses[0], (losses, ref_losses)
+    losses, ref_losses = _train(run, tokens, precision=ctx), _train(ref, tokens, precision=ctx)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert abs(losses[-1] - ref_losses[-1]) < (5e-2 if bf16 else 1e-2) * ref_losses[0], (losses, ref_losses)
 
 
 def test_transformers_backend_trains_like_sdpa():
