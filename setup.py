@@ -13,6 +13,9 @@ Environment knobs:
     MAX_JOBS=N                            parallel compile jobs (ninja)
     MATE_OPS_SKIP_EXT=1                   install the Python package only, no _C
                                           (scripts/setup_env.sh builds _C itself)
+    MATE_OPS_CUTLASS_INCLUDE=DIR          CUTLASS / CuTe headers for the Hopper kernels of
+                                          csrc/musa/arch/sm90 (default: the nvidia-cutlass
+                                          package's copy; without either they are skipped)
 """
 import glob
 import os
@@ -72,10 +75,29 @@ def packages():
     return sorted({"mate_ops", "mate_ops.meta_kernels", *subs})
 
 
+CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"  # pip install --no-deps (headers only; pyproject.toml says why)
+
+
+def cutlass_include():
+    """The CUTLASS headers (with CuTe) the sm90 kernels build on: MATE_OPS_CUTLASS_INCLUDE, else
+    the copy inside the nvidia-cutlass package (found without importing it), else None."""
+    path = os.environ.get("MATE_OPS_CUTLASS_INCLUDE")
+    if not path:
+        import importlib.util  # noqa: PLC0415
+
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = os.path.join(list(spec.submodule_search_locations)[0], "source", "include")
+    return path if os.path.isdir(os.path.join(path, "cute")) else None
+
+
 def extension():
     sources = ["csrc/registration.cpp"] + rel("csrc/common/*.cpp") + rel("csrc/cpu_ref/*.cpp")
     kind = device_kind()
-    device_sources = rel("csrc/musa/*.cu") + rel("csrc/musa/*.cpp")
+    # csrc/musa: host launchers and portable kernels; arch/sm80: the mma.sync kernels (empty
+    # where the compiler has no mma.sync); arch/sm90 (below): the CuTe Hopper kernels
+    device_sources = rel("csrc/musa/*.cu") + rel("csrc/musa/arch/sm80/*.cu") + rel("csrc/musa/*.cpp")
     common = dict(
         name="mate_ops._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -84,9 +106,21 @@ def extension():
     if kind == "cuda" and device_sources:
         arch = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         print(f"mate_ops: building CUDA device kernels for {arch}")
+        macros = [("MATE_WITH_CUDA", "1")]
+        # Hopper kernels (TMA + wgmma, CuTe): only with the CUTLASS headers and a 9.0a target;
+        # their bodies compile for sm_90a only (the other targets get empty kernels)
+        cutlass = cutlass_include()
+        if cutlass and "9.0a" in arch:
+            print(f"mate_ops: with the sm90 kernels (CUTLASS headers: {cutlass})")
+            device_sources += rel("csrc/musa/arch/sm90/*.cu")
+            common["include_dirs"].append(cutlass)
+            macros.append(("MATE_WITH_SM90", "1"))
+        else:
+            print(f"mate_ops: without the sm90 kernels (needs {CUTLASS_PIN} or MATE_OPS_CUTLASS_INCLUDE, "
+                  "and 9.0a in TORCH_CUDA_ARCH_LIST)")
         return CUDAExtension(
             sources=sources + device_sources,
-            define_macros=[("MATE_WITH_CUDA", "1")],
+            define_macros=macros,
             extra_compile_args={
                 "cxx": cpu_flags(),
                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],

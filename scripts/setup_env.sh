@@ -46,6 +46,14 @@ if ! have transformers && "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 
   echo "setup_env: installing transformers==$TRANSFORMERS_PIN (integration tests)"
   pip_install -q "transformers==$TRANSFORMERS_PIN"
 fi
+# CUTLASS's headers (nvidia-cutlass, 6 MB; see pyproject.toml): tests/test_device_sources.py
+# compiles the Hopper kernels of csrc/musa/arch/sm90 with them (nvcc only; never run here),
+# and CUDA builds find them through setup.py
+CUTLASS_PIN=4.2.0.0
+if ! have cutlass_library; then
+  echo "setup_env: installing nvidia-cutlass==$CUTLASS_PIN (CUTLASS headers for the sm90 kernels)"
+  pip_install -q --no-deps "nvidia-cutlass==$CUTLASS_PIN"  # headers only, not its generator's deps
+fi
 # pip puts the ninja executable next to the interpreter's scripts; when a venv's python is
 # called by its path without activating the venv that folder is not on PATH, and torch
 # would fall back to a slow, serial build without ninja

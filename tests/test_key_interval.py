@@ -3,7 +3,7 @@
 Every mask (causal, local window, attention chunk, the key length, context parallel) lets a
 query row see one contiguous interval of keys, and both ends of that interval are
 non-decreasing as the row grows. csrc/common/fmha_score.h (key_range_for_row) states this;
-the tensor-core kernel (csrc/musa/fmha_mma.cu) relies on it to bound a block of rows by its
+the tensor-core kernels (csrc/musa/arch/sm80) rely on it to bound a block of rows by its
 first and last row. A new mask that broke it must fail here.
 
 Nothing here uses a private API. Which keys a row sees is read from outputs: with q = 0 every

@@ -43,14 +43,14 @@ MATE_HD int row_anchor(const SeqInfo& s, int i) { return (s.mask_k_len - s.q_len
 // and the chunk ends are evaluated in 64 bits. After the clamps to [0, Sk] both ends fit
 // an int again (glo <= max(a, 0) < Sk or 0, ghi is clamped to [glo, Sk]).
 //
-// INVARIANT (the tensor-core kernel of csrc/musa/fmha_mma.cu relies on it, and
+// INVARIANT (the tensor-core kernels of csrc/musa/arch/sm80 rely on it, and
 // tests/test_key_interval.py checks it against the oracle and the CPU op): both ends
 // lo(i) and hi(i) are non-decreasing in the row i. Every bound above is a non-decreasing
 // function of the anchor a (max(0, a - left, floor(a / c) * c) from below, min(Sk,
 // a + right + 1, floor(a / c) * c + c) from above), the empty case keeps hi = lo, and the
 // context-parallel map j = ceil((g - r) / W) is non-decreasing in g. So the first row of a
 // block has the smallest lo and its last row the largest hi. A new mask must keep this
-// (an interval whose ends only move right as the row grows), or fmha_mma.cu's per-block
+// (an interval whose ends only move right as the row grows), or the kernels' per-block
 // key range (and its "latest rows first" ordering) must change with it.
 MATE_HD KeyInterval key_range_for_row(const FmhaParams& p, const SeqInfo& s, int i) {
   const int a = row_anchor(s, i);
@@ -75,6 +75,20 @@ MATE_HD KeyInterval key_range_for_row(const FmhaParams& p, const SeqInfo& s, int
   k.lo = imin(imax(0, ceil_div_signed(static_cast<int>(glo) - r, W)), s.k_len);
   k.hi = imax(k.lo, imin(s.k_len, ceil_div_signed(static_cast<int>(ghi) - r, W)));
   return k;
+}
+
+// First query row i in [0, q_len) with pred(key_range_for_row(i)), for a predicate monotone
+// in i (false ... false true ... true), as "hi(i) > j" and "lo(i) > j" are by the INVARIANT
+// above: the rows that see a key (block) form one run, found by two binary searches.
+template <class Pred>
+MATE_HD int first_row_where(const FmhaParams& p, const SeqInfo& s, Pred pred) {
+  int lo = 0, hi = s.q_len;
+  while (lo < hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (pred(key_range_for_row(p, s, mid))) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
 }
 
 // softcap * tanh(x / softcap) (SEMANTICS §1, Scores), for softcap > 0. (A multiply by a

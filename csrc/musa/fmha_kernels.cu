@@ -5,8 +5,10 @@
 //
 // These are the portable kernels: every dtype and head dim (fmha_row_kernel), a CUDA-core
 // decode kernel (fp32 / fp8 / other head dims), the split merge and combine. bf16/fp16 with
-// D = Dv in {64, 128, 256} take the tensor-core kernel of fmha_mma.cu instead.
+// D = Dv in {64, 128, 256} take the tensor-core kernel of arch/sm80/fmha_mma.cu instead.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "../common/dtype_convert.h"
 #include "../common/fmha_math.h"
@@ -402,11 +404,32 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams c) {
 
 }  // namespace
 
+#if !defined(MATE_WITH_SM90)  // a build without the CUTLASS headers has no Hopper kernels
+bool fmha_sm90_fits(const FmhaParams&) { return false; }
+arch::Error launch_fmha_sm90(const FmhaParams&, int, arch::Stream) { return arch::kSuccess; }
+#endif
+
+namespace {
+// MATE_OPS_FMHA_PATH=sm90: the forward tries the Hopper kernel first (opt-in while it has not
+// been validated on a GPU; kernels.h). Read once per process.
+bool sm90_requested() {
+  static const bool on = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_PATH");
+    return v != nullptr && std::strcmp(v, "sm90") == 0;
+  }();
+  return on;
+}
+}  // namespace
+
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
   if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
     // tensor cores when the build and the problem allow; the portable kernels otherwise
     bool launched = false;
-    if (mma_path_fits(p)) {
+    if (splits.num_splits == 1 && sm90_requested() && fmha_sm90_fits(p) && arch::compute_capability() == 90) {
+      launched = launch_fmha_sm90(p, max_rows, stream) == arch::kSuccess;
+      if (!launched) arch::last_error();  // clear it, fall back
+    }
+    if (!launched && mma_path_fits(p)) {
       launched = launch_fmha_mma(p, splits, max_rows, stream) == arch::kSuccess;
       if (!launched) arch::last_error();  // e.g. too little shared memory: clear it, fall back
     }

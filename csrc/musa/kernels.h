@@ -21,7 +21,7 @@ struct FmhaSplitBuffers {
 // sequence's length exit at once).
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream);
 
-// The tensor-core FMHA path (fmha_mma.cu): bf16/fp16, D and Dv multiples of 8 up to 256
+// The tensor-core FMHA path (arch/sm80/fmha_mma.cu): bf16/fp16, D and Dv multiples of 8 up to 256
 // (padded inside the kernel to the 64, 128, 192 x 128 or 256 tile widths), no qv, 16-byte
 // aligned rows. launch_fmha uses it when mma_path_fits; the launch writes what
 // the portable kernels would (partials when splits.num_splits > 1; the caller merges).
@@ -36,6 +36,17 @@ struct FmhaBwdScratch {
   float* delta = nullptr;
 };
 arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
+// Its tensor-core kernels (arch/sm80/fmha_bwd_mma.cu): bf16/fp16 with dout in the same dtype,
+// D and Dv multiples of 8 up to 256, 16-byte aligned rows.
+bool fmha_bwd_mma_fits(const FmhaBwdParams& g);
+arch::Error launch_fmha_bwd_mma(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
+
+// The Hopper path (arch/sm90: CuTe, TMA + wgmma), built when setup.py finds the CUTLASS
+// headers (MATE_WITH_SM90). New and not yet run on a GPU: launch_fmha takes it only when
+// MATE_OPS_FMHA_PATH=sm90 is set (read once) on a compute capability 9.0 device. Writes what
+// the mma.sync path writes without splits.
+bool fmha_sm90_fits(const FmhaParams& p);
+arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream);
 
 arch::Error launch_combine(const CombineParams& c, arch::Stream stream);
 

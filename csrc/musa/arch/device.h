@@ -24,6 +24,8 @@ inline int current_device() {
   musaGetDevice(&dev);
   return dev;
 }
+// CUDA compute capabilities do not apply (the sm90 path is NVIDIA's): 0.
+inline int compute_capability() { return 0; }
 }  // namespace mate::arch
 #else
 #include <cuda_runtime.h>
@@ -53,6 +55,14 @@ inline int current_device() {
   int dev = 0;
   cudaGetDevice(&dev);
   return dev;
+}
+// The current device's compute capability, major * 10 + minor (90 for Hopper).
+inline int compute_capability() {
+  const int dev = current_device();
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return major * 10 + minor;
 }
 }  // namespace mate::arch
 #endif

@@ -1,6 +1,6 @@
 // Warp-level tensor-core and async-copy primitives of the vendor layer (sm80+ PTX):
 // mma.sync m16n8k16 with fp32 accumulators, ldmatrix, cp.async with zero fill, and the
-// fast exp2. The FMHA tensor-core kernel (fmha_mma.cu) uses only these names.
+// fast exp2. The tensor-core kernels (arch/sm80, mla_kernels.cu) use only these names.
 //
 // MATE_HAS_MMA_SYNC is defined where they exist (nvcc, any arch: the PTX is emitted for the
 // sm80+ targets setup.py builds). A MUSA build leaves it undefined until these few functions

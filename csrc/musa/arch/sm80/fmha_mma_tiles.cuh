@@ -1,11 +1,11 @@
-// Shared-memory tiles of the tensor-core FMHA kernels (fmha_mma.cu forward, fmha_bwd_mma.cu
-// backward): the tile configuration, the XOR swizzle, the cp.async row copies (page-table
-// and padding aware) and the FP8 staging. Included by .cu files inside MATE_HAS_MMA_SYNC.
+// Shared-memory tiles of the mma.sync FMHA kernels of this folder (fmha_mma.cu forward,
+// fmha_bwd_mma.cu backward): the tile configuration and widths, the XOR swizzle, the cp.async
+// row copies (page-table and padding aware) and the FP8 staging.
 #pragma once
 
-#include "../common/fmha_math.h"
-#include "../common/fmha_params.h"
-#include "arch/mma.h"
+#include "../../../common/fmha_math.h"
+#include "../../../common/fmha_params.h"
+#include "../mma.h"
 
 #if defined(MATE_HAS_MMA_SYNC)
 namespace mate::device::mma_tiles {

@@ -27,13 +27,13 @@
 
 #include <cmath>
 
-#include "../common/dtype_convert.h"
-#include "../common/fmha_math.h"
-#include "../common/fmha_score.h"
-#include "../common/scheduler.h"
-#include "arch/mma.h"
+#include "../../../common/dtype_convert.h"
+#include "../../../common/fmha_math.h"
+#include "../../../common/fmha_score.h"
+#include "../../../common/scheduler.h"
+#include "../mma.h"
 #include "fmha_mma_tiles.cuh"
-#include "kernels.h"
+#include "../../kernels.h"
 
 namespace mate::device {
 
