@@ -1,0 +1,537 @@
+// FMHA forward for Hopper (sm_90a): TMA loads into an mbarrier pipeline and wgmma for both
+// GEMMs, written with CUTLASS's CuTe headers. It computes what the mma.sync kernel
+// (arch/sm80/fmha_mma.cu) computes without splits, for the common prefill case: bf16/fp16,
+// D = Dv in {64, 128}, plain scores (scores_are_plain), dense or ragged q/k/v without a page
+// table. Everything else stays on the mma.sync path (fmha_sm90_fits says which is which).
+//
+// Why a separate kernel: mma.sync cannot reach a Hopper GPU's tensor-core peak; wgmma (a
+// 64 x N x 16 product per warpgroup, straight from shared memory, asynchronous) can. TMA moves
+// a whole tile with one instruction and no registers, so loading takes one thread instead of
+// a block's worth of cp.async address arithmetic, and the other warps keep computing.
+//
+// One block per (128 query rows, query head, sequence), latest rows first (causal blocks with
+// late rows are the heaviest: they start first). 384 threads in three warpgroups:
+//   - warpgroup 0, the producer: one thread issues the TMA loads of Q (once) and of the K and
+//     V tiles (kBlockN keys each) into kStages buffers; K and V have their own barriers, so
+//     S = Q K^T can start while V is still landing. The warpgroup gives its registers up
+//     (setmaxnreg) to the consumers.
+//   - warpgroups 1 and 2, the consumers, 64 rows each: S = Q K^T (wgmma, both operands in
+//     shared memory), the online softmax in registers in base 2, P rounded to the input type
+//     in registers, O += P V (wgmma with P from registers). The accumulator layout of S is the
+//     register-operand layout of P (static_asserts below), so P never touches shared memory.
+//     The epilogue stores out and lse from registers like fmha_mma.cu.
+// The mask is fmha_score.h's per-row key interval: a block loads the keys between its first
+// row's lower end and its last row's upper end (the interval ends are monotone in the row,
+// the INVARIANT at key_range_for_row) and only tiles that cross a row's interval edge pay for
+// per-element masking. Keys past the block's last key are zeroed in V's buffer (a TMA box
+// reads whole tiles: past a sequence's end lie other sequences' keys or unwritten cache rows,
+// and 0 * NaN would leak into the output).
+//
+// Not yet here (version 1 is for correctness first): the overlap of one tile's softmax with
+// the next tile's Q K^T inside a warpgroup, warpgroup ping-pong, GQA row packing, TMA stores.
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+#include "../../../common/fmha_math.h"
+#include "../../../common/fmha_params.h"
+#include "../../../common/fmha_score.h"
+#include "../../kernels.h"
+#include "../device.h"
+
+#if defined(MATE_WITH_SM90)
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+#include "../mma.h"  // fast_exp2, pack2
+
+namespace mate::device {
+namespace sm90 {
+
+using namespace cute;
+
+// The tile configuration of one (element type, head dim) instantiation. T is CuTe's element
+// type (the wgmma operand type); NvT the CUDA type of the same bits (arch::pack2).
+template <class T_, class NvT_, int kD_>
+struct Config {
+  using T = T_;
+  using NvT = NvT_;
+  static constexpr int kD = kD_;           // D = Dv
+  static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
+  static constexpr int kBlockN = 128;      // keys per K / V tile
+  static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
+  static constexpr int kConsumers = 2;     // consumer warpgroups
+  static constexpr int kConsumerThreads = 128 * kConsumers;
+  static constexpr int kThreads = 128 + kConsumerThreads;
+  // Registers per thread after setmaxnreg: the producer keeps few, the consumers hold S (64),
+  // P (32) and O (64 at D 128). 128 * 24 + 256 * 240 fits the SM's 64K.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+
+  // S = Q K^T: M = 64 rows per warpgroup, N = kBlockN keys, K = D; Q and K both K-major in
+  // shared memory. O += P V: N = Dv, K = kBlockN keys; P from registers, V MN-major (Dv is
+  // contiguous in memory).
+  using AtomQK = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kD>>>());
+  using AtomPV = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kBlockN>>, GMMA::Major::K,
+                                                 GMMA::Major::MN>());
+  using WarpGroups = Layout<Shape<Int<kConsumers>, _1, _1>>;  // warpgroup w owns rows 64w .. 64w + 63
+  using MmaQK = decltype(make_tiled_mma(AtomQK{}, WarpGroups{}));
+  using MmaPV = decltype(make_tiled_mma(AtomPV{}, WarpGroups{}));
+
+  // The softmax indexes the accumulators directly (value i = e + 2 h + 4 j is row g + 8 h,
+  // column 8 j + 2 (lane % 4) + e, g = lane / 4 + 16 * warp), and P reuses S's registers as
+  // the A operand of O += P V: 16 accumulator columns are laid out exactly like one k-step of
+  // a register A operand. These asserts pin both facts to CuTe's layouts.
+  static_assert(cute::is_same_v<typename MmaQK::Atom::CLayout, GMMA::CLayout_64xN<kBlockN>>);
+  static_assert(cute::is_same_v<typename MmaPV::Atom::CLayout, GMMA::CLayout_64xN<kD>>);
+  static_assert(cute::is_same_v<typename MmaPV::Atom::ALayout, GMMA::ALayout_64x16>);
+  static_assert(cute::is_same_v<GMMA::CLayout_64xN<16>, GMMA::ALayout_64x16>);
+
+  // Shared tiles with the 128-byte swizzle wgmma and TMA both understand.
+  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kD>>{}));
+  using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockN>, Int<kD>, Int<kStages>>{}));
+  // V's swizzle atoms (64 channels x 8 keys) are stacked along the keys first, so that 64
+  // channels of a whole tile are one contiguous TMA box (channels first would cut it into
+  // 8-key boxes).
+  using SmemV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<kD>, Int<kBlockN>, Int<kStages>>{},
+                                       Step<_2, _1, _3>{}));
+
+  // Global views for the TMA descriptors: q / k as (rows, D, heads, batch), v as
+  // (Dv, rows, heads, batch) so that its tiles land MN-major. A ragged tensor has batch 1.
+  using GShape = Shape<int, int, int, int>;
+  using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
+  using GStrideV = Stride<_1, int64_t, int64_t, int64_t>;
+  using GTensorQK = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GShape{}, GStrideQK{}));
+  using GTensorV = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GShape{}, GStrideV{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), SmemQ{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), take<0, 2>(SmemK{})));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorV>(), take<0, 2>(SmemV{})));
+
+  static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
+  static constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(T);  // one K or one V tile
+
+  struct Smem {
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemQ>, 1024> q;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemK>, 1024> k;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemV>, 1024> v;
+    // full: the tile has landed (TMA transaction count); empty: every consumer thread is done
+    // with the buffer (kConsumerThreads arrivals)
+    uint64_t q_full;
+    uint64_t k_full[kStages], k_empty[kStages];
+    uint64_t v_full[kStages], v_empty[kStages];
+  };
+  static constexpr int kSmemBytes = static_cast<int>(sizeof(Smem));
+};
+
+using BF16x128 = Config<cutlass::bfloat16_t, arch::bf16, 128>;
+using F16x128 = Config<cutlass::half_t, arch::f16, 128>;
+using BF16x64 = Config<cutlass::bfloat16_t, arch::bf16, 64>;
+using F16x64 = Config<cutlass::half_t, arch::f16, 64>;
+
+// The extents of the global views (host and device build the same ones).
+MATE_HD int q_rows(const FmhaParams& p) { return p.q_is_ragged ? p.total_q : p.seqlen_q; }
+MATE_HD int q_batches(const FmhaParams& p) { return p.q_is_ragged ? 1 : p.batch; }
+MATE_HD int k_rows(const FmhaParams& p) { return p.k_is_ragged ? p.total_k : p.seqlen_k; }
+MATE_HD int k_batches(const FmhaParams& p) { return p.k_is_ragged ? 1 : p.num_pages; }
+// A mode of extent 1 is never stepped along, so its stride only has to pass the descriptor's
+// checks (16-byte multiple): torch may report any stride for a size-1 dim; those become 0 (as
+// a ragged tensor's batch mode is).
+MATE_HD int64_t mode_stride(int64_t stride, int extent) {
+  return extent > 1 || (stride >= 0 && stride % 8 == 0) ? stride : 0;
+}
+
+MATE_HD Shape<int, int, int, int> q_shape(const FmhaParams& p) {
+  return make_shape(q_rows(p), p.head_dim, p.num_heads, q_batches(p));
+}
+MATE_HD Shape<int, int, int, int> k_shape(const FmhaParams& p) {
+  return make_shape(k_rows(p), p.head_dim, p.num_heads_k, k_batches(p));
+}
+MATE_HD Shape<int, int, int, int> v_shape(const FmhaParams& p) {
+  return make_shape(p.head_dim_v, k_rows(p), p.num_heads_k, k_batches(p));
+}
+
+// One wgmma tile product, C (+)= A B over every k-step: the first step overwrites C when
+// kZeroInit (S = Q K^T starts from nothing), later steps accumulate. Waits for completion.
+template <bool kZeroInit, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wgmma_tile(Mma& mma, const TA& a, const TB& b, TC& c) {
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+}
+
+// Key interval facts of a warpgroup's 64 rows [r0, r0 + 64) that are uniform over the
+// warpgroup (wgmma is issued by all of its 128 threads or none): by the INVARIANT at
+// key_range_for_row, the first row has the smallest ends and the last real row the largest.
+struct GroupKeys {
+  int lo_min = 0, hi_max = 0;  // hull of the rows' intervals: tiles outside it are skipped
+  int lo_max = 0, hi_min = 0;  // every row sees [lo_max, hi_min) when `full`
+  bool full = false;           // all 64 rows are real rows
+  __device__ bool meets(int n0, int n) const { return lo_min - n0 < n && hi_max > n0 && lo_min < hi_max; }
+  __device__ bool covers(int n0, int n) const { return full && lo_max <= n0 && hi_min - n0 >= n; }
+};
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1)
+    fmha_sm90_kernel(const FmhaParams p, CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
+                     CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename C::T;
+  constexpr int kD = C::kD, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& sh = *reinterpret_cast<typename C::Smem*>(smem_raw);
+
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;  // latest rows first: causal blocks are heaviest
+  if (m0 >= s.q_len_full) return;
+  const int hk = h / (p.num_heads / p.num_heads_k);
+
+  // Keys of the block: from its first row's lower end to its last real row's upper end.
+  int kmin = 0, kmax = 0;
+  if (m0 < s.q_len) {
+    kmin = key_range_for_row(p, s, m0).lo;
+    kmax = key_range_for_row(p, s, imin(m0 + kBlockM, s.q_len) - 1).hi;
+  }
+  const int num_tiles = kmax > kmin ? ceil_div_pos(kmax - kmin, kBlockN) : 0;
+
+  if (threadIdx.x == 0) {
+    initialize_barrier(sh.q_full, 1);
+    for (int st = 0; st < kStages; ++st) {
+      initialize_barrier(sh.k_full[st], 1);
+      initialize_barrier(sh.v_full[st], 1);
+      initialize_barrier(sh.k_empty[st], C::kConsumerThreads);
+      initialize_barrier(sh.v_empty[st], C::kConsumerThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // ---- producer: one thread issues every load --------------------------------------------
+  if (threadIdx.x < 128) {
+    cutlass::arch::warpgroup_reg_dealloc<C::kProducerRegs>();
+    if (threadIdx.x < 32 && num_tiles > 0 && elect_one_sync()) {
+      Tensor sQ = make_tensor(make_smem_ptr(sh.q.data()), typename C::SmemQ{});
+      Tensor sK = make_tensor(make_smem_ptr(sh.k.data()), typename C::SmemK{});
+      Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
+      // Tile origins are arbitrary rows (a sequence's first row, a key interval's start): the
+      // views are shifted there; rows past the tensor's end arrive as zeros.
+      const int q0 = static_cast<int>(s.q_row0) + m0;
+      const int k0 = static_cast<int>(s.k_row0) + s.k_start + kmin;
+      const int bq = p.q_is_ragged ? 0 : b, bk = p.k_is_ragged ? 0 : s.cache_row;
+      Tensor mQ = tma_q.get_tma_tensor(q_shape(p))(_, _, h, bq);
+      Tensor mK = tma_k.get_tma_tensor(k_shape(p))(_, _, hk, bk);
+      Tensor mV = tma_v.get_tma_tensor(v_shape(p))(_, _, hk, bk);
+      Tensor gQ = local_tile(domain_offset(make_coord(q0, _0{}), mQ), Shape<Int<kBlockM>, Int<kD>>{}, make_coord(0, 0));
+      Tensor gK = local_tile(domain_offset(make_coord(k0, _0{}), mK), Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));
+      Tensor gV = local_tile(domain_offset(make_coord(_0{}, k0), mV), Shape<Int<kD>, Int<kBlockN>>{}, make_coord(0, _));
+      auto [tQg, tQs] = tma_partition(tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      CUTE_STATIC_ASSERT_V(size<1>(tKs) == Int<kStages>{} && size<1>(tVs) == Int<kStages>{});
+
+      set_barrier_transaction_bytes(sh.q_full, C::kQBytes);
+      copy(tma_q.with(sh.q_full), tQg, tQs);
+      for (int t = 0; t < num_tiles; ++t) {
+        const int st = t % kStages, phase = (t / kStages) & 1;
+        // a buffer's first use needs no wait; later ones wait for the release of tile t - kStages
+        if (t >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
+        set_barrier_transaction_bytes(sh.k_full[st], C::kKVBytes);
+        copy(tma_k.with(sh.k_full[st]), tKg(_, t), tKs(_, st));
+        if (t >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
+        set_barrier_transaction_bytes(sh.v_full[st], C::kKVBytes);
+        copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
+      }
+    }
+    return;
+  }
+
+  // ---- consumers --------------------------------------------------------------------------
+  cutlass::arch::warpgroup_reg_alloc<C::kConsumerRegs>();
+  const int ct = threadIdx.x - 128;  // 0 .. 255
+  const int group = ct / 128, warp = (ct % 128) / 32, lane = ct % 32;
+  const int quad = lane % 4;
+
+  typename C::MmaQK mma_qk;
+  typename C::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(ct);
+  auto thr_pv = mma_pv.get_thread_slice(ct);
+  Tensor sQ = make_tensor(make_smem_ptr(sh.q.data()), typename C::SmemQ{});
+  Tensor sK = make_tensor(make_smem_ptr(sh.k.data()), typename C::SmemK{});
+  Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);  // wgmma descriptors of this warpgroup's Q rows
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);  // (.., k-steps, stage)
+  Tensor tOrV = thr_pv.partition_fragment_B(sV);
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});  // S, then P in fp32
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kD>>{});
+  Tensor tOrP = make_tensor<T>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kD / 2 && size(tOrP) == size(tSrS));
+  CUTE_STATIC_ASSERT_V(size<1>(tSrQ) == _1{} && size<2>(tSrQ) == Int<kD / 16>{} && size<3>(tSrK) == Int<kStages>{});
+  CUTE_STATIC_ASSERT_V(size<1>(tOrP) == _1{} && size<2>(tOrP) == Int<kBlockN / 16>{} &&
+                       size<3>(tOrV) == Int<kStages>{});
+  clear(tOrO);
+
+  // This thread's two rows (block rows 64 group + 16 warp + lane / 4 + 8 hf) and their keys.
+  int row_lo[2], row_hi[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+    KeyInterval keys;  // empty past the real rows: they are computed but never stored
+    if (m < s.q_len) keys = key_range_for_row(p, s, m);
+    row_lo[hf] = keys.lo;
+    row_hi[hf] = keys.hi;
+  }
+  GroupKeys gk;
+  {
+    const int first = m0 + group * 64, last = imin(first + 64, s.q_len) - 1;
+    if (first <= last) {
+      const KeyInterval a = key_range_for_row(p, s, first), z = key_range_for_row(p, s, last);
+      gk.lo_min = a.lo;
+      gk.hi_min = a.hi;
+      gk.lo_max = z.lo;
+      gk.hi_max = z.hi;
+      gk.full = last - first == 63;
+    }
+  }
+
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max on raw scores
+  const float sl = p.softmax_scale * kLog2e;  // raw score -> base-2 logit (plain scores: scale > 0)
+
+  if (num_tiles > 0) wait_barrier(sh.q_full, 0);
+  for (int t = 0; t < num_tiles; ++t) {
+    const int st = t % kStages, phase = (t / kStages) & 1;
+    const int n0 = kmin + t * kBlockN;
+    const bool any = gk.meets(n0, kBlockN);   // the warpgroup has keys in this tile
+    const bool all = gk.covers(n0, kBlockN);  // ... and no row needs per-element masking
+
+    // Every consumer waits for and releases every tile, computing or not: a release before
+    // the tile has landed could complete the buffer's next phase early.
+    wait_barrier(sh.k_full[st], phase);
+    if (any) wgmma_tile<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
+    arrive_barrier(sh.k_empty[st]);
+
+    if (any) {
+      // Online softmax in base 2; a row's kBlockN / 4 values per thread, 4 threads (a lane
+      // quad) per row.
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};  // relative to n0
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = tSrS(e + 2 * hf + 4 * j);
+            if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
+            mx = fmaxf(mx, x);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(row_max[hf], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+        const float corr = arch::fast_exp2((row_max[hf] - m_use) * sl);
+        const float m_scaled = m_use * sl;
+        row_max[hf] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = tSrS(e + 2 * hf + 4 * j);
+            x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
+            sum += x;
+          }
+        row_sum[hf] = row_sum[hf] * corr + sum;  // this lane's part; the quad sums at the end
+#pragma unroll
+        for (int j = 0; j < kD / 8; ++j) {
+          tOrO(2 * hf + 4 * j) *= corr;
+          tOrO(1 + 2 * hf + 4 * j) *= corr;
+        }
+      }
+      // P in the input type, in S's register order (the A operand layout, see Config)
+      uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
+#pragma unroll
+      for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
+    }
+
+    wait_barrier(sh.v_full[st], phase);
+    if (t == num_tiles - 1 && kmax - n0 < kBlockN) {
+      // The last tile runs past the block's keys: zero those V rows (see the file comment).
+      // Both consumer warpgroups read all of V, so both wait for all of the zeros; the proxy
+      // fence makes the generic stores visible to wgmma's reads.
+      const int valid = kmax - n0;
+      for (int idx = ct; idx < (kBlockN - valid) * kD; idx += C::kConsumerThreads)
+        sV(idx % kD, valid + idx / kD, st) = T(0.f);
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, 0);
+    }
+    if (any) {
+      warpgroup_fence_operand(tOrP);
+      wgmma_tile<false>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
+      warpgroup_fence_operand(tOrP);
+    }
+    arrive_barrier(sh.v_empty[st]);
+  }
+
+  // ---- epilogue: normalize and store (fmha_mma.cu's rules) --------------------------------
+  constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = row_sum[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+    if (m >= s.q_len_full) continue;
+    const int64_t row = s.q_row0 + m;
+    const bool padded = m >= s.q_len;  // past seqused_q: out 0, lse -inf
+    const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
+    float lse = has ? row_max[hf] * sl * kLn2 + logf(l) : -INFINITY;
+    float scale = has ? 1.f / l : 0.f;
+    if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
+    if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
+    typename C::NvT* out = static_cast<typename C::NvT*>(p.out) + b * p.out_batch_stride + row * p.out_row_stride +
+                           h * p.out_head_stride + 2 * quad;
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j)
+      *reinterpret_cast<uint32_t*>(out + 8 * j) =
+          arch::pack2<typename C::NvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
+    if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+  }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __trap();  // a Hopper-class target without the sm_90a features: a misbuilt binary, fail loudly
+#endif
+}
+
+// Is the sm_90a body what the current device runs? The sm_80 build of this kernel is empty and
+// would run on a Hopper GPU too when the binary lacks the sm_90a image; ask the loaded image.
+// Once per device (a driver query per call would cost eager steps host time).
+template <class C>
+bool kernel_runs_here() {
+  static std::atomic<uint64_t> known{0}, good{0};
+  const int dev = arch::current_device();
+  if (dev < 0 || dev >= 64) return false;
+  const uint64_t bit = uint64_t{1} << dev;
+  if (!(known.load(std::memory_order_relaxed) & bit)) {
+    cudaFuncAttributes attr{};
+    const cudaError_t e = cudaFuncGetAttributes(&attr, fmha_sm90_kernel<C>);
+    if (e != cudaSuccess) cudaGetLastError();  // e.g. no image for this device: not the caller's error
+    if (e == cudaSuccess && attr.binaryVersion == 90) good.fetch_or(bit, std::memory_order_relaxed);
+    known.fetch_or(bit, std::memory_order_relaxed);
+  }
+  return good.load(std::memory_order_relaxed) & bit;
+}
+
+// The TMA descriptors of one call's q, k and v (fmha_sm90_fits checked what they require).
+template <class C>
+struct Descriptors {
+  typename C::TmaQ q;
+  typename C::TmaK k;
+  typename C::TmaV v;
+};
+
+template <class C>
+Descriptors<C> make_descriptors(const FmhaParams& p) {
+  using T = typename C::T;
+  const int hq = p.num_heads, hk = p.num_heads_k, qb = q_batches(p), kb = k_batches(p);
+  auto gq = make_tensor(make_gmem_ptr(static_cast<const T*>(p.q)), q_shape(p),
+                        make_stride(mode_stride(p.q_row_stride, q_rows(p)), _1{}, mode_stride(p.q_head_stride, hq),
+                                    mode_stride(p.q_batch_stride, qb)));
+  auto gk = make_tensor(make_gmem_ptr(static_cast<const T*>(p.k)), k_shape(p),
+                        make_stride(mode_stride(p.k_row_stride, k_rows(p)), _1{}, mode_stride(p.k_head_stride, hk),
+                                    mode_stride(p.k_batch_stride, kb)));
+  auto gv = make_tensor(make_gmem_ptr(static_cast<const T*>(p.v)), v_shape(p),
+                        make_stride(_1{}, mode_stride(p.v_row_stride, k_rows(p)), mode_stride(p.v_head_stride, hk),
+                                    mode_stride(p.v_batch_stride, kb)));
+  return {make_tma_copy(SM90_TMA_LOAD{}, gq, typename C::SmemQ{}),
+          make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename C::SmemK{})),
+          make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{}))};
+}
+
+template <class C>
+arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream) {
+  static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
+  const int dev = arch::current_device();
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (!(configured.load(std::memory_order_relaxed) & bit)) {
+    const arch::Error e = arch::set_max_dynamic_smem(fmha_sm90_kernel<C>, C::kSmemBytes);
+    if (e != arch::kSuccess) return e;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const Descriptors<C> d = make_descriptors<C>(p);
+  const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(max_rows) + C::kBlockM - 1) / C::kBlockM),
+                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
+  fmha_sm90_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, d.q, d.k, d.v);
+  return arch::last_error();
+}
+
+}  // namespace sm90
+
+bool fmha_sm90_fits(const FmhaParams& p) {
+  using namespace sm90;
+  if (!(p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) || p.out_dtype != p.in_dtype) return false;
+  if (p.head_dim != p.head_dim_v || (p.head_dim != 64 && p.head_dim != 128)) return false;
+  // num_splits: 0 (the heuristic's choice) is resolved by the caller, which takes this path only
+  // when that comes to 1; an explicit request for splits stays on the mma.sync path
+  if (p.qv || p.page_size > 0 || p.page_table || p.num_splits > 1 || !scores_are_plain(p)) return false;
+  if (!p.out || !p.lse || !p.q || !p.k || !p.v) return false;
+  if (p.batch <= 0 || p.batch > 65535 || p.num_heads <= 0 || p.num_heads > 65535 || p.num_heads_k <= 0 ||
+      p.num_heads % p.num_heads_k != 0)
+    return false;
+  // TMA: every extent in [1, 2^32], 16-byte aligned base and strides below 2^40 bytes (CuTe
+  // asserts on a descriptor the driver refuses, so these are checked here, never there)
+  if (q_rows(p) <= 0 || k_rows(p) <= 0 || q_batches(p) <= 0 || k_batches(p) <= 0) return false;
+  auto stride_ok = [](int64_t stride, int extent) {
+    const int64_t bytes = mode_stride(stride, extent) * 2;
+    return bytes >= 0 && bytes % 16 == 0 && bytes < (int64_t{1} << 40);
+  };
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (!aligned(p.q) || !aligned(p.k) || !aligned(p.v)) return false;
+  if (!stride_ok(p.q_row_stride, q_rows(p)) || !stride_ok(p.q_head_stride, p.num_heads) ||
+      !stride_ok(p.q_batch_stride, q_batches(p)))
+    return false;
+  if (!stride_ok(p.k_row_stride, k_rows(p)) || !stride_ok(p.k_head_stride, p.num_heads_k) ||
+      !stride_ok(p.k_batch_stride, k_batches(p)))
+    return false;
+  if (!stride_ok(p.v_row_stride, k_rows(p)) || !stride_ok(p.v_head_stride, p.num_heads_k) ||
+      !stride_ok(p.v_batch_stride, k_batches(p)))
+    return false;
+  // the epilogue stores pairs of 16-bit values
+  auto even = [](int64_t x) { return x % 2 == 0; };
+  if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || !even(p.out_batch_stride) || !even(p.out_row_stride) ||
+      !even(p.out_head_stride))
+    return false;
+  const bool f16 = p.in_dtype == DType::kFloat16;
+  if (p.head_dim == 128) return f16 ? kernel_runs_here<F16x128>() : kernel_runs_here<BF16x128>();
+  return f16 ? kernel_runs_here<F16x64>() : kernel_runs_here<BF16x64>();
+}
+
+arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream) {
+  using namespace sm90;
+  if (max_rows <= 0) return arch::kSuccess;
+  const bool f16 = p.in_dtype == DType::kFloat16;
+  if (p.head_dim == 128)
+    return f16 ? launch_config<F16x128>(p, max_rows, stream) : launch_config<BF16x128>(p, max_rows, stream);
+  return f16 ? launch_config<F16x64>(p, max_rows, stream) : launch_config<BF16x64>(p, max_rows, stream);
+}
+
+}  // namespace mate::device
+
+#else  // no CUTLASS headers in this build: the mma.sync path serves every call
+
+namespace mate::device {
+bool fmha_sm90_fits(const FmhaParams&) { return false; }
+arch::Error launch_fmha_sm90(const FmhaParams&, int, arch::Stream) { return arch::kSuccess; }
+}  // namespace mate::device
+
+#endif

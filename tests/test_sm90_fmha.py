@@ -1,0 +1,278 @@
+"""The Hopper FMHA forward (csrc/musa/arch/sm90/fmha_fwd_sm90.cu: TMA + wgmma) against the fp64
+oracle, on random inputs with poisoned outputs.
+
+The forward takes the sm90 kernel only when MATE_OPS_FMHA_PATH=sm90 is in the environment when
+the extension first dispatches (it is read once per process), so the checks run in a child
+process with that variable set, and this file is the child's script too:
+
+    python tests/test_sm90_fmha.py --device cuda [--only NAME ...] [--list]
+
+Each case runs torch.ops.mate.fmha_fwd and fmha_fwd_out (into NaN-poisoned out and lse) and
+compares both with the oracle by FA3's rule (tests/test_fmha.py's check); on CUDA it also asks
+the profiler which kernel ran, so a case the sm90 kernel declined (fmha_sm90_fits false) fails
+instead of passing on the mma.sync path. ``--device cpu`` runs the same comparisons against the
+CPU op (a dry run of this harness; no environment variable matters there).
+
+Skipped without a compute capability 9.0 GPU or without the sm90 kernels in the build.
+"""
+import argparse
+import json
+import mmap
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SM90_KERNEL = "fmha_sm90_kernel"
+MARK = "@@sm90-case "  # result lines of the child: MARK + json
+
+
+# ---------------------------------------------------------------- cases --------------------
+# A case is a dict of plain values (its name is the pytest id and the --only key); build()
+# turns it into tensors. Lengths cross the 128-row / 128-key tile edges (1, 127, 129, 300, 1000).
+
+def _cases():
+    cases = []
+
+    def add(name, **spec):
+        spec.setdefault("d", 128)
+        spec.setdefault("dtype", "bf16")
+        spec.setdefault("h", 4)
+        spec.setdefault("hk", 2)
+        spec.setdefault("b", 2)
+        cases.append(dict(name=name, **spec))
+
+    for d in (128, 64):
+        for dt in DTYPES:
+            for causal in (False, True):
+                for sq, sk in ((1, 1), (127, 129), (129, 127), (300, 1000), (1000, 300)):
+                    add(f"dense-d{d}-{dt}-{'causal' if causal else 'full'}-{sq}x{sk}", layout="dense", d=d,
+                        dtype=dt, causal=causal, sq=sq, sk=sk)
+    for d in (128, 64):
+        for window in ((64, 0), (100, 50), (0, 0), (-1, 7), (300, -1)):
+            add(f"window-d{d}-{window[0]}_{window[1]}", layout="dense", d=d, sq=300, sk=1000, window=window)
+    for chunk, window, causal in ((128, (-1, -1), True), (96, (50, 50), False), (200, (-1, -1), False)):
+        add(f"chunk-{chunk}-{window[0]}_{window[1]}-{'causal' if causal else 'full'}", layout="dense", sq=700,
+            sk=700, chunk=chunk, window=window, causal=causal)
+    for causal in (False, True):
+        add(f"seqused-{'causal' if causal else 'full'}", layout="dense", b=3, sq=300, sk=1000, causal=causal,
+            seqused_q=[300, 7, 0], seqused_k=[1000, 129, 1])
+    for d in (128, 64):
+        for dt in DTYPES:
+            for causal in (False, True):
+                add(f"ragged-d{d}-{dt}-{'causal' if causal else 'full'}", layout="ragged", d=d, dtype=dt,
+                    causal=causal, lq=[1, 127, 129, 300, 0, 1000], lk=[5, 129, 127, 1000, 3, 300])
+    add("ragged-seqused_k-past-segment", layout="ragged", lq=[3, 130], lk=[5, 200], seqused_k=[150, 2])
+    add("ragged-q-dense-k", layout="ragged_q", lq=[4, 129, 1], sk=300, seqused_k=[300, 20, 3], causal=True)
+    add("dense-q-ragged-k", layout="ragged_k", b=3, sq=129, lk=[1, 300, 128], causal=True)
+    for h, hk in ((8, 1), (6, 3), (2, 2)):
+        add(f"gqa-{h}x{hk}", layout="dense", h=h, hk=hk, sq=300, sk=700, causal=True)
+    for causal in (False, True):
+        add(f"sink-{'causal' if causal else 'full'}", layout="dense", sq=300, sk=129, causal=causal, sink=True)
+    add("sink-ragged-causal", layout="ragged", lq=[300, 5, 129], lk=[129, 0, 300], causal=True, sink=True)
+    add("cache-batch-idx-leftpad", layout="cache", b=3, sq=129, sk=300, cache_rows=5, cache_batch_idx=[4, 0, 2],
+        seqused_k=[300, 10, 200], leftpad=[5, 10, 0], window=(100, 0))
+    add("qkv-packed-strided", layout="packed", h=4, hk=4, sq=300, sk=300, causal=True)
+    add("softmax-scale", layout="dense", sq=129, sk=300, scale=0.3)
+    add("fp16-d64-gqa-window", layout="dense", d=64, dtype="fp16", h=8, hk=2, sq=1000, sk=1000, window=(200, 0))
+    return cases
+
+
+CASES = _cases()
+CASE_NAMES = [c["name"] for c in CASES]
+assert len(set(CASE_NAMES)) == len(CASE_NAMES)
+
+
+def _cu(lengths):
+    from mate_ops import testing as T
+    return T.random_cu_seqlens(lengths)
+
+
+def _i32(xs):
+    return torch.tensor(xs, dtype=torch.int32)
+
+
+def build(spec):
+    """(q, k, v, op kwargs, oracle kwargs) of a case, on the CPU."""
+    torch.manual_seed(zlib.crc32(spec["name"].encode()))
+    dt, d, h, hk, b = DTYPES[spec["dtype"]], spec["d"], spec["h"], spec["hk"], spec["b"]
+    rand = lambda *shape: torch.randn(*shape, dtype=dt)  # noqa: E731
+    kw = {}
+    layout = spec["layout"]
+    if layout == "dense":
+        q, k, v = rand(b, spec["sq"], h, d), rand(b, spec["sk"], hk, d), rand(b, spec["sk"], hk, d)
+    elif layout == "ragged":
+        lq, lk = spec["lq"], spec["lk"]
+        q, k, v = rand(sum(lq), h, d), rand(sum(lk), hk, d), rand(sum(lk), hk, d)
+        kw.update(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    elif layout == "ragged_q":
+        lq = spec["lq"]
+        q, k, v = rand(sum(lq), h, d), rand(len(lq), spec["sk"], hk, d), rand(len(lq), spec["sk"], hk, d)
+        kw.update(cu_seqlens_q=_cu(lq), max_seqlen_q=max(lq))
+    elif layout == "ragged_k":
+        lk = spec["lk"]
+        q, k, v = rand(b, spec["sq"], h, d), rand(sum(lk), hk, d), rand(sum(lk), hk, d)
+        kw.update(cu_seqlens_k=_cu(lk), max_seqlen_k=max(lk))
+    elif layout == "cache":
+        q = rand(b, spec["sq"], h, d)
+        k, v = rand(spec["cache_rows"], spec["sk"], hk, d), rand(spec["cache_rows"], spec["sk"], hk, d)
+        kw.update(cache_batch_idx=_i32(spec["cache_batch_idx"]), cache_leftpad=_i32(spec["leftpad"]))
+    elif layout == "packed":  # q, k, v as strided views of one (B, S, 3, H, D) tensor
+        qkv = rand(b, spec["sq"], 3, h, d)
+        q, k, v = qkv.unbind(2)
+    else:
+        raise ValueError(layout)
+    if "seqused_q" in spec:
+        kw["seqused_q"] = _i32(spec["seqused_q"])
+    if "seqused_k" in spec:
+        kw["seqused_k"] = _i32(spec["seqused_k"])
+    if spec.get("sink"):
+        kw["learnable_sink"] = torch.randn(h, dtype=torch.float32) * 2
+    if "scale" in spec:
+        kw["softmax_scale"] = spec["scale"]
+    causal, window, chunk = spec.get("causal", False), spec.get("window", (-1, -1)), spec.get("chunk", 0)
+    ref_kw = {key: val for key, val in kw.items() if key not in ("max_seqlen_q", "max_seqlen_k")}
+    ref_kw.update(causal=causal, window_size=tuple(window), attention_chunk=chunk)
+    op_kw = dict(kw, causal=causal, window_size_left=window[0], window_size_right=window[1],
+                 attention_chunk=chunk, num_splits=1)  # splits take the mma.sync path
+    return q, k, v, op_kw, ref_kw
+
+
+def kernels_run(fn, device):
+    """Names of the device kernels fn launches, or None when the profiler reports none."""
+    if device != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return names or None
+
+
+def run_case(spec, device):
+    """Compare the op on `device` with the oracle; raises AssertionError on a mismatch.
+    Returns the kernel route seen: "sm90", "other" or "unknown" (no profiler data)."""
+    from mate_ops import testing as T
+    q, k, v, op_kw, ref_kw = build(spec)
+    out_ref, lse_ref = T.fmha_ref(q, k, v, **ref_kw)
+    out_low, _ = T.fmha_ref(q, k, v, compute_dtype=q.dtype, **ref_kw)
+
+    dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    args = {key: dev(val) for key, val in op_kw.items()}
+    if spec["layout"] == "packed":  # keep the strided views on the device
+        qkv = torch.stack([q, k, v], dim=2).to(device)
+        qd, kd, vd = qkv.unbind(2)
+        assert qd.stride(1) == 3 * q.shape[2] * q.shape[3]
+    else:
+        qd, kd, vd = dev(q), dev(k), dev(v)
+    results = [torch.ops.mate.fmha_fwd(qd, kd, vd, **args)]
+    out_buf = T.poison_(torch.empty(out_ref.shape, dtype=q.dtype, device=device))
+    lse_buf = T.poison_(torch.empty(lse_ref.shape, dtype=torch.float32, device=device))
+    torch.ops.mate.fmha_fwd_out(qd, kd, vd, out_buf, lse_buf, **args)
+    results.append((out_buf, lse_buf))
+    for which, (out, lse) in zip(("fmha_fwd", "fmha_fwd_out"), results):
+        assert out.dtype == q.dtype and out.shape == out_ref.shape, f"{which}: out {out.dtype} {tuple(out.shape)}"
+        T.assert_close_fa3(out, out_ref, out_low, input_dtype=q.dtype, name=f"{which} out")
+        lse = lse.cpu()
+        assert lse.shape == lse_ref.shape, f"{which}: lse shape {tuple(lse.shape)}"
+        finite = torch.isfinite(lse_ref)
+        assert torch.equal(torch.isfinite(lse), finite), f"{which}: lse infinities differ from the oracle"
+        assert torch.equal(lse[~finite], lse_ref[~finite]), f"{which}: lse infinities differ from the oracle"
+        torch.testing.assert_close(lse[finite], lse_ref[finite], atol=2e-3, rtol=1e-4,
+                                   msg=lambda m, which=which: f"{which} lse: {m}")
+    names = kernels_run(lambda: torch.ops.mate.fmha_fwd(qd, kd, vd, **args), device)
+    if names is None:
+        return "unknown"
+    return "sm90" if any(SM90_KERNEL in n for n in names) else "other"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the case names and exit")
+    a = ap.parse_args(argv)
+    if a.list:
+        print("\n".join(CASE_NAMES))
+        return 0
+    import mate_ops  # noqa: F401  (registers torch.ops.mate)
+    chosen = [c for c in CASES if not a.only or c["name"] in a.only]
+    failed = 0
+    for spec in chosen:
+        try:
+            route = run_case(spec, a.device)
+            res = {"name": spec["name"], "ok": True, "route": route}
+        except Exception as e:  # noqa: BLE001  (every failure is reported per case)
+            failed += 1
+            res = {"name": spec["name"], "ok": False, "error": f"{type(e).__name__}: {e}"[:4000]}
+        print(MARK + json.dumps(res), flush=True)
+    print(f"{len(chosen) - failed}/{len(chosen)} cases passed on {a.device}", flush=True)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- pytest side -------------
+
+def _sm90_build():
+    """Does the compiled extension contain the sm90 kernel? (setup.py adds it only with the
+    CUTLASS headers and a 9.0a target.)"""
+    try:
+        import mate_ops._C as ext
+        with open(ext.__file__, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(SM90_KERNEL.encode()) >= 0
+    except (ImportError, OSError, ValueError):
+        return False
+
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"needs compute capability 9.0, got {torch.cuda.get_device_capability()}"
+    import mate_ops  # noqa: F401
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_fwd", "CUDA"):
+        return "no CUDA kernels in this build"
+    if not _sm90_build():
+        return "the build has no sm90 kernels (CUTLASS headers / 9.0a target missing)"
+    return None
+
+
+_SKIP = _skip_reason() if __name__ != "__main__" else None
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+
+@pytest.fixture(scope="module")
+def sm90_results():
+    """Runs every case once in a child process with MATE_OPS_FMHA_PATH=sm90."""
+    env = dict(os.environ, MATE_OPS_FMHA_PATH="sm90")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--device", "cuda"], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            res = json.loads(line[len(MARK):])
+            results[res["name"]] = res
+    return results, proc
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_sm90_case(sm90_results, name):
+    results, proc = sm90_results
+    res = results.get(name)
+    if res is None:  # the child died before this case (e.g. a device fault)
+        pytest.fail(f"no result for {name} (child exit {proc.returncode}); stderr tail:\n{proc.stderr[-3000:]}")
+    assert res["ok"], res["error"]
+    assert res["route"] != "other", f"{name}: the forward did not run {SM90_KERNEL} (fmha_sm90_fits declined it?)"
+
+
+def test_sm90_child_exit(sm90_results):
+    results, proc = sm90_results
+    assert proc.returncode == 0 or any(not r["ok"] for r in results.values()), proc.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
