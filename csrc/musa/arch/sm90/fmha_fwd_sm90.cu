@@ -527,11 +527,4 @@ arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream str
 
 }  // namespace mate::device
 
-#else  // no CUTLASS headers in this build: the mma.sync path serves every call
-
-namespace mate::device {
-bool fmha_sm90_fits(const FmhaParams&) { return false; }
-arch::Error launch_fmha_sm90(const FmhaParams&, int, arch::Stream) { return arch::kSuccess; }
-}  // namespace mate::device
-
-#endif
+#endif  // MATE_WITH_SM90 (without it, fmha_kernels.cu has the "does not fit" stubs)
