@@ -36,6 +36,8 @@ done
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_small.py" >"$OUT/memcheck.log" 2>&1
   echo "memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
+  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_bwd.py" >"$OUT/memcheck_bwd.log" 2>&1
+  echo "memcheck (backward): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck_bwd.log" | tail -n 1)"
 fi
 # BENCH="" skips the benchmark; BENCH="--only decode" etc. picks a part
 if [ "${BENCH-all}" != "" ]; then
