@@ -33,7 +33,8 @@ MARK = "@@sm90-case "  # result lines of the child: MARK + json
 
 # ---------------------------------------------------------------- cases --------------------
 # A case is a dict of plain values (its name is the pytest id and the --only key); build()
-# turns it into tensors. Lengths cross the 128-row / 128-key tile edges (1, 127, 129, 300, 1000).
+# turns it into tensors. Lengths cross the 128-row / 128-key tile edges (1, 127, 129, 300, 1000);
+# D 256 uses 64-key tiles (63, 65).
 
 def _cases():
     cases = []
@@ -52,6 +53,16 @@ def _cases():
                 for sq, sk in ((1, 1), (127, 129), (129, 127), (300, 1000), (1000, 300)):
                     add(f"dense-d{d}-{dt}-{'causal' if causal else 'full'}-{sq}x{sk}", layout="dense", d=d,
                         dtype=dt, causal=causal, sq=sq, sk=sk)
+    # D 256: 64-key tiles (the edges at 63 / 65 keys)
+    for dt in DTYPES:
+        for causal in (False, True):
+            for sq, sk in ((127, 65), (129, 63), (300, 1000)):
+                add(f"dense-d256-{dt}-{'causal' if causal else 'full'}-{sq}x{sk}", layout="dense", d=256, dtype=dt,
+                    causal=causal, sq=sq, sk=sk)
+    for causal in (False, True):
+        add(f"ragged-d256-bf16-{'causal' if causal else 'full'}", layout="ragged", d=256, causal=causal,
+            lq=[1, 127, 129, 300, 0], lk=[5, 65, 63, 1000, 3])
+    add("window-d256-100_50-sink", layout="dense", d=256, sq=300, sk=700, window=(100, 50), sink=True)
     for d in (128, 64):
         for window in ((64, 0), (100, 50), (0, 0), (-1, 7), (300, -1)):
             add(f"window-d{d}-{window[0]}_{window[1]}", layout="dense", d=d, sq=300, sk=1000, window=window)

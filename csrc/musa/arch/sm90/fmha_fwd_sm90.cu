@@ -1,7 +1,7 @@
 // FMHA forward for Hopper (sm_90a): TMA loads into an mbarrier pipeline and wgmma for both
 // GEMMs, written with CUTLASS's CuTe headers. It computes what the mma.sync kernel
 // (arch/sm80/fmha_mma.cu) computes without splits, for the common prefill case: bf16/fp16,
-// D = Dv in {64, 128}, plain scores (scores_are_plain), dense or ragged q/k/v without a page
+// D = Dv in {64, 128, 256}, plain scores (scores_are_plain), dense or ragged q/k/v without a page
 // table. Everything else stays on the mma.sync path (fmha_sm90_fits says which is which).
 //
 // Why a separate kernel: mma.sync cannot reach a Hopper GPU's tensor-core peak; wgmma (a
@@ -61,7 +61,9 @@ struct Config {
   using NvT = NvT_;
   static constexpr int kD = kD_;           // D = Dv
   static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
-  static constexpr int kBlockN = 128;      // keys per K / V tile
+  // keys per K / V tile: 64 at D 256, so that Q, two K and two V stages fit in 192 KB of
+  // shared memory and O (128 floats per thread) leaves room for S and P in 240 registers
+  static constexpr int kBlockN = kD == 256 ? 64 : 128;
   static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
   static constexpr int kConsumers = 2;     // consumer warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
@@ -129,6 +131,8 @@ using BF16x128 = Config<cutlass::bfloat16_t, arch::bf16, 128>;
 using F16x128 = Config<cutlass::half_t, arch::f16, 128>;
 using BF16x64 = Config<cutlass::bfloat16_t, arch::bf16, 64>;
 using F16x64 = Config<cutlass::half_t, arch::f16, 64>;
+using BF16x256 = Config<cutlass::bfloat16_t, arch::bf16, 256>;
+using F16x256 = Config<cutlass::half_t, arch::f16, 256>;
 
 // The extents of the global views (host and device build the same ones).
 MATE_HD int q_rows(const FmhaParams& p) { return p.q_is_ragged ? p.total_q : p.seqlen_q; }
@@ -480,7 +484,7 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream
 bool fmha_sm90_fits(const FmhaParams& p) {
   using namespace sm90;
   if (!(p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) || p.out_dtype != p.in_dtype) return false;
-  if (p.head_dim != p.head_dim_v || (p.head_dim != 64 && p.head_dim != 128)) return false;
+  if (p.head_dim != p.head_dim_v || (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)) return false;
   // num_splits: 0 (the heuristic's choice) is resolved by the caller, which takes this path only
   // when that comes to 1; an explicit request for splits stays on the mma.sync path
   if (p.qv || p.page_size > 0 || p.page_table || p.num_splits > 1 || !scores_are_plain(p)) return false;
@@ -512,6 +516,7 @@ bool fmha_sm90_fits(const FmhaParams& p) {
       !even(p.out_head_stride))
     return false;
   const bool f16 = p.in_dtype == DType::kFloat16;
+  if (p.head_dim == 256) return f16 ? kernel_runs_here<F16x256>() : kernel_runs_here<BF16x256>();
   if (p.head_dim == 128) return f16 ? kernel_runs_here<F16x128>() : kernel_runs_here<BF16x128>();
   return f16 ? kernel_runs_here<F16x64>() : kernel_runs_here<BF16x64>();
 }
@@ -520,6 +525,8 @@ arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream str
   using namespace sm90;
   if (max_rows <= 0) return arch::kSuccess;
   const bool f16 = p.in_dtype == DType::kFloat16;
+  if (p.head_dim == 256)
+    return f16 ? launch_config<F16x256>(p, max_rows, stream) : launch_config<BF16x256>(p, max_rows, stream);
   if (p.head_dim == 128)
     return f16 ? launch_config<F16x128>(p, max_rows, stream) : launch_config<BF16x128>(p, max_rows, stream);
   return f16 ? launch_config<F16x64>(p, max_rows, stream) : launch_config<BF16x64>(p, max_rows, stream);
