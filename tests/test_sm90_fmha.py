@@ -63,6 +63,14 @@ def _cases():
         add(f"ragged-d256-bf16-{'causal' if causal else 'full'}", layout="ragged", d=256, causal=causal,
             lq=[1, 127, 129, 300, 0], lk=[5, 65, 63, 1000, 3])
     add("window-d256-100_50-sink", layout="dense", d=256, sq=300, sk=700, window=(100, 50), sink=True)
+    # head dims between the tile widths pad up inside the kernel (TMA reads the missing
+    # channels as zeros; the padding channels of out are never stored); D != Dv
+    for d, dv in ((96, 96), (80, 80), (40, 72), (8, 8), (192, 128), (160, 96), (200, 256)):
+        for causal in (False, True):
+            add(f"widths-d{d}x{dv}-{'causal' if causal else 'full'}", layout="dense", d=d, dv=dv, sq=129, sk=300,
+                causal=causal)
+    add("widths-d192x128-ragged-fp16", layout="ragged", d=192, dv=128, dtype="fp16", causal=True,
+        lq=[1, 127, 129, 300], lk=[5, 129, 127, 1000])
     for d in (128, 64):
         for window in ((64, 0), (100, 50), (0, 0), (-1, 7), (300, -1)):
             add(f"window-d{d}-{window[0]}_{window[1]}", layout="dense", d=d, sq=300, sk=1000, window=window)
@@ -111,14 +119,15 @@ def build(spec):
     """(q, k, v, op kwargs, oracle kwargs) of a case, on the CPU."""
     torch.manual_seed(zlib.crc32(spec["name"].encode()))
     dt, d, h, hk, b = DTYPES[spec["dtype"]], spec["d"], spec["h"], spec["hk"], spec["b"]
+    dv = spec.get("dv", d)
     rand = lambda *shape: torch.randn(*shape, dtype=dt)  # noqa: E731
     kw = {}
     layout = spec["layout"]
     if layout == "dense":
-        q, k, v = rand(b, spec["sq"], h, d), rand(b, spec["sk"], hk, d), rand(b, spec["sk"], hk, d)
+        q, k, v = rand(b, spec["sq"], h, d), rand(b, spec["sk"], hk, d), rand(b, spec["sk"], hk, dv)
     elif layout == "ragged":
         lq, lk = spec["lq"], spec["lk"]
-        q, k, v = rand(sum(lq), h, d), rand(sum(lk), hk, d), rand(sum(lk), hk, d)
+        q, k, v = rand(sum(lq), h, d), rand(sum(lk), hk, d), rand(sum(lk), hk, dv)
         kw.update(cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), max_seqlen_q=max(lq), max_seqlen_k=max(lk))
     elif layout == "ragged_q":
         lq = spec["lq"]

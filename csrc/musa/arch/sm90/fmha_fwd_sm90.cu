@@ -1,8 +1,10 @@
 // FMHA forward for Hopper (sm_90a): TMA loads into an mbarrier pipeline and wgmma for both
 // GEMMs, written with CUTLASS's CuTe headers. It computes what the mma.sync kernel
 // (arch/sm80/fmha_mma.cu) computes without splits, for the common prefill case: bf16/fp16,
-// D = Dv in {64, 128, 256}, plain scores (scores_are_plain), dense or ragged q/k/v without a page
-// table. Everything else stays on the mma.sync path (fmha_sm90_fits says which is which).
+// D and Dv multiples of 8 up to 256 (tiles 64, 128, 192 x 128, 256; a head dim in between pads
+// up, the TMA boxes reading the missing channels as zeros), plain scores (scores_are_plain),
+// dense or ragged q/k/v without a page table. Everything else stays on the mma.sync path
+// (fmha_sm90_fits says which is which).
 //
 // Why a separate kernel: mma.sync cannot reach a Hopper GPU's tensor-core peak; wgmma (a
 // 64 x N x 16 product per warpgroup, straight from shared memory, asynchronous) can. TMA moves
@@ -55,15 +57,16 @@ using namespace cute;
 
 // The tile configuration of one (element type, head dim) instantiation. T is CuTe's element
 // type (the wgmma operand type); NvT the CUDA type of the same bits (arch::pack2).
-template <class T_, class NvT_, int kD_>
+template <class T_, class NvT_, int kD_, int kDv_>
 struct Config {
   using T = T_;
   using NvT = NvT_;
-  static constexpr int kD = kD_;           // D = Dv
+  static constexpr int kD = kD_;           // tile width of q / k rows (head_dim pads up to it)
+  static constexpr int kDv = kDv_;         // tile width of v / out rows (head_dim_v pads up to it)
   static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
   // keys per K / V tile: 64 at D 256, so that Q, two K and two V stages fit in 192 KB of
   // shared memory and O (128 floats per thread) leaves room for S and P in 240 registers
-  static constexpr int kBlockN = kD == 256 ? 64 : 128;
+  static constexpr int kBlockN = (kD == 256 || kDv == 256) ? 64 : 128;
   static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
   static constexpr int kConsumers = 2;     // consumer warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
@@ -76,7 +79,7 @@ struct Config {
   // shared memory. O += P V: N = Dv, K = kBlockN keys; P from registers, V MN-major (Dv is
   // contiguous in memory).
   using AtomQK = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kD>>>());
-  using AtomPV = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kBlockN>>, GMMA::Major::K,
+  using AtomPV = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kDv>, Int<kBlockN>>, GMMA::Major::K,
                                                  GMMA::Major::MN>());
   using WarpGroups = Layout<Shape<Int<kConsumers>, _1, _1>>;  // warpgroup w owns rows 64w .. 64w + 63
   using MmaQK = decltype(make_tiled_mma(AtomQK{}, WarpGroups{}));
@@ -87,7 +90,7 @@ struct Config {
   // the A operand of O += P V: 16 accumulator columns are laid out exactly like one k-step of
   // a register A operand. These asserts pin both facts to CuTe's layouts.
   static_assert(cute::is_same_v<typename MmaQK::Atom::CLayout, GMMA::CLayout_64xN<kBlockN>>);
-  static_assert(cute::is_same_v<typename MmaPV::Atom::CLayout, GMMA::CLayout_64xN<kD>>);
+  static_assert(cute::is_same_v<typename MmaPV::Atom::CLayout, GMMA::CLayout_64xN<kDv>>);
   static_assert(cute::is_same_v<typename MmaPV::Atom::ALayout, GMMA::ALayout_64x16>);
   static_assert(cute::is_same_v<GMMA::CLayout_64xN<16>, GMMA::ALayout_64x16>);
 
@@ -97,7 +100,7 @@ struct Config {
   // V's swizzle atoms (64 channels x 8 keys) are stacked along the keys first, so that 64
   // channels of a whole tile are one contiguous TMA box (channels first would cut it into
   // 8-key boxes).
-  using SmemV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<kD>, Int<kBlockN>, Int<kStages>>{},
+  using SmemV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{},
                                        Step<_2, _1, _3>{}));
 
   // Global views for the TMA descriptors: q / k as (rows, D, heads, batch), v as
@@ -112,7 +115,8 @@ struct Config {
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorV>(), take<0, 2>(SmemV{})));
 
   static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
-  static constexpr uint32_t kKVBytes = kBlockN * kD * sizeof(T);  // one K or one V tile
+  static constexpr uint32_t kKBytes = kBlockN * kD * sizeof(T);   // one K tile
+  static constexpr uint32_t kVBytes = kBlockN * kDv * sizeof(T);  // one V tile
 
   struct Smem {
     alignas(1024) cute::array_aligned<T, cosize_v<SmemQ>, 1024> q;
@@ -125,14 +129,39 @@ struct Config {
     uint64_t v_full[kStages], v_empty[kStages];
   };
   static constexpr int kSmemBytes = static_cast<int>(sizeof(Smem));
+  static_assert(kSmemBytes <= 227 * 1024, "a Hopper SM gives one block at most 227 KB of shared memory");
 };
 
-using BF16x128 = Config<cutlass::bfloat16_t, arch::bf16, 128>;
-using F16x128 = Config<cutlass::half_t, arch::f16, 128>;
-using BF16x64 = Config<cutlass::bfloat16_t, arch::bf16, 64>;
-using F16x64 = Config<cutlass::half_t, arch::f16, 64>;
-using BF16x256 = Config<cutlass::bfloat16_t, arch::bf16, 256>;
-using F16x256 = Config<cutlass::half_t, arch::f16, 256>;
+// The instantiated tile widths (D, Dv): a head dim pads up to the first that holds it (the
+// TMA boxes read the missing channels as zeros, which add nothing to Q K^T).
+enum class Widths { k64, k128, k192x128, k256, kNone };
+MATE_HD Widths tile_widths(int d, int dv) {
+  if (d % 8 != 0 || dv % 8 != 0 || d <= 0 || dv <= 0) return Widths::kNone;  // 16-byte rows
+  if (d <= 64 && dv <= 64) return Widths::k64;
+  if (d <= 128 && dv <= 128) return Widths::k128;
+  if (d <= 192 && dv <= 128) return Widths::k192x128;  // DeepSeek's prefill shape
+  if (d <= 256 && dv <= 256) return Widths::k256;
+  return Widths::kNone;
+}
+
+// Calls f(Config{}) for the instantiation serving (dtype, widths).
+template <class F>
+auto with_config(bool f16, Widths w, F&& f) {
+  switch (w) {
+    case Widths::k64:
+      return f16 ? f(Config<cutlass::half_t, arch::f16, 64, 64>{})
+                 : f(Config<cutlass::bfloat16_t, arch::bf16, 64, 64>{});
+    case Widths::k128:
+      return f16 ? f(Config<cutlass::half_t, arch::f16, 128, 128>{})
+                 : f(Config<cutlass::bfloat16_t, arch::bf16, 128, 128>{});
+    case Widths::k192x128:
+      return f16 ? f(Config<cutlass::half_t, arch::f16, 192, 128>{})
+                 : f(Config<cutlass::bfloat16_t, arch::bf16, 192, 128>{});
+    default:
+      return f16 ? f(Config<cutlass::half_t, arch::f16, 256, 256>{})
+                 : f(Config<cutlass::bfloat16_t, arch::bf16, 256, 256>{});
+  }
+}
 
 // The extents of the global views (host and device build the same ones).
 MATE_HD int q_rows(const FmhaParams& p) { return p.q_is_ragged ? p.total_q : p.seqlen_q; }
@@ -190,7 +219,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
                      CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename C::T;
-  constexpr int kD = C::kD, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
+  constexpr int kD = C::kD, kDv = C::kDv, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& sh = *reinterpret_cast<typename C::Smem*>(smem_raw);
 
@@ -237,7 +266,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       Tensor mV = tma_v.get_tma_tensor(v_shape(p))(_, _, hk, bk);
       Tensor gQ = local_tile(domain_offset(make_coord(q0, _0{}), mQ), Shape<Int<kBlockM>, Int<kD>>{}, make_coord(0, 0));
       Tensor gK = local_tile(domain_offset(make_coord(k0, _0{}), mK), Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));
-      Tensor gV = local_tile(domain_offset(make_coord(_0{}, k0), mV), Shape<Int<kD>, Int<kBlockN>>{}, make_coord(0, _));
+      Tensor gV = local_tile(domain_offset(make_coord(_0{}, k0), mV), Shape<Int<kDv>, Int<kBlockN>>{}, make_coord(0, _));
       auto [tQg, tQs] = tma_partition(tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
@@ -249,10 +278,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         const int st = t % kStages, phase = (t / kStages) & 1;
         // a buffer's first use needs no wait; later ones wait for the release of tile t - kStages
         if (t >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
-        set_barrier_transaction_bytes(sh.k_full[st], C::kKVBytes);
+        set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
         copy(tma_k.with(sh.k_full[st]), tKg(_, t), tKs(_, st));
         if (t >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
-        set_barrier_transaction_bytes(sh.v_full[st], C::kKVBytes);
+        set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
         copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
       }
     }
@@ -276,9 +305,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   Tensor tSrK = thr_qk.partition_fragment_B(sK);  // (.., k-steps, stage)
   Tensor tOrV = thr_pv.partition_fragment_B(sV);
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});  // S, then P in fp32
-  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kD>>{});
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDv>>{});
   Tensor tOrP = make_tensor<T>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kD / 2 && size(tOrP) == size(tSrS));
+  static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDv / 2 && size(tOrP) == size(tSrS));
   CUTE_STATIC_ASSERT_V(size<1>(tSrQ) == _1{} && size<2>(tSrQ) == Int<kD / 16>{} && size<3>(tSrK) == Int<kStages>{});
   CUTE_STATIC_ASSERT_V(size<1>(tOrP) == _1{} && size<2>(tOrP) == Int<kBlockN / 16>{} &&
                        size<3>(tOrV) == Int<kStages>{});
@@ -356,7 +385,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           }
         row_sum[hf] = row_sum[hf] * corr + sum;  // this lane's part; the quad sums at the end
 #pragma unroll
-        for (int j = 0; j < kD / 8; ++j) {
+        for (int j = 0; j < kDv / 8; ++j) {
           tOrO(2 * hf + 4 * j) *= corr;
           tOrO(1 + 2 * hf + 4 * j) *= corr;
         }
@@ -373,8 +402,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       // Both consumer warpgroups read all of V, so both wait for all of the zeros; the proxy
       // fence makes the generic stores visible to wgmma's reads.
       const int valid = kmax - n0;
-      for (int idx = ct; idx < (kBlockN - valid) * kD; idx += C::kConsumerThreads)
-        sV(idx % kD, valid + idx / kD, st) = T(0.f);
+      for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
+        sV(idx % kDv, valid + idx / kDv, st) = T(0.f);
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, 0);
     }
@@ -402,13 +431,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     float scale = has ? 1.f / l : 0.f;
     if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
 #pragma unroll
-      for (int j = 0; j < kD / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
+      for (int j = 0; j < kDv / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
     if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
     typename C::NvT* out = static_cast<typename C::NvT*>(p.out) + b * p.out_batch_stride + row * p.out_row_stride +
                            h * p.out_head_stride + 2 * quad;
 #pragma unroll
-    for (int j = 0; j < kD / 8; ++j)
-      *reinterpret_cast<uint32_t*>(out + 8 * j) =
+    for (int j = 0; j < kDv / 8; ++j)
+      if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
+        *reinterpret_cast<uint32_t*>(out + 8 * j) =
           arch::pack2<typename C::NvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
     if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
   }
@@ -484,7 +514,8 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream
 bool fmha_sm90_fits(const FmhaParams& p) {
   using namespace sm90;
   if (!(p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) || p.out_dtype != p.in_dtype) return false;
-  if (p.head_dim != p.head_dim_v || (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)) return false;
+  const Widths widths = tile_widths(p.head_dim, p.head_dim_v);
+  if (widths == Widths::kNone) return false;
   // num_splits: 0 (the heuristic's choice) is resolved by the caller, which takes this path only
   // when that comes to 1; an explicit request for splits stays on the mma.sync path
   if (p.qv || p.page_size > 0 || p.page_table || p.num_splits > 1 || !scores_are_plain(p)) return false;
@@ -515,21 +546,14 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || !even(p.out_batch_stride) || !even(p.out_row_stride) ||
       !even(p.out_head_stride))
     return false;
-  const bool f16 = p.in_dtype == DType::kFloat16;
-  if (p.head_dim == 256) return f16 ? kernel_runs_here<F16x256>() : kernel_runs_here<BF16x256>();
-  if (p.head_dim == 128) return f16 ? kernel_runs_here<F16x128>() : kernel_runs_here<BF16x128>();
-  return f16 ? kernel_runs_here<F16x64>() : kernel_runs_here<BF16x64>();
+  return with_config(p.in_dtype == DType::kFloat16, widths, [](auto c) { return kernel_runs_here<decltype(c)>(); });
 }
 
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream) {
   using namespace sm90;
   if (max_rows <= 0) return arch::kSuccess;
-  const bool f16 = p.in_dtype == DType::kFloat16;
-  if (p.head_dim == 256)
-    return f16 ? launch_config<F16x256>(p, max_rows, stream) : launch_config<BF16x256>(p, max_rows, stream);
-  if (p.head_dim == 128)
-    return f16 ? launch_config<F16x128>(p, max_rows, stream) : launch_config<BF16x128>(p, max_rows, stream);
-  return f16 ? launch_config<F16x64>(p, max_rows, stream) : launch_config<BF16x64>(p, max_rows, stream);
+  return with_config(p.in_dtype == DType::kFloat16, tile_widths(p.head_dim, p.head_dim_v),
+                     [&](auto c) { return launch_config<decltype(c)>(p, max_rows, stream); });
 }
 
 }  // namespace mate::device
