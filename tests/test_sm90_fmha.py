@@ -97,6 +97,13 @@ def _cases():
         seqused_k=[300, 10, 200], leftpad=[5, 10, 0], window=(100, 0))
     add("qkv-packed-strided", layout="packed", h=4, hk=4, sq=300, sk=300, causal=True)
     add("softmax-scale", layout="dense", sq=129, sk=300, scale=0.3)
+    # the ScoreMod instantiation: softcap, ALiBi, a negative scale
+    add("softcap-causal", layout="dense", sq=300, sk=300, causal=True, softcap=5.0)
+    add("softcap-d256-ragged", layout="ragged", d=256, lq=[1, 129, 300], lk=[65, 300, 129], softcap=8.0)
+    add("alibi-causal-sq-gt-sk", layout="dense", sq=300, sk=129, causal=True, alibi=True)
+    add("alibi-window-sink-gqa", layout="dense", h=8, hk=2, sq=300, sk=700, window=(100, 20), alibi=True, sink=True)
+    add("softcap-alibi-d192x128", layout="dense", d=192, dv=128, sq=129, sk=300, softcap=6.0, alibi=True)
+    add("negative-scale", layout="dense", sq=129, sk=300, scale=-0.2)
     add("fp16-d64-gqa-window", layout="dense", d=64, dtype="fp16", h=8, hk=2, sq=1000, sk=1000, window=(200, 0))
     return cases
 
@@ -154,6 +161,10 @@ def build(spec):
         kw["learnable_sink"] = torch.randn(h, dtype=torch.float32) * 2
     if "scale" in spec:
         kw["softmax_scale"] = spec["scale"]
+    if "softcap" in spec:
+        kw["softcap"] = spec["softcap"]
+    if spec.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(h, dtype=torch.float32) * 0.3
     causal, window, chunk = spec.get("causal", False), spec.get("window", (-1, -1)), spec.get("chunk", 0)
     ref_kw = {key: val for key, val in kw.items() if key not in ("max_seqlen_q", "max_seqlen_k")}
     ref_kw.update(causal=causal, window_size=tuple(window), attention_chunk=chunk)

@@ -2,9 +2,9 @@
 // GEMMs, written with CUTLASS's CuTe headers. It computes what the mma.sync kernel
 // (arch/sm80/fmha_mma.cu) computes without splits, for the common prefill case: bf16/fp16,
 // D and Dv multiples of 8 up to 256 (tiles 64, 128, 192 x 128, 256; a head dim in between pads
-// up, the TMA boxes reading the missing channels as zeros), plain scores (scores_are_plain),
-// dense or ragged q/k/v without a page table. Everything else stays on the mma.sync path
-// (fmha_sm90_fits says which is which).
+// up, the TMA boxes reading the missing channels as zeros), every score modifier (softcap,
+// ALiBi, any scale: a second instantiation), dense or ragged q/k/v without a page table.
+// Everything else stays on the mma.sync path (fmha_sm90_fits says which is which).
 //
 // Why a separate kernel: mma.sync cannot reach a Hopper GPU's tensor-core peak; wgmma (a
 // 64 x N x 16 product per warpgroup, straight from shared memory, asynchronous) can. TMA moves
@@ -213,7 +213,11 @@ struct GroupKeys {
   __device__ bool covers(int n0, int n) const { return full && lo_max <= n0 && hi_min - n0 >= n; }
 };
 
-template <class C>
+// kPlain: logit = softmax_scale * dot with a positive scale (scores_are_plain), so row maxima
+// are taken on raw scores and the scale folds into exp2's FFMA; otherwise (softcap, ALiBi, a
+// non-positive scale) every score first becomes its base-2 logit through ScoreMod, as in
+// fmha_mma.cu's kPlain = false instantiation.
+template <class C, bool kPlain>
 __global__ void __launch_bounds__(C::kThreads, 1)
     fmha_sm90_kernel(const FmhaParams p, CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
                      CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v) {
@@ -337,7 +341,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   }
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max on raw scores
-  const float sl = p.softmax_scale * kLog2e;  // raw score -> base-2 logit (plain scores: scale > 0)
+  // score units -> base-2 logits: raw scores (kPlain) or logits already in base 2
+  const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;
+  const ScoreMod mod = score_mod(p, s, b, h);
 
   if (num_tiles > 0) wait_barrier(sh.q_full, 0);
   for (int t = 0; t < num_tiles; ++t) {
@@ -364,6 +370,12 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = tSrS(e + 2 * hf + 4 * j);
+            if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
+              const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+              // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
+              const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
+              x = mod.logit(x, m, key) * kLog2e;
+            }
             if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
             mx = fmaxf(mx, x);
           }
@@ -450,7 +462,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 // Is the sm_90a body what the current device runs? The sm_80 build of this kernel is empty and
 // would run on a Hopper GPU too when the binary lacks the sm_90a image; ask the loaded image.
 // Once per device (a driver query per call would cost eager steps host time).
-template <class C>
+template <class C, bool kPlain>
 bool kernel_runs_here() {
   static std::atomic<uint64_t> known{0}, good{0};
   const int dev = arch::current_device();
@@ -458,7 +470,7 @@ bool kernel_runs_here() {
   const uint64_t bit = uint64_t{1} << dev;
   if (!(known.load(std::memory_order_relaxed) & bit)) {
     cudaFuncAttributes attr{};
-    const cudaError_t e = cudaFuncGetAttributes(&attr, fmha_sm90_kernel<C>);
+    const cudaError_t e = cudaFuncGetAttributes(&attr, fmha_sm90_kernel<C, kPlain>);
     if (e != cudaSuccess) cudaGetLastError();  // e.g. no image for this device: not the caller's error
     if (e == cudaSuccess && attr.binaryVersion == 90) good.fetch_or(bit, std::memory_order_relaxed);
     known.fetch_or(bit, std::memory_order_relaxed);
@@ -492,20 +504,20 @@ Descriptors<C> make_descriptors(const FmhaParams& p) {
           make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{}))};
 }
 
-template <class C>
+template <class C, bool kPlain>
 arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream) {
   static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
   const int dev = arch::current_device();
   const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
   if (!(configured.load(std::memory_order_relaxed) & bit)) {
-    const arch::Error e = arch::set_max_dynamic_smem(fmha_sm90_kernel<C>, C::kSmemBytes);
+    const arch::Error e = arch::set_max_dynamic_smem(fmha_sm90_kernel<C, kPlain>, C::kSmemBytes);
     if (e != arch::kSuccess) return e;
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
   const Descriptors<C> d = make_descriptors<C>(p);
   const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(max_rows) + C::kBlockM - 1) / C::kBlockM),
                   static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
-  fmha_sm90_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, d.q, d.k, d.v);
+  fmha_sm90_kernel<C, kPlain><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, d.q, d.k, d.v);
   return arch::last_error();
 }
 
@@ -518,7 +530,7 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (widths == Widths::kNone) return false;
   // num_splits: 0 (the heuristic's choice) is resolved by the caller, which takes this path only
   // when that comes to 1; an explicit request for splits stays on the mma.sync path
-  if (p.qv || p.page_size > 0 || p.page_table || p.num_splits > 1 || !scores_are_plain(p)) return false;
+  if (p.qv || p.page_size > 0 || p.page_table || p.num_splits > 1) return false;
   if (!p.out || !p.lse || !p.q || !p.k || !p.v) return false;
   if (p.batch <= 0 || p.batch > 65535 || p.num_heads <= 0 || p.num_heads > 65535 || p.num_heads_k <= 0 ||
       p.num_heads % p.num_heads_k != 0)
@@ -546,14 +558,20 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || !even(p.out_batch_stride) || !even(p.out_row_stride) ||
       !even(p.out_head_stride))
     return false;
-  return with_config(p.in_dtype == DType::kFloat16, widths, [](auto c) { return kernel_runs_here<decltype(c)>(); });
+  const bool plain = scores_are_plain(p);
+  return with_config(p.in_dtype == DType::kFloat16, widths, [plain](auto c) {
+    return plain ? kernel_runs_here<decltype(c), true>() : kernel_runs_here<decltype(c), false>();
+  });
 }
 
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream) {
   using namespace sm90;
   if (max_rows <= 0) return arch::kSuccess;
   return with_config(p.in_dtype == DType::kFloat16, tile_widths(p.head_dim, p.head_dim_v),
-                     [&](auto c) { return launch_config<decltype(c)>(p, max_rows, stream); });
+                     [&](auto c) {
+                       return scores_are_plain(p) ? launch_config<decltype(c), true>(p, max_rows, stream)
+                                                  : launch_config<decltype(c), false>(p, max_rows, stream);
+                     });
 }
 
 }  // namespace mate::device
