@@ -13,17 +13,17 @@
 //     over the query rows that see them, the G query heads of the kv head packed as rows (so
 //     GQA sums over the group in registers). Keys are the M dimension of the tensor-core
 //     GEMMs: S^T = K Q^T and dP^T = V dO^T land in registers in the A-operand layout of
-//     dV += P^T dO and dK += dS^T Q. A head dim of 256 runs two passes (dV, then dK), since
-//     both accumulators do not fit in one thread's registers.
+//     dV += P^T dO and dK += dS^T Q. A head dim of 256 runs two passes (dV, then dK) with
+//     8-warp blocks, since both accumulators do not fit in one thread's registers.
 //  3. dQ: one block per (64 packed query rows, kv head, sequence) loops over the key tiles the
 //     rows see, like the forward: S = Q K^T, dP = dO V^T, dQ += dS K. This recomputes S and dP
-//     (8 GEMM units of work where an atomic dQ in step 2 needs 5) in exchange for no fp32
-//     accumulation buffer, no atomics and determinism by construction.
-// This file: steps 1 and the portable kernels, and the dispatch. The tensor-core kernels of
-// steps 2 and 3 are in arch/sm80/fmha_bwd_mma.cu. The tensor-core kernels (mma.sync m16n8k16) serve bf16/fp16 with D and Dv multiples of 8 up
-// to 256 (the forward's tile widths; padding inside the kernel), dout in the input dtype and
-// 16-byte aligned rows; the portable CUDA-core kernels (one warp per key / per query row)
-// serve everything else (fp32, larger or odd head dims, unaligned views).
+//     (7 GEMM units of work where FlashAttention-2's atomic dQ inside step 2 needs 5) but adds
+//     in a fixed order; the atomic variant measured slower here (docs/performance.md).
+// This file holds step 1, the portable CUDA-core kernels (one warp per key for dK / dV, one per
+// query row for dQ: fp32, head dims above 256 or not multiples of 8, dout in another dtype,
+// unaligned views) and the dispatch. The tensor-core kernels of steps 2 and 3 (mma.sync, for
+// bf16/fp16 with D and Dv multiples of 8 up to 256, 16-byte aligned rows) are in
+// arch/sm80/fmha_bwd_mma.cu.
 #include <cmath>
 
 #include "../common/dtype_convert.h"
