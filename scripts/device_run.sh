@@ -38,6 +38,8 @@ if command -v compute-sanitizer >/dev/null; then
   echo "memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
   compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_bwd.py" >"$OUT/memcheck_bwd.log" 2>&1
   echo "memcheck (backward): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck_bwd.log" | tail -n 1)"
+  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_sm90.py" >"$OUT/memcheck_sm90.log" 2>&1
+  echo "memcheck (sm90): $(grep -E 'ERROR SUMMARY|nothing run' "$OUT/memcheck_sm90.log" | tail -n 1)"
 fi
 # BENCH="" skips the benchmark; BENCH="--only decode" etc. picks a part
 if [ "${BENCH-all}" != "" ]; then
