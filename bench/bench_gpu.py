@@ -3,6 +3,11 @@
 measured device-to-device copy bandwidth. Prints markdown tables.
 
     python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|decode|mla|backward] [--dims 64,128]
+                               [--sm90]
+
+--sm90 adds a column to the prefill table: ours routed to the Hopper kernel (arch/sm90; the
+MATE_OPS_FMHA_PATH=sm90 opt-in, read once per process, so measured in a child process on the
+same shapes) beside the default route.
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 4 * B * H * D * S^2 (halved when causal). Decode: one query token, H 32 / Hk 8,
@@ -12,6 +17,10 @@ saved out / lse of one forward; SDPA: autograd.grad of one forward's output), FL
 the forward's. A backend that cannot run a shape prints n/a.
 """
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -88,30 +97,66 @@ def copy_bandwidth():
     return 2 * x.numel() / t / 1e9
 
 
-def prefill_table(quick, dims=None):
-    """dims: (D, Dv) pairs; FLOPs = 2 B H S^2 (D + Dv), halved when causal."""
-    print("\n| prefill bf16 (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |")
-    print("|---|---|---|---|---|---|")
+def prefill_rows(quick, dims):
+    """(B, S, H, D, Dv, causal) of the prefill table."""
     seqlens = [2048, 8192] if quick else [512, 2048, 8192, 16384]
     dims = dims or ([(128, 128)] if quick else [(64, 64), (128, 128), (256, 256)])
-    for D, Dv in dims:
-        H = 2048 // D
-        for S in seqlens:
-            B = 16384 // S
-            for causal in (False, True):
-                q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
-                k = torch.randn_like(q)
-                v = torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
-                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-                flops = 2 * B * H * S * S * (D + Dv) * (0.5 if causal else 1.0)
-                ours = timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal))
-                fl = sdpa_time(SDPBackend.FLASH_ATTENTION, qt, kt, vt, causal)
-                cu = sdpa_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal)
-                tf = lambda t: flops / t / 1e12  # noqa: E731
-                dims_s = f"D{D}" if D == Dv else f"D{D}/Dv{Dv}"
-                print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {tf(ours):.1f} | {tf(fl):.1f} | "
-                      f"{tf(cu):.1f} | {fl / ours:.2f} | {cu / ours:.2f} |", flush=True)
-                del q, k, v, qt, kt, vt
+    return [(16384 // S, S, 2048 // D, D, Dv, causal) for D, Dv in dims for S in seqlens for causal in (False, True)]
+
+
+def prefill_inputs(B, S, H, D, Dv):
+    q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
+    return q, torch.randn_like(q), torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
+
+
+def ours_prefill_times(quick, dims):
+    """Child-process mode (--ours-json): ours alone per prefill row, one JSON line each."""
+    for B, S, H, D, Dv, causal in prefill_rows(quick, dims):
+        q, k, v = prefill_inputs(B, S, H, D, Dv)
+        t = timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal))
+        print(json.dumps({"row": [B, S, H, D, Dv, causal], "t": t}), flush=True)
+        del q, k, v
+
+
+def sm90_prefill_times(quick, dims):
+    """{row: seconds} of ours with MATE_OPS_FMHA_PATH=sm90, measured in a child process."""
+    argv = [sys.executable, os.path.abspath(__file__), "--ours-json"] + (["--quick"] if quick else [])
+    if dims:
+        argv += ["--dims", ",".join(f"{d}x{dv}" for d, dv in dims)]
+    res = subprocess.run(argv, env=dict(os.environ, MATE_OPS_FMHA_PATH="sm90"), capture_output=True, text=True)
+    times = {}
+    for line in res.stdout.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            times[tuple(rec["row"])] = rec["t"]
+    if res.returncode != 0:
+        print(f"<!-- sm90 child failed: {res.stderr.strip().splitlines()[-1:]} -->")
+    return times
+
+
+def prefill_table(quick, dims=None, sm90=False):
+    """dims: (D, Dv) pairs; FLOPs = 2 B H S^2 (D + Dv), halved when causal."""
+    sm90_t = sm90_prefill_times(quick, dims) if sm90 else {}
+    extra = " ours sm90 | sm90 / cuDNN |" if sm90 else ""
+    print("\n| prefill bf16 (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |" + extra)
+    print("|---|---|---|---|---|---|" + ("---|---|" if sm90 else ""))
+    rows = prefill_rows(quick, dims)
+    for B, S, H, D, Dv, causal in rows:
+        q, k, v = prefill_inputs(B, S, H, D, Dv)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        flops = 2 * B * H * S * S * (D + Dv) * (0.5 if causal else 1.0)
+        ours = timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal))
+        fl = sdpa_time(SDPBackend.FLASH_ATTENTION, qt, kt, vt, causal)
+        cu = sdpa_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal)
+        tf = lambda t: flops / t / 1e12  # noqa: E731
+        dims_s = f"D{D}" if D == Dv else f"D{D}/Dv{Dv}"
+        cols = ""
+        if sm90:
+            t90 = sm90_t.get((B, S, H, D, Dv, causal), float("nan"))
+            cols = f" {na(tf(t90))} | {na(cu / t90, '.2f')} |"
+        print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {tf(ours):.1f} | {tf(fl):.1f} | "
+              f"{tf(cu):.1f} | {fl / ours:.2f} | {cu / ours:.2f} |{cols}", flush=True)
+        del q, k, v, qt, kt, vt
 
 
 def backward_table(quick, dims=None):
@@ -242,14 +287,19 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "decode", "mla", "backward"])
     ap.add_argument("--dims", help="prefill and backward head dims, e.g. 128,256 or 192x128 (D x Dv)")
+    ap.add_argument("--sm90", action="store_true", help="prefill: also ours on the Hopper kernel (arch/sm90)")
+    ap.add_argument("--ours-json", action="store_true", help=argparse.SUPPRESS)  # the --sm90 child
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     dims = None
     if args.dims:
         dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]
+    if args.ours_json:
+        ours_prefill_times(args.quick, dims)
+        return
     if args.only in (None, "prefill"):
-        prefill_table(args.quick, dims)
+        prefill_table(args.quick, dims, args.sm90)
     if args.only in (None, "backward"):
         backward_table(args.quick, dims)
     if args.only in (None, "fp8"):
