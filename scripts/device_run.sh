@@ -2,6 +2,8 @@
 # One run on the GPU machine (device tool): build with nvcc, run the tests on cuda, benchmark.
 #   bash scripts/device_run.sh [test files...]     logs under $OUT
 #   env: PYTEST_K (default "cuda"), BENCH ("" = no benchmark, "--only decode", ...)
+# Wheels in .whl/ are installed first (the GPU machine has no package index): the sm90 kernels
+# need `pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl` here and .whl carried along.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
