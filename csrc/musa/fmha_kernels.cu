@@ -410,8 +410,8 @@ arch::Error launch_fmha_sm90(const FmhaParams&, int, arch::Stream) { return arch
 #endif
 
 namespace {
-// MATE_OPS_FMHA_PATH=sm90: the forward tries the Hopper kernel first (opt-in while it has not
-// been validated on a GPU; kernels.h). Read once per process.
+// MATE_OPS_FMHA_PATH=sm90: the forward tries the Hopper kernel first (opt-in until it has been
+// benchmarked and run under the whole cuda suite; kernels.h). Read once per process.
 bool sm90_requested() {
   static const bool on = [] {
     const char* v = std::getenv("MATE_OPS_FMHA_PATH");
