@@ -743,10 +743,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
 #pragma unroll
       for (int pk = 0; pk < C::kKeys / 16; ++pk) {
         uint32_t a[4];
-        a[0] = arch::pack2<T>(sacc[2 * pk][0], sacc[2 * pk][1]);
-        a[1] = arch::pack2<T>(sacc[2 * pk][2], sacc[2 * pk][3]);
-        a[2] = arch::pack2<T>(sacc[2 * pk + 1][0], sacc[2 * pk + 1][1]);
-        a[3] = arch::pack2<T>(sacc[2 * pk + 1][2], sacc[2 * pk + 1][3]);
+        arch::acc_to_a<T>(sacc[2 * pk], sacc[2 * pk + 1], a);
 #pragma unroll
         for (int dp = 0; dp < C::kVTiles / 2; ++dp) {
           const int chunk = cw * C::kVTiles + 2 * dp;  // first 8-channel chunk of the pair

@@ -95,6 +95,17 @@ __device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi) {
   return r;
 }
 
+// Two m16n8 fp32 accumulator tiles (8 columns each) as the A operand of one m16n8k16 step:
+// their 16 columns are its k values and the register layouts line up, so P (or dS) feeds the
+// next product straight from registers.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(const float (&lo)[4], const float (&hi)[4], uint32_t (&a)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
 // 2^x with the hardware approximation (2 ulp; exp2(-inf) = 0).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;

@@ -39,6 +39,40 @@ struct BwdKvConfig {
                 "a warp's Q / dO rows must fill whole copy steps");
 };
 
+// acc (16 rows x 8 kNT columns) += A B^T over kK channels: A is the 16 rows of tile a from
+// a_row0, B the first 8 kNT rows of tile b; both tiles hold kK-element rows, swizzled (the K,
+// V, Q and dO tiles alike).
+template <class T, int kK, int kNT>
+__device__ __forceinline__ void mma_rows_abt(float (&acc)[kNT][4], const T* a_tile, int a_row0, const T* b_tile) {
+  const int lane = threadIdx.x % arch::kWarpSize;
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    uint32_t a[4];
+    arch::ldmatrix_x4(a, a_tile + swz<kK>(a_row0 + lane % 16, 2 * ks + lane / 16));
+#pragma unroll
+    for (int np = 0; np < kNT / 2; ++np) {
+      uint32_t b[4];
+      arch::ldmatrix_x4(b, b_tile + swz<kK>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
+      arch::mma_16x8x16<T>(acc[2 * np], a, b[0], b[1]);
+      arch::mma_16x8x16<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 rows x kN columns) += a B: a is one 16 x 16 A fragment in registers (acc_to_a), B the
+// rows k0 .. k0 + 15 of tile b (kN-element rows, swizzled), read transposed.
+template <class T, int kN>
+__device__ __forceinline__ void mma_regs_ab(float (&acc)[kN / 8][4], const uint32_t (&a)[4], const T* b_tile, int k0) {
+  const int lane = threadIdx.x % arch::kWarpSize;
+#pragma unroll
+  for (int dp = 0; dp < kN / 16; ++dp) {
+    uint32_t b[4];
+    arch::ldmatrix_x4_trans(b, b_tile + swz<kN>(k0 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
+    arch::mma_16x8x16<T>(acc[2 * dp], a, b[0], b[1]);
+    arch::mma_16x8x16<T>(acc[2 * dp + 1], a, b[2], b[3]);
+  }
+}
+
 // Sets a kernel's dynamic shared-memory limit once per device (a driver call per launch costs
 // host time).
 template <class Kernel>
@@ -165,36 +199,14 @@ __global__ void __launch_bounds__(C::kThreads) fmha_bwd_dkdv_kernel(FmhaBwdParam
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) sacc[nt][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      uint32_t a[4];
-      arch::ldmatrix_x4(a, k_s + swz<kD>(krow + lane % 16, 2 * ks + lane / 16));
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t bq[4];
-        arch::ldmatrix_x4(bq, q_t + swz<kD>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
-        arch::mma_16x8x16<T>(sacc[2 * np], a, bq[0], bq[1]);
-        arch::mma_16x8x16<T>(sacc[2 * np + 1], a, bq[2], bq[3]);
-      }
-    }
+    mma_rows_abt<T, kD, kNT>(sacc, k_s, krow, q_t);
     // dP^T = V dO^T
     if constexpr (C::kDoDk) {
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dpacc[nt][e] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < kDv / 16; ++ks) {
-        uint32_t a[4];
-        arch::ldmatrix_x4(a, v_s + swz<kDv>(krow + lane % 16, 2 * ks + lane / 16));
-#pragma unroll
-        for (int np = 0; np < kNT / 2; ++np) {
-          uint32_t bd[4];
-          arch::ldmatrix_x4(bd, do_t + swz<kDv>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
-          arch::mma_16x8x16<T>(dpacc[2 * np], a, bd[0], bd[1]);
-          arch::mma_16x8x16<T>(dpacc[2 * np + 1], a, bd[2], bd[3]);
-        }
-      }
+      mma_rows_abt<T, kDv, kNT>(dpacc, v_s, krow, do_t);
     }
     // P^T and dS^T in place; element (key krow + 8 hf + g4, packed row nt 8 + 2t + e)
 #pragma unroll
@@ -220,31 +232,13 @@ __global__ void __launch_bounds__(C::kThreads) fmha_bwd_dkdv_kernel(FmhaBwdParam
     for (int pk = 0; pk < kBM / 16; ++pk) {
       if constexpr (C::kDoDv) {
         uint32_t a[4];
-        a[0] = arch::pack2<T>(sacc[2 * pk][0], sacc[2 * pk][1]);
-        a[1] = arch::pack2<T>(sacc[2 * pk][2], sacc[2 * pk][3]);
-        a[2] = arch::pack2<T>(sacc[2 * pk + 1][0], sacc[2 * pk + 1][1]);
-        a[3] = arch::pack2<T>(sacc[2 * pk + 1][2], sacc[2 * pk + 1][3]);
-#pragma unroll
-        for (int dp = 0; dp < kDv / 16; ++dp) {
-          uint32_t vb[4];
-          arch::ldmatrix_x4_trans(vb, do_t + swz<kDv>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
-          arch::mma_16x8x16<T>(dv[2 * dp], a, vb[0], vb[1]);
-          arch::mma_16x8x16<T>(dv[2 * dp + 1], a, vb[2], vb[3]);
-        }
+        arch::acc_to_a<T>(sacc[2 * pk], sacc[2 * pk + 1], a);
+        mma_regs_ab<T, kDv>(dv, a, do_t, pk * 16);
       }
       if constexpr (C::kDoDk) {
         uint32_t a[4];
-        a[0] = arch::pack2<T>(dpacc[2 * pk][0], dpacc[2 * pk][1]);
-        a[1] = arch::pack2<T>(dpacc[2 * pk][2], dpacc[2 * pk][3]);
-        a[2] = arch::pack2<T>(dpacc[2 * pk + 1][0], dpacc[2 * pk + 1][1]);
-        a[3] = arch::pack2<T>(dpacc[2 * pk + 1][2], dpacc[2 * pk + 1][3]);
-#pragma unroll
-        for (int dp = 0; dp < kD / 16; ++dp) {
-          uint32_t qb[4];
-          arch::ldmatrix_x4_trans(qb, q_t + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
-          arch::mma_16x8x16<T>(dk[2 * dp], a, qb[0], qb[1]);
-          arch::mma_16x8x16<T>(dk[2 * dp + 1], a, qb[2], qb[3]);
-        }
+        arch::acc_to_a<T>(dpacc[2 * pk], dpacc[2 * pk + 1], a);
+        mma_regs_ab<T, kD>(dk, a, q_t, pk * 16);
       }
     }
   }
@@ -380,30 +374,8 @@ __global__ void __launch_bounds__(C::kThreads) fmha_bwd_dq_kernel(FmhaBwdParams 
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) sacc[nt][e] = dpacc[nt][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {  // S = Q K^T
-      uint32_t a[4];
-      arch::ldmatrix_x4(a, q_s + swz<kD>(wrow + lane % 16, 2 * ks + lane / 16));
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t kb[4];
-        arch::ldmatrix_x4(kb, k_t + swz<kD>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
-        arch::mma_16x8x16<T>(sacc[2 * np], a, kb[0], kb[1]);
-        arch::mma_16x8x16<T>(sacc[2 * np + 1], a, kb[2], kb[3]);
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < kDv / 16; ++ks) {  // dP = dO V^T
-      uint32_t a[4];
-      arch::ldmatrix_x4(a, do_s + swz<kDv>(wrow + lane % 16, 2 * ks + lane / 16));
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t vb[4];
-        arch::ldmatrix_x4(vb, v_t + swz<kDv>(np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
-        arch::mma_16x8x16<T>(dpacc[2 * np], a, vb[0], vb[1]);
-        arch::mma_16x8x16<T>(dpacc[2 * np + 1], a, vb[2], vb[3]);
-      }
-    }
+    mma_rows_abt<T, kD, kNT>(sacc, q_s, wrow, k_t);     // S = Q K^T
+    mma_rows_abt<T, kDv, kNT>(dpacc, do_s, wrow, v_t);  // dP = dO V^T
     // dS in place of S; element (row wrow + 8 hf + g4, key n0 + nt 8 + 2t + e)
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
@@ -426,17 +398,8 @@ __global__ void __launch_bounds__(C::kThreads) fmha_bwd_dq_kernel(FmhaBwdParams 
 #pragma unroll
     for (int pk = 0; pk < C::kBlockN / 16; ++pk) {
       uint32_t a[4];
-      a[0] = arch::pack2<T>(sacc[2 * pk][0], sacc[2 * pk][1]);
-      a[1] = arch::pack2<T>(sacc[2 * pk][2], sacc[2 * pk][3]);
-      a[2] = arch::pack2<T>(sacc[2 * pk + 1][0], sacc[2 * pk + 1][1]);
-      a[3] = arch::pack2<T>(sacc[2 * pk + 1][2], sacc[2 * pk + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < kD / 16; ++dp) {
-        uint32_t kb[4];
-        arch::ldmatrix_x4_trans(kb, k_t + swz<kD>(pk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
-        arch::mma_16x8x16<T>(dq[2 * dp], a, kb[0], kb[1]);
-        arch::mma_16x8x16<T>(dq[2 * dp + 1], a, kb[2], kb[3]);
-      }
+      arch::acc_to_a<T>(sacc[2 * pk], sacc[2 * pk + 1], a);
+      mma_regs_ab<T, kD>(dq, a, k_t, pk * 16);
     }
   }
 

@@ -277,10 +277,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           uint32_t a[kMT][4];
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            a[mt][0] = arch::pack2<T>(sacc[mt][2 * pk][0], sacc[mt][2 * pk][1]);
-            a[mt][1] = arch::pack2<T>(sacc[mt][2 * pk][2], sacc[mt][2 * pk][3]);
-            a[mt][2] = arch::pack2<T>(sacc[mt][2 * pk + 1][0], sacc[mt][2 * pk + 1][1]);
-            a[mt][3] = arch::pack2<T>(sacc[mt][2 * pk + 1][2], sacc[mt][2 * pk + 1][3]);
+            arch::acc_to_a<T>(sacc[mt][2 * pk], sacc[mt][2 * pk + 1], a[mt]);
           }
 #pragma unroll
           for (int dp = 0; dp < C::kVTiles / 2; ++dp) {
