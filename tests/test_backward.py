@@ -515,6 +515,20 @@ def test_opcheck_fwd_with_autograd_and_bwd(name):
     torch.library.opcheck(MATE.fmha_bwd.default, bwd_args, bwd_kw)
 
 
+@pytest.mark.parametrize("name", ["dense_sink_causal", "varlen_window_bf16"])
+def test_cuda_opcheck_bwd(cuda, name):
+    """opcheck of fmha_fwd (with its autograd) and fmha_bwd on the CUDA kernels."""
+    args, kw = _opcheck_cases()[name]
+    on = lambda x: x.detach().to(cuda).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    args, kw = [on(a) for a in args], {n: on(x) for n, x in kw.items()}
+    torch.library.opcheck(MATE.fmha_fwd.default, args, kw)
+    out, lse = MATE.fmha_fwd(*[a.detach() for a in args], **{n: (x.detach() if isinstance(x, torch.Tensor) else x)
+                                                            for n, x in kw.items()})
+    bwd_args = (torch.randn_like(out), *[a.detach() for a in args], out, lse, torch.randn_like(lse))
+    bwd_kw = {n: (x.detach() if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
+    torch.library.opcheck(MATE.fmha_bwd.default, bwd_args, bwd_kw)
+
+
 def _attn_block(q, k, v, sink):
     out = flash_attn_varlen_func(q, k, v, causal=True, learnable_sink=sink, softcap=10.0)
     return out.float().square().mean()
