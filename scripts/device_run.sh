@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One run on the GPU machine (device tool): build with nvcc, run the tests on cuda, benchmark.
 #   bash scripts/device_run.sh [test files...]     logs under $OUT
-#   env: PYTEST_K (default "cuda"), BENCH ("" = no benchmark, "--only decode", ...)
+#   env: PYTEST_K (default "cuda"), BENCH ("" = no benchmark, "--only decode", ...),
+#        SANITIZE (0 = skip compute-sanitizer)
 # Wheels in .whl/ are installed first (the GPU machine has no package index): the sm90 kernels
 # need `pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl` here and .whl carried along.
 set -uo pipefail
@@ -35,7 +36,7 @@ for f in "${@/#tests\//$ROOT/tests/}"; do
   echo "$name rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -n 1)"
   grep -E "^FAILED|Fatal Python" "$OUT/$name.log" | head -n 5
 done
-if command -v compute-sanitizer >/dev/null; then
+if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_small.py" >"$OUT/memcheck.log" 2>&1
   echo "memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
   compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_bwd.py" >"$OUT/memcheck_bwd.log" 2>&1
