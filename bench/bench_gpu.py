@@ -3,14 +3,16 @@
 measured device-to-device copy bandwidth. Prints markdown tables.
 
     python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|decode|mla|backward] [--dims 64,128]
-                               [--sm90]
+                               [--compare LABEL:VAR=VALUE[;VAR=VALUE] ...]
 
---sm90 adds a column to the prefill table: ours routed to the Hopper kernel (arch/sm90; the
-MATE_OPS_FMHA_PATH=sm90 opt-in, read once per process, so measured in a child process on the
-same shapes) beside the default route.
+--compare adds a column to the prefill table: ours again, in a child process with those
+environment variables (the kernel routes are read once per process), on the same shapes, e.g.
+    --compare "mma.sync:MATE_OPS_FMHA_PATH=sm80"     the sm80 kernel instead of the Hopper one
+    --compare "no ping-pong:MATE_OPS_SM90_PINGPONG=0"
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
-FLOPs = 4 * B * H * D * S^2 (halved when causal). Decode: one query token, H 32 / Hk 8,
+FLOPs = 2 * B * H * S^2 * (D + Dv) (halved when causal); the full table adds D 80, 96,
+192 x 128 and fp16 D 128 rows at 2k and 8k tokens. Decode: one query token, H 32 / Hk 8,
 D 128, bf16; GB/s counts the K and V bytes of the cache read once.
 Backward: the prefill shapes (S 512/2048/8192), the backward alone (ours: fmha_bwd on the
 saved out / lse of one forward; SDPA: autograd.grad of one forward's output), FLOPs = 2.5x
@@ -98,51 +100,65 @@ def copy_bandwidth():
 
 
 def prefill_rows(quick, dims):
-    """(B, S, H, D, Dv, causal) of the prefill table."""
+    """(B, S, H, D, Dv, causal, dtype name) of the prefill table."""
     seqlens = [2048, 8192] if quick else [512, 2048, 8192, 16384]
-    dims = dims or ([(128, 128)] if quick else [(64, 64), (128, 128), (256, 256)])
-    return [(16384 // S, S, 2048 // D, D, Dv, causal) for D, Dv in dims for S in seqlens for causal in (False, True)]
+    rows = [(D, Dv, S, "bf16") for D, Dv in (dims or ([(128, 128)] if quick else [(64, 64), (128, 128), (256, 256)]))
+            for S in seqlens]
+    if not quick and not dims:  # the other head dims and fp16, at 2k and 8k tokens
+        rows += [(D, Dv, S, "bf16") for D, Dv in ((80, 80), (96, 96), (192, 128)) for S in (2048, 8192)]
+        rows += [(128, 128, S, "fp16") for S in (2048, 8192)]
+    return [(16384 // S, S, max(2048 // D, 1), D, Dv, causal, dt) for D, Dv, S, dt in rows for causal in (False, True)]
 
 
-def prefill_inputs(B, S, H, D, Dv):
-    q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
-    return q, torch.randn_like(q), torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
+def prefill_inputs(B, S, H, D, Dv, dt="bf16"):
+    dtype = torch.float16 if dt == "fp16" else torch.bfloat16
+    q = torch.randn(B, S, H, D, dtype=dtype, device="cuda")
+    return q, torch.randn_like(q), torch.randn(B, S, H, Dv, dtype=dtype, device="cuda")
 
 
 def ours_prefill_times(quick, dims):
     """Child-process mode (--ours-json): ours alone per prefill row, one JSON line each."""
-    for B, S, H, D, Dv, causal in prefill_rows(quick, dims):
-        q, k, v = prefill_inputs(B, S, H, D, Dv)
+    for row in prefill_rows(quick, dims):
+        B, S, H, D, Dv, causal, dt = row
+        q, k, v = prefill_inputs(B, S, H, D, Dv, dt)
         t = timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal))
-        print(json.dumps({"row": [B, S, H, D, Dv, causal], "t": t}), flush=True)
+        print(json.dumps({"row": list(row), "t": t}), flush=True)
         del q, k, v
 
 
-def sm90_prefill_times(quick, dims):
-    """{row: seconds} of ours with MATE_OPS_FMHA_PATH=sm90, measured in a child process."""
+def child_prefill_times(quick, dims, env):
+    """{row: seconds} of ours measured in a child process with the environment variables env."""
     argv = [sys.executable, os.path.abspath(__file__), "--ours-json"] + (["--quick"] if quick else [])
     if dims:
         argv += ["--dims", ",".join(f"{d}x{dv}" for d, dv in dims)]
-    res = subprocess.run(argv, env=dict(os.environ, MATE_OPS_FMHA_PATH="sm90"), capture_output=True, text=True)
+    res = subprocess.run(argv, env=dict(os.environ, **env), capture_output=True, text=True)
     times = {}
     for line in res.stdout.splitlines():
         if line.startswith("{"):
             rec = json.loads(line)
             times[tuple(rec["row"])] = rec["t"]
     if res.returncode != 0:
-        print(f"<!-- sm90 child failed: {res.stderr.strip().splitlines()[-1:]} -->")
+        print(f"<!-- child {env} failed: {res.stderr.strip().splitlines()[-1:]} -->")
     return times
 
 
-def prefill_table(quick, dims=None, sm90=False):
-    """dims: (D, Dv) pairs; FLOPs = 2 B H S^2 (D + Dv), halved when causal."""
-    sm90_t = sm90_prefill_times(quick, dims) if sm90 else {}
-    extra = " ours sm90 | sm90 / cuDNN |" if sm90 else ""
-    print("\n| prefill bf16 (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |" + extra)
-    print("|---|---|---|---|---|---|" + ("---|---|" if sm90 else ""))
-    rows = prefill_rows(quick, dims)
-    for B, S, H, D, Dv, causal in rows:
-        q, k, v = prefill_inputs(B, S, H, D, Dv)
+def parse_compare(spec):
+    """"LABEL:VAR=VALUE[;VAR=VALUE]" -> (label, {VAR: VALUE})."""
+    label, _, assignments = spec.partition(":")
+    env = dict(a.split("=", 1) for a in assignments.split(";") if a)
+    return label, env
+
+
+def prefill_table(quick, dims=None, compare=()):
+    """dims: (D, Dv) pairs; FLOPs = 2 B H S^2 (D + Dv), halved when causal. compare: (label, env)
+    pairs, each a column of ours measured in a child process with that environment."""
+    others = [(label, child_prefill_times(quick, dims, env)) for label, env in compare]
+    extra = "".join(f" ours {label} | {label} / cuDNN |" for label, _ in others)
+    print("\n| prefill (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |" + extra)
+    print("|---|---|---|---|---|---|" + "---|---|" * len(others))
+    for row in prefill_rows(quick, dims):
+        B, S, H, D, Dv, causal, dt = row
+        q, k, v = prefill_inputs(B, S, H, D, Dv, dt)
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         flops = 2 * B * H * S * S * (D + Dv) * (0.5 if causal else 1.0)
         ours = timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal))
@@ -151,11 +167,11 @@ def prefill_table(quick, dims=None, sm90=False):
         tf = lambda t: flops / t / 1e12  # noqa: E731
         dims_s = f"D{D}" if D == Dv else f"D{D}/Dv{Dv}"
         cols = ""
-        if sm90:
-            t90 = sm90_t.get((B, S, H, D, Dv, causal), float("nan"))
-            cols = f" {na(tf(t90))} | {na(cu / t90, '.2f')} |"
-        print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {tf(ours):.1f} | {tf(fl):.1f} | "
-              f"{tf(cu):.1f} | {fl / ours:.2f} | {cu / ours:.2f} |{cols}", flush=True)
+        for _, times in others:
+            t = times.get(row, float("nan"))
+            cols += f" {na(tf(t))} | {na(cu / t, '.2f')} |"
+        print(f"| {dt} B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {tf(ours):.1f} | {na(tf(fl))} | "
+              f"{na(tf(cu))} | {na(fl / ours, '.2f')} | {na(cu / ours, '.2f')} |{cols}", flush=True)
         del q, k, v, qt, kt, vt
 
 
@@ -287,8 +303,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "decode", "mla", "backward"])
     ap.add_argument("--dims", help="prefill and backward head dims, e.g. 128,256 or 192x128 (D x Dv)")
-    ap.add_argument("--sm90", action="store_true", help="prefill: also ours on the Hopper kernel (arch/sm90)")
-    ap.add_argument("--ours-json", action="store_true", help=argparse.SUPPRESS)  # the --sm90 child
+    ap.add_argument("--compare", action="append", default=[], metavar="LABEL:VAR=VALUE[;VAR=VALUE]",
+                    help="prefill: a column of ours in a child process with these environment variables")
+    ap.add_argument("--ours-json", action="store_true", help=argparse.SUPPRESS)  # the --compare child
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
@@ -299,7 +316,7 @@ def main():
         ours_prefill_times(args.quick, dims)
         return
     if args.only in (None, "prefill"):
-        prefill_table(args.quick, dims, args.sm90)
+        prefill_table(args.quick, dims, [parse_compare(c) for c in args.compare])
     if args.only in (None, "backward"):
         backward_table(args.quick, dims)
     if args.only in (None, "fp8"):

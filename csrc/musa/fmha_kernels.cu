@@ -410,14 +410,24 @@ arch::Error launch_fmha_sm90(const FmhaParams&, int, arch::Stream) { return arch
 #endif
 
 namespace {
-// MATE_OPS_FMHA_PATH=sm90: the forward tries the Hopper kernel first (opt-in until it has been
-// benchmarked and run under the whole cuda suite; kernels.h). Read once per process.
-bool sm90_requested() {
-  static const bool on = [] {
+// Which calls take the Hopper kernel on a compute capability 9.0 GPU (fmha_sm90_fits says which
+// it can serve). By default those with at least one full 128-row tile of query rows: shorter
+// calls (decode, small chunks) stay on the mma.sync kernel, which packs a GQA group's heads
+// into one tile and reads K / V once per kv head. MATE_OPS_FMHA_PATH=sm90 sends every call it
+// serves to the Hopper kernel (its tests use that), =sm80 none. Read once per process.
+enum class Sm90Route { kAuto, kAlways, kNever };
+Sm90Route sm90_route() {
+  static const Sm90Route route = [] {
     const char* v = std::getenv("MATE_OPS_FMHA_PATH");
-    return v != nullptr && std::strcmp(v, "sm90") == 0;
+    if (v != nullptr && std::strcmp(v, "sm90") == 0) return Sm90Route::kAlways;
+    if (v != nullptr && std::strcmp(v, "sm80") == 0) return Sm90Route::kNever;
+    return Sm90Route::kAuto;
   }();
-  return on;
+  return route;
+}
+bool sm90_wanted(int max_rows) {
+  const Sm90Route route = sm90_route();
+  return route == Sm90Route::kAlways || (route == Sm90Route::kAuto && max_rows >= 128);
 }
 }  // namespace
 
@@ -425,7 +435,7 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
   if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
     // tensor cores when the build and the problem allow; the portable kernels otherwise
     bool launched = false;
-    if (splits.num_splits == 1 && sm90_requested() && fmha_sm90_fits(p) && arch::compute_capability() == 90) {
+    if (splits.num_splits == 1 && sm90_wanted(max_rows) && fmha_sm90_fits(p) && arch::compute_capability() == 90) {
       launched = launch_fmha_sm90(p, max_rows, stream) == arch::kSuccess;
       if (!launched) arch::last_error();  // clear it, fall back
     }

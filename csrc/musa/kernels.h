@@ -42,9 +42,9 @@ bool fmha_bwd_mma_fits(const FmhaBwdParams& g);
 arch::Error launch_fmha_bwd_mma(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
 
 // The Hopper path (arch/sm90: CuTe, TMA + wgmma), built when setup.py finds the CUTLASS
-// headers (MATE_WITH_SM90). New (tested on an H200 for D = Dv 64 / 128 with plain scores;
-// not yet benchmarked): launch_fmha takes it only when MATE_OPS_FMHA_PATH=sm90 is set (read
-// once) on a compute capability 9.0 device. Writes what the mma.sync path writes without splits.
+// headers (MATE_WITH_SM90). launch_fmha takes it on a compute capability 9.0 device for calls
+// without splits that it serves and that fill a 128-row tile (MATE_OPS_FMHA_PATH: sm90 for
+// every call it serves, sm80 for none; fmha_kernels.cu). Writes what the mma.sync path writes.
 bool fmha_sm90_fits(const FmhaParams& p);
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream);
 

@@ -34,6 +34,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "../../../common/fmha_math.h"
 #include "../../../common/fmha_params.h"
@@ -185,10 +187,11 @@ MATE_HD Shape<int, int, int, int> v_shape(const FmhaParams& p) {
   return make_shape(p.head_dim_v, k_rows(p), p.num_heads_k, k_batches(p));
 }
 
-// One wgmma tile product, C (+)= A B over every k-step: the first step overwrites C when
-// kZeroInit (S = Q K^T starts from nothing), later steps accumulate. Waits for completion.
+// Issues one wgmma tile product, C (+)= A B over every k-step, without waiting for it: the
+// first step overwrites C when kZeroInit (S = Q K^T starts from nothing), later steps
+// accumulate. The caller waits with warpgroup_wait<n>() and then fences C.
 template <bool kZeroInit, class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void wgmma_tile(Mma& mma, const TA& a, const TB& b, TC& c) {
+__device__ __forceinline__ void wgmma_issue(Mma& mma, const TA& a, const TB& b, TC& c) {
   warpgroup_fence_operand(c);
   warpgroup_arrive();
   if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -198,8 +201,6 @@ __device__ __forceinline__ void wgmma_tile(Mma& mma, const TA& a, const TB& b, T
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(c);
 }
 
 // Key interval facts of a warpgroup's 64 rows [r0, r0 + 64) that are uniform over the
@@ -213,6 +214,11 @@ struct GroupKeys {
   __device__ bool covers(int n0, int n) const { return full && lo_max <= n0 && hi_min - n0 >= n; }
 };
 
+// Named barriers of the consumer warpgroups (CuTe's NamedBarrier numbers them after the ids
+// CUTLASS reserves).
+constexpr uint32_t kZeroBarrier = 0;   // the last V tile's zero fill
+constexpr uint32_t kSchedBarrier = 1;  // + warpgroup: its turn to issue GEMMs (ping-pong)
+
 // kPlain: logit = softmax_scale * dot with a positive scale (scores_are_plain), so row maxima
 // are taken on raw scores and the scale folds into exp2's FFMA; otherwise (softcap, ALiBi, a
 // non-positive scale) every score first becomes its base-2 logit through ScoreMod, as in
@@ -220,7 +226,8 @@ struct GroupKeys {
 template <class C, bool kPlain>
 __global__ void __launch_bounds__(C::kThreads, 1)
     fmha_sm90_kernel(const FmhaParams p, CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
-                     CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v) {
+                     CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v,
+                     const bool pingpong) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename C::T;
   constexpr int kD = C::kD, kDv = C::kDv, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
@@ -345,86 +352,123 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;
   const ScoreMod mod = score_mod(p, s, b, h);
 
+  // The online softmax of one S tile in base 2, in place: masks, takes the new row maxima and
+  // turns S into exp2 values (this thread's share of P, fp32), adding them to row_sum; corr is
+  // what O must be scaled by before the tile's P V is added. Touches neither O nor P's
+  // registers, so it runs while the previous tile's O += P V is in flight.
+  auto softmax_tile = [&](int n0, bool all, float (&corr)[2]) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};  // relative to n0
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = tSrS(e + 2 * hf + 4 * j);
+          if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
+            const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+            // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
+            const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
+            x = mod.logit(x, m, key) * kLog2e;
+          }
+          if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hf], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+      corr[hf] = arch::fast_exp2((row_max[hf] - m_use) * sl);
+      const float m_scaled = m_use * sl;
+      row_max[hf] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = tSrS(e + 2 * hf + 4 * j);
+          x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
+          sum += x;
+        }
+      row_sum[hf] = row_sum[hf] * corr[hf] + sum;  // this lane's part; the quad sums at the end
+    }
+  };
+
+  // Software pipeline inside the warpgroup: step t issues S_t = Q K_t^T, then O += P_{t-1}
+  // V_{t-1}, waits for S_t only and runs its softmax while the tensor cores work on P V; then
+  // waits for P V, rescales O and packs P_t into the registers the next step's P V reads. The
+  // last step (t = num_tiles) only adds the last P V.
+  // Ping-pong (pingpong): the two warpgroups take turns issuing their GEMMs (named barriers
+  // kSchedBarrier + group), so one warpgroup's softmax runs while the other's GEMMs keep the
+  // tensor cores busy. Both run the same number of steps; warpgroup 1 lets warpgroup 0 go first
+  // and skips its last hand-over (nobody waits for it).
+  if (pingpong && group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
   if (num_tiles > 0) wait_barrier(sh.q_full, 0);
-  for (int t = 0; t < num_tiles; ++t) {
+  bool p_live = false;  // tOrP holds the P of tile t - 1 (its warpgroup had keys there)
+  for (int t = 0; t <= num_tiles; ++t) {
+    const bool have_s = t < num_tiles;
     const int st = t % kStages, phase = (t / kStages) & 1;
     const int n0 = kmin + t * kBlockN;
-    const bool any = gk.meets(n0, kBlockN);   // the warpgroup has keys in this tile
-    const bool all = gk.covers(n0, kBlockN);  // ... and no row needs per-element masking
+    const bool any = have_s && gk.meets(n0, kBlockN);  // the warpgroup has keys in this tile
+    const bool all = gk.covers(n0, kBlockN);             // ... and no row needs per-element masking
+    const int pst = (t + kStages - 1) % kStages;        // tile t - 1's buffer
 
     // Every consumer waits for and releases every tile, computing or not: a release before
     // the tile has landed could complete the buffer's next phase early.
-    wait_barrier(sh.k_full[st], phase);
-    if (any) wgmma_tile<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
-    arrive_barrier(sh.k_empty[st]);
-
+    if (have_s) wait_barrier(sh.k_full[st], phase);
+    if (t > 0) {
+      wait_barrier(sh.v_full[pst], ((t - 1) / kStages) & 1);
+      const int pn0 = n0 - kBlockN;
+      if (t == num_tiles && kmax - pn0 < kBlockN) {
+        // The last tile runs past the block's keys: zero those V rows (see the file comment).
+        // Both consumer warpgroups read all of V, so both wait for all of the zeros; the
+        // proxy fence makes the generic stores visible to wgmma's reads.
+        const int valid = kmax - pn0;
+        for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
+          sV(idx % kDv, valid + idx / kDv, pst) = T(0.f);
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
+      }
+    }
+    if (pingpong) cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
+    if (any) wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
+    if (t > 0 && p_live) {
+      warpgroup_fence_operand(tOrP);
+      wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
+    }
+    if (pingpong && !(group == 1 && t == num_tiles))
+      cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
+    float corr[2] = {1.f, 1.f};
     if (any) {
-      // Online softmax in base 2; a row's kBlockN / 4 values per thread, 4 threads (a lane
-      // quad) per row.
+      if (p_live) warpgroup_wait<1>();  // S_t is done; P V may still run
+      else warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+    }
+    if (have_s) arrive_barrier(sh.k_empty[st]);
+    if (any) softmax_tile(n0, all, corr);
+    if (t > 0) {
+      if (p_live) {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(tOrP);
+      }
+      arrive_barrier(sh.v_empty[pst]);
+    }
+    if (any) {
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};  // relative to n0
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = tSrS(e + 2 * hf + 4 * j);
-            if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
-              const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
-              // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
-              const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
-              x = mod.logit(x, m, key) * kLog2e;
-            }
-            if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
-            mx = fmaxf(mx, x);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_max[hf], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-        const float corr = arch::fast_exp2((row_max[hf] - m_use) * sl);
-        const float m_scaled = m_use * sl;
-        row_max[hf] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = tSrS(e + 2 * hf + 4 * j);
-            x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
-            sum += x;
-          }
-        row_sum[hf] = row_sum[hf] * corr + sum;  // this lane's part; the quad sums at the end
+      for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
         for (int j = 0; j < kDv / 8; ++j) {
-          tOrO(2 * hf + 4 * j) *= corr;
-          tOrO(1 + 2 * hf + 4 * j) *= corr;
+          tOrO(2 * hf + 4 * j) *= corr[hf];
+          tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
         }
-      }
       // P in the input type, in S's register order (the A operand layout, see Config)
       uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
 #pragma unroll
       for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
     }
-
-    wait_barrier(sh.v_full[st], phase);
-    if (t == num_tiles - 1 && kmax - n0 < kBlockN) {
-      // The last tile runs past the block's keys: zero those V rows (see the file comment).
-      // Both consumer warpgroups read all of V, so both wait for all of the zeros; the proxy
-      // fence makes the generic stores visible to wgmma's reads.
-      const int valid = kmax - n0;
-      for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
-        sV(idx % kDv, valid + idx / kDv, st) = T(0.f);
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, 0);
-    }
-    if (any) {
-      warpgroup_fence_operand(tOrP);
-      wgmma_tile<false>(mma_pv, tOrP, tOrV(_, _, _, st), tOrO);
-      warpgroup_fence_operand(tOrP);
-    }
-    arrive_barrier(sh.v_empty[st]);
+    p_live = any;
   }
 
   // ---- epilogue: normalize and store (fmha_mma.cu's rules) --------------------------------
@@ -504,6 +548,15 @@ Descriptors<C> make_descriptors(const FmhaParams& p) {
           make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{}))};
 }
 
+// MATE_OPS_SM90_PINGPONG=0 turns the warpgroup ping-pong off (an A/B switch for measuring it).
+inline bool pingpong_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MATE_OPS_SM90_PINGPONG");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 template <class C, bool kPlain>
 arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream) {
   static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
@@ -517,7 +570,7 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream
   const Descriptors<C> d = make_descriptors<C>(p);
   const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(max_rows) + C::kBlockM - 1) / C::kBlockM),
                   static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
-  fmha_sm90_kernel<C, kPlain><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, d.q, d.k, d.v);
+  fmha_sm90_kernel<C, kPlain><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, d.q, d.k, d.v, pingpong_enabled());
   return arch::last_error();
 }
 
