@@ -431,11 +431,15 @@ bool sm90_wanted(int max_rows) {
 }
 }  // namespace
 
+bool fmha_sm90_takes(const FmhaParams& p, int max_rows) {
+  return p.num_splits <= 1 && sm90_wanted(max_rows) && fmha_sm90_fits(p) && arch::compute_capability() == 90;
+}
+
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {
   if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
     // tensor cores when the build and the problem allow; the portable kernels otherwise
     bool launched = false;
-    if (splits.num_splits == 1 && sm90_wanted(max_rows) && fmha_sm90_fits(p) && arch::compute_capability() == 90) {
+    if (splits.num_splits == 1 && fmha_sm90_takes(p, max_rows)) {
       launched = launch_fmha_sm90(p, max_rows, stream) == arch::kSuccess;
       if (!launched) arch::last_error();  // clear it, fall back
     }

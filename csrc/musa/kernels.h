@@ -46,6 +46,8 @@ arch::Error launch_fmha_bwd_mma(const FmhaBwdParams& g, const FmhaBwdScratch& ro
 // without splits that it serves and that fill a 128-row tile (MATE_OPS_FMHA_PATH: sm90 for
 // every call it serves, sm80 for none; fmha_kernels.cu). Writes what the mma.sync path writes.
 bool fmha_sm90_fits(const FmhaParams& p);
+// Would launch_fmha take the Hopper kernel for p (route, device and fits), given one split?
+bool fmha_sm90_takes(const FmhaParams& p, int max_rows);
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream);
 
 arch::Error launch_combine(const CombineParams& c, arch::Stream stream);

@@ -29,8 +29,13 @@ void check_launch(arch::Error e, const char* what) {
 void fmha_device(const FmhaProblem& prob) {
   const FmhaParams& p = prob.params;
   const int G = p.num_heads / p.num_heads_k;
+  // The Hopper kernel keeps one 384-thread block per SM busy, so its split heuristic counts
+  // SMs, not the mma.sync kernel's resident blocks (which would split long prefills needlessly
+  // and send them off the Hopper kernel).
+  const bool hopper = p.num_splits == 0 && fmha_sm90_takes(p, prob.max_seqlen_q);
+  const int workers = hopper ? imax(1, arch::multiprocessor_count()) : device_workers(0);
   int splits = resolve_num_splits(p.num_splits, p.batch, p.num_heads_k, prob.max_seqlen_q, G, prob.max_seqlen_k,
-                                  device_workers(0));
+                                  workers);
   TORCH_CHECK(p.batch <= 65535, "the device kernels handle at most 65535 sequences per call, got ", p.batch);
   splits = imax(1, imin(splits, 65535 / imax(p.batch, 1)));
   FmhaSplitBuffers parts;

@@ -1,0 +1,585 @@
+#pragma once
+// FMHA forward for Hopper (sm_90a): TMA loads into an mbarrier pipeline and wgmma for both
+// GEMMs, written with CUTLASS's CuTe headers. It computes what the mma.sync kernel
+// (arch/sm80/fmha_mma.cu) computes without splits, for the common prefill case: bf16/fp16,
+// D and Dv multiples of 8 up to 256 (tiles 64, 128, 192 x 128, 256; a head dim in between pads
+// up, the TMA boxes reading the missing channels as zeros), every score modifier (softcap,
+// ALiBi, any scale: a second instantiation), dense or ragged q/k/v without a page table.
+// Everything else stays on the mma.sync path (fmha_sm90_fits says which is which).
+//
+// Why a separate kernel: mma.sync cannot reach a Hopper GPU's tensor-core peak; wgmma (a
+// 64 x N x 16 product per warpgroup, straight from shared memory, asynchronous) can. TMA moves
+// a whole tile with one instruction and no registers, so loading takes one thread instead of
+// a block's worth of cp.async address arithmetic, and the other warps keep computing.
+//
+// One block per (128 query rows, query head, sequence), latest rows first (causal blocks with
+// late rows are the heaviest: they start first). 384 threads in three warpgroups:
+//   - warpgroup 0, the producer: one thread issues the TMA loads of Q (once) and of the K and
+//     V tiles (kBlockN keys each) into kStages buffers; K and V have their own barriers, so
+//     S = Q K^T can start while V is still landing. The warpgroup gives its registers up
+//     (setmaxnreg) to the consumers.
+//   - warpgroups 1 and 2, the consumers, 64 rows each: S = Q K^T (wgmma, both operands in
+//     shared memory), the online softmax in registers in base 2, P rounded to the input type
+//     in registers, O += P V (wgmma with P from registers). The accumulator layout of S is the
+//     register-operand layout of P (static_asserts below), so P never touches shared memory.
+//     Inside a warpgroup the softmax of tile t runs while the tensor cores add tile t - 1's
+//     P V; the two warpgroups take turns issuing their GEMMs (ping-pong), so one's softmax
+//     overlaps the other's products. The epilogue stores out and lse from registers like
+//     fmha_mma.cu.
+// The mask is fmha_score.h's per-row key interval: a block loads the keys between its first
+// row's lower end and its last row's upper end (the interval ends are monotone in the row,
+// the INVARIANT at key_range_for_row) and only tiles that cross a row's interval edge pay for
+// per-element masking. Keys past the block's last key are zeroed in V's buffer (a TMA box
+// reads whole tiles: past a sequence's end lie other sequences' keys or unwritten cache rows,
+// and 0 * NaN would leak into the output).
+//
+// Not yet here: GQA row packing, a persistent tile schedule with the epilogue overlapping the
+// next tile's loads, TMA stores, fp8, pages (docs/performance.md has the measured versions).
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+#include "../../../common/fmha_math.h"
+#include "../../../common/fmha_params.h"
+#include "../../../common/fmha_score.h"
+#include "../../kernels.h"
+#include "../device.h"
+
+#if defined(MATE_WITH_SM90)
+
+// wgmma tile widths that are not multiples of 16 or 32 (80, 112, 176 keys) are behind this switch
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+#include "../mma.h"  // fast_exp2, pack2
+
+namespace mate::device {
+namespace sm90 {
+
+using namespace cute;
+
+// The tile configuration of one (element type, head dim) instantiation. T is CuTe's element
+// type (the wgmma operand type); NvT the CUDA type of the same bits (arch::pack2).
+// Keys per K / V tile: 128, and 80 at D 256 so that Q, two K and two V stages fit in 224 KB of
+// shared memory and O (128 floats per thread) leaves room for S and P in 240 registers (80
+// measured 10-20 % faster than 64 from 2k tokens on the H200: fewer, wider Q K^T products).
+constexpr int block_n_for(int d, int dv) { return (d == 256 || dv == 256) ? 80 : 128; }
+
+template <class T_, class NvT_, int kD_, int kDv_>
+struct Config {
+  using T = T_;
+  using NvT = NvT_;
+  static constexpr int kD = kD_;           // tile width of q / k rows (head_dim pads up to it)
+  static constexpr int kDv = kDv_;         // tile width of v / out rows (head_dim_v pads up to it)
+  static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
+  static constexpr int kBlockN = block_n_for(kD, kDv);  // keys per K / V tile
+  static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
+  static constexpr int kConsumers = 2;     // consumer warpgroups
+  static constexpr int kConsumerThreads = 128 * kConsumers;
+  static constexpr int kThreads = 128 + kConsumerThreads;
+  // Registers per thread after setmaxnreg: the producer keeps few, the consumers hold S (64),
+  // P (32) and O (64 at D 128). 128 * 24 + 256 * 240 fits the SM's 64K.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+
+  // S = Q K^T: M = 64 rows per warpgroup, N = kBlockN keys, K = D; Q and K both K-major in
+  // shared memory. O += P V: N = Dv, K = kBlockN keys; P from registers, V MN-major (Dv is
+  // contiguous in memory).
+  using AtomQK = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kD>>>());
+  using AtomPV = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kDv>, Int<kBlockN>>, GMMA::Major::K,
+                                                 GMMA::Major::MN>());
+  using WarpGroups = Layout<Shape<Int<kConsumers>, _1, _1>>;  // warpgroup w owns rows 64w .. 64w + 63
+  using MmaQK = decltype(make_tiled_mma(AtomQK{}, WarpGroups{}));
+  using MmaPV = decltype(make_tiled_mma(AtomPV{}, WarpGroups{}));
+
+  // The softmax indexes the accumulators directly (value i = e + 2 h + 4 j is row g + 8 h,
+  // column 8 j + 2 (lane % 4) + e, g = lane / 4 + 16 * warp), and P reuses S's registers as
+  // the A operand of O += P V: 16 accumulator columns are laid out exactly like one k-step of
+  // a register A operand. These asserts pin both facts to CuTe's layouts.
+  static_assert(cute::is_same_v<typename MmaQK::Atom::CLayout, GMMA::CLayout_64xN<kBlockN>>);
+  static_assert(cute::is_same_v<typename MmaPV::Atom::CLayout, GMMA::CLayout_64xN<kDv>>);
+  static_assert(cute::is_same_v<typename MmaPV::Atom::ALayout, GMMA::ALayout_64x16>);
+  static_assert(cute::is_same_v<GMMA::CLayout_64xN<16>, GMMA::ALayout_64x16>);
+
+  // Shared tiles with the 128-byte swizzle wgmma and TMA both understand.
+  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kD>>{}));
+  using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockN>, Int<kD>, Int<kStages>>{}));
+  // V's swizzle atoms (64 channels x 8 keys) are stacked along the keys first, so that 64
+  // channels of a whole tile are one contiguous TMA box (channels first would cut it into
+  // 8-key boxes).
+  using SmemV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{},
+                                       Step<_2, _1, _3>{}));
+
+  // Global views for the TMA descriptors: q / k as (rows, D, heads, batch), v as
+  // (Dv, rows, heads, batch) so that its tiles land MN-major. A ragged tensor has batch 1.
+  using GShape = Shape<int, int, int, int>;
+  using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
+  using GStrideV = Stride<_1, int64_t, int64_t, int64_t>;
+  using GTensorQK = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GShape{}, GStrideQK{}));
+  using GTensorV = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GShape{}, GStrideV{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), SmemQ{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), take<0, 2>(SmemK{})));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorV>(), take<0, 2>(SmemV{})));
+
+  static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
+  static constexpr uint32_t kKBytes = kBlockN * kD * sizeof(T);   // one K tile
+  static constexpr uint32_t kVBytes = kBlockN * kDv * sizeof(T);  // one V tile
+
+  struct Smem {
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemQ>, 1024> q;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemK>, 1024> k;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemV>, 1024> v;
+    // full: the tile has landed (TMA transaction count); empty: every consumer thread is done
+    // with the buffer (kConsumerThreads arrivals)
+    uint64_t q_full;
+    uint64_t k_full[kStages], k_empty[kStages];
+    uint64_t v_full[kStages], v_empty[kStages];
+  };
+  static constexpr int kSmemBytes = static_cast<int>(sizeof(Smem));
+  static_assert(kSmemBytes <= 227 * 1024, "a Hopper SM gives one block at most 227 KB of shared memory");
+};
+
+// The instantiated tile widths (D, Dv): a head dim pads up to the first that holds it (the
+// TMA boxes read the missing channels as zeros, which add nothing to Q K^T).
+enum class Widths { k64, k128, k192x128, k256, kNone };
+MATE_HD Widths tile_widths(int d, int dv) {
+  if (d % 8 != 0 || dv % 8 != 0 || d <= 0 || dv <= 0) return Widths::kNone;  // 16-byte rows
+  if (d <= 64 && dv <= 64) return Widths::k64;
+  if (d <= 128 && dv <= 128) return Widths::k128;
+  if (d <= 192 && dv <= 128) return Widths::k192x128;  // DeepSeek's prefill shape
+  if (d <= 256 && dv <= 256) return Widths::k256;
+  return Widths::kNone;
+}
+
+// The extents of the global views (host and device build the same ones).
+MATE_HD int q_rows(const FmhaParams& p) { return p.q_is_ragged ? p.total_q : p.seqlen_q; }
+MATE_HD int q_batches(const FmhaParams& p) { return p.q_is_ragged ? 1 : p.batch; }
+MATE_HD int k_rows(const FmhaParams& p) { return p.k_is_ragged ? p.total_k : p.seqlen_k; }
+MATE_HD int k_batches(const FmhaParams& p) { return p.k_is_ragged ? 1 : p.num_pages; }
+// A mode of extent 1 is never stepped along, so its stride only has to pass the descriptor's
+// checks (16-byte multiple): torch may report any stride for a size-1 dim; those become 0 (as
+// a ragged tensor's batch mode is).
+MATE_HD int64_t mode_stride(int64_t stride, int extent) {
+  return extent > 1 || (stride >= 0 && stride % 8 == 0) ? stride : 0;
+}
+
+MATE_HD Shape<int, int, int, int> q_shape(const FmhaParams& p) {
+  return make_shape(q_rows(p), p.head_dim, p.num_heads, q_batches(p));
+}
+MATE_HD Shape<int, int, int, int> k_shape(const FmhaParams& p) {
+  return make_shape(k_rows(p), p.head_dim, p.num_heads_k, k_batches(p));
+}
+MATE_HD Shape<int, int, int, int> v_shape(const FmhaParams& p) {
+  return make_shape(p.head_dim_v, k_rows(p), p.num_heads_k, k_batches(p));
+}
+
+// Issues one wgmma tile product, C (+)= A B over every k-step, without waiting for it: the
+// first step overwrites C when kZeroInit (S = Q K^T starts from nothing), later steps
+// accumulate. The caller waits with warpgroup_wait<n>() and then fences C.
+template <bool kZeroInit, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wgmma_issue(Mma& mma, const TA& a, const TB& b, TC& c) {
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+}
+
+// Key interval facts of a warpgroup's 64 rows [r0, r0 + 64) that are uniform over the
+// warpgroup (wgmma is issued by all of its 128 threads or none): by the INVARIANT at
+// key_range_for_row, the first row has the smallest ends and the last real row the largest.
+struct GroupKeys {
+  int lo_min = 0, hi_max = 0;  // hull of the rows' intervals: tiles outside it are skipped
+  int lo_max = 0, hi_min = 0;  // every row sees [lo_max, hi_min) when `full`
+  bool full = false;           // all 64 rows are real rows
+  __device__ bool meets(int n0, int n) const { return lo_min - n0 < n && hi_max > n0 && lo_min < hi_max; }
+  __device__ bool covers(int n0, int n) const { return full && lo_max <= n0 && hi_min - n0 >= n; }
+};
+
+// Named barriers of the consumer warpgroups (CuTe's NamedBarrier numbers them after the ids
+// CUTLASS reserves).
+constexpr uint32_t kZeroBarrier = 0;   // the last V tile's zero fill
+constexpr uint32_t kSchedBarrier = 1;  // + warpgroup: its turn to issue GEMMs (ping-pong)
+
+// kPlain: logit = softmax_scale * dot with a positive scale (scores_are_plain), so row maxima
+// are taken on raw scores and the scale folds into exp2's FFMA; otherwise (softcap, ALiBi, a
+// non-positive scale) every score first becomes its base-2 logit through ScoreMod, as in
+// fmha_mma.cu's kPlain = false instantiation.
+template <class C, bool kPlain>
+__global__ void __launch_bounds__(C::kThreads, 1)
+    fmha_sm90_kernel(const FmhaParams p, CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
+                     CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename C::T;
+  constexpr int kD = C::kD, kDv = C::kDv, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto& sh = *reinterpret_cast<typename C::Smem*>(smem_raw);
+
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;  // latest rows first: causal blocks are heaviest
+  if (m0 >= s.q_len_full) return;
+  const int hk = h / (p.num_heads / p.num_heads_k);
+
+  // Keys of the block: from its first row's lower end to its last real row's upper end.
+  int kmin = 0, kmax = 0;
+  if (m0 < s.q_len) {
+    kmin = key_range_for_row(p, s, m0).lo;
+    kmax = key_range_for_row(p, s, imin(m0 + kBlockM, s.q_len) - 1).hi;
+  }
+  const int num_tiles = kmax > kmin ? ceil_div_pos(kmax - kmin, kBlockN) : 0;
+
+  if (threadIdx.x == 0) {
+    initialize_barrier(sh.q_full, 1);
+    for (int st = 0; st < kStages; ++st) {
+      initialize_barrier(sh.k_full[st], 1);
+      initialize_barrier(sh.v_full[st], 1);
+      initialize_barrier(sh.k_empty[st], C::kConsumerThreads);
+      initialize_barrier(sh.v_empty[st], C::kConsumerThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // ---- producer: one thread issues every load --------------------------------------------
+  if (threadIdx.x < 128) {
+    cutlass::arch::warpgroup_reg_dealloc<C::kProducerRegs>();
+    if (threadIdx.x < 32 && num_tiles > 0 && elect_one_sync()) {
+      Tensor sQ = make_tensor(make_smem_ptr(sh.q.data()), typename C::SmemQ{});
+      Tensor sK = make_tensor(make_smem_ptr(sh.k.data()), typename C::SmemK{});
+      Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
+      // Tile origins are arbitrary rows (a sequence's first row, a key interval's start): the
+      // views are shifted there; rows past the tensor's end arrive as zeros.
+      const int q0 = static_cast<int>(s.q_row0) + m0;
+      const int k0 = static_cast<int>(s.k_row0) + s.k_start + kmin;
+      const int bq = p.q_is_ragged ? 0 : b, bk = p.k_is_ragged ? 0 : s.cache_row;
+      Tensor mQ = tma_q.get_tma_tensor(q_shape(p))(_, _, h, bq);
+      Tensor mK = tma_k.get_tma_tensor(k_shape(p))(_, _, hk, bk);
+      Tensor mV = tma_v.get_tma_tensor(v_shape(p))(_, _, hk, bk);
+      Tensor gQ = local_tile(domain_offset(make_coord(q0, _0{}), mQ), Shape<Int<kBlockM>, Int<kD>>{}, make_coord(0, 0));
+      Tensor gK = local_tile(domain_offset(make_coord(k0, _0{}), mK), Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));
+      Tensor gV = local_tile(domain_offset(make_coord(_0{}, k0), mV), Shape<Int<kDv>, Int<kBlockN>>{}, make_coord(0, _));
+      auto [tQg, tQs] = tma_partition(tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      CUTE_STATIC_ASSERT_V(size<1>(tKs) == Int<kStages>{} && size<1>(tVs) == Int<kStages>{});
+
+      set_barrier_transaction_bytes(sh.q_full, C::kQBytes);
+      copy(tma_q.with(sh.q_full), tQg, tQs);
+      for (int t = 0; t < num_tiles; ++t) {
+        const int st = t % kStages, phase = (t / kStages) & 1;
+        // a buffer's first use needs no wait; later ones wait for the release of tile t - kStages
+        if (t >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
+        set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
+        copy(tma_k.with(sh.k_full[st]), tKg(_, t), tKs(_, st));
+        if (t >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
+        set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
+        copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
+      }
+    }
+    return;
+  }
+
+  // ---- consumers --------------------------------------------------------------------------
+  cutlass::arch::warpgroup_reg_alloc<C::kConsumerRegs>();
+  const int ct = threadIdx.x - 128;  // 0 .. 255
+  const int group = ct / 128, warp = (ct % 128) / 32, lane = ct % 32;
+  const int quad = lane % 4;
+
+  typename C::MmaQK mma_qk;
+  typename C::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(ct);
+  auto thr_pv = mma_pv.get_thread_slice(ct);
+  Tensor sQ = make_tensor(make_smem_ptr(sh.q.data()), typename C::SmemQ{});
+  Tensor sK = make_tensor(make_smem_ptr(sh.k.data()), typename C::SmemK{});
+  Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);  // wgmma descriptors of this warpgroup's Q rows
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);  // (.., k-steps, stage)
+  Tensor tOrV = thr_pv.partition_fragment_B(sV);
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});  // S, then P in fp32
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDv>>{});
+  Tensor tOrP = make_tensor<T>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDv / 2 && size(tOrP) == size(tSrS));
+  CUTE_STATIC_ASSERT_V(size<1>(tSrQ) == _1{} && size<2>(tSrQ) == Int<kD / 16>{} && size<3>(tSrK) == Int<kStages>{});
+  CUTE_STATIC_ASSERT_V(size<1>(tOrP) == _1{} && size<2>(tOrP) == Int<kBlockN / 16>{} &&
+                       size<3>(tOrV) == Int<kStages>{});
+  clear(tOrO);
+
+  // This thread's two rows (block rows 64 group + 16 warp + lane / 4 + 8 hf) and their keys.
+  int row_lo[2], row_hi[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+    KeyInterval keys;  // empty past the real rows: they are computed but never stored
+    if (m < s.q_len) keys = key_range_for_row(p, s, m);
+    row_lo[hf] = keys.lo;
+    row_hi[hf] = keys.hi;
+  }
+  GroupKeys gk;
+  {
+    const int first = m0 + group * 64, last = imin(first + 64, s.q_len) - 1;
+    if (first <= last) {
+      const KeyInterval a = key_range_for_row(p, s, first), z = key_range_for_row(p, s, last);
+      gk.lo_min = a.lo;
+      gk.hi_min = a.hi;
+      gk.lo_max = z.lo;
+      gk.hi_max = z.hi;
+      gk.full = last - first == 63;
+    }
+  }
+
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max on raw scores
+  // score units -> base-2 logits: raw scores (kPlain) or logits already in base 2
+  const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;
+  const ScoreMod mod = score_mod(p, s, b, h);
+
+  // The online softmax of one S tile in base 2, in place: masks, takes the new row maxima and
+  // turns S into exp2 values (this thread's share of P, fp32), adding them to row_sum; corr is
+  // what O must be scaled by before the tile's P V is added. Touches neither O nor P's
+  // registers, so it runs while the previous tile's O += P V is in flight.
+  auto softmax_tile = [&](int n0, bool all, float (&corr)[2]) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};  // relative to n0
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = tSrS(e + 2 * hf + 4 * j);
+          if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
+            const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+            // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
+            const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
+            x = mod.logit(x, m, key) * kLog2e;
+          }
+          if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hf], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+      corr[hf] = arch::fast_exp2((row_max[hf] - m_use) * sl);
+      const float m_scaled = m_use * sl;
+      row_max[hf] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = tSrS(e + 2 * hf + 4 * j);
+          x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
+          sum += x;
+        }
+      row_sum[hf] = row_sum[hf] * corr[hf] + sum;  // this lane's part; the quad sums at the end
+    }
+  };
+
+  // Software pipeline inside the warpgroup: step t issues S_t = Q K_t^T, then O += P_{t-1}
+  // V_{t-1}, waits for S_t only and runs its softmax while the tensor cores work on P V; then
+  // waits for P V, rescales O and packs P_t into the registers the next step's P V reads. The
+  // last step (t = num_tiles) only adds the last P V.
+  // Ping-pong: the two warpgroups take turns issuing their GEMMs (named barriers
+  // kSchedBarrier + group), so one warpgroup's softmax runs while the other's GEMMs keep the
+  // tensor cores busy. Both run the same number of steps; warpgroup 1 lets warpgroup 0 go first
+  // and skips its last hand-over (nobody waits for it).
+  if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
+  if (num_tiles > 0) wait_barrier(sh.q_full, 0);
+  bool p_live = false;  // tOrP holds the P of tile t - 1 (its warpgroup had keys there)
+  for (int t = 0; t <= num_tiles; ++t) {
+    const bool have_s = t < num_tiles;
+    const int st = t % kStages, phase = (t / kStages) & 1;
+    const int n0 = kmin + t * kBlockN;
+    const bool any = have_s && gk.meets(n0, kBlockN);  // the warpgroup has keys in this tile
+    const bool all = gk.covers(n0, kBlockN);             // ... and no row needs per-element masking
+    const int pst = (t + kStages - 1) % kStages;        // tile t - 1's buffer
+
+    // Every consumer waits for and releases every tile, computing or not: a release before
+    // the tile has landed could complete the buffer's next phase early.
+    if (have_s) wait_barrier(sh.k_full[st], phase);
+    if (t > 0) {
+      wait_barrier(sh.v_full[pst], ((t - 1) / kStages) & 1);
+      const int pn0 = n0 - kBlockN;
+      if (t == num_tiles && kmax - pn0 < kBlockN) {
+        // The last tile runs past the block's keys: zero those V rows (see the file comment).
+        // Both consumer warpgroups read all of V, so both wait for all of the zeros; the
+        // proxy fence makes the generic stores visible to wgmma's reads.
+        const int valid = kmax - pn0;
+        for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
+          sV(idx % kDv, valid + idx / kDv, pst) = T(0.f);
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
+      }
+    }
+    cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
+    if (any) wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
+    if (t > 0 && p_live) {
+      warpgroup_fence_operand(tOrP);
+      wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
+    }
+    if (!(group == 1 && t == num_tiles))
+      cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
+    float corr[2] = {1.f, 1.f};
+    if (any) {
+      if (p_live) warpgroup_wait<1>();  // S_t is done; P V may still run
+      else warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+    }
+    if (have_s) arrive_barrier(sh.k_empty[st]);
+    if (any) softmax_tile(n0, all, corr);
+    if (t > 0) {
+      if (p_live) {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(tOrP);
+      }
+      arrive_barrier(sh.v_empty[pst]);
+    }
+    if (any) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int j = 0; j < kDv / 8; ++j) {
+          tOrO(2 * hf + 4 * j) *= corr[hf];
+          tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
+        }
+      // P in the input type, in S's register order (the A operand layout, see Config)
+      uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
+#pragma unroll
+      for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
+    }
+    p_live = any;
+  }
+
+  // ---- epilogue: normalize and store (fmha_mma.cu's rules) --------------------------------
+  constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = row_sum[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+    if (m >= s.q_len_full) continue;
+    const int64_t row = s.q_row0 + m;
+    const bool padded = m >= s.q_len;  // past seqused_q: out 0, lse -inf
+    const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
+    float lse = has ? row_max[hf] * sl * kLn2 + logf(l) : -INFINITY;
+    float scale = has ? 1.f / l : 0.f;
+    if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
+#pragma unroll
+      for (int j = 0; j < kDv / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
+    if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
+    typename C::NvT* out = static_cast<typename C::NvT*>(p.out) + b * p.out_batch_stride + row * p.out_row_stride +
+                           h * p.out_head_stride + 2 * quad;
+#pragma unroll
+    for (int j = 0; j < kDv / 8; ++j)
+      if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
+        *reinterpret_cast<uint32_t*>(out + 8 * j) =
+          arch::pack2<typename C::NvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
+    if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+  }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __trap();  // a Hopper-class target without the sm_90a features: a misbuilt binary, fail loudly
+#endif
+}
+
+// Is the sm_90a body what the current device runs? The sm_80 build of this kernel is empty and
+// would run on a Hopper GPU too when the binary lacks the sm_90a image; ask the loaded image.
+// Once per device (a driver query per call would cost eager steps host time).
+template <class C, bool kPlain>
+bool kernel_runs_here() {
+  static std::atomic<uint64_t> known{0}, good{0};
+  const int dev = arch::current_device();
+  if (dev < 0 || dev >= 64) return false;
+  const uint64_t bit = uint64_t{1} << dev;
+  if (!(known.load(std::memory_order_relaxed) & bit)) {
+    cudaFuncAttributes attr{};
+    const cudaError_t e = cudaFuncGetAttributes(&attr, fmha_sm90_kernel<C, kPlain>);
+    if (e != cudaSuccess) cudaGetLastError();  // e.g. no image for this device: not the caller's error
+    if (e == cudaSuccess && attr.binaryVersion == 90) good.fetch_or(bit, std::memory_order_relaxed);
+    known.fetch_or(bit, std::memory_order_relaxed);
+  }
+  return good.load(std::memory_order_relaxed) & bit;
+}
+
+// The TMA descriptors of one call's q, k and v (fmha_sm90_fits checked what they require).
+template <class C>
+struct Descriptors {
+  typename C::TmaQ q;
+  typename C::TmaK k;
+  typename C::TmaV v;
+};
+
+template <class C>
+Descriptors<C> make_descriptors(const FmhaParams& p) {
+  using T = typename C::T;
+  const int hq = p.num_heads, hk = p.num_heads_k, qb = q_batches(p), kb = k_batches(p);
+  auto gq = make_tensor(make_gmem_ptr(static_cast<const T*>(p.q)), q_shape(p),
+                        make_stride(mode_stride(p.q_row_stride, q_rows(p)), _1{}, mode_stride(p.q_head_stride, hq),
+                                    mode_stride(p.q_batch_stride, qb)));
+  auto gk = make_tensor(make_gmem_ptr(static_cast<const T*>(p.k)), k_shape(p),
+                        make_stride(mode_stride(p.k_row_stride, k_rows(p)), _1{}, mode_stride(p.k_head_stride, hk),
+                                    mode_stride(p.k_batch_stride, kb)));
+  auto gv = make_tensor(make_gmem_ptr(static_cast<const T*>(p.v)), v_shape(p),
+                        make_stride(_1{}, mode_stride(p.v_row_stride, k_rows(p)), mode_stride(p.v_head_stride, hk),
+                                    mode_stride(p.v_batch_stride, kb)));
+  return {make_tma_copy(SM90_TMA_LOAD{}, gq, typename C::SmemQ{}),
+          make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename C::SmemK{})),
+          make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{}))};
+}
+
+template <class C, bool kPlain>
+arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream) {
+  static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
+  const int dev = arch::current_device();
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (!(configured.load(std::memory_order_relaxed) & bit)) {
+    const arch::Error e = arch::set_max_dynamic_smem(fmha_sm90_kernel<C, kPlain>, C::kSmemBytes);
+    if (e != arch::kSuccess) return e;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const Descriptors<C> d = make_descriptors<C>(p);
+  const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(max_rows) + C::kBlockM - 1) / C::kBlockM),
+                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
+  fmha_sm90_kernel<C, kPlain><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, d.q, d.k, d.v);
+  return arch::last_error();
+}
+
+// The bf16 and fp16 kernels of one tile width (CB, CH): is the sm_90a body loaded, and launch.
+template <class CB, class CH>
+bool width_runs_here(bool f16, bool plain) {
+  return f16 ? (plain ? kernel_runs_here<CH, true>() : kernel_runs_here<CH, false>())
+             : (plain ? kernel_runs_here<CB, true>() : kernel_runs_here<CB, false>());
+}
+template <class CB, class CH>
+arch::Error width_launch(const FmhaParams& p, int max_rows, arch::Stream stream, bool f16, bool plain) {
+  return f16 ? (plain ? launch_config<CH, true>(p, max_rows, stream) : launch_config<CH, false>(p, max_rows, stream))
+             : (plain ? launch_config<CB, true>(p, max_rows, stream) : launch_config<CB, false>(p, max_rows, stream));
+}
+struct WidthKernels {
+  bool (*runs_here)(bool f16, bool plain);
+  arch::Error (*launch)(const FmhaParams& p, int max_rows, arch::Stream stream, bool f16, bool plain);
+};
+template <int kD, int kDv>
+constexpr WidthKernels width_kernels() {
+  using CB = Config<cutlass::bfloat16_t, arch::bf16, kD, kDv>;
+  using CH = Config<cutlass::half_t, arch::f16, kD, kDv>;
+  return {&width_runs_here<CB, CH>, &width_launch<CB, CH>};
+}
+
+// One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
+// a parallel build compiles them side by side (one CuTe kernel takes about half a minute).
+extern const WidthKernels kWidth64, kWidth128, kWidth192x128, kWidth256;
+
+}  // namespace sm90
+}  // namespace mate::device
+
+#endif  // MATE_WITH_SM90
