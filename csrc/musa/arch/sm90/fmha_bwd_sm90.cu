@@ -123,6 +123,9 @@ struct KvConfig : Roles {
   // width 128
   static constexpr int kBlockM = 64;
   static constexpr int kStages = 2;  // Q / dO buffers: step t + 1 lands while step t computes
+  // the producer's warp 1 (per-row values: key_range_for_row, 64-bit offsets) spills at 24
+  // registers; 128 * 40 + 256 * 232 still fits the SM's 64K
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 
   // S^T = K Q^T (M keys, N rows, K = D) and dP^T = V dO^T (K = Dv): both operands K-major.
   using AtomS = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockM>, Int<kD>>>());
