@@ -539,11 +539,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             tDPt(i) = in ? pe * (tDPt(i) - dl) * dlogit : 0.f;
           }
         }
+      // dV's product runs while dS^T is rounded (each batch's wgmma.fence orders the register
+      // writes before it)
       to_operand<typename C::NvT>(tSt, tPt);
-      to_operand<typename C::NvT>(tDPt, tDSt);
       warpgroup_fence_operand(tPt);
-      warpgroup_fence_operand(tDSt);
       wgmma_issue<false>(mma_dv, tPt, tVrDOt(_, _, _, st), tdV);
+      to_operand<typename C::NvT>(tDPt, tDSt);
+      warpgroup_fence_operand(tDSt);
       wgmma_issue<false>(mma_dk, tDSt, tKrQt(_, _, _, st), tdK);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tdV);
