@@ -201,7 +201,7 @@ struct DqConfig : Roles {
   static constexpr int kD = kD_, kDv = kDv_;
   static constexpr int kBlockM = 128;  // query rows per block: 64 per consumer warpgroup
   // keys per tile: registers per consumer thread are dQ (kD / 2 floats), S and dP (kBlockN / 2
-  // each) and dS in 16 bits (kBlockN / 4): 64-key tiles at width 128 (160), 128 at width 64
+  // each) and dS in 16 bits (kBlockN / 4): 64-key tiles at width 128 (144), 128 at width 64 (192)
   static constexpr int kBlockN = kD > 64 || kDv > 64 ? 64 : 128;
   static constexpr int kStages = 2;
 
