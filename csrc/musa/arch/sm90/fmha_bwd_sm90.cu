@@ -46,6 +46,9 @@
 // the sequence in dQ) needs nothing. A row without keys has an empty interval (and lse2 = +inf):
 // P = 0.
 //
+// Status: compile-checked only (nvcc 13, sm_90a; no spills but a few loop-invariant words in the
+// width-128 dK / dV kernel); not yet run on a GPU: tests/test_sm90_bwd.py and
+// scripts/sanitize_sm90_bwd.py are its checks.
 // Not yet here (version 1 is for correctness first): overlap of one step's elementwise work
 // with the next step's wgmma inside a warpgroup, more stages, D 192 / 256, TMA stores.
 #include <atomic>
