@@ -23,8 +23,11 @@
 // query row for dQ: fp32, head dims above 256 or not multiples of 8, dout in another dtype,
 // unaligned views) and the dispatch. The tensor-core kernels of steps 2 and 3 (mma.sync, for
 // bf16/fp16 with D and Dv multiples of 8 up to 256, 16-byte aligned rows) are in
-// arch/sm80/fmha_bwd_mma.cu.
+// arch/sm80/fmha_bwd_mma.cu; Hopper versions of both (TMA + wgmma, opt-in through
+// MATE_OPS_FMHA_BWD_PATH=sm90) are in arch/sm90/fmha_bwd_sm90.cu.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "../common/dtype_convert.h"
 #include "../common/fmha_math.h"
@@ -213,7 +216,22 @@ __global__ void __launch_bounds__(kPortableWarps * 32)
 }
 
 
+// MATE_OPS_FMHA_BWD_PATH=sm90: steps 2 and 3 try the Hopper kernels first (opt-in until they
+// have run and been benchmarked on a GPU; kernels.h). Read once per process.
+bool sm90_bwd_requested() {
+  static const bool on = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_BWD_PATH");
+    return v != nullptr && std::strcmp(v, "sm90") == 0;
+  }();
+  return on;
+}
+
 }  // namespace
+
+#if !defined(MATE_WITH_SM90)  // a build without the CUTLASS headers has no Hopper kernels
+bool fmha_bwd_sm90_fits(const FmhaBwdParams&) { return false; }
+arch::Error launch_fmha_bwd_sm90(const FmhaBwdParams&, const FmhaBwdScratch&, arch::Stream) { return arch::kSuccess; }
+#endif
 
 arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream) {
   const FmhaParams& p = g.fwd;
@@ -226,6 +244,12 @@ arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, 
   if (g.dsink) {
     fmha_bwd_sink_kernel<<<p.num_heads, kSinkThreads, 0, stream>>>(g, rows);
     if ((e = arch::last_error()) != arch::kSuccess) return e;
+  }
+  if (sm90_bwd_requested() && fmha_bwd_sm90_fits(g) && arch::compute_capability() == 90) {
+    // a failure before its kernels run (e.g. the shared-memory attribute) falls back; the
+    // mma.sync kernels below then write every gradient the Hopper ones would have
+    if (launch_fmha_bwd_sm90(g, rows, stream) == arch::kSuccess) return arch::kSuccess;
+    arch::last_error();  // clear it
   }
   if (fmha_bwd_mma_fits(g)) return launch_fmha_bwd_mma(g, rows, stream);
   const dim3 kv_grid(static_cast<unsigned>(ceil_div_pos(imax(g.max_seqlen_k, 1), kPortableWarps)), p.num_heads_k,
