@@ -1,27 +1,39 @@
 #!/usr/bin/env bash
-# Hardware counters and SASS of the tensor-core FMHA kernel (GPU machine, after
+# Hardware counters and SASS of a tensor-core FMHA kernel (GPU machine, after
 # scripts/device_run.sh installed the package). Writes ncu_*.txt and sass_*.txt under $OUT.
+#   env: DIMS ("128 256 192x128": D or DxDv), KERNEL (kernel name regex, default fmha_sm90 on
+#        compute capability 9.0 else fmha_mma), MASK (full or causal)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 cd /tmp
 cat > /tmp/one_call.py <<'PY'
 import sys, torch, mate_ops
 from mate_ops import mha_interface as mi
-B, S, H, D, causal = 8, 2048, 16, int(sys.argv[1]), sys.argv[2] == "causal"
+D, _, Dv = sys.argv[1].partition("x")
+D, Dv = int(D), int(Dv or D)
+B, S, H, causal = 8, 2048, 2048 // D, sys.argv[2] == "causal"
 q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
-k, v = torch.randn_like(q), torch.randn_like(q)
+k, v = torch.randn_like(q), torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
 for _ in range(3):
     mi.flash_attn_varlen_func(q, k, v, causal=causal)
 torch.cuda.synchronize()
 PY
+KERNEL=${KERNEL:-$(python3 -c 'import torch; print("fmha_sm90" if torch.cuda.get_device_capability() == (9, 0) else "fmha_mma")')}
 for d in ${DIMS:-128}; do
-  ncu --clock-control none --kernel-name regex:fmha_mma --launch-skip 2 --launch-count 1 \
-      --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+  ncu --clock-control none --kernel-name regex:$KERNEL --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
-      python3 /tmp/one_call.py "$d" full > "$OUT/ncu_d$d.txt" 2>&1
-  grep -E "Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Pipe|Executed Ipc|Shared|Bank|L1/TEX Hit|Block Limit" "$OUT/ncu_d$d.txt" | head -n 60
+      python3 /tmp/one_call.py "$d" "${MASK:-full}" > "$OUT/ncu_d$d.txt" 2>&1
+  echo "== D $d ($KERNEL)"
+  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Local|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Pipe|Executed Ipc|Shared|Bank|L1/TEX Hit|Block Limit" "$OUT/ncu_d$d.txt" | head -n 60
 done
 so=$(python3 -c 'import mate_ops._C as c; print(c.__file__)')
+if [ "$KERNEL" != fmha_mma ]; then  # per sm90 kernel: local-memory traffic (spills) and wgmma counts
+  cuobjdump --dump-sass "$so" 2>/dev/null > "$OUT/sass_all.txt"
+  awk '/Function : /{name=$3} /STL|LDL/{stl[name]++} /HGMMA/{mma[name]++} END{for (n in mma) print n, "HGMMA", mma[n], "STL/LDL", stl[n]+0}' \
+      "$OUT/sass_all.txt" | grep fmha_sm90 | sed 's/_ZN4mate6device4sm9016fmha_sm90_kernelINS1_6ConfigIN7cutlass//'
+  exit 0
+fi
 cuobjdump --dump-sass "$so" 2>/dev/null | awk '/Function : /{if (p) exit} /Function : .*fmha_mma_kernel.*Li128ELi4ELi1ELi64.*Lb1E/{p=1} p{print}' > "$OUT/sass_d128.txt"
 echo "sass lines: $(wc -l < "$OUT/sass_d128.txt")"
 grep -oE '^\s+/\*[0-9a-f]+\*/\s+[@!P0-9 ]*[A-Z][A-Z0-9._]+' "$OUT/sass_d128.txt" | awk '{print $NF}' | sed 's/\..*//' | sort | uniq -c | sort -rn | head -n 25
