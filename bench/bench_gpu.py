@@ -5,10 +5,10 @@ measured device-to-device copy bandwidth. Prints markdown tables.
     python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|decode|mla|backward] [--dims 64,128]
                                [--compare LABEL:VAR=VALUE[;VAR=VALUE] ...]
 
---compare adds a column to the prefill table: ours again, in a child process with those
+--compare adds a column to the prefill and backward tables: ours again, in a child process with those
 environment variables (the kernel routes are read once per process), on the same shapes, e.g.
     --compare "mma.sync:MATE_OPS_FMHA_PATH=sm80"     the sm80 kernel instead of the Hopper one
-    --compare "no ping-pong:MATE_OPS_SM90_PINGPONG=0"
+    --compare "sm90 bwd:MATE_OPS_FMHA_BWD_PATH=sm90"  the Hopper backward (opt-in)
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 2 * B * H * S^2 * (D + Dv) (halved when causal); the full table adds D 80, 96,
@@ -126,9 +126,9 @@ def ours_prefill_times(quick, dims):
         del q, k, v
 
 
-def child_prefill_times(quick, dims, env):
-    """{row: seconds} of ours measured in a child process with the environment variables env."""
-    argv = [sys.executable, os.path.abspath(__file__), "--ours-json"] + (["--quick"] if quick else [])
+def child_times(quick, dims, env, table="prefill"):
+    """{row: seconds} of ours in `table` measured in a child process with the environment env."""
+    argv = [sys.executable, os.path.abspath(__file__), "--ours-json", "--only", table] + (["--quick"] if quick else [])
     if dims:
         argv += ["--dims", ",".join(f"{d}x{dv}" for d, dv in dims)]
     res = subprocess.run(argv, env=dict(os.environ, **env), capture_output=True, text=True)
@@ -152,7 +152,7 @@ def parse_compare(spec):
 def prefill_table(quick, dims=None, compare=()):
     """dims: (D, Dv) pairs; FLOPs = 2 B H S^2 (D + Dv), halved when causal. compare: (label, env)
     pairs, each a column of ours measured in a child process with that environment."""
-    others = [(label, child_prefill_times(quick, dims, env)) for label, env in compare]
+    others = [(label, child_times(quick, dims, env)) for label, env in compare]
     extra = "".join(f" ours {label} | {label} / cuDNN |" for label, _ in others)
     print("\n| prefill (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |" + extra)
     print("|---|---|---|---|---|---|" + "---|---|" * len(others))
@@ -175,34 +175,50 @@ def prefill_table(quick, dims=None, compare=()):
         del q, k, v, qt, kt, vt
 
 
-def backward_table(quick, dims=None):
-    """The backward alone, bf16, prefill shapes; FLOPs = 2.5 x the forward's 2 B H S^2 (D + Dv),
-    halved when causal. Ours: fmha_bwd (and with deterministic=True); peers: SDPA flash and cuDNN."""
-    print("\n| backward bf16 (TFLOP/s) | ours | ours deterministic | SDPA flash | SDPA cuDNN | ours / flash | "
-          "ours / cuDNN |")
-    print("|---|---|---|---|---|---|---|")
+def backward_rows(quick, dims):
+    """(B, S, H, D, Dv, causal) of the backward table."""
     seqlens = [2048] if quick else [512, 2048, 8192]
-    dims = dims or [(64, 64), (128, 128), (256, 256)]
-    for D, Dv in dims:
-        H = 2048 // D
-        for S in seqlens:
-            B = 16384 // S
-            for causal in (False, True):
-                q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
-                k = torch.randn_like(q)
-                v = torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
-                dout = torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
-                qt, kt, vt, dt = (x.transpose(1, 2) for x in (q, k, v, dout))
-                flops = 2.5 * 2 * B * H * S * S * (D + Dv) * (0.5 if causal else 1.0)
-                ours = ours_bwd_time(q, k, v, dout, causal)
-                det = ours_bwd_time(q, k, v, dout, causal, deterministic=True)
-                fl = sdpa_bwd_time(SDPBackend.FLASH_ATTENTION, qt, kt, vt, dt, causal)
-                cu = sdpa_bwd_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, dt, causal)
-                tf = lambda t: flops / t / 1e12  # noqa: E731
-                dims_s = f"D{D}" if D == Dv else f"D{D}/Dv{Dv}"
-                print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {na(tf(ours))} | {na(tf(det))} | "
-                      f"{na(tf(fl))} | {na(tf(cu))} | {na(fl / ours, '.2f')} | {na(cu / ours, '.2f')} |", flush=True)
-                del q, k, v, dout, qt, kt, vt, dt
+    return [(16384 // S, S, 2048 // D, D, Dv, causal) for D, Dv in (dims or [(64, 64), (128, 128), (256, 256)])
+            for S in seqlens for causal in (False, True)]
+
+
+def backward_inputs(B, S, H, D, Dv):
+    q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
+    return q, torch.randn_like(q), v, torch.randn_like(v)
+
+
+def ours_backward_times(quick, dims):
+    """Child-process mode (--ours-json --only backward): ours alone per backward row."""
+    for row in backward_rows(quick, dims):
+        q, k, v, dout = backward_inputs(*row[:5])
+        print(json.dumps({"row": list(row), "t": ours_bwd_time(q, k, v, dout, row[5])}), flush=True)
+        del q, k, v, dout
+
+
+def backward_table(quick, dims=None, compare=()):
+    """The backward alone, bf16, prefill shapes; FLOPs = 2.5 x the forward's 2 B H S^2 (D + Dv),
+    halved when causal. Ours: fmha_bwd (always deterministic: no atomics); peers: SDPA flash and
+    cuDNN. compare: (label, env) columns of ours measured in child processes."""
+    others = [(label, child_times(quick, dims, env, "backward")) for label, env in compare]
+    extra = "".join(f" ours {label} | {label} / cuDNN |" for label, _ in others)
+    print("\n| backward bf16 (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |" + extra)
+    print("|---|---|---|---|---|---|" + "---|---|" * len(others))
+    for row in backward_rows(quick, dims):
+        B, S, H, D, Dv, causal = row
+        q, k, v, dout = backward_inputs(B, S, H, D, Dv)
+        qt, kt, vt, dt = (x.transpose(1, 2) for x in (q, k, v, dout))
+        flops = 2.5 * 2 * B * H * S * S * (D + Dv) * (0.5 if causal else 1.0)
+        ours = ours_bwd_time(q, k, v, dout, causal)
+        fl = sdpa_bwd_time(SDPBackend.FLASH_ATTENTION, qt, kt, vt, dt, causal)
+        cu = sdpa_bwd_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, dt, causal)
+        tf = lambda t: flops / t / 1e12  # noqa: E731
+        dims_s = f"D{D}" if D == Dv else f"D{D}/Dv{Dv}"
+        cols = "".join(f" {na(tf(times.get(row, float('nan'))))} | {na(cu / times.get(row, float('nan')), '.2f')} |"
+                       for _, times in others)
+        print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {na(tf(ours))} | "
+              f"{na(tf(fl))} | {na(tf(cu))} | {na(fl / ours, '.2f')} | {na(cu / ours, '.2f')} |{cols}", flush=True)
+        del q, k, v, dout, qt, kt, vt, dt
 
 
 def fp8_prefill_table(quick):
@@ -304,7 +320,7 @@ def main():
     ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "decode", "mla", "backward"])
     ap.add_argument("--dims", help="prefill and backward head dims, e.g. 128,256 or 192x128 (D x Dv)")
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL:VAR=VALUE[;VAR=VALUE]",
-                    help="prefill: a column of ours in a child process with these environment variables")
+                    help="prefill and backward: a column of ours in a child process with these environment variables")
     ap.add_argument("--ours-json", action="store_true", help=argparse.SUPPRESS)  # the --compare child
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -312,13 +328,14 @@ def main():
     dims = None
     if args.dims:
         dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]
+    compare = [parse_compare(c) for c in args.compare]
     if args.ours_json:
-        ours_prefill_times(args.quick, dims)
+        (ours_backward_times if args.only == "backward" else ours_prefill_times)(args.quick, dims)
         return
     if args.only in (None, "prefill"):
-        prefill_table(args.quick, dims, [parse_compare(c) for c in args.compare])
+        prefill_table(args.quick, dims, compare)
     if args.only in (None, "backward"):
-        backward_table(args.quick, dims)
+        backward_table(args.quick, dims, compare)
     if args.only in (None, "fp8"):
         fp8_prefill_table(args.quick)
     if args.only in (None, "varlen"):

@@ -43,6 +43,8 @@ if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
   echo "memcheck (backward): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck_bwd.log" | tail -n 1)"
   compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_sm90.py" >"$OUT/memcheck_sm90.log" 2>&1
   echo "memcheck (sm90): $(grep -E 'ERROR SUMMARY|nothing run' "$OUT/memcheck_sm90.log" | tail -n 1)"
+  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_sm90_bwd.py" >"$OUT/memcheck_sm90_bwd.log" 2>&1
+  echo "memcheck (sm90 backward): $(grep -E 'ERROR SUMMARY|nothing run' "$OUT/memcheck_sm90_bwd.log" | tail -n 1)"
 fi
 # BENCH="" skips the benchmark; BENCH="--only decode" etc. picks a part
 if [ "${BENCH-all}" != "" ]; then
