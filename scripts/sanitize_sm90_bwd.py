@@ -7,7 +7,7 @@ Needs a compute capability 9.0 GPU and a build with the sm90 kernels; otherwise 
 and exits 0 (the calls would take the mma.sync path)."""
 import os
 
-os.environ["MATE_OPS_FMHA_BWD_PATH"] = "sm90"  # read by the extension at its first backward launch
+os.environ["MATE_OPS_FMHA_BWD_PATH"] = "sm90"  # (the default route; set so no outer setting changes it)
 
 import torch  # noqa: E402
 

@@ -1,9 +1,10 @@
 """The Hopper FMHA backward (csrc/musa/arch/sm90/fmha_bwd_sm90.cu: TMA + wgmma dK/dV and dQ
 kernels) against the fp64 oracle.
 
-fmha_bwd takes the sm90 kernels only when MATE_OPS_FMHA_BWD_PATH=sm90 is in the environment when
-the extension first dispatches a backward (it is read once per process), so the checks run in a
-child process with that variable set, and this file is the child's script too:
+fmha_bwd takes the sm90 kernels by default on compute capability 9.0 for the calls they serve;
+the checks run in a child process with MATE_OPS_FMHA_BWD_PATH=sm90 (the route variable is read
+once per process, so the child's environment is the one that counts), and this file is the
+child's script too:
 
     python tests/test_sm90_bwd.py --device cuda [--only NAME ...] [--list]
 

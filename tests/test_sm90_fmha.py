@@ -1,9 +1,10 @@
-"""The Hopper FMHA forward (csrc/musa/arch/sm90/fmha_fwd_sm90.cu: TMA + wgmma) against the fp64
+"""The Hopper FMHA forward (csrc/musa/arch/sm90/fmha_fwd_sm90.cuh: TMA + wgmma) against the fp64
 oracle, on random inputs with poisoned outputs.
 
-The forward takes the sm90 kernel only when MATE_OPS_FMHA_PATH=sm90 is in the environment when
-the extension first dispatches (it is read once per process), so the checks run in a child
-process with that variable set, and this file is the child's script too:
+By default the forward takes the sm90 kernel on compute capability 9.0 for calls with at least
+128 query rows; with MATE_OPS_FMHA_PATH=sm90 for every call it serves (the short cases here
+need that). The variable is read once per process, so the checks run in a child process with it
+set, and this file is the child's script too:
 
     python tests/test_sm90_fmha.py --device cuda [--only NAME ...] [--list]
 

@@ -42,9 +42,9 @@ bool fmha_bwd_mma_fits(const FmhaBwdParams& g);
 arch::Error launch_fmha_bwd_mma(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
 // Its Hopper kernels (arch/sm90/fmha_bwd_sm90.cu: CuTe, TMA + wgmma; built with MATE_WITH_SM90):
 // bf16/fp16 with dout in the same dtype, D and Dv multiples of 8 up to 128, dense or ragged
-// q/k/v, 16-byte aligned bases and strides. New and not yet run on a GPU: launch_fmha_bwd takes
-// it only when MATE_OPS_FMHA_BWD_PATH=sm90 is set (read once) on a compute capability 9.0
-// device. Writes what launch_fmha_bwd_mma writes (steps 2 and 3; step 1 runs before either).
+// q/k/v, 16-byte aligned bases and strides. launch_fmha_bwd takes it on a compute capability 9.0
+// device for every call it serves (MATE_OPS_FMHA_BWD_PATH=sm80: never). Writes what
+// launch_fmha_bwd_mma writes (steps 2 and 3; step 1 runs before either).
 bool fmha_bwd_sm90_fits(const FmhaBwdParams& g);
 arch::Error launch_fmha_bwd_sm90(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
 
