@@ -2,7 +2,7 @@
 (FlashAttention-2) and cuDNN backends on the same tensors, and decode bandwidth vs the
 measured device-to-device copy bandwidth. Prints markdown tables.
 
-    python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|decode|mla|backward] [--dims 64,128]
+    python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|qv|decode|mla|backward] [--dims 64,128]
                                [--compare LABEL:VAR=VALUE[;VAR=VALUE] ...]
 
 --compare adds a column to the prefill and backward tables: ours again, in a child process with those
@@ -283,6 +283,31 @@ def varlen_table():
               f"{peer / t:.2f} |", flush=True)
 
 
+def qv_table():
+    """qv (FA3's extra query against V, as in absorbed MLA prefill): D 64 + qv 512, Dv 512.
+    The peer is SDPA on the equivalent concatenated head dim ([q, qv] . [k, v], 576 channels),
+    with whichever backend can run it (flash and cuDNN stop at 256: the math backend)."""
+    print("\n| qv prefill bf16 (TFLOP/s) | ours | SDPA (any backend) on D 576 | ratio |")
+    print("|---|---|---|---|")
+    for B, S, H in ((4, 1024, 16), (1, 4096, 16)):
+        q = torch.randn(B, S, H, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn_like(q)
+        qv = torch.randn(B, S, H, 512, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(qv)
+        flops = 2 * B * H * S * S * (64 + 512 + 512) * 0.5
+        scale = (64 + 512) ** -0.5
+        ours = timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=True, qv=qv, softmax_scale=scale), reps=3)
+        qc, kc = torch.cat([q, qv], -1).transpose(1, 2), torch.cat([k, v], -1).transpose(1, 2)
+        try:
+            peer = timed(lambda: F.scaled_dot_product_attention(qc, kc, v.transpose(1, 2), is_causal=True,
+                                                                scale=scale), reps=3)
+        except RuntimeError:  # e.g. out of memory in the math backend
+            peer = float("nan")
+        print(f"| B{B} S{S} H{H} D64 + qv512 causal | {na(flops / ours / 1e12)} | {na(flops / peer / 1e12)} | "
+              f"{na(peer / ours, '.2f')} |", flush=True)
+        del q, k, qv, v, qc, kc
+
+
 def decode_table(quick):
     bw = copy_bandwidth()
     print(f"\ndevice-to-device copy: {bw:.0f} GB/s (read + write of 1 GiB)")
@@ -317,7 +342,7 @@ def decode_table(quick):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "decode", "mla", "backward"])
+    ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "qv", "decode", "mla", "backward"])
     ap.add_argument("--dims", help="prefill and backward head dims, e.g. 128,256 or 192x128 (D x Dv)")
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL:VAR=VALUE[;VAR=VALUE]",
                     help="prefill and backward: a column of ours in a child process with these environment variables")
@@ -340,6 +365,8 @@ def main():
         fp8_prefill_table(args.quick)
     if args.only in (None, "varlen"):
         varlen_table()
+    if args.only in (None, "qv"):
+        qv_table()
     if args.only in (None, "decode"):
         decode_table(args.quick)
     if args.only in (None, "mla"):
