@@ -241,13 +241,13 @@ MATE_HD Work work_at(const Schedule& sc, int64_t i) {
   return w;
 }
 
-// The tile a block takes in round r (base = r * gridDim.x): a snake over the rounds, block j
-// takes index j of even rounds and gridDim.x - 1 - j of odd ones. Inside a section the tiles
+// The tile a block takes in round r: a snake over the rounds, block j takes index j of even
+// rounds and gridDim.x - 1 - j of odd ones (the host keeps r below 2^31). Inside a section the tiles
 // get lighter with the index (causal), so a block that drew one of a round's heavier tiles
 // draws one of the next round's lighter ones; a plain round robin would give block 0 the
 // heaviest tile of every round.
-__device__ __forceinline__ int64_t tile_of_round(int64_t base, bool odd) {
-  return base + (odd ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+__device__ __forceinline__ int64_t tile_of_round(uint32_t r) {
+  return static_cast<int64_t>(r) * gridDim.x + ((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
 }
 
 // The keys of one work tile: from its first row's lower end to its last real row's upper end
@@ -304,9 +304,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
       uint32_t kv = 0;  // K / V tiles loaded so far, over all work tiles: buffer kv % kStages
       uint32_t qn = 0;  // Q tiles loaded so far
-      bool odd = false;
-      for (int64_t base = 0; base < sc.tiles; base += gridDim.x, odd = !odd) {
-        const int64_t i = tile_of_round(base, odd);
+      for (uint32_t r = 0;; ++r) {
+        const int64_t i = tile_of_round(r);
         if (i >= sc.tiles) break;
         const Work w = work_at(sc, i);
         const SeqInfo s = seq_info(p, w.b);
@@ -382,11 +381,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // score units -> base-2 logits: raw scores (kPlain) or logits already in base 2
   const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;
 
-  uint32_t kv = 0;  // K / V tiles consumed so far, over all work tiles (the producer's count)
-  uint32_t qn = 0;  // Q tiles consumed so far
-  bool odd = false;
-  for (int64_t base = 0; base < sc.tiles; base += gridDim.x, odd = !odd) {
-    const int64_t i = tile_of_round(base, odd);
+  // The pipeline position, as few registers as possible (live across the epilogue, next to O):
+  // bits 0 .. 1 + log2(kStages) the K / V loads consumed so far modulo 2 kStages (all that
+  // buffer and phase depend on), the bit above them the parity of the Q loads consumed.
+  static_assert((kStages & (kStages - 1)) == 0, "the pipeline position keeps counts modulo 2 kStages");
+  constexpr uint32_t kKvMask = 2 * kStages - 1, kQBit = 2 * kStages;
+  uint32_t pos = 0;
+  for (uint32_t r = 0;; ++r) {
+    const int64_t i = tile_of_round(r);
     if (i >= sc.tiles) break;
     const Work w = work_at(sc, i);
     const int b = w.b, h = w.h, m0 = w.m0;
@@ -394,7 +396,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     if (m0 >= s.q_len_full) continue;  // no rows here (a shorter sequence of a ragged batch)
     const BlockKeys bk = block_keys<kBlockM, kBlockN>(p, s, m0);
     const int kmin = bk.lo, kmax = bk.hi, num_tiles = bk.tiles;
-    clear(tOrO);
 
     // This thread's two rows (block rows 64 group + 16 warp + lane / 4 + 8 hf) and their keys.
     int row_lo[2], row_hi[2];
@@ -476,11 +477,18 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // whatever keys each has); warpgroup 1 lets warpgroup 0 go first and skips its last
     // hand-over (nobody waits for it), so every work tile starts from the same barrier state.
     if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
-    if (num_tiles > 0) wait_barrier(sh.q_full, qn & 1);
+    if (num_tiles > 0) wait_barrier(sh.q_full, (pos & kQBit) ? 1 : 0);
+    // O starts from zero. S and P are rewritten before they are read, but the compiler sees
+    // wgmma read S (an in/out operand) and P flow from one work tile's last step to the next
+    // tile's P V behind p_live: without defining both here, it keeps them (60 registers at
+    // D 256) alive through the epilogue and spills O there.
+    clear(tOrO);
+    clear(tSrS);
+    clear(tOrP);
     bool p_live = false;  // tOrP holds the P of tile t - 1 (its warpgroup had keys there)
     for (int t = 0; t <= num_tiles; ++t) {
       const bool have_s = t < num_tiles;
-      const uint32_t g = kv + t;  // this tile's load number; g - 1 is tile t - 1's
+      const uint32_t g = (pos & kKvMask) + t;  // this tile's load number (mod 2 kStages); g - 1: tile t - 1's
       const int st = g % kStages, pst = (g - 1) % kStages;
       const int n0 = kmin + t * kBlockN;
       const bool any = have_s && gk.meets(n0, kBlockN);  // the warpgroup has keys in this tile
@@ -550,8 +558,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       }
       p_live = any;
     }
-    kv += num_tiles;
-    qn += num_tiles > 0 ? 1 : 0;
+    if (num_tiles > 0) pos = (((pos & kKvMask) + num_tiles) & kKvMask) | ((pos & kQBit) ^ kQBit);
 
     // ---- epilogue: normalize and store (fmha_mma.cu's rules) ------------------------------
     // Runs while the producer already loads the next work tile's Q and first K / V tiles.
