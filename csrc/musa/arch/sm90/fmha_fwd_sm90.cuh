@@ -177,20 +177,20 @@ MATE_HD Shape<int, int, int, int> v_shape(const FmhaParams& p) {
   return make_shape(p.head_dim_v, k_rows(p), p.num_heads_k, k_batches(p));
 }
 
-// Issues one wgmma tile product, C (+)= A B over every k-step, without waiting for it: the
-// first step overwrites C when kZeroInit (S = Q K^T starts from nothing), later steps
-// accumulate. The caller waits with warpgroup_wait<n>() and then fences C.
+// Issues one wgmma tile product, C (+)= A B over every k-step, without committing or waiting
+// for it: the first step overwrites C when kZeroInit (S = Q K^T starts from nothing), later
+// steps accumulate. The caller commits the batch (warpgroup_commit_batch) and waits with
+// warpgroup_wait<n>().
+// The caller also orders earlier register writes before it (warpgroup_arrive, outside any
+// branch that ptxas cannot prove uniform).
 template <bool kZeroInit, class Mma, class TA, class TB, class TC>
 __device__ __forceinline__ void wgmma_issue(Mma& mma, const TA& a, const TB& b, TC& c) {
-  warpgroup_fence_operand(c);
-  warpgroup_arrive();
   if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
   CUTE_UNROLL
   for (int k = 0; k < size<2>(a); ++k) {
     cute::gemm(mma, a(_, _, k), b(_, _, k), c);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
-  warpgroup_commit_batch();
 }
 
 // Key interval facts of a warpgroup's 64 rows [r0, r0 + 64) that are uniform over the
@@ -203,6 +203,12 @@ struct GroupKeys {
   __device__ bool meets(int n0, int n) const { return lo_min - n0 < n && hi_max > n0 && lo_min < hi_max; }
   __device__ bool covers(int n0, int n) const { return full && lo_max <= n0 && hi_min - n0 >= n; }
 };
+
+// x from lane 0 of the warp. For values every lane already has (from memory: sequence lengths,
+// key ranges): ptxas then knows them to be warp-uniform. wgmma issued or waited for under a
+// condition it cannot prove uniform is serialized (ptxas info C7518 / C7520: a wait and fence
+// after every wgmma, no overlap of the softmax with the tensor cores).
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
 
 // Named barriers of the consumer warpgroups (CuTe's NamedBarrier numbers them after the ids
 // CUTLASS reserves).
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // ---- consumers --------------------------------------------------------------------------
   cutlass::arch::warpgroup_reg_alloc<C::kConsumerRegs>();
   const int ct = threadIdx.x - 128;  // 0 .. 255
-  const int group = ct / 128, warp = (ct % 128) / 32, lane = ct % 32;
+  const int group = warp_uniform(ct / 128), warp = (ct % 128) / 32, lane = ct % 32;
   const int quad = lane % 4;
 
   typename C::MmaQK mma_qk;
@@ -393,9 +399,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const Work w = work_at(sc, i);
     const int b = w.b, h = w.h, m0 = w.m0;
     const SeqInfo s = seq_info(p, b);
-    if (m0 >= s.q_len_full) continue;  // no rows here (a shorter sequence of a ragged batch)
+    if (warp_uniform(m0 < s.q_len_full) == 0) continue;  // no rows here (a shorter sequence of a ragged batch)
     const BlockKeys bk = block_keys<kBlockM, kBlockN>(p, s, m0);
-    const int kmin = bk.lo, kmax = bk.hi, num_tiles = bk.tiles;
+    const int kmin = warp_uniform(bk.lo), kmax = warp_uniform(bk.hi), num_tiles = warp_uniform(bk.tiles);
 
     // This thread's two rows (block rows 64 group + 16 warp + lane / 4 + 8 hf) and their keys.
     int row_lo[2], row_hi[2];
@@ -412,11 +418,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const int first = m0 + group * 64, last = imin(first + 64, s.q_len) - 1;
       if (first <= last) {
         const KeyInterval a = key_range_for_row(p, s, first), z = key_range_for_row(p, s, last);
-        gk.lo_min = a.lo;
-        gk.hi_min = a.hi;
-        gk.lo_max = z.lo;
-        gk.hi_max = z.hi;
-        gk.full = last - first == 63;
+        gk.lo_min = warp_uniform(a.lo);
+        gk.hi_min = warp_uniform(a.hi);
+        gk.lo_max = warp_uniform(z.lo);
+        gk.hi_max = warp_uniform(z.hi);
+        gk.full = warp_uniform(last - first == 63);
       }
     }
 
@@ -513,20 +519,24 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
         }
       }
+      // Two commit groups every step, empty or not, and waits on every path: ptxas cannot
+      // tell that `any` and p_live are uniform over the warpgroup, and a register of an
+      // in-flight wgmma touched on a path without a wait makes it insert its own wait there,
+      // which serializes every wgmma of the kernel (ptxas info C7518).
       cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
+      warpgroup_fence_operand(tSrS);
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(tOrP);
+      warpgroup_arrive();  // the softmax's writes to S, O and P come before the products below
       if (any) wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
-      if (t > 0 && p_live) {
-        warpgroup_fence_operand(tOrP);
-        wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
-      }
+      warpgroup_commit_batch();  // S_t
+      if (t > 0 && p_live) wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
+      warpgroup_commit_batch();  // P_{t-1} V_{t-1}
       if (!(group == 1 && t == num_tiles))
         cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
       float corr[2] = {1.f, 1.f};
-      if (any) {
-        if (p_live) warpgroup_wait<1>();  // S_t is done; P V may still run
-        else warpgroup_wait<0>();
-        warpgroup_fence_operand(tSrS);
-      }
+      warpgroup_wait<1>();  // S_t is done; P V may still run
+      warpgroup_fence_operand(tSrS);
       if (have_s) {
         arrive_barrier(sh.k_empty[st]);
         // This warpgroup's last Q K^T of the work tile is done (or it had none): the producer
@@ -535,14 +545,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         if (t == num_tiles - 1) arrive_barrier(sh.q_empty);
       }
       if (any) softmax_tile(n0, all, corr);
-      if (t > 0) {
-        if (p_live) {
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tOrO);
-          warpgroup_fence_operand(tOrP);
-        }
-        arrive_barrier(sh.v_empty[pst]);
-      }
+      warpgroup_wait<0>();  // P V is done: O may be rescaled, P rewritten, V released
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(tOrP);
+      if (t > 0) arrive_barrier(sh.v_empty[pst]);
       if (any) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
