@@ -484,29 +484,28 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // hand-over (nobody waits for it), so every work tile starts from the same barrier state.
     if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
     if (num_tiles > 0) wait_barrier(sh.q_full, (pos & kQBit) ? 1 : 0);
-    // O starts from zero. S and P are rewritten before they are read, but the compiler sees
-    // wgmma read S (an in/out operand) and P flow from one work tile's last step to the next
-    // tile's P V behind p_live: without defining both here, it keeps them (60 registers at
-    // D 256) alive through the epilogue and spills O there.
-    clear(tOrO);
-    clear(tSrS);
-    clear(tOrP);
-    bool p_live = false;  // tOrP holds the P of tile t - 1 (its warpgroup had keys there)
-    for (int t = 0; t <= num_tiles; ++t) {
-      const bool have_s = t < num_tiles;
+    // One step; kS: it issues S_t = Q K_t^T (t < num_tiles), kPV: it adds P_{t-1} V_{t-1}
+    // (t > 0). Both are compile-time, so no wgmma sits under a runtime branch: ptxas cannot
+    // tell that such a branch is uniform over the warpgroup, moves the accumulators where its
+    // paths join, and then serializes every wgmma of the kernel (ptxas info C7515 / C7518 /
+    // C7520: a fence and a wait around each, no softmax / tensor core overlap). So a
+    // warpgroup computes S even for a tile where it has no keys (`any` false: rare, an edge
+    // tile of a window) and adds a P of zeros for it.
+    auto step = [&](int t, auto s_tag, auto pv_tag) {
+      constexpr bool kS = decltype(s_tag)::value, kPV = decltype(pv_tag)::value;
       const uint32_t g = (pos & kKvMask) + t;  // this tile's load number (mod 2 kStages); g - 1: tile t - 1's
       const int st = g % kStages, pst = (g - 1) % kStages;
       const int n0 = kmin + t * kBlockN;
-      const bool any = have_s && gk.meets(n0, kBlockN);  // the warpgroup has keys in this tile
-      const bool all = gk.covers(n0, kBlockN);             // ... and no row needs per-element masking
+      const bool any = kS && gk.meets(n0, kBlockN);  // the warpgroup has keys in this tile
+      const bool all = gk.covers(n0, kBlockN);       // ... and no row needs per-element masking
 
       // Every consumer waits for and releases every tile, computing or not: a release before
       // the tile has landed could complete the buffer's next phase early.
-      if (have_s) wait_barrier(sh.k_full[st], (g / kStages) & 1);
-      if (t > 0) {
+      if constexpr (kS) wait_barrier(sh.k_full[st], (g / kStages) & 1);
+      if constexpr (kPV) {
         wait_barrier(sh.v_full[pst], ((g - 1) / kStages) & 1);
         const int pn0 = n0 - kBlockN;
-        if (t == num_tiles && kmax - pn0 < kBlockN) {
+        if (!kS && kmax - pn0 < kBlockN) {
           // The last tile runs past the block's keys: zero those V rows (see the file comment).
           // Both consumer warpgroups read all of V, so both wait for all of the zeros; the
           // proxy fence makes the generic stores visible to wgmma's reads, and orders them
@@ -519,50 +518,73 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
         }
       }
-      // Two commit groups every step, empty or not, and waits on every path: ptxas cannot
-      // tell that `any` and p_live are uniform over the warpgroup, and a register of an
-      // in-flight wgmma touched on a path without a wait makes it insert its own wait there,
-      // which serializes every wgmma of the kernel (ptxas info C7518).
       cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
-      warpgroup_fence_operand(tSrS);
-      warpgroup_fence_operand(tOrO);
-      warpgroup_fence_operand(tOrP);
-      warpgroup_arrive();  // the softmax's writes to S, O and P come before the products below
-      if (any) wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
-      warpgroup_commit_batch();  // S_t
-      if (t > 0 && p_live) wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
-      warpgroup_commit_batch();  // P_{t-1} V_{t-1}
-      if (!(group == 1 && t == num_tiles))
-        cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
+      if constexpr (kS || kPV) {
+        warpgroup_fence_operand(tSrS);
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(tOrP);
+        warpgroup_arrive();  // the softmax's writes to S, O and P come before the products below
+      }
+      if constexpr (kS) {
+        wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
+        warpgroup_commit_batch();
+      }
+      if constexpr (kPV) {
+        wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
+        warpgroup_commit_batch();
+      }
+      // the last step (t = num_tiles) is the one without S: warpgroup 1's hand-over there
+      // would have nobody waiting
+      if (kS || group == 0) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
       float corr[2] = {1.f, 1.f};
-      warpgroup_wait<1>();  // S_t is done; P V may still run
-      warpgroup_fence_operand(tSrS);
-      if (have_s) {
+      if constexpr (kS) {
+        warpgroup_wait<kPV ? 1 : 0>();  // S_t is done; P V may still run
+        warpgroup_fence_operand(tSrS);
         arrive_barrier(sh.k_empty[st]);
-        // This warpgroup's last Q K^T of the work tile is done (or it had none): the producer
-        // may load the next work tile's Q once both warpgroups say so, while this one still
-        // runs its softmax, last P V and epilogue.
+        // This warpgroup's last Q K^T of the work tile is done: the producer may load the
+        // next work tile's Q once both warpgroups say so, while this one still runs its
+        // softmax, last P V and epilogue.
         if (t == num_tiles - 1) arrive_barrier(sh.q_empty);
+        if (any) softmax_tile(n0, all, corr);
       }
-      if (any) softmax_tile(n0, all, corr);
-      warpgroup_wait<0>();  // P V is done: O may be rescaled, P rewritten, V released
-      warpgroup_fence_operand(tOrO);
-      warpgroup_fence_operand(tOrP);
-      if (t > 0) arrive_barrier(sh.v_empty[pst]);
-      if (any) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-          for (int j = 0; j < kDv / 8; ++j) {
-            tOrO(2 * hf + 4 * j) *= corr[hf];
-            tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
-          }
-        // P in the input type, in S's register order (the A operand layout, see Config)
+      if constexpr (kPV) {
+        warpgroup_wait<0>();  // P V is done: O may be rescaled, P rewritten, V released
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(tOrP);
+        arrive_barrier(sh.v_empty[pst]);
+      }
+      if constexpr (kS) {
         uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
+        if (any) {
 #pragma unroll
-        for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
+          for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+            for (int j = 0; j < kDv / 8; ++j) {
+              tOrO(2 * hf + 4 * j) *= corr[hf];
+              tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
+            }
+          // P in the input type, in S's register order (the A operand layout, see Config)
+#pragma unroll
+          for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
+        } else {
+#pragma unroll
+          for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = 0u;  // the next step's P V adds nothing
+        }
       }
-      p_live = any;
+    };
+    // O starts from zero. S and P are rewritten before they are read, but the compiler sees
+    // wgmma read S (an in/out operand) and P flow from one work tile's last step to the next
+    // tile's first P V: without defining both here, it keeps them (60 registers at D 256)
+    // alive through the epilogue and spills O there.
+    clear(tOrO);
+    clear(tSrS);
+    clear(tOrP);
+    if (num_tiles > 0) {
+      step(0, cute::true_type{}, cute::false_type{});
+      for (int t = 1; t < num_tiles; ++t) step(t, cute::true_type{}, cute::true_type{});
+      step(num_tiles, cute::false_type{}, cute::true_type{});
+    } else {
+      step(0, cute::false_type{}, cute::false_type{});  // no keys: only the ping-pong hand-overs
     }
     if (num_tiles > 0) pos = (((pos & kKvMask) + num_tiles) & kKvMask) | ((pos & kQBit) ^ kQBit);
 
