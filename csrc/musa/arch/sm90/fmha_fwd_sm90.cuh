@@ -496,7 +496,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const uint32_t g = (pos & kKvMask) + t;  // this tile's load number (mod 2 kStages); g - 1: tile t - 1's
       const int st = g % kStages, pst = (g - 1) % kStages;
       const int n0 = kmin + t * kBlockN;
-      const bool any = kS && gk.meets(n0, kBlockN);  // the warpgroup has keys in this tile
       const bool all = gk.covers(n0, kBlockN);       // ... and no row needs per-element masking
 
       // Every consumer waits for and releases every tile, computing or not: a release before
@@ -545,7 +544,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         // next work tile's Q once both warpgroups say so, while this one still runs its
         // softmax, last P V and epilogue.
         if (t == num_tiles - 1) arrive_barrier(sh.q_empty);
-        if (any) softmax_tile(n0, all, corr);
+        // Also where the warpgroup has no keys: every score is masked, P comes out zeros and
+        // corr leaves O alone. A branch here would define P's registers on two paths.
+        softmax_tile(n0, all, corr);
       }
       if constexpr (kPV) {
         warpgroup_wait<0>();  // P V is done: O may be rescaled, P rewritten, V released
@@ -554,22 +555,17 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         arrive_barrier(sh.v_empty[pst]);
       }
       if constexpr (kS) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int j = 0; j < kDv / 8; ++j) {
+            tOrO(2 * hf + 4 * j) *= corr[hf];
+            tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
+          }
+        // P in the input type, in S's register order (the A operand layout, see Config)
         uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
-        if (any) {
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-            for (int j = 0; j < kDv / 8; ++j) {
-              tOrO(2 * hf + 4 * j) *= corr[hf];
-              tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
-            }
-          // P in the input type, in S's register order (the A operand layout, see Config)
-#pragma unroll
-          for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
-        } else {
-#pragma unroll
-          for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = 0u;  // the next step's P V adds nothing
-        }
+        for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
       }
     };
     // O starts from zero. S and P are rewritten before they are read, but the compiler sees
