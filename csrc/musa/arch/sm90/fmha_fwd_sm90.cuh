@@ -12,12 +12,19 @@
 // a whole tile with one instruction and no registers, so loading takes one thread instead of
 // a block's worth of cp.async address arithmetic, and the other warps keep computing.
 //
-// One block per (128 query rows, query head, sequence), latest rows first (causal blocks with
-// late rows are the heaviest: they start first). 384 threads in three warpgroups:
-//   - warpgroup 0, the producer: one thread issues the TMA loads of Q (once) and of the K and
-//     V tiles (kBlockN keys each) into kStages buffers; K and V have their own barriers, so
-//     S = Q K^T can start while V is still landing. The warpgroup gives its registers up
-//     (setmaxnreg) to the consumers.
+// Persistent: one block per SM (a block fills one: registers and shared memory), each looping
+// over work tiles of (128 query rows, query head, sequence), so the next tile's loads overlap
+// the current tile's last P V and epilogue instead of a new block starting cold (barrier
+// init, Q load, first K wait). The tiles are numbered in sections of (sequence, head) pairs
+// whose K / V fill about half the L2 (make_schedule), latest rows first inside a section (causal
+// tiles with late rows are the heaviest: they start first), and dealt out statically as a
+// snake: block j takes tile j of round 0, gridDim.x - 1 - j of round 1, and so on (work_at,
+// tile_of_round). Producer and consumers walk the same list and derive the same key ranges,
+// so they agree on every load without talking. 384 threads in three warpgroups:
+//   - warpgroup 0, the producer: one thread issues the TMA loads of each work tile's Q and of
+//     its K and V tiles (kBlockN keys each) into kStages buffers; K and V have their own
+//     barriers, so S = Q K^T can start while V is still landing. The warpgroup gives its
+//     registers up (setmaxnreg) to the consumers.
 //   - warpgroups 1 and 2, the consumers, 64 rows each: S = Q K^T (wgmma, both operands in
 //     shared memory), the online softmax in registers in base 2, P rounded to the input type
 //     in registers, O += P V (wgmma with P from registers). The accumulator layout of S is the
@@ -26,15 +33,36 @@
 //     P V; the two warpgroups take turns issuing their GEMMs (ping-pong), so one's softmax
 //     overlaps the other's products. The epilogue stores out and lse from registers like
 //     fmha_mma.cu.
-// The mask is fmha_score.h's per-row key interval: a block loads the keys between its first
-// row's lower end and its last row's upper end (the interval ends are monotone in the row,
-// the INVARIANT at key_range_for_row) and only tiles that cross a row's interval edge pay for
-// per-element masking. Keys past the block's last key are zeroed in V's buffer (a TMA box
+// Barriers (mbarriers in shared memory unless named):
+//   - k_full / v_full[stage]: the TMA transaction count of a K / V tile; k_empty / v_empty:
+//     all 256 consumer threads are done with the buffer (after the Q K^T / P V that read it).
+//     Their phases run on across work tiles: both sides count K / V loads over the whole
+//     loop, buffer = count % kStages, phase = count / kStages % 2 (the consumers keep the
+//     count modulo 2 kStages, `pos`).
+//   - q_full / q_empty: the one Q buffer. Each consumer thread arrives on q_empty after its
+//     warpgroup's last Q K^T of the work tile, so the producer loads the next tile's Q (after
+//     that tile's first K) while the consumers still run the last softmax, P V and epilogue.
+//     A work tile with no keys loads nothing and waits for nothing (both sides skip it).
+//   - named kSchedBarrier + w: warpgroup w's turn to issue its GEMMs (ping-pong). Every work
+//     tile has num_tiles + 1 steps for both warpgroups, whatever keys each has; warpgroup 1
+//     hands warpgroup 0 the first turn and skips its own last hand-over, so each tile leaves
+//     both barriers as it found them and a warpgroup cannot run ahead into the next tile by
+//     more than the strict alternation allows.
+//   - named kZeroBarrier: both warpgroups wait for the whole zero fill of the last V tile
+//     (below) before either reads it. That buffer is refilled by TMA for a later tile only
+//     after the v_empty release that follows the fill and its proxy fence.
+// Every wgmma is issued outside runtime branches (steps are peeled: S only, S + P V, P V
+// only) and the values that pick the steps are made warp-uniform: ptxas otherwise serializes
+// all wgmmas (ptxas info C7513 / C7515 / C7518 / C7520 in the build log mean it did).
+// The mask is fmha_score.h's per-row key interval: a work tile loads the keys between its
+// first row's lower end and its last row's upper end (the interval ends are monotone in the
+// row, the INVARIANT at key_range_for_row) and only tiles that cross a row's interval edge pay
+// for per-element masking. Keys past the tile's last key are zeroed in V's buffer (a TMA box
 // reads whole tiles: past a sequence's end lie other sequences' keys or unwritten cache rows,
 // and 0 * NaN would leak into the output).
 //
-// Not yet here: GQA row packing, a persistent tile schedule with the epilogue overlapping the
-// next tile's loads, TMA stores, fp8, pages (docs/performance.md has the measured versions).
+// Not yet here: GQA row packing, TMA stores, fp8, pages, a dynamic (atomic counter) tile
+// scheduler (docs/performance.md has the measured versions).
 
 #include <atomic>
 #include <cmath>
@@ -194,13 +222,11 @@ __device__ __forceinline__ void wgmma_issue(Mma& mma, const TA& a, const TB& b, 
 }
 
 // Key interval facts of a warpgroup's 64 rows [r0, r0 + 64) that are uniform over the
-// warpgroup (wgmma is issued by all of its 128 threads or none): by the INVARIANT at
-// key_range_for_row, the first row has the smallest ends and the last real row the largest.
+// warpgroup (all of its threads take the unmasked path of a tile or none): by the INVARIANT
+// at key_range_for_row, the first row has the smallest ends and the last real row the largest.
 struct GroupKeys {
-  int lo_min = 0, hi_max = 0;  // hull of the rows' intervals: tiles outside it are skipped
   int lo_max = 0, hi_min = 0;  // every row sees [lo_max, hi_min) when `full`
   bool full = false;           // all 64 rows are real rows
-  __device__ bool meets(int n0, int n) const { return lo_min - n0 < n && hi_max > n0 && lo_min < hi_max; }
   __device__ bool covers(int n0, int n) const { return full && lo_max <= n0 && hi_min - n0 >= n; }
 };
 
@@ -418,10 +444,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const int first = m0 + group * 64, last = imin(first + 64, s.q_len) - 1;
       if (first <= last) {
         const KeyInterval a = key_range_for_row(p, s, first), z = key_range_for_row(p, s, last);
-        gk.lo_min = warp_uniform(a.lo);
         gk.hi_min = warp_uniform(a.hi);
         gk.lo_max = warp_uniform(z.lo);
-        gk.hi_max = warp_uniform(z.hi);
         gk.full = warp_uniform(last - first == 63);
       }
     }
@@ -487,10 +511,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // One step; kS: it issues S_t = Q K_t^T (t < num_tiles), kPV: it adds P_{t-1} V_{t-1}
     // (t > 0). Both are compile-time, so no wgmma sits under a runtime branch: ptxas cannot
     // tell that such a branch is uniform over the warpgroup, moves the accumulators where its
-    // paths join, and then serializes every wgmma of the kernel (ptxas info C7515 / C7518 /
-    // C7520: a fence and a wait around each, no softmax / tensor core overlap). So a
-    // warpgroup computes S even for a tile where it has no keys (`any` false: rare, an edge
-    // tile of a window) and adds a P of zeros for it.
+    // paths join, and then serializes every wgmma of the kernel (ptxas info C7513 / C7515 /
+    // C7518 / C7520: a fence and a wait around each, no softmax / tensor core overlap). So a
+    // warpgroup computes S and its softmax even for a tile where it has no keys (rare: an edge
+    // tile of a window or of rows past seqused_q); every score is masked there, P is zeros.
     auto step = [&](int t, auto s_tag, auto pv_tag) {
       constexpr bool kS = decltype(s_tag)::value, kPV = decltype(pv_tag)::value;
       const uint32_t g = (pos & kKvMask) + t;  // this tile's load number (mod 2 kStages); g - 1: tile t - 1's
