@@ -274,10 +274,10 @@ MATE_HD Work work_at(const Schedule& sc, int64_t i) {
 }
 
 // The tile a block takes in round r: a snake over the rounds, block j takes index j of even
-// rounds and gridDim.x - 1 - j of odd ones (the host keeps r below 2^31). Inside a section the tiles
-// get lighter with the index (causal), so a block that drew one of a round's heavier tiles
-// draws one of the next round's lighter ones; a plain round robin would give block 0 the
-// heaviest tile of every round.
+// rounds and gridDim.x - 1 - j of odd ones (launch_config keeps r below 2^31). Inside a
+// section the tiles get lighter with the index (causal), so a block that drew one of a round's
+// heavier tiles draws one of the next round's lighter ones; a plain round robin would give
+// block 0 the heaviest tile of every round.
 __device__ __forceinline__ int64_t tile_of_round(uint32_t r) {
   return static_cast<int64_t>(r) * gridDim.x + ((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
 }
@@ -520,7 +520,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const uint32_t g = (pos & kKvMask) + t;  // this tile's load number (mod 2 kStages); g - 1: tile t - 1's
       const int st = g % kStages, pst = (g - 1) % kStages;
       const int n0 = kmin + t * kBlockN;
-      const bool all = gk.covers(n0, kBlockN);       // ... and no row needs per-element masking
+      const bool all = gk.covers(n0, kBlockN);  // no row of the warpgroup needs per-element masking
 
       // Every consumer waits for and releases every tile, computing or not: a release before
       // the tile has landed could complete the buffer's next phase early.
@@ -762,6 +762,8 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream
   // each looping over its share of the tiles.
   int64_t blocks = sc.tiles < f.sms ? sc.tiles : f.sms;
   if (grid_cap() > 0 && grid_cap() < blocks) blocks = grid_cap();
+  const int64_t kMaxRounds = 0x7fffffff;  // tile_of_round's round counter
+  if ((sc.tiles + blocks - 1) / blocks > kMaxRounds) blocks = (sc.tiles + kMaxRounds - 1) / kMaxRounds;
   const Descriptors<C> d = make_descriptors<C>(p);
   fmha_sm90_kernel<C, kPlain><<<dim3(static_cast<unsigned>(blocks)), C::kThreads, C::kSmemBytes, stream>>>(p, sc, d.q, d.k,
                                                                                                         d.v);
