@@ -14,6 +14,10 @@ the profiler which kernel ran, so a case the sm90 kernel declined (fmha_sm90_fit
 instead of passing on the mma.sync path. ``--device cpu`` runs the same comparisons against the
 CPU op (a dry run of this harness; no environment variable matters there).
 
+The kernel is persistent (one block per SM looping over work tiles). A second child reruns a
+subset (ONE_BLOCK_CASES) with MATE_OPS_FMHA_SM90_BLOCKS=1, a grid of one block, so that every
+tile boundary of those calls is crossed by the same pipeline state.
+
 Skipped without a compute capability 9.0 GPU or without the sm90 kernels in the build.
 """
 import argparse
