@@ -14,12 +14,17 @@ the profiler which kernel ran, so a case the sm90 kernel declined (fmha_sm90_fit
 instead of passing on the mma.sync path. ``--device cpu`` runs the same comparisons against the
 CPU op (a dry run of this harness; no environment variable matters there).
 
+The kernel is persistent (one block per SM looping over work tiles). A second child reruns a
+subset (ONE_BLOCK_CASES) with MATE_OPS_FMHA_SM90_BLOCKS=1, a grid of one block, so that every
+tile boundary of those calls is crossed by the same pipeline state.
+
 Skipped without a compute capability 9.0 GPU or without the sm90 kernels in the build.
 """
 import argparse
 import json
 import mmap
 import os
+import random
 import subprocess
 import sys
 import zlib
@@ -106,6 +111,30 @@ def _cases():
     add("softcap-alibi-d192x128", layout="dense", d=192, dv=128, sq=129, sk=300, softcap=6.0, alibi=True)
     add("negative-scale", layout="dense", sq=129, sk=300, scale=-0.2)
     add("fp16-d64-gqa-window", layout="dense", d=64, dtype="fp16", h=8, hk=2, sq=1000, sk=1000, window=(200, 0))
+    # The kernel is persistent (one block per SM looping over work tiles; the K / V pipeline's
+    # phases, Q's full/empty pair and the ping-pong barriers run on from tile to tile). These
+    # have far more work tiles than an H200 has SMs, of mixed weights, so blocks cross many
+    # tile boundaries with every kind of neighbour: long and short sequences, tiles with no
+    # keys at all, tiles where one consumer warpgroup has keys and the other none, padded rows.
+    rng = random.Random(20240611)
+    lq40 = [rng.randint(1, 700) for _ in range(40)]
+    lk40 = [rng.randint(1, 700) for _ in range(40)]
+    for causal in (False, True):
+        add(f"persist-ragged40-gqa-{'causal' if causal else 'full'}", layout="ragged", h=8, hk=2, causal=causal,
+            lq=lq40, lk=lq40 if causal else lk40)
+    add("persist-ragged40-d64-fp16-causal-mixed-k", layout="ragged", d=64, dtype="fp16", h=6, hk=3, causal=True,
+        lq=lq40, lk=lk40)
+    add("persist-ragged40-d256-causal", layout="ragged", d=256, h=4, hk=1, causal=True, lq=lq40[:24],
+        lk=lk40[:24])  # 80-key tiles: the last V tile's zero fill at most boundaries
+    add("persist-ragged40-softcap-alibi-sink", layout="ragged", h=4, hk=2, causal=True, lq=lq40, lk=lk40,
+        softcap=7.0, alibi=True, sink=True)  # the ScoreMod instantiation
+    # seqused_k 0 (a sequence with no keys: tiles with no loads between tiles with loads);
+    # 140 and 7 keys under a bottom-right window: tiles whose first warpgroup has no keys and
+    # whose second has some; seqused_q pads rows (out 0, lse -inf) in some of the tiles
+    add("persist-window-seqused-k-empty", layout="dense", b=4, h=8, hk=2, sq=1000, sk=1000, window=(100, 0),
+        seqused_k=[140, 0, 1000, 7])
+    add("persist-causal-seqused-qk", layout="dense", b=4, h=8, hk=2, sq=1000, sk=1000, causal=True,
+        seqused_q=[1000, 500, 0, 999], seqused_k=[140, 0, 1000, 7], sink=True)
     return cases
 
 
@@ -277,18 +306,37 @@ _SKIP = _skip_reason() if __name__ != "__main__" else None
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
-@pytest.fixture(scope="module")
-def sm90_results():
-    """Runs every case once in a child process with MATE_OPS_FMHA_PATH=sm90."""
-    env = dict(os.environ, MATE_OPS_FMHA_PATH="sm90")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--device", "cuda"], env=env,
-                          capture_output=True, text=True, timeout=1800)
+def _run_child(extra_env, names=None):
+    env = dict(os.environ, MATE_OPS_FMHA_PATH="sm90", **extra_env)
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", "cuda"] + (["--only", *names] if names else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
             res = json.loads(line[len(MARK):])
             results[res["name"]] = res
     return results, proc
+
+
+@pytest.fixture(scope="module")
+def sm90_results():
+    """Runs every case once in a child process with MATE_OPS_FMHA_PATH=sm90."""
+    return _run_child({})
+
+
+# The same kernel on a grid of one block (MATE_OPS_FMHA_SM90_BLOCKS=1): every work tile of the
+# call runs on one SM, one after the other, so every tile boundary of these cases is crossed by
+# the same pipeline state (barrier phases, the Q buffer, the ping-pong barriers, V's zero fill).
+ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-", "chunk-"))] + [
+    "ragged-d128-bf16-causal", "ragged-d256-bf16-causal", "ragged-d64-fp16-full", "window-d128-100_50",
+    "window-d64--1_7", "sink-ragged-causal", "cache-batch-idx-leftpad", "alibi-window-sink-gqa",
+    "widths-d200x256-causal", "widths-d192x128-ragged-fp16", "ragged-seqused_k-past-segment"]
+assert set(ONE_BLOCK_CASES) <= set(CASE_NAMES)
+
+
+@pytest.fixture(scope="module")
+def sm90_one_block_results():
+    return _run_child({"MATE_OPS_FMHA_SM90_BLOCKS": "1"}, ONE_BLOCK_CASES)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -304,6 +352,15 @@ def test_sm90_case(sm90_results, name):
 def test_sm90_child_exit(sm90_results):
     results, proc = sm90_results
     assert proc.returncode == 0 or any(not r["ok"] for r in results.values()), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ONE_BLOCK_CASES)
+def test_sm90_one_block_case(sm90_one_block_results, name):
+    test_sm90_case(sm90_one_block_results, name)
+
+
+def test_sm90_one_block_child_exit(sm90_one_block_results):
+    test_sm90_child_exit(sm90_one_block_results)
 
 
 if __name__ == "__main__":

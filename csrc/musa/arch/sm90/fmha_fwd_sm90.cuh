@@ -12,12 +12,19 @@
 // a whole tile with one instruction and no registers, so loading takes one thread instead of
 // a block's worth of cp.async address arithmetic, and the other warps keep computing.
 //
-// One block per (128 query rows, query head, sequence), latest rows first (causal blocks with
-// late rows are the heaviest: they start first). 384 threads in three warpgroups:
-//   - warpgroup 0, the producer: one thread issues the TMA loads of Q (once) and of the K and
-//     V tiles (kBlockN keys each) into kStages buffers; K and V have their own barriers, so
-//     S = Q K^T can start while V is still landing. The warpgroup gives its registers up
-//     (setmaxnreg) to the consumers.
+// Persistent: one block per SM (a block fills one: registers and shared memory), each looping
+// over work tiles of (128 query rows, query head, sequence), so the next tile's loads overlap
+// the current tile's last P V and epilogue instead of a new block starting cold (barrier
+// init, Q load, first K wait). The tiles are numbered in sections of (sequence, head) pairs
+// whose K / V fill about half the L2 (make_schedule), latest rows first inside a section (causal
+// tiles with late rows are the heaviest: they start first), and dealt out statically as a
+// snake: block j takes tile j of round 0, gridDim.x - 1 - j of round 1, and so on (work_at,
+// tile_of_round). Producer and consumers walk the same list and derive the same key ranges,
+// so they agree on every load without talking. 384 threads in three warpgroups:
+//   - warpgroup 0, the producer: one thread issues the TMA loads of each work tile's Q and of
+//     its K and V tiles (kBlockN keys each) into kStages buffers; K and V have their own
+//     barriers, so S = Q K^T can start while V is still landing. The warpgroup gives its
+//     registers up (setmaxnreg) to the consumers.
 //   - warpgroups 1 and 2, the consumers, 64 rows each: S = Q K^T (wgmma, both operands in
 //     shared memory), the online softmax in registers in base 2, P rounded to the input type
 //     in registers, O += P V (wgmma with P from registers). The accumulator layout of S is the
@@ -26,19 +33,41 @@
 //     P V; the two warpgroups take turns issuing their GEMMs (ping-pong), so one's softmax
 //     overlaps the other's products. The epilogue stores out and lse from registers like
 //     fmha_mma.cu.
-// The mask is fmha_score.h's per-row key interval: a block loads the keys between its first
-// row's lower end and its last row's upper end (the interval ends are monotone in the row,
-// the INVARIANT at key_range_for_row) and only tiles that cross a row's interval edge pay for
-// per-element masking. Keys past the block's last key are zeroed in V's buffer (a TMA box
+// Barriers (mbarriers in shared memory unless named):
+//   - k_full / v_full[stage]: the TMA transaction count of a K / V tile; k_empty / v_empty:
+//     all 256 consumer threads are done with the buffer (after the Q K^T / P V that read it).
+//     Their phases run on across work tiles: both sides count K / V loads over the whole
+//     loop, buffer = count % kStages, phase = count / kStages % 2 (the consumers keep the
+//     count modulo 2 kStages, `pos`).
+//   - q_full / q_empty: the one Q buffer. Each consumer thread arrives on q_empty after its
+//     warpgroup's last Q K^T of the work tile, so the producer loads the next tile's Q (after
+//     that tile's first K) while the consumers still run the last softmax, P V and epilogue.
+//     A work tile with no keys loads nothing and waits for nothing (both sides skip it).
+//   - named kSchedBarrier + w: warpgroup w's turn to issue its GEMMs (ping-pong). Every work
+//     tile has num_tiles + 1 steps for both warpgroups, whatever keys each has; warpgroup 1
+//     hands warpgroup 0 the first turn and skips its own last hand-over, so each tile leaves
+//     both barriers as it found them and a warpgroup cannot run ahead into the next tile by
+//     more than the strict alternation allows.
+//   - named kZeroBarrier: both warpgroups wait for the whole zero fill of the last V tile
+//     (below) before either reads it. That buffer is refilled by TMA for a later tile only
+//     after the v_empty release that follows the fill and its proxy fence.
+// Every wgmma is issued outside runtime branches (steps are peeled: S only, S + P V, P V
+// only) and the values that pick the steps are made warp-uniform: ptxas otherwise serializes
+// all wgmmas (ptxas info C7513 / C7515 / C7518 / C7520 in the build log mean it did).
+// The mask is fmha_score.h's per-row key interval: a work tile loads the keys between its
+// first row's lower end and its last row's upper end (the interval ends are monotone in the
+// row, the INVARIANT at key_range_for_row) and only tiles that cross a row's interval edge pay
+// for per-element masking. Keys past the tile's last key are zeroed in V's buffer (a TMA box
 // reads whole tiles: past a sequence's end lie other sequences' keys or unwritten cache rows,
 // and 0 * NaN would leak into the output).
 //
-// Not yet here: GQA row packing, a persistent tile schedule with the epilogue overlapping the
-// next tile's loads, TMA stores, fp8, pages (docs/performance.md has the measured versions).
+// Not yet here: GQA row packing, TMA stores, fp8, pages, a dynamic (atomic counter) tile
+// scheduler (docs/performance.md has the measured versions).
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../../../common/fmha_math.h"
 #include "../../../common/fmha_params.h"
@@ -134,7 +163,7 @@ struct Config {
     alignas(1024) cute::array_aligned<T, cosize_v<SmemV>, 1024> v;
     // full: the tile has landed (TMA transaction count); empty: every consumer thread is done
     // with the buffer (kConsumerThreads arrivals)
-    uint64_t q_full;
+    uint64_t q_full, q_empty;  // q_empty: both warpgroups did their last Q K^T of the work tile
     uint64_t k_full[kStages], k_empty[kStages];
     uint64_t v_full[kStages], v_empty[kStages];
   };
@@ -176,37 +205,99 @@ MATE_HD Shape<int, int, int, int> v_shape(const FmhaParams& p) {
   return make_shape(p.head_dim_v, k_rows(p), p.num_heads_k, k_batches(p));
 }
 
-// Issues one wgmma tile product, C (+)= A B over every k-step, without waiting for it: the
-// first step overwrites C when kZeroInit (S = Q K^T starts from nothing), later steps
-// accumulate. The caller waits with warpgroup_wait<n>() and then fences C.
+// Issues one wgmma tile product, C (+)= A B over every k-step, without committing or waiting
+// for it: the first step overwrites C when kZeroInit (S = Q K^T starts from nothing), later
+// steps accumulate. The caller commits the batch (warpgroup_commit_batch) and waits with
+// warpgroup_wait<n>().
+// The caller also orders earlier register writes before it (warpgroup_arrive, outside any
+// branch that ptxas cannot prove uniform).
 template <bool kZeroInit, class Mma, class TA, class TB, class TC>
 __device__ __forceinline__ void wgmma_issue(Mma& mma, const TA& a, const TB& b, TC& c) {
-  warpgroup_fence_operand(c);
-  warpgroup_arrive();
   if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
   CUTE_UNROLL
   for (int k = 0; k < size<2>(a); ++k) {
     cute::gemm(mma, a(_, _, k), b(_, _, k), c);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
-  warpgroup_commit_batch();
 }
 
 // Key interval facts of a warpgroup's 64 rows [r0, r0 + 64) that are uniform over the
-// warpgroup (wgmma is issued by all of its 128 threads or none): by the INVARIANT at
-// key_range_for_row, the first row has the smallest ends and the last real row the largest.
+// warpgroup (all of its threads take the unmasked path of a tile or none): by the INVARIANT
+// at key_range_for_row, the first row has the smallest ends and the last real row the largest.
 struct GroupKeys {
-  int lo_min = 0, hi_max = 0;  // hull of the rows' intervals: tiles outside it are skipped
   int lo_max = 0, hi_min = 0;  // every row sees [lo_max, hi_min) when `full`
   bool full = false;           // all 64 rows are real rows
-  __device__ bool meets(int n0, int n) const { return lo_min - n0 < n && hi_max > n0 && lo_min < hi_max; }
   __device__ bool covers(int n0, int n) const { return full && lo_max <= n0 && hi_min - n0 >= n; }
 };
+
+// x from lane 0 of the warp. For values every lane already has (from memory: sequence lengths,
+// key ranges): ptxas then knows them to be warp-uniform. wgmma issued or waited for under a
+// condition it cannot prove uniform is serialized (ptxas info C7518 / C7520: a wait and fence
+// after every wgmma, no overlap of the softmax with the tensor cores).
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
 
 // Named barriers of the consumer warpgroups (CuTe's NamedBarrier numbers them after the ids
 // CUTLASS reserves).
 constexpr uint32_t kZeroBarrier = 0;   // the last V tile's zero fill
 constexpr uint32_t kSchedBarrier = 1;  // + warpgroup: its turn to issue GEMMs (ping-pong)
+
+// The persistent schedule (the file comment has the why). A work tile is 128 query rows of one
+// query head of one sequence. Tiles are numbered section by section, a section being
+// `section` (sequence, head) pairs, heads fastest (a GQA group's heads, which read the same
+// K / V, are neighbours); inside a section the latest m-block of every pair comes first, then
+// the one before it, and so on. 64-bit counts: sequences * heads * m-blocks may pass 2^31.
+struct Schedule {
+  int m_blocks = 0;      // 128-row blocks of the longest sequence (max_rows)
+  int heads = 0;         // query heads
+  int64_t pairs = 0;     // sequences * query heads
+  int64_t section = 1;   // pairs per section, 1 .. pairs
+  int64_t tiles = 0;     // pairs * m_blocks
+};
+
+struct Work {
+  int b = 0, h = 0, m0 = 0;  // sequence, query head, first query row of the tile
+};
+
+// Tile i of the schedule (0 <= i < tiles). A handful of 64-bit divisions per tile: noise
+// next to a tile's GEMMs.
+MATE_HD Work work_at(const Schedule& sc, int64_t i) {
+  const int64_t per_section = sc.section * sc.m_blocks;
+  const int64_t sec = i / per_section, l = i - sec * per_section;
+  const int64_t first = sec * sc.section;
+  const int64_t n = sc.pairs - first < sc.section ? sc.pairs - first : sc.section;  // the last may be short
+  const int64_t mb = l / n, pair = first + (l - mb * n);
+  Work w;
+  w.b = static_cast<int>(pair / sc.heads);
+  w.h = static_cast<int>(pair - static_cast<int64_t>(w.b) * sc.heads);
+  w.m0 = (sc.m_blocks - 1 - static_cast<int>(mb)) * 128;
+  return w;
+}
+
+// The tile a block takes in round r: a snake over the rounds, block j takes index j of even
+// rounds and gridDim.x - 1 - j of odd ones (launch_config keeps r below 2^31). Inside a
+// section the tiles get lighter with the index (causal), so a block that drew one of a round's
+// heavier tiles draws one of the next round's lighter ones; a plain round robin would give
+// block 0 the heaviest tile of every round.
+__device__ __forceinline__ int64_t tile_of_round(uint32_t r) {
+  return static_cast<int64_t>(r) * gridDim.x + ((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+}
+
+// The keys of one work tile: from its first row's lower end to its last real row's upper end
+// (INVARIANT at key_range_for_row), in `tiles` K / V tiles of kBlockN keys. Producer and
+// consumers both derive it from the same inputs, so they agree on every tile's load count.
+struct BlockKeys {
+  int lo = 0, hi = 0, tiles = 0;
+};
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ BlockKeys block_keys(const FmhaParams& p, const SeqInfo& s, int m0) {
+  BlockKeys k;
+  if (m0 < s.q_len) {
+    k.lo = key_range_for_row(p, s, m0).lo;
+    k.hi = key_range_for_row(p, s, imin(m0 + kBlockM, s.q_len) - 1).hi;
+  }
+  k.tiles = k.hi > k.lo ? ceil_div_pos(k.hi - k.lo, kBlockN) : 0;
+  return k;
+}
 
 // kPlain: logit = softmax_scale * dot with a positive scale (scores_are_plain), so row maxima
 // are taken on raw scores and the scale folds into exp2's FFMA; otherwise (softcap, ALiBi, a
@@ -214,30 +305,18 @@ constexpr uint32_t kSchedBarrier = 1;  // + warpgroup: its turn to issue GEMMs (
 // fmha_mma.cu's kPlain = false instantiation.
 template <class C, bool kPlain>
 __global__ void __launch_bounds__(C::kThreads, 1)
-    fmha_sm90_kernel(const FmhaParams p, CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
+    fmha_sm90_kernel(const FmhaParams p, const Schedule sc, CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
                      CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename C::T;
   constexpr int kD = C::kD, kDv = C::kDv, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
+  static_assert(kBlockM == 128, "work_at numbers the tiles in 128-row blocks");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& sh = *reinterpret_cast<typename C::Smem*>(smem_raw);
 
-  const int b = blockIdx.z, h = blockIdx.y;
-  const SeqInfo s = seq_info(p, b);
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;  // latest rows first: causal blocks are heaviest
-  if (m0 >= s.q_len_full) return;
-  const int hk = h / (p.num_heads / p.num_heads_k);
-
-  // Keys of the block: from its first row's lower end to its last real row's upper end.
-  int kmin = 0, kmax = 0;
-  if (m0 < s.q_len) {
-    kmin = key_range_for_row(p, s, m0).lo;
-    kmax = key_range_for_row(p, s, imin(m0 + kBlockM, s.q_len) - 1).hi;
-  }
-  const int num_tiles = kmax > kmin ? ceil_div_pos(kmax - kmin, kBlockN) : 0;
-
   if (threadIdx.x == 0) {
     initialize_barrier(sh.q_full, 1);
+    initialize_barrier(sh.q_empty, C::kConsumerThreads);
     for (int st = 0; st < kStages; ++st) {
       initialize_barrier(sh.k_full[st], 1);
       initialize_barrier(sh.v_full[st], 1);
@@ -248,40 +327,61 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   }
   __syncthreads();
 
-  // ---- producer: one thread issues every load --------------------------------------------
+  // ---- producer: one thread issues every load of every work tile ---------------------------
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<C::kProducerRegs>();
-    if (threadIdx.x < 32 && num_tiles > 0 && elect_one_sync()) {
+    if (threadIdx.x < 32 && elect_one_sync()) {
       Tensor sQ = make_tensor(make_smem_ptr(sh.q.data()), typename C::SmemQ{});
       Tensor sK = make_tensor(make_smem_ptr(sh.k.data()), typename C::SmemK{});
       Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
-      // Tile origins are arbitrary rows (a sequence's first row, a key interval's start): the
-      // views are shifted there; rows past the tensor's end arrive as zeros.
-      const int q0 = static_cast<int>(s.q_row0) + m0;
-      const int k0 = static_cast<int>(s.k_row0) + s.k_start + kmin;
-      const int bq = p.q_is_ragged ? 0 : b, bk = p.k_is_ragged ? 0 : s.cache_row;
-      Tensor mQ = tma_q.get_tma_tensor(q_shape(p))(_, _, h, bq);
-      Tensor mK = tma_k.get_tma_tensor(k_shape(p))(_, _, hk, bk);
-      Tensor mV = tma_v.get_tma_tensor(v_shape(p))(_, _, hk, bk);
-      Tensor gQ = local_tile(domain_offset(make_coord(q0, _0{}), mQ), Shape<Int<kBlockM>, Int<kD>>{}, make_coord(0, 0));
-      Tensor gK = local_tile(domain_offset(make_coord(k0, _0{}), mK), Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));
-      Tensor gV = local_tile(domain_offset(make_coord(_0{}, k0), mV), Shape<Int<kDv>, Int<kBlockN>>{}, make_coord(0, _));
-      auto [tQg, tQs] = tma_partition(tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-      auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-      CUTE_STATIC_ASSERT_V(size<1>(tKs) == Int<kStages>{} && size<1>(tVs) == Int<kStages>{});
+      uint32_t kv = 0;  // K / V tiles loaded so far, over all work tiles: buffer kv % kStages
+      uint32_t qn = 0;  // Q tiles loaded so far
+      for (uint32_t r = 0;; ++r) {
+        const int64_t i = tile_of_round(r);
+        if (i >= sc.tiles) break;
+        const Work w = work_at(sc, i);
+        const SeqInfo s = seq_info(p, w.b);
+        if (w.m0 >= s.q_len_full) continue;  // past this sequence's rows: the consumers skip it too
+        const BlockKeys bk = block_keys<kBlockM, kBlockN>(p, s, w.m0);
+        if (bk.tiles == 0) continue;  // no keys: no loads, the consumers store zeros
+        const int hk = w.h / (p.num_heads / p.num_heads_k);
+        // Tile origins are arbitrary rows (a sequence's first row, a key interval's start): the
+        // views are shifted there; rows past the tensor's end arrive as zeros.
+        const int q0 = static_cast<int>(s.q_row0) + w.m0;
+        const int k0 = static_cast<int>(s.k_row0) + s.k_start + bk.lo;
+        const int bq = p.q_is_ragged ? 0 : w.b, bkv = p.k_is_ragged ? 0 : s.cache_row;
+        Tensor mQ = tma_q.get_tma_tensor(q_shape(p))(_, _, w.h, bq);
+        Tensor mK = tma_k.get_tma_tensor(k_shape(p))(_, _, hk, bkv);
+        Tensor mV = tma_v.get_tma_tensor(v_shape(p))(_, _, hk, bkv);
+        Tensor gQ = local_tile(domain_offset(make_coord(q0, _0{}), mQ), Shape<Int<kBlockM>, Int<kD>>{}, make_coord(0, 0));
+        Tensor gK = local_tile(domain_offset(make_coord(k0, _0{}), mK), Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));
+        Tensor gV = local_tile(domain_offset(make_coord(_0{}, k0), mV), Shape<Int<kDv>, Int<kBlockN>>{}, make_coord(0, _));
+        auto [tQg, tQs] = tma_partition(tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+        auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+        auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+        CUTE_STATIC_ASSERT_V(size<1>(tKs) == Int<kStages>{} && size<1>(tVs) == Int<kStages>{});
 
-      set_barrier_transaction_bytes(sh.q_full, C::kQBytes);
-      copy(tma_q.with(sh.q_full), tQg, tQs);
-      for (int t = 0; t < num_tiles; ++t) {
-        const int st = t % kStages, phase = (t / kStages) & 1;
-        // a buffer's first use needs no wait; later ones wait for the release of tile t - kStages
-        if (t >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
-        set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
-        copy(tma_k.with(sh.k_full[st]), tKg(_, t), tKs(_, st));
-        if (t >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
-        set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
-        copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
+        for (int t = 0; t < bk.tiles; ++t, ++kv) {
+          const int st = kv % kStages;
+          const uint32_t phase = (kv / kStages) & 1;
+          // a buffer's first use needs no wait; later ones wait for the release of load kv - kStages
+          // (which may belong to the previous work tile: the pipeline runs on across tiles)
+          if (kv >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
+          set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
+          copy(tma_k.with(sh.k_full[st]), tKg(_, t), tKs(_, st));
+          if (t == 0) {
+            // Q after the first K: that K buffer frees a step earlier than Q (the previous work
+            // tile's second-to-last Q K^T releases it, its last Q K^T releases Q). Q's single
+            // buffer is rewritten only once every consumer has released the previous Q.
+            if (qn > 0) wait_barrier(sh.q_empty, (qn - 1) & 1);
+            set_barrier_transaction_bytes(sh.q_full, C::kQBytes);
+            copy(tma_q.with(sh.q_full), tQg, tQs);
+            ++qn;
+          }
+          if (kv >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
+          set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
+          copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
+        }
       }
     }
     return;
@@ -290,7 +390,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // ---- consumers --------------------------------------------------------------------------
   cutlass::arch::warpgroup_reg_alloc<C::kConsumerRegs>();
   const int ct = threadIdx.x - 128;  // 0 .. 255
-  const int group = ct / 128, warp = (ct % 128) / 32, lane = ct % 32;
+  const int group = warp_uniform(ct / 128), warp = (ct % 128) / 32, lane = ct % 32;
   const int quad = lane % 4;
 
   typename C::MmaQK mma_qk;
@@ -310,181 +410,232 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   CUTE_STATIC_ASSERT_V(size<1>(tSrQ) == _1{} && size<2>(tSrQ) == Int<kD / 16>{} && size<3>(tSrK) == Int<kStages>{});
   CUTE_STATIC_ASSERT_V(size<1>(tOrP) == _1{} && size<2>(tOrP) == Int<kBlockN / 16>{} &&
                        size<3>(tOrV) == Int<kStages>{});
-  clear(tOrO);
-
-  // This thread's two rows (block rows 64 group + 16 warp + lane / 4 + 8 hf) and their keys.
-  int row_lo[2], row_hi[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
-    KeyInterval keys;  // empty past the real rows: they are computed but never stored
-    if (m < s.q_len) keys = key_range_for_row(p, s, m);
-    row_lo[hf] = keys.lo;
-    row_hi[hf] = keys.hi;
-  }
-  GroupKeys gk;
-  {
-    const int first = m0 + group * 64, last = imin(first + 64, s.q_len) - 1;
-    if (first <= last) {
-      const KeyInterval a = key_range_for_row(p, s, first), z = key_range_for_row(p, s, last);
-      gk.lo_min = a.lo;
-      gk.hi_min = a.hi;
-      gk.lo_max = z.lo;
-      gk.hi_max = z.hi;
-      gk.full = last - first == 63;
-    }
-  }
-
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max on raw scores
   // score units -> base-2 logits: raw scores (kPlain) or logits already in base 2
   const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;
-  const ScoreMod mod = score_mod(p, s, b, h);
 
-  // The online softmax of one S tile in base 2, in place: masks, takes the new row maxima and
-  // turns S into exp2 values (this thread's share of P, fp32), adding them to row_sum; corr is
-  // what O must be scaled by before the tile's P V is added. Touches neither O nor P's
-  // registers, so it runs while the previous tile's O += P V is in flight.
-  auto softmax_tile = [&](int n0, bool all, float (&corr)[2]) {
+  // The pipeline position, as few registers as possible (live across the epilogue, next to O):
+  // bits 0 .. 1 + log2(kStages) the K / V loads consumed so far modulo 2 kStages (all that
+  // buffer and phase depend on), the bit above them the parity of the Q loads consumed.
+  static_assert((kStages & (kStages - 1)) == 0, "the pipeline position keeps counts modulo 2 kStages");
+  constexpr uint32_t kKvMask = 2 * kStages - 1, kQBit = 2 * kStages;
+  uint32_t pos = 0;
+  for (uint32_t r = 0;; ++r) {
+    const int64_t i = tile_of_round(r);
+    if (i >= sc.tiles) break;
+    const Work w = work_at(sc, i);
+    const int b = w.b, h = w.h, m0 = w.m0;
+    const SeqInfo s = seq_info(p, b);
+    if (warp_uniform(m0 < s.q_len_full) == 0) continue;  // no rows here (a shorter sequence of a ragged batch)
+    const BlockKeys bk = block_keys<kBlockM, kBlockN>(p, s, m0);
+    const int kmin = warp_uniform(bk.lo), kmax = warp_uniform(bk.hi), num_tiles = warp_uniform(bk.tiles);
+
+    // This thread's two rows (block rows 64 group + 16 warp + lane / 4 + 8 hf) and their keys.
+    int row_lo[2], row_hi[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};  // relative to n0
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = tSrS(e + 2 * hf + 4 * j);
-          if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
-            const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
-            // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
-            const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
-            x = mod.logit(x, m, key) * kLog2e;
-          }
-          if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[hf], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-      corr[hf] = arch::fast_exp2((row_max[hf] - m_use) * sl);
-      const float m_scaled = m_use * sl;
-      row_max[hf] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = tSrS(e + 2 * hf + 4 * j);
-          x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
-          sum += x;
-        }
-      row_sum[hf] = row_sum[hf] * corr[hf] + sum;  // this lane's part; the quad sums at the end
+      const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+      KeyInterval keys;  // empty past the real rows: they are computed but never stored
+      if (m < s.q_len) keys = key_range_for_row(p, s, m);
+      row_lo[hf] = keys.lo;
+      row_hi[hf] = keys.hi;
     }
-  };
-
-  // Software pipeline inside the warpgroup: step t issues S_t = Q K_t^T, then O += P_{t-1}
-  // V_{t-1}, waits for S_t only and runs its softmax while the tensor cores work on P V; then
-  // waits for P V, rescales O and packs P_t into the registers the next step's P V reads. The
-  // last step (t = num_tiles) only adds the last P V.
-  // Ping-pong: the two warpgroups take turns issuing their GEMMs (named barriers
-  // kSchedBarrier + group), so one warpgroup's softmax runs while the other's GEMMs keep the
-  // tensor cores busy. Both run the same number of steps; warpgroup 1 lets warpgroup 0 go first
-  // and skips its last hand-over (nobody waits for it).
-  if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
-  if (num_tiles > 0) wait_barrier(sh.q_full, 0);
-  bool p_live = false;  // tOrP holds the P of tile t - 1 (its warpgroup had keys there)
-  for (int t = 0; t <= num_tiles; ++t) {
-    const bool have_s = t < num_tiles;
-    const int st = t % kStages, phase = (t / kStages) & 1;
-    const int n0 = kmin + t * kBlockN;
-    const bool any = have_s && gk.meets(n0, kBlockN);  // the warpgroup has keys in this tile
-    const bool all = gk.covers(n0, kBlockN);             // ... and no row needs per-element masking
-    const int pst = (t + kStages - 1) % kStages;        // tile t - 1's buffer
-
-    // Every consumer waits for and releases every tile, computing or not: a release before
-    // the tile has landed could complete the buffer's next phase early.
-    if (have_s) wait_barrier(sh.k_full[st], phase);
-    if (t > 0) {
-      wait_barrier(sh.v_full[pst], ((t - 1) / kStages) & 1);
-      const int pn0 = n0 - kBlockN;
-      if (t == num_tiles && kmax - pn0 < kBlockN) {
-        // The last tile runs past the block's keys: zero those V rows (see the file comment).
-        // Both consumer warpgroups read all of V, so both wait for all of the zeros; the
-        // proxy fence makes the generic stores visible to wgmma's reads.
-        const int valid = kmax - pn0;
-        for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
-          sV(idx % kDv, valid + idx / kDv, pst) = T(0.f);
-        cutlass::arch::fence_view_async_shared();
-        cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
+    GroupKeys gk;
+    {
+      const int first = m0 + group * 64, last = imin(first + 64, s.q_len) - 1;
+      if (first <= last) {
+        const KeyInterval a = key_range_for_row(p, s, first), z = key_range_for_row(p, s, last);
+        gk.hi_min = warp_uniform(a.hi);
+        gk.lo_max = warp_uniform(z.lo);
+        gk.full = warp_uniform(last - first == 63);
       }
     }
-    cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
-    if (any) wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
-    if (t > 0 && p_live) {
-      warpgroup_fence_operand(tOrP);
-      wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
-    }
-    if (!(group == 1 && t == num_tiles))
-      cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
-    float corr[2] = {1.f, 1.f};
-    if (any) {
-      if (p_live) warpgroup_wait<1>();  // S_t is done; P V may still run
-      else warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-    }
-    if (have_s) arrive_barrier(sh.k_empty[st]);
-    if (any) softmax_tile(n0, all, corr);
-    if (t > 0) {
-      if (p_live) {
-        warpgroup_wait<0>();
+
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max on raw scores
+    const ScoreMod mod = score_mod(p, s, b, h);
+
+    // The online softmax of one S tile in base 2, in place: masks, takes the new row maxima and
+    // turns S into exp2 values (this thread's share of P, fp32), adding them to row_sum; corr
+    // is what O must be scaled by before the tile's P V is added. Touches neither O nor P's
+    // registers, so it runs while the previous tile's O += P V is in flight.
+    auto softmax_tile = [&](int n0, bool all, float (&corr)[2]) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};  // relative to n0
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = tSrS(e + 2 * hf + 4 * j);
+            if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
+              const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+              // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
+              const int key =
+                  static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
+              x = mod.logit(x, m, key) * kLog2e;
+            }
+            if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
+            mx = fmaxf(mx, x);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(row_max[hf], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+        corr[hf] = arch::fast_exp2((row_max[hf] - m_use) * sl);
+        const float m_scaled = m_use * sl;
+        row_max[hf] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = tSrS(e + 2 * hf + 4 * j);
+            x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
+            sum += x;
+          }
+        row_sum[hf] = row_sum[hf] * corr[hf] + sum;  // this lane's part; the quad sums at the end
+      }
+    };
+
+    // Software pipeline inside the warpgroup: step t issues S_t = Q K_t^T, then O += P_{t-1}
+    // V_{t-1}, waits for S_t only and runs its softmax while the tensor cores work on P V;
+    // then waits for P V, rescales O and packs P_t into the registers the next step's P V
+    // reads. The last step (t = num_tiles) only adds the last P V.
+    // Ping-pong: the two warpgroups take turns issuing their GEMMs (named barriers
+    // kSchedBarrier + group), so one warpgroup's softmax runs while the other's GEMMs keep the
+    // tensor cores busy. Both run the same number of steps in every work tile (num_tiles + 1,
+    // whatever keys each has); warpgroup 1 lets warpgroup 0 go first and skips its last
+    // hand-over (nobody waits for it), so every work tile starts from the same barrier state.
+    if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
+    if (num_tiles > 0) wait_barrier(sh.q_full, (pos & kQBit) ? 1 : 0);
+    // One step; kS: it issues S_t = Q K_t^T (t < num_tiles), kPV: it adds P_{t-1} V_{t-1}
+    // (t > 0). Both are compile-time, so no wgmma sits under a runtime branch: ptxas cannot
+    // tell that such a branch is uniform over the warpgroup, moves the accumulators where its
+    // paths join, and then serializes every wgmma of the kernel (ptxas info C7513 / C7515 /
+    // C7518 / C7520: a fence and a wait around each, no softmax / tensor core overlap). So a
+    // warpgroup computes S and its softmax even for a tile where it has no keys (rare: an edge
+    // tile of a window or of rows past seqused_q); every score is masked there, P is zeros.
+    auto step = [&](int t, auto s_tag, auto pv_tag) {
+      constexpr bool kS = decltype(s_tag)::value, kPV = decltype(pv_tag)::value;
+      const uint32_t g = (pos & kKvMask) + t;  // this tile's load number (mod 2 kStages); g - 1: tile t - 1's
+      const int st = g % kStages, pst = (g - 1) % kStages;
+      const int n0 = kmin + t * kBlockN;
+      const bool all = gk.covers(n0, kBlockN);  // no row of the warpgroup needs per-element masking
+
+      // Every consumer waits for and releases every tile, computing or not: a release before
+      // the tile has landed could complete the buffer's next phase early.
+      if constexpr (kS) wait_barrier(sh.k_full[st], (g / kStages) & 1);
+      if constexpr (kPV) {
+        wait_barrier(sh.v_full[pst], ((g - 1) / kStages) & 1);
+        const int pn0 = n0 - kBlockN;
+        if (!kS && kmax - pn0 < kBlockN) {
+          // The last tile runs past the block's keys: zero those V rows (see the file comment).
+          // Both consumer warpgroups read all of V, so both wait for all of the zeros; the
+          // proxy fence makes the generic stores visible to wgmma's reads, and orders them
+          // before the TMA write that refills this buffer for a later work tile (that write
+          // waits for this buffer's release below, which comes after the fence).
+          const int valid = kmax - pn0;
+          for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
+            sV(idx % kDv, valid + idx / kDv, pst) = T(0.f);
+          cutlass::arch::fence_view_async_shared();
+          cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
+        }
+      }
+      cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
+      if constexpr (kS || kPV) {
+        warpgroup_fence_operand(tSrS);
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
+        warpgroup_arrive();  // the softmax's writes to S, O and P come before the products below
       }
-      arrive_barrier(sh.v_empty[pst]);
+      if constexpr (kS) {
+        wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
+        warpgroup_commit_batch();
+      }
+      if constexpr (kPV) {
+        wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
+        warpgroup_commit_batch();
+      }
+      // the last step (t = num_tiles) is the one without S: warpgroup 1's hand-over there
+      // would have nobody waiting
+      if (kS || group == 0) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
+      float corr[2] = {1.f, 1.f};
+      if constexpr (kS) {
+        warpgroup_wait<kPV ? 1 : 0>();  // S_t is done; P V may still run
+        warpgroup_fence_operand(tSrS);
+        arrive_barrier(sh.k_empty[st]);
+        // This warpgroup's last Q K^T of the work tile is done: the producer may load the
+        // next work tile's Q once both warpgroups say so, while this one still runs its
+        // softmax, last P V and epilogue.
+        if (t == num_tiles - 1) arrive_barrier(sh.q_empty);
+        // Also where the warpgroup has no keys: every score is masked, P comes out zeros and
+        // corr leaves O alone. A branch here would define P's registers on two paths.
+        softmax_tile(n0, all, corr);
+      }
+      if constexpr (kPV) {
+        warpgroup_wait<0>();  // P V is done: O may be rescaled, P rewritten, V released
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(tOrP);
+        arrive_barrier(sh.v_empty[pst]);
+      }
+      if constexpr (kS) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int j = 0; j < kDv / 8; ++j) {
+            tOrO(2 * hf + 4 * j) *= corr[hf];
+            tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
+          }
+        // P in the input type, in S's register order (the A operand layout, see Config)
+        uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
+#pragma unroll
+        for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
+      }
+    };
+    // O starts from zero. S and P are rewritten before they are read, but the compiler sees
+    // wgmma read S (an in/out operand) and P flow from one work tile's last step to the next
+    // tile's first P V: without defining both here, it keeps them (60 registers at D 256)
+    // alive through the epilogue and spills O there.
+    clear(tOrO);
+    clear(tSrS);
+    clear(tOrP);
+    if (num_tiles > 0) {
+      step(0, cute::true_type{}, cute::false_type{});
+      for (int t = 1; t < num_tiles; ++t) step(t, cute::true_type{}, cute::true_type{});
+      step(num_tiles, cute::false_type{}, cute::true_type{});
+    } else {
+      step(0, cute::false_type{}, cute::false_type{});  // no keys: only the ping-pong hand-overs
     }
-    if (any) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-        for (int j = 0; j < kDv / 8; ++j) {
-          tOrO(2 * hf + 4 * j) *= corr[hf];
-          tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
-        }
-      // P in the input type, in S's register order (the A operand layout, see Config)
-      uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
-#pragma unroll
-      for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
-    }
-    p_live = any;
-  }
+    if (num_tiles > 0) pos = (((pos & kKvMask) + num_tiles) & kKvMask) | ((pos & kQBit) ^ kQBit);
 
-  // ---- epilogue: normalize and store (fmha_mma.cu's rules) --------------------------------
-  constexpr float kLn2 = 0.6931471805599453f;
+    // ---- epilogue: normalize and store (fmha_mma.cu's rules) ------------------------------
+    // Runs while the producer already loads the next work tile's Q and first K / V tiles.
+    constexpr float kLn2 = 0.6931471805599453f;
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float l = row_sum[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
-    if (m >= s.q_len_full) continue;
-    const int64_t row = s.q_row0 + m;
-    const bool padded = m >= s.q_len;  // past seqused_q: out 0, lse -inf
-    const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
-    float lse = has ? row_max[hf] * sl * kLn2 + logf(l) : -INFINITY;
-    float scale = has ? 1.f / l : 0.f;
-    if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = row_sum[hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+      if (m >= s.q_len_full) continue;
+      const int64_t row = s.q_row0 + m;
+      const bool padded = m >= s.q_len;  // past seqused_q: out 0, lse -inf
+      const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
+      float lse = has ? row_max[hf] * sl * kLn2 + logf(l) : -INFINITY;
+      float scale = has ? 1.f / l : 0.f;
+      if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
 #pragma unroll
-      for (int j = 0; j < kDv / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
-    if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
-    typename C::NvT* out = static_cast<typename C::NvT*>(p.out) + b * p.out_batch_stride + row * p.out_row_stride +
-                           h * p.out_head_stride + 2 * quad;
+        for (int j = 0; j < kDv / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
+      if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
+      typename C::NvT* out = static_cast<typename C::NvT*>(p.out) + b * p.out_batch_stride +
+                             row * p.out_row_stride + h * p.out_head_stride + 2 * quad;
 #pragma unroll
-    for (int j = 0; j < kDv / 8; ++j)
-      if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
-        *reinterpret_cast<uint32_t*>(out + 8 * j) =
-          arch::pack2<typename C::NvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
-    if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+      for (int j = 0; j < kDv / 8; ++j)
+        if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
+          *reinterpret_cast<uint32_t*>(out + 8 * j) =
+              arch::pack2<typename C::NvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
+      if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+    }
   }
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __trap();  // a Hopper-class target without the sm_90a features: a misbuilt binary, fail loudly
@@ -536,6 +687,64 @@ Descriptors<C> make_descriptors(const FmhaParams& p) {
           make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{}))};
 }
 
+// The device facts the schedule needs, asked once per device: multiprocessors (the grid) and
+// the L2 size (the section size).
+struct DeviceFacts {
+  int sms = 0, l2_bytes = 0;
+};
+inline DeviceFacts device_facts() {
+  static std::atomic<int> sms[64], l2[64];  // 0: not asked yet (static storage starts zeroed)
+  const int dev = arch::current_device();
+  auto ask = [dev] {
+    DeviceFacts f;
+    if (cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) cudaGetLastError();
+    if (cudaDeviceGetAttribute(&f.l2_bytes, cudaDevAttrL2CacheSize, dev) != cudaSuccess) cudaGetLastError();
+    f.sms = f.sms > 0 ? f.sms : 1;
+    f.l2_bytes = f.l2_bytes > 0 ? f.l2_bytes : 1;
+    return f;
+  };
+  if (dev < 0 || dev >= 64) return ask();
+  DeviceFacts f{sms[dev].load(std::memory_order_relaxed), l2[dev].load(std::memory_order_relaxed)};
+  if (f.sms == 0) {
+    f = ask();
+    l2[dev].store(f.l2_bytes, std::memory_order_relaxed);
+    sms[dev].store(f.sms, std::memory_order_relaxed);
+  }
+  return f;
+}
+
+// MATE_OPS_FMHA_SM90_BLOCKS=n caps the persistent grid at n blocks (a debugging / measuring
+// knob: 1 runs every work tile on one SM, one after the other, the most tile boundaries a
+// call can have; a number >= the tile count gives every block one tile). Read once per process.
+inline int64_t grid_cap() {
+  static const int64_t cap = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_SM90_BLOCKS");
+    const long long n = v != nullptr ? std::atoll(v) : 0;
+    return n > 0 ? static_cast<int64_t>(n) : int64_t{0};
+  }();
+  return cap;
+}
+
+// The schedule of one call. A section holds the (sequence, head) pairs whose K / V fill about
+// half of the L2 cache: the blocks running at one time work on one section, or the end of one
+// and the start of the next, so their K / V tiles are read from memory about once.
+template <class C>
+Schedule make_schedule(const FmhaParams& p, int max_rows, int l2_bytes) {
+  Schedule sc;
+  sc.m_blocks = static_cast<int>((static_cast<int64_t>(max_rows) + C::kBlockM - 1) / C::kBlockM);
+  sc.heads = p.num_heads;
+  sc.pairs = static_cast<int64_t>(p.batch) * p.num_heads;
+  sc.tiles = sc.pairs * sc.m_blocks;
+  // keys of a sequence: the dense length, or a ragged batch's mean (an estimate is enough)
+  const int64_t keys = p.k_is_ragged ? (static_cast<int64_t>(p.total_k) + p.batch - 1) / p.batch : p.seqlen_k;
+  const int64_t group = p.num_heads / p.num_heads_k;  // query heads that share one K / V head
+  const int64_t bytes = keys * (p.head_dim + p.head_dim_v) * static_cast<int64_t>(sizeof(typename C::T)) / group;
+  int64_t section = bytes > 0 ? (static_cast<int64_t>(l2_bytes) / 2) / bytes : sc.pairs;
+  if (section >= group) section -= section % group;  // a GQA group stays in one section
+  sc.section = section < 1 ? 1 : section > sc.pairs ? sc.pairs : section;
+  return sc;
+}
+
 template <class C, bool kPlain>
 arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream) {
   static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
@@ -546,10 +755,18 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream
     if (e != arch::kSuccess) return e;
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
+  const DeviceFacts f = device_facts();
+  const Schedule sc = make_schedule<C>(p, max_rows, f.l2_bytes);
+  if (sc.tiles <= 0) return arch::kSuccess;
+  // Persistent: one block per multiprocessor (a block fills one: registers and shared memory),
+  // each looping over its share of the tiles.
+  int64_t blocks = sc.tiles < f.sms ? sc.tiles : f.sms;
+  if (grid_cap() > 0 && grid_cap() < blocks) blocks = grid_cap();
+  const int64_t kMaxRounds = 0x7fffffff;  // tile_of_round's round counter
+  if ((sc.tiles + blocks - 1) / blocks > kMaxRounds) blocks = (sc.tiles + kMaxRounds - 1) / kMaxRounds;
   const Descriptors<C> d = make_descriptors<C>(p);
-  const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(max_rows) + C::kBlockM - 1) / C::kBlockM),
-                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
-  fmha_sm90_kernel<C, kPlain><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, d.q, d.k, d.v);
+  fmha_sm90_kernel<C, kPlain><<<dim3(static_cast<unsigned>(blocks)), C::kThreads, C::kSmemBytes, stream>>>(p, sc, d.q, d.k,
+                                                                                                        d.v);
   return arch::last_error();
 }
 
