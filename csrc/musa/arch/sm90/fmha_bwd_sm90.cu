@@ -63,6 +63,8 @@
 
 #if defined(MATE_WITH_SM90)
 
+// wgmma N = 48 (the query rows of a D 256 step, the keys of a D 256 dQ tile) is behind this switch
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -113,6 +115,29 @@ struct Roles {
   using WarpGroups = Layout<Shape<Int<kConsumers>, _1, _1>>;     // warpgroup w owns M rows 64w .. 64w + 63
 };
 
+// The dK / dV kernel's shape per tile width. Registers per consumer thread (one warpgroup owns 64
+// keys: wgmma's M, the least there is) are dK + dV (kD / 2 + kDv / 2 floats), S^T and dP^T
+// (kBlockM / 2 floats each) and P^T, dS^T in 16 bits (kBlockM / 4 each), under the 232 that
+// setmaxnreg leaves (plus indices and addresses):
+//   - widths 64, 128: one pass, 64-row steps: 224 at width 128.
+//   - 192 x 128: one pass on 32-row steps: 160 + 48 = 208 (64-row steps would be 256). The
+//     S^T / dP^T products are then 64 x 32 (shared-memory reads of K / V per product weigh
+//     more), but a second pass would redo S^T and reload Q / dO for every key block; and
+//     channel splits across the warpgroups do not divide 192 into 64-channel swizzle atoms.
+//   - 256: dK and dV alone are 256 floats, so the block computes one of them: a dV pass
+//     (S^T, P^T, dV += P^T dO) and a dK pass (S^T, dP^T, dS^T, dK += dS^T Q) run in separate
+//     blocks of one launch (blockIdx.x = 2 key block + pass), like the mma.sync kernel's two
+//     launches: 128 + 24 + 12 (dV) and 128 + 48 + 12 (dK) on 48-row steps. S^T is computed
+//     twice (5 products instead of 4). Splitting the channels of dK / dV across the two
+//     warpgroups instead (both on the same 64 keys) would either compute S^T / dP^T twice as
+//     well (6 products) or exchange P^T / dS^T through shared memory with a barrier between
+//     the warpgroups per step; the pass split keeps the GPU-validated step loop unchanged.
+// Shared memory (227 KB per block): K and V of the 128 keys (both passes take the same
+// layout; the dV pass loads no V) plus kStages (Q, dO) steps: 128 KB + 2 x 48 KB at width 256.
+constexpr int kv_passes(int d, int dv) { return d > 192 || dv > 128 ? 2 : 1; }
+constexpr int kv_block_m(int d, int dv) { return d > 192 || dv > 128 ? 48 : d > 128 ? 32 : 64; }
+constexpr int kv_stages(int d, int dv) { return d > 128 && d <= 192 && dv <= 128 ? 3 : 2; }
+
 // The dK / dV kernel's tiles. T is CuTe's element type (the wgmma operand type); NvT the CUDA
 // type of the same bits (arch::pack2).
 template <class T_, class NvT_, int kD_, int kDv_>
@@ -121,11 +146,10 @@ struct KvConfig : Roles {
   using NvT = NvT_;
   static constexpr int kD = kD_, kDv = kDv_;  // tile widths of q / k and v / dout rows
   static constexpr int kBlockN = 128;         // keys per block: 64 per consumer warpgroup (wgmma M)
-  // query rows per step: registers per consumer thread are dK + dV (kD / 2 + kDv / 2 floats),
-  // S^T and dP^T (kBlockM / 2 floats each) and P^T, dS^T in 16 bits (kBlockM / 4 each): 224 at
-  // width 128
-  static constexpr int kBlockM = 64;
-  static constexpr int kStages = 2;  // Q / dO buffers: step t + 1 lands while step t computes
+  static constexpr int kPasses = kv_passes(kD, kDv);  // 2: dV and dK in separate blocks
+  static constexpr int kBlockM = kv_block_m(kD, kDv);  // query rows per step
+  static constexpr int kStages = kv_stages(kD, kDv);   // Q / dO buffers: later steps land while step t computes
+  static_assert(kBlockM % 16 == 0, "the rows of a step are the k-steps of dV += P^T dO");
   // the producer's warp 1 (per-row values: key_range_for_row, 64-bit offsets) spills at 24
   // registers; 128 * 40 + 256 * 232 still fits the SM's 64K
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
@@ -175,6 +199,7 @@ struct KvConfig : Roles {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensor>(), take<0, 2>(SmemQ{})));
   using TmaDO = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensor>(), take<0, 2>(SmemDO{})));
 
+  static constexpr uint32_t kKBytes = kBlockN * kD * sizeof(T);  // the dV pass loads K only
   static constexpr uint32_t kKVBytes = kBlockN * (kD + kDv) * sizeof(T);
   static constexpr uint32_t kStepBytes = kBlockM * (kD + kDv) * sizeof(T);  // one Q and one dO tile
 
@@ -204,8 +229,10 @@ struct DqConfig : Roles {
   static constexpr int kD = kD_, kDv = kDv_;
   static constexpr int kBlockM = 128;  // query rows per block: 64 per consumer warpgroup
   // keys per tile: registers per consumer thread are dQ (kD / 2 floats), S and dP (kBlockN / 2
-  // each) and dS in 16 bits (kBlockN / 4): 64-key tiles at width 128 (144), 128 at width 64 (192)
-  static constexpr int kBlockN = kD > 64 || kDv > 64 ? 64 : 128;
+  // each) and dS in 16 bits (kBlockN / 4): 128 at width 64 (192), 64 at widths 128 (144) and
+  // 192 x 128 (176), 48 at width 256 (188; and Q, dO and two stages of 48-key K / V tiles are
+  // 224 KB of shared memory, where 64-key ones would be 256)
+  static constexpr int kBlockN = kD > 192 || kDv > 128 ? 48 : kD > 64 || kDv > 64 ? 64 : 128;
   static constexpr int kStages = 2;
 
   // S = Q K^T, dP = dO V^T: K-major operands; dQ += dS K: dS from registers, K MN-major.
@@ -253,25 +280,32 @@ struct DqConfig : Roles {
   static_assert(kSmemBytes <= 227 * 1024, "a Hopper SM gives one block at most 227 KB of shared memory");
 };
 
-// The instantiated tile widths: a head dim pads up to the first that holds it.
-enum class Widths { k64, k128, kNone };
+// The instantiated tile widths: a head dim pads up to the first that holds it (the forward's).
+enum class Widths { k64, k128, k192x128, k256, kNone };
 MATE_HD Widths tile_widths(int d, int dv) {
   if (d % 8 != 0 || dv % 8 != 0 || d <= 0 || dv <= 0) return Widths::kNone;  // 16-byte rows
   if (d <= 64 && dv <= 64) return Widths::k64;
   if (d <= 128 && dv <= 128) return Widths::k128;
+  if (d <= 192 && dv <= 128) return Widths::k192x128;  // DeepSeek's prefill shape
+  if (d <= 256 && dv <= 256) return Widths::k256;
   return Widths::kNone;
 }
 
 // Calls f(KvConfig{}, DqConfig{}) for the instantiations serving (dtype, widths).
+template <int kD, int kDv, class F>
+auto with_width(bool f16, F&& f) {
+  return f16 ? f(KvConfig<cutlass::half_t, arch::f16, kD, kDv>{}, DqConfig<cutlass::half_t, arch::f16, kD, kDv>{})
+             : f(KvConfig<cutlass::bfloat16_t, arch::bf16, kD, kDv>{},
+                 DqConfig<cutlass::bfloat16_t, arch::bf16, kD, kDv>{});
+}
 template <class F>
 auto with_configs(bool f16, Widths w, F&& f) {
-  if (w == Widths::k64)
-    return f16 ? f(KvConfig<cutlass::half_t, arch::f16, 64, 64>{}, DqConfig<cutlass::half_t, arch::f16, 64, 64>{})
-               : f(KvConfig<cutlass::bfloat16_t, arch::bf16, 64, 64>{},
-                   DqConfig<cutlass::bfloat16_t, arch::bf16, 64, 64>{});
-  return f16 ? f(KvConfig<cutlass::half_t, arch::f16, 128, 128>{}, DqConfig<cutlass::half_t, arch::f16, 128, 128>{})
-             : f(KvConfig<cutlass::bfloat16_t, arch::bf16, 128, 128>{},
-                 DqConfig<cutlass::bfloat16_t, arch::bf16, 128, 128>{});
+  switch (w) {
+    case Widths::k64: return with_width<64, 64>(f16, f);
+    case Widths::k128: return with_width<128, 128>(f16, f);
+    case Widths::k192x128: return with_width<192, 128>(f16, f);
+    default: return with_width<256, 256>(f16, f);
+  }
 }
 
 // The extents of the global views (host and device build the same ones).
@@ -329,26 +363,29 @@ __device__ __forceinline__ void zero_rows(Tensor3& t, int st, int valid, int ct,
   for (int idx = ct; idx < (kRows - valid) * kCols; idx += nthreads) t(valid + idx / kCols, idx % kCols, st) = T(0.f);
 }
 
+// One block of the dK / dV kernel: keys [n0, n0 + kBlockN) of kv head hk. kPass 0 computes both
+// gradients; 1 only dV (S^T, P^T: no V, no dP^T); 2 only dK (S^T, dP^T, dS^T) -- the wide
+// widths' two passes (KvConfig). The descriptors are the kernel's grid constants, by reference.
+//
 // kPlain: logit = softmax_scale * dot (no softcap, no ALiBi): exp2 folds the scale, and the
 // constant d logit / d dot = softmax_scale is applied once to dK / dQ at the end. Otherwise
 // ScoreMod::logit_grad per element, as in fmha_bwd_mma.cu's kPlain = false.
-template <class C, bool kPlain>
-__global__ void __launch_bounds__(C::kThreads, 1)
-    fmha_bwd_sm90_dkdv_kernel(const FmhaBwdParams g, const FmhaBwdScratch rows,
-                              CUTE_GRID_CONSTANT const typename C::TmaK tma_k,
-                              CUTE_GRID_CONSTANT const typename C::TmaV tma_v,
-                              CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
-                              CUTE_GRID_CONSTANT const typename C::TmaDO tma_do) {
+template <class C, bool kPlain, int kPass>
+__device__ __forceinline__ void dkdv_block(const FmhaBwdParams& g, const FmhaBwdScratch& rows,
+                                           const typename C::TmaK& tma_k, const typename C::TmaV& tma_v,
+                                           const typename C::TmaQ& tma_q, const typename C::TmaDO& tma_do,
+                                           const int key_block) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename C::T;
   constexpr int kD = C::kD, kDv = C::kDv, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
+  constexpr bool kDoDv = kPass != 2, kDoDk = kPass != 1;
   const FmhaParams& p = g.fwd;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& sh = *reinterpret_cast<typename C::Smem*>(smem_raw);
 
   const int b = blockIdx.z, hk = blockIdx.y;
   const SeqInfo s = seq_info(p, b);
-  const int n0 = blockIdx.x * kBlockN;
+  const int n0 = key_block * kBlockN;
   if (n0 >= s.k_len) return;  // dk / dv of unused keys stay zero (the op zero-fills them)
   const int nvalid = imin(kBlockN, s.k_len - n0);  // real keys of the block
   const int G = p.num_heads / p.num_heads_k, H = p.num_heads;
@@ -386,14 +423,16 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const int bq = p.q_is_ragged ? 0 : b, bk = p.k_is_ragged ? 0 : s.cache_row;
       {
         Tensor mK = tma_k.get_tma_tensor(k_shape(p))(_, _, hk, bk);
-        Tensor mV = tma_v.get_tma_tensor(v_shape(p))(_, _, hk, bk);
         Tensor gK = local_tile(domain_offset(make_coord(k0, _0{}), mK), Shape<Int<kBlockN>, Int<kD>>{}, make_coord(0, 0));
-        Tensor gV = local_tile(domain_offset(make_coord(k0, _0{}), mV), Shape<Int<kBlockN>, Int<kDv>>{}, make_coord(0, 0));
         auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-        auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-        set_barrier_transaction_bytes(sh.kv_full, C::kKVBytes);
+        set_barrier_transaction_bytes(sh.kv_full, kDoDk ? C::kKVBytes : C::kKBytes);
         copy(tma_k.with(sh.kv_full), tKg, tKs);
-        copy(tma_v.with(sh.kv_full), tVg, tVs);
+        if constexpr (kDoDk) {  // V: the A operand of dP^T = V dO^T
+          Tensor mV = tma_v.get_tma_tensor(v_shape(p))(_, _, hk, bk);
+          Tensor gV = local_tile(domain_offset(make_coord(k0, _0{}), mV), Shape<Int<kBlockN>, Int<kDv>>{}, make_coord(0, 0));
+          auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+          copy(tma_v.with(sh.kv_full), tVg, tVs);
+        }
       }
       Tensor mQ = tma_q.get_tma_tensor(q_shape(p));
       Tensor mDO = tma_do.get_tma_tensor(dout_shape(p));
@@ -425,7 +464,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             const int i = i0 + c;
             const int64_t at = global_row(p, s, b, i) * H + h;
             l2 = rows.lse2[at];
-            dl = rows.delta[at];
+            if constexpr (kDoDk) dl = rows.delta[at];
             const KeyInterval keys = key_range_for_row(p, s, i);
             lo = keys.lo - n0;  // both in [0, k_len]: no overflow
             hi = keys.hi - n0;
@@ -479,8 +518,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   CUTE_STATIC_ASSERT_V(size<1>(tPt) == _1{} && size<2>(tPt) == Int<kBlockM / 16>{} &&
                        size<2>(tVrDOt) == Int<kBlockM / 16>{} && size<3>(tVrDOt) == Int<kStages>{} &&
                        size<3>(tKrQt) == Int<kStages>{});
-  clear(tdV);
-  clear(tdK);
+  if constexpr (kDoDv) clear(tdV);
+  if constexpr (kDoDk) clear(tdK);
 
   // this thread's key rows relative to n0 (+ 8 h); the warpgroup's keys [kw0, kw0 + 64)
   const int kw0 = group * 64, krow = kw0 + warp * 16 + lane / 4;
@@ -499,19 +538,19 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
     wait_barrier(sh.full[st], phase);
     if (valid < kBlockM) {
-      // rows past the step's last row: zeros, so that P^T = 0 there meets no NaN in dO / Q
-      // (both warpgroups read every row: both wait for all of the zeros)
-      zero_rows<kBlockM, kD>(sQ, st, valid, ct, C::kConsumerThreads);
-      zero_rows<kBlockM, kDv>(sDO, st, valid, ct, C::kConsumerThreads);
+      // rows past the step's last row: zeros, so that P^T = 0 / dS^T = 0 there meets no NaN in
+      // dO / Q (both warpgroups read every row: both wait for all of the zeros)
+      if constexpr (kDoDk) zero_rows<kBlockM, kD>(sQ, st, valid, ct, C::kConsumerThreads);
+      if constexpr (kDoDv) zero_rows<kBlockM, kDv>(sDO, st, valid, ct, C::kConsumerThreads);
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, 0);
     }
     if (any) {
       wgmma_issue<true>(mma_s, tSrK, tSrQ(_, _, _, st), tSt);
-      wgmma_issue<true>(mma_dp, tPrV, tPrDO(_, _, _, st), tDPt);
+      if constexpr (kDoDk) wgmma_issue<true>(mma_dp, tPrV, tPrDO(_, _, _, st), tDPt);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSt);
-      warpgroup_fence_operand(tDPt);
+      if constexpr (kDoDk) warpgroup_fence_operand(tDPt);
 
       const ScoreMod mod = score_mod(p, s, b, h);
       const float* lse2 = sh.lse2[st];
@@ -523,7 +562,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int c = 8 * j + 2 * quad + e;  // column: query row i0 + c
-          const float l2 = lse2[c], dl = delta[c];
+          const float l2 = lse2[c];
           const int clo = lo[c], chi = hi[c];
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
@@ -538,23 +577,31 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               x = mod.logit_grad(x, i0 + c, key, dlogit) * kLog2e;
             }
             const float pe = in ? arch::fast_exp2(x - l2) : 0.f;
-            tSt(i) = pe;
-            tDPt(i) = in ? pe * (tDPt(i) - dl) * dlogit : 0.f;
+            if constexpr (kDoDv) tSt(i) = pe;
+            if constexpr (kDoDk) tDPt(i) = in ? pe * (tDPt(i) - delta[c]) * dlogit : 0.f;
           }
         }
       // dV's product runs while dS^T is rounded (each batch's wgmma.fence orders the register
       // writes before it)
-      to_operand<typename C::NvT>(tSt, tPt);
-      warpgroup_fence_operand(tPt);
-      wgmma_issue<false>(mma_dv, tPt, tVrDOt(_, _, _, st), tdV);
-      to_operand<typename C::NvT>(tDPt, tDSt);
-      warpgroup_fence_operand(tDSt);
-      wgmma_issue<false>(mma_dk, tDSt, tKrQt(_, _, _, st), tdK);
+      if constexpr (kDoDv) {
+        to_operand<typename C::NvT>(tSt, tPt);
+        warpgroup_fence_operand(tPt);
+        wgmma_issue<false>(mma_dv, tPt, tVrDOt(_, _, _, st), tdV);
+      }
+      if constexpr (kDoDk) {
+        to_operand<typename C::NvT>(tDPt, tDSt);
+        warpgroup_fence_operand(tDSt);
+        wgmma_issue<false>(mma_dk, tDSt, tKrQt(_, _, _, st), tdK);
+      }
       warpgroup_wait<0>();
-      warpgroup_fence_operand(tdV);
-      warpgroup_fence_operand(tdK);
-      warpgroup_fence_operand(tPt);
-      warpgroup_fence_operand(tDSt);
+      if constexpr (kDoDv) {
+        warpgroup_fence_operand(tdV);
+        warpgroup_fence_operand(tPt);
+      }
+      if constexpr (kDoDk) {
+        warpgroup_fence_operand(tdK);
+        warpgroup_fence_operand(tDSt);
+      }
     }
     arrive_barrier(sh.empty[st]);  // every consumer releases every step, computing or not
   }
@@ -566,19 +613,49 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const int kr = krow + 8 * hf;
     if (kr >= nvalid) continue;
     const int t_key = s.k_start + n0 + kr;
-    typename C::NvT* dk = static_cast<typename C::NvT*>(g.dk) + key_offset(p, s, t_key, g.dk_batch_stride, g.dk_row_stride) +
-                          hk * g.dk_head_stride + 2 * quad;
-    typename C::NvT* dv = static_cast<typename C::NvT*>(g.dv) + key_offset(p, s, t_key, g.dv_batch_stride, g.dv_row_stride) +
-                          hk * g.dv_head_stride + 2 * quad;
+    if constexpr (kDoDk) {
+      typename C::NvT* dk = static_cast<typename C::NvT*>(g.dk) +
+                            key_offset(p, s, t_key, g.dk_batch_stride, g.dk_row_stride) + hk * g.dk_head_stride +
+                            2 * quad;
 #pragma unroll
-    for (int j = 0; j < kD / 8; ++j)
-      if (8 * j < p.head_dim)
-        *reinterpret_cast<uint32_t*>(dk + 8 * j) =
-            arch::pack2<typename C::NvT>(tdK(2 * hf + 4 * j) * dk_scale, tdK(1 + 2 * hf + 4 * j) * dk_scale);
+      for (int j = 0; j < kD / 8; ++j)
+        if (8 * j < p.head_dim)
+          *reinterpret_cast<uint32_t*>(dk + 8 * j) =
+              arch::pack2<typename C::NvT>(tdK(2 * hf + 4 * j) * dk_scale, tdK(1 + 2 * hf + 4 * j) * dk_scale);
+    }
+    if constexpr (kDoDv) {
+      typename C::NvT* dv = static_cast<typename C::NvT*>(g.dv) +
+                            key_offset(p, s, t_key, g.dv_batch_stride, g.dv_row_stride) + hk * g.dv_head_stride +
+                            2 * quad;
 #pragma unroll
-    for (int j = 0; j < kDv / 8; ++j)
-      if (8 * j < p.head_dim_v)
-        *reinterpret_cast<uint32_t*>(dv + 8 * j) = arch::pack2<typename C::NvT>(tdV(2 * hf + 4 * j), tdV(1 + 2 * hf + 4 * j));
+      for (int j = 0; j < kDv / 8; ++j)
+        if (8 * j < p.head_dim_v)
+          *reinterpret_cast<uint32_t*>(dv + 8 * j) =
+              arch::pack2<typename C::NvT>(tdV(2 * hf + 4 * j), tdV(1 + 2 * hf + 4 * j));
+    }
+  }
+#endif
+}
+
+// blockIdx.x: the key block (times 2 plus the pass when KvConfig splits the passes: the two
+// passes of a key block are neighbours, so their Q / dO streams meet in L2).
+template <class C, bool kPlain>
+__global__ void __launch_bounds__(C::kThreads, 1)
+    fmha_bwd_sm90_dkdv_kernel(const FmhaBwdParams g, const FmhaBwdScratch rows,
+                              CUTE_GRID_CONSTANT const typename C::TmaK tma_k,
+                              CUTE_GRID_CONSTANT const typename C::TmaV tma_v,
+                              CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
+                              CUTE_GRID_CONSTANT const typename C::TmaDO tma_do) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (C::kPasses == 1) {
+    dkdv_block<C, kPlain, 0>(g, rows, tma_k, tma_v, tma_q, tma_do, blockIdx.x);
+  } else {
+    static_assert(C::kPasses == 2);
+    const int key_block = blockIdx.x / 2;
+    if (blockIdx.x % 2 == 0)
+      dkdv_block<C, kPlain, 1>(g, rows, tma_k, tma_v, tma_q, tma_do, key_block);
+    else
+      dkdv_block<C, kPlain, 2>(g, rows, tma_k, tma_v, tma_q, tma_do, key_block);
   }
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __trap();  // a Hopper-class target without the sm_90a features: a misbuilt binary, fail loudly
@@ -882,7 +959,7 @@ arch::Error launch_configs(const FmhaBwdParams& g, const FmhaBwdScratch& rows, a
   const auto gk = k_view<T>(p);
   const auto gv = v_view<T>(p);
 
-  const dim3 kv_grid(static_cast<unsigned>(ceil_div_pos(imax(g.max_seqlen_k, 1), KC::kBlockN)),
+  const dim3 kv_grid(static_cast<unsigned>(ceil_div_pos(imax(g.max_seqlen_k, 1), KC::kBlockN) * KC::kPasses),
                      static_cast<unsigned>(p.num_heads_k), static_cast<unsigned>(p.batch));
   fmha_bwd_sm90_dkdv_kernel<KC, kPlain><<<kv_grid, KC::kThreads, KC::kSmemBytes, stream>>>(
       g, rows, make_tma_copy(SM90_TMA_LOAD{}, gk, typename KC::SmemK{}),
