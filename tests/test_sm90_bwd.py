@@ -1,8 +1,9 @@
-"""The Hopper FMHA backward (csrc/musa/arch/sm90/fmha_bwd_sm90.cu: TMA + wgmma dK/dV and dQ
+"""The Hopper FMHA backward (csrc/musa/arch/sm90/fmha_bwd_sm90.cuh: TMA + wgmma dK/dV and dQ
 kernels) against the fp64 oracle.
 
-fmha_bwd takes the sm90 kernels by default on compute capability 9.0 for the calls they serve;
-the checks run in a child process with MATE_OPS_FMHA_BWD_PATH=sm90 (the route variable is read
+fmha_bwd takes the sm90 kernels by default on compute capability 9.0 for the calls they serve
+(head dims up to 128; the wider tile widths only with MATE_OPS_FMHA_BWD_PATH=sm90 until they
+pass here); the checks run in a child process with MATE_OPS_FMHA_BWD_PATH=sm90 (the route variable is read
 once per process, so the child's environment is the one that counts), and this file is the
 child's script too:
 
@@ -40,7 +41,8 @@ MARK = "@@sm90-bwd-case "  # result lines of the child: MARK + json
 # A case is a dict of plain values (its name is the pytest id and the --only key): _make_case's
 # keyword arguments plus the dtype. Lengths cross the tiles' edges: 64-row steps and 128-key
 # blocks of the dK/dV kernel, 128-row blocks and 64 / 128-key tiles of the dQ kernel (1, 63, 65,
-# 130, 257, 300).
+# 130, 257, 300); at the wide widths also the 32-row steps (192 x 128) and the 48-row steps and
+# 48-key dQ tiles (256) (31, 33, 47, 49, 97).
 
 VARIANTS = {
     # dense MHA, full attention, Sq 130 < Sk 257
@@ -80,6 +82,24 @@ def _cases():
     for d, dv in ((96, 96), (40, 72), (8, 8), (64, 32), (128, 64), (72, 128)):
         add(f"widths-d{d}x{dv}-gqa-ragged-causal", D=d, Dv=dv, H=8, Hk=2, ragged=True, causal=True,
             lens_q=[1, 65, 257], lens_k=[63, 130, 64])
+    # the wide tile widths: 192 x 128 (one pass on 32-row steps) and 256 (a dV pass and a dK pass
+    # in separate blocks, 48-row steps, 48-key dQ tiles); every variant in bf16, two in fp16
+    for d, dv, tag in ((192, 128, "d192x128"), (256, 256, "d256")):
+        for vname, spec in VARIANTS.items():
+            add(f"{vname}-{tag}-bf16", D=d, Dv=dv, **spec)
+        for vname in ("gqa-ragged-causal", "mqa-padded-window"):
+            add(f"{vname}-{tag}-fp16", dtype="fp16", D=d, Dv=dv, **VARIANTS[vname])
+        # lengths around the wide steps' and tiles' edges (32 / 48 rows, 48 keys)
+        add(f"wide-edges-{tag}-gqa-ragged", D=d, Dv=dv, H=6, Hk=2, ragged=True, lens_q=[31, 33, 49, 97],
+            lens_k=[47, 49, 96, 33])
+        add(f"wide-edges-{tag}-mha-window", D=d, Dv=dv, H=4, Hk=4, window=(40, 7),
+            lens_q=[97, 47], lens_k=[49, 130])
+        add(f"long-gqa-causal-{tag}", D=d, Dv=dv, H=8, Hk=2, causal=True, lens_q=[1000], lens_k=[1000])
+    # wide head dims that pad up: to 192 x 128 (160 x 96, 184 x 120, 136 x 64) and to 256 (192 x 192,
+    # 136 x 136, 256 x 128, 96 x 256, 200 x 8)
+    for d, dv in ((160, 96), (184, 120), (136, 64), (192, 192), (136, 136), (256, 128), (96, 256), (200, 8)):
+        add(f"widths-d{d}x{dv}-gqa-ragged-causal", D=d, Dv=dv, H=8, Hk=2, ragged=True, causal=True,
+            lens_q=[1, 65, 257], lens_k=[63, 130, 64])
     # the sink gradient (step 1) and the lse gradient (delta) with the sm90 steps 2 and 3
     add("sink-lse-grad-rows-without-keys", H=8, Hk=2, causal=True, sink=True, lse_grad=True, lens_q=[257, 130],
         lens_k=[63, 65])
@@ -93,6 +113,19 @@ def _cases():
     add("alibi-causal-sq-gt-sk-d64", D=64, H=8, Hk=2, causal=True, alibi=True, lens_q=[257], lens_k=[130])
     add("everything", H=8, Hk=2, seqused=True, window=(37, 5), softcap=5.0, alibi=True, sink=True, lse_grad=True,
         lens_q=[130, 257], lens_k=[257, 65])
+    # the ScoreMod instantiation and the sink / lse gradients at the wide widths
+    add("softcap-gqa-causal-d192x128", D=192, Dv=128, H=8, Hk=2, causal=True, softcap=5.0, lens_q=[130, 65],
+        lens_k=[257, 63])
+    add("alibi-ragged-window-d256-fp16", dtype="fp16", D=256, H=4, Hk=2, ragged=True, alibi=True, window=(37, 5),
+        lens_q=[65, 130], lens_k=[257, 130])
+    add("softcap-mqa-chunk-d256", D=256, H=4, Hk=1, softcap=5.0, chunk=48, lens_q=[97, 257], lens_k=[130, 49])
+    add("alibi-causal-sq-gt-sk-d192x128", D=192, Dv=128, H=8, Hk=2, causal=True, alibi=True, lens_q=[257],
+        lens_k=[130])
+    for d, dv, tag in ((192, 128, "d192x128"), (256, 256, "d256")):
+        add(f"everything-{tag}", D=d, Dv=dv, H=8, Hk=2, seqused=True, window=(37, 5), softcap=5.0, alibi=True,
+            sink=True, lse_grad=True, lens_q=[130, 257], lens_k=[257, 65])
+        add(f"sink-lse-grad-rows-without-keys-{tag}", D=d, Dv=dv, H=8, Hk=2, causal=True, sink=True, lse_grad=True,
+            lens_q=[257, 130], lens_k=[63, 65])
     return cases
 
 

@@ -23,8 +23,9 @@
 // query row for dQ: fp32, head dims above 256 or not multiples of 8, dout in another dtype,
 // unaligned views) and the dispatch. The tensor-core kernels of steps 2 and 3 (mma.sync, for
 // bf16/fp16 with D and Dv multiples of 8 up to 256, 16-byte aligned rows) are in
-// arch/sm80/fmha_bwd_mma.cu; Hopper versions of both (TMA + wgmma, D and Dv up to 128; taken
-// first on compute capability 9.0) are in arch/sm90/fmha_bwd_sm90.cu.
+// arch/sm80/fmha_bwd_mma.cu; Hopper versions of both (TMA + wgmma, D and Dv up to 256; taken
+// first on compute capability 9.0, up to 128 by default: sm90_bwd_allowed) are in
+// arch/sm90/fmha_bwd_sm90.cuh (dispatch: fmha_bwd_sm90.cu).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -218,13 +219,19 @@ __global__ void __launch_bounds__(kPortableWarps * 32)
 
 // On a compute capability 9.0 GPU steps 2 and 3 take the Hopper kernels for every call they
 // serve (1.2-1.6x the mma.sync kernels on the H200); MATE_OPS_FMHA_BWD_PATH=sm80 keeps them on
-// the mma.sync kernels (to compare, or to sidestep the Hopper ones). Read once per process.
-bool sm90_bwd_allowed() {
-  static const bool on = [] {
+// the mma.sync kernels (to compare, or to sidestep the Hopper ones). The wide tile widths
+// (192 x 128 and 256: head dims above 128) are compile-checked only so far: they run only with
+// MATE_OPS_FMHA_BWD_PATH=sm90 (what tests/test_sm90_bwd.py sets) until they pass on a GPU;
+// kWideByDefault turns them on by default then. Read once per process.
+constexpr bool kWideByDefault = false;
+bool sm90_bwd_allowed(const FmhaParams& p) {
+  static const int route = [] {  // 0: off, 1: default, 2: every width the kernels serve
     const char* v = std::getenv("MATE_OPS_FMHA_BWD_PATH");
-    return v == nullptr || std::strcmp(v, "sm80") != 0;
+    if (v == nullptr) return 1;
+    return std::strcmp(v, "sm80") == 0 ? 0 : std::strcmp(v, "sm90") == 0 ? 2 : 1;
   }();
-  return on;
+  if (route == 0) return false;
+  return route == 2 || kWideByDefault || (p.head_dim <= 128 && p.head_dim_v <= 128);
 }
 
 }  // namespace
@@ -246,7 +253,7 @@ arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, 
     fmha_bwd_sink_kernel<<<p.num_heads, kSinkThreads, 0, stream>>>(g, rows);
     if ((e = arch::last_error()) != arch::kSuccess) return e;
   }
-  if (sm90_bwd_allowed() && fmha_bwd_sm90_fits(g) && arch::compute_capability() == 90) {
+  if (sm90_bwd_allowed(p) && fmha_bwd_sm90_fits(g) && arch::compute_capability() == 90) {
     // a failure before its kernels run (e.g. the shared-memory attribute) falls back; the
     // mma.sync kernels below then write every gradient the Hopper ones would have
     if (launch_fmha_bwd_sm90(g, rows, stream) == arch::kSuccess) return arch::kSuccess;

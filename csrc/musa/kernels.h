@@ -40,10 +40,11 @@ arch::Error launch_fmha_bwd(const FmhaBwdParams& g, const FmhaBwdScratch& rows, 
 // D and Dv multiples of 8 up to 256, 16-byte aligned rows.
 bool fmha_bwd_mma_fits(const FmhaBwdParams& g);
 arch::Error launch_fmha_bwd_mma(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
-// Its Hopper kernels (arch/sm90/fmha_bwd_sm90.cu: CuTe, TMA + wgmma; built with MATE_WITH_SM90):
-// bf16/fp16 with dout in the same dtype, D and Dv multiples of 8 up to 128, dense or ragged
+// Its Hopper kernels (arch/sm90/fmha_bwd_sm90.cuh: CuTe, TMA + wgmma; built with MATE_WITH_SM90):
+// bf16/fp16 with dout in the same dtype, D and Dv multiples of 8 up to 256, dense or ragged
 // q/k/v, 16-byte aligned bases and strides. launch_fmha_bwd takes it on a compute capability 9.0
-// device for every call it serves (MATE_OPS_FMHA_BWD_PATH=sm80: never). Writes what
+// device for every call it serves with D, Dv <= 128, and for the wider ones (compile-checked
+// only so far) with MATE_OPS_FMHA_BWD_PATH=sm90 (=sm80: never). Writes what
 // launch_fmha_bwd_mma writes (steps 2 and 3; step 1 runs before either).
 bool fmha_bwd_sm90_fits(const FmhaBwdParams& g);
 arch::Error launch_fmha_bwd_sm90(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
