@@ -22,6 +22,10 @@
 // query rows share the cache) and one (batch, query row) for sparse attention (each row has
 // its own indices).
 //
+// Hopper (opt-in, MATE_OPS_MLA_PATH=sm90, compile-checked only so far): dense bf16 decode that
+// mla_sm90_fits accepts runs arch/sm90/mla_decode_sm90.cu (TMA + wgmma) on the same schedule,
+// partials and combine; mla_fast_parts sizes the schedule for it (mla_sm90_takes).
+//
 // Everything else (fp32, head dims other than 576 / 512, head_dim_v > 512, fp16 with an FP8
 // cache, unaligned tensors, MUSA builds) runs on mla_portable_kernel: CUDA cores, one warp
 // per query row, no split.

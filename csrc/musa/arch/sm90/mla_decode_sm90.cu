@@ -32,14 +32,16 @@
 //       warpgroup. The row maxima of the two halves meet through shared memory, so both
 //       warpgroups run the online softmax (base 2) with bitwise the same running maxima.
 //       O += P V: consumer g owns output channels 256 g .. 256 g + 255 (64 x 256 fp32 = 128
-//       registers per thread), so it needs P of all 64 keys: its own 32 are in its S
-//       accumulators, whose register layout is the A-operand layout of a register-A wgmma
-//       (static_asserts in Config), and the partner's 32 come through shared memory. The
-//       partner of thread i of one consumer is thread i of the other: both hold the same rows
-//       and the same relative key columns, so the exchange is one 32-bit word per register pair,
-//       bank-conflict free, synchronized per warp pair (a 64-thread named barrier, not the
-//       whole block). With P in registers (RS wgmma) the exchange buffer is free as soon as
-//       both have read it, not when the product finishes.
+//       registers per thread), so it needs P of all 64 keys as the A operand of a register-A
+//       wgmma. The S accumulators' register layout is that A-operand layout (static_asserts in
+//       Config), and thread i of one consumer holds the same rows and relative key columns as
+//       thread i of the other (its partner). So each thread packs its P half to bf16 and
+//       stores it to an exchange buffer as 8 32-bit words at [consumer][word][i]
+//       (bank-conflict free), a 64-thread named barrier per warp pair (not the whole block)
+//       publishes them, and each thread loads both halves back in key order as its A operand
+//       (16 words). (It does not keep its own half in registers for that step: registers are
+//       scarce while P V runs.) With P in registers (RS wgmma) the buffer is free as soon as both
+//       have read it, not when the product finishes.
 //     Why this split and not the alternatives: one warpgroup computing all of S and sharing P
 //     through shared memory idles the other during Q K^T (53 % of the FLOPs); both computing
 //     all of S doubles those FLOPs; 128 rows per block need 256 O registers per thread.
@@ -369,9 +371,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
     // The online softmax of this warpgroup's S tile (keys n0 + 32 group + column): masks, takes
     // the row maxima of both halves (exchanged with the partner thread), turns S into exp2
-    // values, adds them to row_sum and packs this half of P (bf16) into `own` and the exchange
-    // buffer. corr: what O must be scaled by before this tile's P V is added.
-    auto softmax = [&](int n0, float (&corr)[2], uint32_t (&own)[kOwn]) {
+    // values, adds them to row_sum and packs this half of P (bf16) into the exchange buffer
+    // (not kept in registers: they are scarce while P V runs). corr: what O must be scaled by
+    // before this tile's P V is added.
+    auto softmax = [&](int n0, float (&corr)[2]) {
       float mx[2];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
@@ -409,36 +412,28 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         row_sum[hf] = row_sum[hf] * corr[hf] + sum;  // this lane's part of this half's keys
       }
 #pragma unroll
-      for (int i = 0; i < kOwn; ++i) {
-        own[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
-        sh.p_x[group][i][wt] = own[i];
-      }
+      for (int i = 0; i < kOwn; ++i) sh.p_x[group][i][wt] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
     };
     // P of all 64 keys as the A operand: keys 0..31 (k-steps 0, 1) are consumer 0's half.
-    auto take_p = [&](const uint32_t (&own)[kOwn]) {
+    auto take_p = [&] {
       uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
 #pragma unroll
-      for (int i = 0; i < kOwn; ++i) {
-        const uint32_t other = sh.p_x[1 - group][i][wt];
-        pr[i] = group == 0 ? own[i] : other;
-        pr[kOwn + i] = group == 0 ? other : own[i];
-      }
+      for (int i = 0; i < 2 * kOwn; ++i) pr[i] = sh.p_x[i / kOwn][i % kOwn][wt];
     };
 
     if (pc.ntiles > 0) {
       wait_barrier(sh.q_full, q_loads & 1);
       const int last = pc.ntiles - 1;
       float corr[2];
-      uint32_t own[kOwn];
       // tile 0: S and its softmax (O is still 0: nothing to rescale)
       ready_tile(tiles, pc.kbeg, pc.kend);
       issue_s(tiles % kStages);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       if (last == 0) arrive_barrier(sh.q_empty);  // Q is free for the producer's next piece
-      softmax(pc.kbeg, corr, own);
+      softmax(pc.kbeg, corr);
       pair_sync();  // the partner's half of P is in
-      take_p(own);
+      take_p();
       for (int t = 1; t <= last; ++t) {
         const int g = tiles + t, st = g % kStages, pst = (g - 1) % kStages;
         const int n0 = pc.kbeg + t * kBlockN;
@@ -448,7 +443,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         warpgroup_wait<1>();  // S_t is done; P V may still run
         warpgroup_fence_operand(tSrS);
         if (t == last) arrive_barrier(sh.q_empty);
-        softmax(n0, corr, own);
+        softmax(n0, corr);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
@@ -461,7 +456,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
           }
         pair_sync();  // the partner's half of P_t is in
-        take_p(own);
+        take_p();
       }
       const int lst = (tiles + last) % kStages;
       issue_o(lst);
