@@ -147,6 +147,10 @@ struct Config {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensor>(), SmemQChunk{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensor>(), take<0, 2>(SmemK{})));
 
+  // Named barriers (CuTe's NamedBarrier numbers them after the ids CUTLASS reserves).
+  static constexpr uint32_t kConsumerBarrier = 0;  // both consumer warpgroups (256 threads)
+  static constexpr uint32_t kPairBarrier = 1;      // + warp w: warp w of each consumer (64 threads)
+
   static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
   static constexpr uint32_t kKBytes = kBlockN * kD * sizeof(T);
 
@@ -179,10 +183,6 @@ constexpr bool k_and_v_share_bytes() {
   return true;
 }
 static_assert(k_and_v_share_bytes(), "the MN-major V view must name the K-major tile's bytes");
-
-// Named barriers (CuTe's NamedBarrier numbers them after the ids CUTLASS reserves).
-constexpr uint32_t kConsumerBarrier = 0;  // both consumer warpgroups (256 threads)
-constexpr uint32_t kPairBarrier = 1;      // + warp w: warp w of each consumer (64 threads)
 
 // Issues one wgmma tile product, C (+)= A B over every k-step, without waiting for it.
 template <bool kZeroInit, class Mma, class TA, class TB, class TC>
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) row_s[hf] = imin(r_base + warp * 16 + lane / 4 + hf * 8, run.rows - 1) / G;
 
-  auto pair_sync = [&] { cutlass::arch::NamedBarrier::sync(64, kPairBarrier + warp); };
+  auto pair_sync = [&] { cutlass::arch::NamedBarrier::sync(64, C::kPairBarrier + warp); };
   auto issue_s = [&](int st) { wgmma_issue<true>(mma_s, tSrQ, tSrK(_, _, _, st), tSrS); };
   auto issue_o = [&](int st) {
     warpgroup_fence_operand(tOrP);
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       for (int idx = ct; idx < (kBlockN - valid) * kChunks; idx += C::kConsumerThreads)
         *reinterpret_cast<uint4*>(&sK(valid + idx / kChunks, 8 * (idx % kChunks), st)) = make_uint4(0u, 0u, 0u, 0u);
       cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma's (async proxy) reads
-      cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kConsumerBarrier);
+      cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, C::kConsumerBarrier);
     }
   };
 
