@@ -77,6 +77,14 @@ int mla_fast_parts(const MlaParams& p, int multiprocessors);
 // head_dim_v <= 512 and even, 16-byte aligned q rows and cache tokens.
 bool mla_mma_fits(const MlaParams& p);
 
+// The Hopper MLA decode kernel (arch/sm90/mla_decode_sm90.cu: CuTe, TMA + wgmma; built with
+// MATE_WITH_SM90), opt-in with MATE_OPS_MLA_PATH=sm90: dense decode with bf16 q and a bf16
+// paged cache, head dims 576 / 512, page size a multiple of 64, Hq / Hkv a multiple of 16,
+// TMA-aligned tensors. mla_sm90_takes: the route is on, the device has compute capability 9.0
+// and the kernel fits p; mla_fast_parts and launch_mla_fast then size and run it.
+bool mla_sm90_fits(const MlaParams& p);
+bool mla_sm90_takes(const MlaParams& p);
+
 // get_mla_metadata's schedule in a one-thread kernel (metadata in device memory).
 arch::Error launch_mla_schedule(const MlaMetadataParams& m, arch::Stream stream);
 

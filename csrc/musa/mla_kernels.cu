@@ -22,74 +22,27 @@
 // query rows share the cache) and one (batch, query row) for sparse attention (each row has
 // its own indices).
 //
+// Hopper (opt-in, MATE_OPS_MLA_PATH=sm90, compile-checked only so far): dense bf16 decode that
+// mla_sm90_fits accepts runs arch/sm90/mla_decode_sm90.cu (TMA + wgmma) on the same schedule,
+// partials and combine; mla_fast_parts sizes the schedule for it (mla_sm90_takes).
+//
 // Everything else (fp32, head dims other than 576 / 512, head_dim_v > 512, fp16 with an FP8
 // cache, unaligned tensors, MUSA builds) runs on mla_portable_kernel: CUDA cores, one warp
 // per query row, no split.
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "../common/dtype_convert.h"
 #include "../common/fmha_math.h"
 #include "../common/mla_params.h"
 #include "arch/mma.h"
 #include "kernels.h"
+#include "mla_device.cuh"
 
 namespace mate::device {
 namespace {
-
-constexpr float kLn2 = 0.6931471805599453f;
-
-// The sequence `sq` of the schedule and its query rows of one kv head: dense decode has
-// seqlen_q * G rows (row r = query s = r / G, head g = r % G), sparse attention G rows.
-struct MlaSeq {
-  MlaKeys keys;
-  int dense_rows;  // seqlen_q for dense decode (rows span queries), 1 for sparse
-};
-
-__device__ __forceinline__ MlaSeq mla_seq(const MlaParams& p, int sq) {
-  if (p.block_table) return {mla_keys(p, sq, 0), p.seqlen_q};
-  return {mla_keys(p, sq / p.seqlen_q, sq % p.seqlen_q), 1};
-}
-
-// Output positions of row r (of kv head hkv) of sequence `seq`.
-struct MlaRow {
-  int s, h;
-  int64_t out, lse, max_logit;  // element offsets into out (times Dv), lse, max_logits
-};
-
-__device__ __forceinline__ MlaRow mla_row(const MlaParams& p, const MlaSeq& seq, int hkv, int r) {
-  const int G = p.heads_q / p.heads_kv;
-  MlaRow o;
-  o.s = seq.dense_rows > 1 ? r / G : seq.keys.s;
-  o.h = hkv * G + r % G;
-  const int64_t bs = static_cast<int64_t>(seq.keys.b) * p.seqlen_q + o.s;
-  o.out = (bs * p.heads_q + o.h) * p.head_dim_v;
-  o.max_logit = bs * p.heads_q + o.h;
-  o.lse = (static_cast<int64_t>(seq.keys.b) * p.heads_q + o.h) * p.seqlen_q + o.s;
-  return o;
-}
-
-// Finishes one row from its running max (base-2 logits), sum and unnormalized output
-// scale: out = acc * factor; lse +inf and max_logits -inf for a row with no key (MLA).
-struct MlaFinish {
-  float factor, lse, max_logit;
-};
-
-__device__ __forceinline__ MlaFinish mla_finish(const MlaParams& p, int h, float m2, float l) {
-  const bool has = l > 0.f || l != l;  // NaN inputs propagate, never read as "no key"
-  if (!has) return {0.f, INFINITY, -INFINITY};
-  MlaFinish f{1.f / l, m2 * kLn2 + logf(l), m2 * kLn2};
-  // MLA sink: out * exp(lse) / (exp(lse) + exp(sink)); lse excludes the sink
-  if (p.attn_sink) f.factor /= 1.f + expf(p.attn_sink[h] - f.lse);
-  return f;
-}
-
-// Split partials: (2 parts, rows_all, Dv) outputs, (2 parts, rows_all) lse and max logits,
-// rows_all = seqlen_q * Hq for dense decode, Hq for sparse.
-__device__ __forceinline__ int64_t mla_partial_row(const MlaParams& p, const MlaSeq& seq, const MlaRow& r, int slot) {
-  const int rows_all = seq.dense_rows * p.heads_q;
-  return static_cast<int64_t>(slot) * rows_all + (seq.dense_rows > 1 ? r.s : 0) * p.heads_q + r.h;
-}
 
 // ---- get_mla_metadata's schedule, on the device (no host synchronization) ----------------
 // mla_schedule deals out the concatenated 64-key blocks of all sequences in equal runs of
@@ -309,15 +262,6 @@ __global__ void __launch_bounds__(kPortThreads) mla_portable_kernel(MlaParams p,
     if (p.max_logits) p.max_logits[row.max_logit] = f.max_logit;
   }
 }
-
-// ---- split-KV bookkeeping shared by the fast kernel and the combine ---------------------
-struct MlaSplitRun {
-  const int32_t* meta = nullptr;  // (parts, kMlaMetadataCols) from mla_schedule
-  int parts = 0, seqs = 0, rows = 0;  // rows: query rows of one kv head per sequence
-  float* out = nullptr;           // (2 parts, rows_all, Dv)
-  float* lse = nullptr;           // (2 parts, rows_all)
-  float* max_logit = nullptr;     // (2 parts, rows_all)
-};
 
 // Merges the partials of every split sequence: block (x, y) serves the sequence that part x
 // continues (the first part that does), 8 rows per block, one warp per row.
@@ -792,8 +736,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm) mla_mma_kernel(M
                 make_float2(o[vt][2 * hf] * factor, o[vt][2 * hf + 1] * factor);
         }
         if (cw == 0 && t == 0) {
-          run.lse[pr] = has ? row_max[hf] * kLn2 + logf(l) : -INFINITY;
-          run.max_logit[pr] = has ? row_max[hf] * kLn2 : -INFINITY;
+          run.lse[pr] = has ? row_max[hf] * kMlaLn2 + logf(l) : -INFINITY;
+          run.max_logit[pr] = has ? row_max[hf] * kMlaLn2 : -INFINITY;
         }
       }
     }
@@ -857,7 +801,34 @@ int mla_rows_per_sequence(const MlaParams& p) {
 
 int mla_sequences(const MlaParams& p) { return p.block_table ? p.batch : p.batch * p.seqlen_q; }
 
+#if !defined(MATE_WITH_SM90)  // a build without the CUTLASS headers has no Hopper MLA kernel
+bool mla_sm90_fits(const MlaParams&) { return false; }
+arch::Error launch_mla_sm90(const MlaParams&, const MlaSplitRun&, arch::Stream) { return arch::kSuccess; }
+int mla_sm90_blocks_per_part(const MlaParams&) { return 1; }
+#endif
+
+namespace {
+// MATE_OPS_MLA_PATH=sm90 opts dense bf16 decode into the Hopper kernel (arch/sm90/
+// mla_decode_sm90.cu: TMA + wgmma) on a compute capability 9.0 device, for the calls
+// mla_sm90_fits accepts; anything else (unset, other values) keeps the mma.sync kernel. Read
+// once per process.
+bool mla_sm90_route() {
+  static const bool on = [] {
+    const char* v = std::getenv("MATE_OPS_MLA_PATH");
+    return v != nullptr && std::strcmp(v, "sm90") == 0;
+  }();
+  return on;
+}
+}  // namespace
+
+bool mla_sm90_takes(const MlaParams& p) {
+  return mla_sm90_route() && mla_mma_fits(p) && arch::compute_capability() == 90 && mla_sm90_fits(p);
+}
+
 int mla_fast_parts(const MlaParams& p, int multiprocessors) {
+  // the Hopper kernel: one 384-thread block per SM (its shared memory), blocks_per_part of them
+  // per schedule part
+  if (mla_sm90_takes(p)) return imax(1, multiprocessors / imax(1, mla_sm90_blocks_per_part(p)));
 #if defined(MATE_HAS_MMA_SYNC)
   const int rows = mla_rows_per_sequence(p);
   return with_mla_config(p, rows, [&](auto c) {
@@ -924,8 +895,11 @@ arch::Error launch_mla_fast(const MlaParams& p, const MlaSplitBuffers& split, ar
   run.lse = split.lse;
   run.max_logit = split.max_logit;
 #if defined(MATE_HAS_MMA_SYNC)
+  // mla_fast_parts sized the schedule for the same kernel (mla_sm90_takes answers the same for p)
   const arch::Error e =
-      with_mla_config(p, run.rows, [&](auto c) { return launch_mma_config<decltype(c)>(p, run, stream); });
+      mla_sm90_takes(p)
+          ? launch_mla_sm90(p, run, stream)
+          : with_mla_config(p, run.rows, [&](auto c) { return launch_mma_config<decltype(c)>(p, run, stream); });
   if (e != arch::kSuccess) return e;
   const int rows_all = (p.block_table ? p.seqlen_q : 1) * p.heads_q;
   mla_combine_kernel<<<dim3(run.parts, ceil_div_pos(rows_all, 8)), 256, 0, stream>>>(p, run);
