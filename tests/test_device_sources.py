@@ -44,3 +44,7 @@ def test_device_source_compiles_without_torch(source, tmp_path):
         cmd[1:1] = [f"-I{cutlass}", f"-I{ROOT / 'csrc'}", "-DMATE_WITH_SM90=1"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
+    # ptxas's C7518: it serializes every wgmma of a kernel whose wgmma issues or waits sit in
+    # branches it must treat as divergent; the kernel still runs, 10-20 % slower (measured)
+    serialized = [line for line in res.stderr.splitlines() if "C7518" in line]
+    assert not serialized, "wgmma serialized by ptxas:\n" + "\n".join(serialized[:4])
