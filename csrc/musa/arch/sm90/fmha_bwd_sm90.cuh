@@ -151,13 +151,10 @@ struct Roles {
 //     well (6 products) or exchange P^T / dS^T through shared memory with a barrier between
 //     the warpgroups per step; the pass split keeps the GPU-validated step loop unchanged.
 // Shared memory (227 KB per block): K and V of the 128 keys (both passes take the same
-// layout; the dV pass loads no V) plus kStages (Q, dO) steps: 128 KB + 2 x 48 KB at width 256;
-// three steps elsewhere (at width 128: 64 KB + 3 x 32 KB), two steps ahead of the one computing,
-// so that a step whose rows start a new query head (another region of q / dout, often not yet
-// in L2) has two steps' time to land.
+// layout; the dV pass loads no V) plus kStages (Q, dO) steps: 128 KB + 2 x 48 KB at width 256.
 constexpr int kv_passes(int d, int dv) { return d > 192 || dv > 128 ? 2 : 1; }
 constexpr int kv_block_m(int d, int dv) { return d > 192 || dv > 128 ? 48 : d > 128 ? 32 : 64; }
-constexpr int kv_stages(int d, int dv) { return d > 192 || dv > 128 ? 2 : 3; }
+constexpr int kv_stages(int d, int dv) { return d > 128 && d <= 192 && dv <= 128 ? 3 : 2; }
 
 // The dK / dV kernel's tiles. T is CuTe's element type (the wgmma operand type); NvT the CUDA
 // type of the same bits (arch::pack2).
