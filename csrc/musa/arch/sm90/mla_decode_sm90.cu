@@ -63,7 +63,8 @@
 // copy of real rows and are never stored.
 //
 // Shared memory: Q 72 KB + 2 key stages 144 KB + the P exchange (8 KB) and the row-max exchange
-// (2 KB) = 226 KB of the 227 KB a block may have: one block per SM.
+// (2 KB) = 226 KB of data, which the 1024-byte alignment rounds up to exactly the 227 KB a block
+// may have (no headroom: any new field breaks the static_assert): one block per SM.
 //
 // Status: compile-checked only (nvcc 13, sm_90a: no C7518, see the commit log for registers and
 // spills); NOT yet run on a GPU. tests/test_sm90_mla.py is the check to run first.
