@@ -34,20 +34,10 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   // TMA: every extent in [1, 2^32], 16-byte aligned base and strides below 2^40 bytes (CuTe
   // asserts on a descriptor the driver refuses, so these are checked here, never there)
   if (q_rows(p) <= 0 || k_rows(p) <= 0 || q_batches(p) <= 0 || k_batches(p) <= 0) return false;
-  auto stride_ok = [](int64_t stride, int extent) {
-    const int64_t bytes = mode_stride(stride, extent) * 2;
-    return bytes >= 0 && bytes % 16 == 0 && bytes < (int64_t{1} << 40);
-  };
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (!aligned(p.q) || !aligned(p.k) || !aligned(p.v)) return false;
-  if (!stride_ok(p.q_row_stride, q_rows(p)) || !stride_ok(p.q_head_stride, p.num_heads) ||
-      !stride_ok(p.q_batch_stride, q_batches(p)))
-    return false;
-  if (!stride_ok(p.k_row_stride, k_rows(p)) || !stride_ok(p.k_head_stride, p.num_heads_k) ||
-      !stride_ok(p.k_batch_stride, k_batches(p)))
-    return false;
-  if (!stride_ok(p.v_row_stride, k_rows(p)) || !stride_ok(p.v_head_stride, p.num_heads_k) ||
-      !stride_ok(p.v_batch_stride, k_batches(p)))
+  using sm90_tma::view_ok;
+  if (!view_ok(p.q, p.q_row_stride, q_rows(p), p.q_head_stride, p.num_heads, p.q_batch_stride, q_batches(p)) ||
+      !view_ok(p.k, p.k_row_stride, k_rows(p), p.k_head_stride, p.num_heads_k, p.k_batch_stride, k_batches(p)) ||
+      !view_ok(p.v, p.v_row_stride, k_rows(p), p.v_head_stride, p.num_heads_k, p.v_batch_stride, k_batches(p)))
     return false;
   // the epilogue stores pairs of 16-bit values
   auto even = [](int64_t x) { return x % 2 == 0; };

@@ -74,6 +74,7 @@
 #include "../../../common/fmha_score.h"
 #include "../../kernels.h"
 #include "../device.h"
+#include "tma_checks.cuh"
 
 #if defined(MATE_WITH_SM90)
 
@@ -90,6 +91,13 @@ namespace mate::device {
 namespace sm90 {
 
 using namespace cute;
+// TMA views and image checks shared by the Hopper kernels (tma_checks.cuh)
+using sm90_tma::image_loaded;
+using sm90_tma::k_batches;
+using sm90_tma::k_rows;
+using sm90_tma::mode_stride;
+using sm90_tma::q_batches;
+using sm90_tma::q_rows;
 
 // The tile configuration of one (element type, head dim) instantiation. T is CuTe's element
 // type (the wgmma operand type); NvT the CUDA type of the same bits (arch::pack2).
@@ -183,18 +191,7 @@ MATE_HD Widths tile_widths(int d, int dv) {
   return Widths::kNone;
 }
 
-// The extents of the global views (host and device build the same ones).
-MATE_HD int q_rows(const FmhaParams& p) { return p.q_is_ragged ? p.total_q : p.seqlen_q; }
-MATE_HD int q_batches(const FmhaParams& p) { return p.q_is_ragged ? 1 : p.batch; }
-MATE_HD int k_rows(const FmhaParams& p) { return p.k_is_ragged ? p.total_k : p.seqlen_k; }
-MATE_HD int k_batches(const FmhaParams& p) { return p.k_is_ragged ? 1 : p.num_pages; }
-// A mode of extent 1 is never stepped along, so its stride only has to pass the descriptor's
-// checks (16-byte multiple): torch may report any stride for a size-1 dim; those become 0 (as
-// a ragged tensor's batch mode is).
-MATE_HD int64_t mode_stride(int64_t stride, int extent) {
-  return extent > 1 || (stride >= 0 && stride % 8 == 0) ? stride : 0;
-}
-
+// The global views (host and device build the same ones; extents from tma_checks.cuh).
 MATE_HD Shape<int, int, int, int> q_shape(const FmhaParams& p) {
   return make_shape(q_rows(p), p.head_dim, p.num_heads, q_batches(p));
 }
@@ -642,23 +639,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #endif
 }
 
-// Is the sm_90a body what the current device runs? The sm_80 build of this kernel is empty and
-// would run on a Hopper GPU too when the binary lacks the sm_90a image; ask the loaded image.
-// Once per device (a driver query per call would cost eager steps host time).
+// Is the sm_90a body what the current device runs? (tma_checks.cuh's image_loaded.)
 template <class C, bool kPlain>
 bool kernel_runs_here() {
   static std::atomic<uint64_t> known{0}, good{0};
-  const int dev = arch::current_device();
-  if (dev < 0 || dev >= 64) return false;
-  const uint64_t bit = uint64_t{1} << dev;
-  if (!(known.load(std::memory_order_relaxed) & bit)) {
-    cudaFuncAttributes attr{};
-    const cudaError_t e = cudaFuncGetAttributes(&attr, fmha_sm90_kernel<C, kPlain>);
-    if (e != cudaSuccess) cudaGetLastError();  // e.g. no image for this device: not the caller's error
-    if (e == cudaSuccess && attr.binaryVersion == 90) good.fetch_or(bit, std::memory_order_relaxed);
-    known.fetch_or(bit, std::memory_order_relaxed);
-  }
-  return good.load(std::memory_order_relaxed) & bit;
+  return image_loaded(fmha_sm90_kernel<C, kPlain>, known, good);
 }
 
 // The TMA descriptors of one call's q, k and v (fmha_sm90_fits checked what they require).

@@ -77,6 +77,7 @@
 #include "../../kernels.h"
 #include "../../mla_device.cuh"
 #include "../device.h"
+#include "tma_checks.cuh"
 
 #if defined(MATE_WITH_SM90)
 
@@ -525,30 +526,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #endif
 }
 
-// A mode of extent 1 is never stepped along, so its stride only has to pass the descriptor's
-// checks (a 16-byte multiple); torch may report any stride for a size-1 dim: those become 0.
-int64_t mode_stride(int64_t stride, int extent) { return extent > 1 || (stride >= 0 && stride % 8 == 0) ? stride : 0; }
+using sm90_tma::mode_stride;
+using sm90_tma::stride_ok;
 
-bool tma_stride_ok(int64_t elements, int extent) {
-  const int64_t bytes = mode_stride(elements, extent) * 2;
-  return bytes >= 0 && bytes % 16 == 0 && bytes < (int64_t{1} << 40);
-}
-
-// Is the sm_90a body what the current device runs? (The sm_80 build of the kernel is empty.)
-// Once per device.
+// Is the sm_90a body what the current device runs? (tma_checks.cuh's image_loaded.)
 bool kernel_runs_here() {
   static std::atomic<uint64_t> known{0}, good{0};
-  const int dev = arch::current_device();
-  if (dev < 0 || dev >= 64) return false;
-  const uint64_t bit = uint64_t{1} << dev;
-  if (!(known.load(std::memory_order_relaxed) & bit)) {
-    cudaFuncAttributes attr{};
-    const cudaError_t e = cudaFuncGetAttributes(&attr, mla_sm90_kernel<Config>);
-    if (e != cudaSuccess) cudaGetLastError();  // e.g. no image for this device: not the caller's error
-    if (e == cudaSuccess && attr.binaryVersion == 90) good.fetch_or(bit, std::memory_order_relaxed);
-    known.fetch_or(bit, std::memory_order_relaxed);
-  }
-  return good.load(std::memory_order_relaxed) & bit;
+  return sm90_tma::image_loaded(mla_sm90_kernel<Config>, known, good);
 }
 
 int row_blocks(const MlaParams& p) { return ceil_div_pos(mla_rows_per_sequence(p), Config::kBlockM); }
@@ -570,14 +554,13 @@ bool mla_sm90_fits(const MlaParams& p) {
   if (c.page_size <= 0 || c.page_size % C::kBlockN != 0 || c.num_blocks <= 0) return false;  // a tile in one page
   // TMA: 16-byte aligned bases and strides below 2^40 bytes (CuTe asserts on a descriptor the
   // driver refuses, so these are checked here, never there)
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (!aligned(p.q) || !aligned(c.base)) return false;
-  if (!tma_stride_ok(p.q_head_stride, p.heads_q) || !tma_stride_ok(p.q_row_stride, p.seqlen_q) ||
-      !tma_stride_ok(p.q_batch_stride, p.batch))
+  if (!sm90_tma::aligned16(p.q) || !sm90_tma::aligned16(c.base)) return false;
+  if (!stride_ok(p.q_head_stride, p.heads_q) || !stride_ok(p.q_row_stride, p.seqlen_q) ||
+      !stride_ok(p.q_batch_stride, p.batch))
     return false;
   if (c.token_stride % 2 != 0 || c.head_stride % 2 != 0 || c.block_stride % 2 != 0) return false;
-  if (!tma_stride_ok(c.token_stride / 2, c.page_size) || !tma_stride_ok(c.head_stride / 2, p.heads_kv) ||
-      !tma_stride_ok(c.block_stride / 2, c.num_blocks))
+  if (!stride_ok(c.token_stride / 2, c.page_size) || !stride_ok(c.head_stride / 2, p.heads_kv) ||
+      !stride_ok(c.block_stride / 2, c.num_blocks))
     return false;
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0) return false;  // pairs of bf16 per store
   return kernel_runs_here();
