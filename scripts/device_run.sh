@@ -19,21 +19,10 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 start=$(date +%s)
 # a regular (non-editable) install: the image's setuptools falls back to `setup.py develop`
 # for editable installs, which needs the network
-# PREBUILT=dir: reuse an extension this script built before on the same sources (it copies one
-# to $OUT/prebuilt each run), installing only the Python package -- saves the ~80 s nvcc build
-if [ -n "${PREBUILT:-}" ] && ls "$PREBUILT"/_C*.so >/dev/null 2>&1; then
-  MATE_OPS_SKIP_EXT=1 python3 -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1
-  rc=$?
-  cp "$PREBUILT"/_C*.so "$(cd /tmp && python3 -c "import importlib.util as u, os; print(os.path.dirname(u.find_spec('mate_ops').origin))")/" || rc=1
-  echo "prebuilt extension from $PREBUILT rc=$rc"
-else
-  python3 -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1
-  rc=$?; echo "build rc=$rc in $(( $(date +%s) - start ))s"
-fi
+python3 -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1
+rc=$?; echo "build rc=$rc in $(( $(date +%s) - start ))s"
 if [ $rc -ne 0 ]; then tail -n 80 "$OUT/build.log"; exit $rc; fi
 ROOT=$(pwd)
-(cd /tmp && mkdir -p "$OUT/prebuilt" && cp "$(python3 -c 'import mate_ops._C as c; print(c.__file__)')" "$OUT/prebuilt/") \
-  || echo "could not copy the extension to \$OUT/prebuilt"
 # run from outside the checkout so the installed package (with its built _C) is imported
 cd /tmp
 python3 -c "import torch, mate_ops; print('cuda kernel:', torch._C._dispatch_has_kernel_for_dispatch_key('mate::fmha_fwd', 'CUDA'))"
