@@ -5,10 +5,10 @@ measured device-to-device copy bandwidth. Prints markdown tables.
     python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|qv|decode|mla|backward] [--dims 64,128]
                                [--compare LABEL:VAR=VALUE[;VAR=VALUE] ...]
 
---compare adds a column to the prefill and backward tables: ours again, in a child process with those
+--compare adds a column to the prefill, backward and fp8 tables: ours again, in a child process with those
 environment variables (the kernel routes are read once per process), on the same shapes, e.g.
     --compare "mma.sync:MATE_OPS_FMHA_PATH=sm80"     the sm80 kernel instead of the Hopper one
-    --compare "sm90 bwd:MATE_OPS_FMHA_BWD_PATH=sm90"  the Hopper backward (opt-in)
+    --compare "mma.sync bwd:MATE_OPS_FMHA_BWD_PATH=sm80"  the mma.sync backward instead of the Hopper one
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 2 * B * H * S^2 * (D + Dv) (halved when causal); the full table adds D 80, 96,
@@ -221,31 +221,56 @@ def backward_table(quick, dims=None, compare=()):
         del q, k, v, dout, qt, kt, vt, dt
 
 
-def fp8_prefill_table(quick):
-    """fp8 e4m3 prefill with per-(batch, kv head) descales beside bf16 SDPA on tensors of the
-    same shape (what the issue compares against: there is no fp8 SDPA)."""
-    print("\n| prefill fp8 e4m3 (TFLOP/s) | ours fp8 | ours bf16 | SDPA cuDNN bf16 | ours fp8 / cuDNN bf16 |")
-    print("|---|---|---|---|---|")
+def fp8_rows(quick):
+    """(B, S, H, D, causal) of the fp8 table."""
     seqlens = [8192] if quick else [2048, 8192]
-    for D in (128, 256):
-        H = 2048 // D
-        for S in seqlens:
-            B = 16384 // S
-            for causal in (False, True):
-                qb = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
-                kb, vb = torch.randn_like(qb), torch.randn_like(qb)
-                q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (qb, kb, vb))
-                ds = torch.ones(B, H, device="cuda")
-                flops = 4 * B * H * D * S * S * (0.5 if causal else 1.0)
-                t8 = timed(lambda: mi.flash_attn_varlen_func(q8, k8, v8, causal=causal, q_descale=ds, k_descale=ds,
-                                                             v_descale=ds))
-                tb = timed(lambda: mi.flash_attn_varlen_func(qb, kb, vb, causal=causal))
-                qt, kt, vt = (x.transpose(1, 2) for x in (qb, kb, vb))
-                cu = sdpa_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal)
-                tf = lambda t: flops / t / 1e12  # noqa: E731
-                print(f"| B{B} S{S} H{H} D{D} {'causal' if causal else 'full'} | {tf(t8):.1f} | {tf(tb):.1f} | "
-                      f"{tf(cu):.1f} | {cu / t8:.2f} |", flush=True)
-                del qb, kb, vb, q8, k8, v8, qt, kt, vt
+    return [(16384 // S, S, 2048 // D, D, causal) for D in (128, 256) for S in seqlens for causal in (False, True)]
+
+
+def fp8_inputs(B, S, H, D):
+    """bf16 q, k, v, their fp8 e4m3 casts (the same values, rounded) and unit descales."""
+    qb = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
+    kb, vb = torch.randn_like(qb), torch.randn_like(qb)
+    return (qb, kb, vb), tuple(x.to(torch.float8_e4m3fn) for x in (qb, kb, vb)), torch.ones(B, H, device="cuda")
+
+
+def ours_fp8_time(q8, k8, v8, ds, causal):
+    return timed(lambda: mi.flash_attn_varlen_func(q8, k8, v8, causal=causal, q_descale=ds, k_descale=ds,
+                                                   v_descale=ds))
+
+
+def ours_fp8_times(quick):
+    """Child-process mode (--ours-json --only fp8): ours fp8 alone per row."""
+    for row in fp8_rows(quick):
+        _, (q8, k8, v8), ds = fp8_inputs(*row[:4])
+        print(json.dumps({"row": list(row), "t": ours_fp8_time(q8, k8, v8, ds, row[4])}), flush=True)
+        del q8, k8, v8
+
+
+def fp8_prefill_table(quick, compare=()):
+    """fp8 e4m3 prefill with per-(batch, kv head) descales beside bf16 SDPA on tensors of the
+    same shape (what the issue compares against: there is no fp8 SDPA). compare: (label, env)
+    columns of ours fp8 measured in child processes."""
+    others = [(label, child_times(quick, None, env, "fp8")) for label, env in compare]
+    extra = "".join(f" ours fp8 {label} | {label} / cuDNN bf16 |" for label, _ in others)
+    print("\n| prefill fp8 e4m3 (TFLOP/s) | ours fp8 | ours bf16 | SDPA flash bf16 | SDPA cuDNN bf16 | "
+          "ours fp8 / cuDNN bf16 |" + extra)
+    print("|---|---|---|---|---|---|" + "---|---|" * len(others))
+    for row in fp8_rows(quick):
+        B, S, H, D, causal = row
+        (qb, kb, vb), (q8, k8, v8), ds = fp8_inputs(B, S, H, D)
+        flops = 4 * B * H * D * S * S * (0.5 if causal else 1.0)
+        t8 = ours_fp8_time(q8, k8, v8, ds, causal)
+        tb = timed(lambda: mi.flash_attn_varlen_func(qb, kb, vb, causal=causal))
+        qt, kt, vt = (x.transpose(1, 2) for x in (qb, kb, vb))
+        fl = sdpa_time(SDPBackend.FLASH_ATTENTION, qt, kt, vt, causal)
+        cu = sdpa_time(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal)
+        tf = lambda t: flops / t / 1e12  # noqa: E731
+        cols = "".join(f" {na(tf(times.get(row, float('nan'))))} | {na(cu / times.get(row, float('nan')), '.2f')} |"
+                       for _, times in others)
+        print(f"| B{B} S{S} H{H} D{D} {'causal' if causal else 'full'} | {tf(t8):.1f} | {tf(tb):.1f} | "
+              f"{na(tf(fl))} | {na(tf(cu))} | {na(cu / t8, '.2f')} |{cols}", flush=True)
+        del qb, kb, vb, q8, k8, v8, qt, kt, vt
 
 
 def varlen_table():
@@ -345,7 +370,7 @@ def main():
     ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "qv", "decode", "mla", "backward"])
     ap.add_argument("--dims", help="prefill and backward head dims, e.g. 128,256 or 192x128 (D x Dv)")
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL:VAR=VALUE[;VAR=VALUE]",
-                    help="prefill and backward: a column of ours in a child process with these environment variables")
+                    help="prefill, backward and fp8: a column of ours in a child process with these environment variables")
     ap.add_argument("--ours-json", action="store_true", help=argparse.SUPPRESS)  # the --compare child
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -355,14 +380,17 @@ def main():
         dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]
     compare = [parse_compare(c) for c in args.compare]
     if args.ours_json:
-        (ours_backward_times if args.only == "backward" else ours_prefill_times)(args.quick, dims)
+        if args.only == "fp8":
+            ours_fp8_times(args.quick)
+        else:
+            (ours_backward_times if args.only == "backward" else ours_prefill_times)(args.quick, dims)
         return
     if args.only in (None, "prefill"):
         prefill_table(args.quick, dims, compare)
     if args.only in (None, "backward"):
         backward_table(args.quick, dims, compare)
     if args.only in (None, "fp8"):
-        fp8_prefill_table(args.quick)
+        fp8_prefill_table(args.quick, compare)
     if args.only in (None, "varlen"):
         varlen_table()
     if args.only in (None, "qv"):

@@ -35,5 +35,14 @@ qr = torch.randn(300, 4, 128, device=dev, dtype=bf16, generator=g)
 kr = torch.randn(300, 2, 128, device=dev, dtype=bf16, generator=g)
 M.fmha_fwd(qr, kr, kr, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=170, max_seqlen_k=170, causal=True,
            num_splits=1)
+# fp8 e4m3 staged as bf16 (launch.cpp), descales per (batch, kv head); ragged q/k
+f8 = torch.float8_e4m3fn
+ds = torch.rand(2, 2, device=dev) + 0.5
+q8, k8, v8 = (torch.randn(2, 150, H, 96, device=dev, generator=g).to(f8) for H in (4, 2, 2))
+M.fmha_fwd(q8, k8, v8, causal=True, q_descale=ds, k_descale=ds, v_descale=ds, num_splits=1)
+cu8 = torch.tensor([0, 130, 300], dtype=torch.int32, device=dev)
+qr8, kr8 = qr.to(f8), kr.to(f8)
+M.fmha_fwd(qr8, kr8, kr8, cu_seqlens_q=cu8, cu_seqlens_k=cu8, max_seqlen_q=170, max_seqlen_k=170, q_descale=ds,
+           v_descale=ds, num_splits=1)
 torch.cuda.synchronize()
 print("sanitize_sm90: done")

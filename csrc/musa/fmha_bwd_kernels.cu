@@ -218,12 +218,11 @@ __global__ void __launch_bounds__(kPortableWarps * 32)
 
 
 // On a compute capability 9.0 GPU steps 2 and 3 take the Hopper kernels for every call they
-// serve (1.2-1.6x the mma.sync kernels on the H200); MATE_OPS_FMHA_BWD_PATH=sm80 keeps them on
-// the mma.sync kernels (to compare, or to sidestep the Hopper ones). The wide tile widths
-// (192 x 128 and 256: head dims above 128) are compile-checked only so far: they run only with
-// MATE_OPS_FMHA_BWD_PATH=sm90 (what tests/test_sm90_bwd.py sets) until they pass on a GPU;
-// kWideByDefault turns them on by default then. Read once per process.
-constexpr bool kWideByDefault = false;
+// serve, every tile width (64, 128, 192 x 128, 256; tested on the H200); MATE_OPS_FMHA_BWD_PATH=
+// sm80 keeps them on the mma.sync kernels (to compare, or to sidestep the Hopper ones), =sm90 is
+// the default spelled out. kWideByDefault = false would keep head dims above 128 on mma.sync
+// unless =sm90 is set. Read once per process.
+constexpr bool kWideByDefault = true;
 bool sm90_bwd_allowed(const FmhaParams& p) {
   static const int route = [] {  // 0: off, 1: default, 2: every width the kernels serve
     const char* v = std::getenv("MATE_OPS_FMHA_BWD_PATH");

@@ -439,9 +439,14 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
   if (p.batch > 0 && max_rows > 0 && p.num_heads > 0) {
     // tensor cores when the build and the problem allow; the portable kernels otherwise
     bool launched = false;
+    // FP8 staged as bf16 (launch.cpp) keeps its descales, which only the Hopper kernel applies
+    // to 16-bit inputs: such a call has no fallback
+    const bool staged_fp8 = p.in_dtype != DType::kFloat8E4M3 && (p.q_descale || p.k_descale || p.v_descale);
     if (splits.num_splits == 1 && fmha_sm90_takes(p, max_rows)) {
-      launched = launch_fmha_sm90(p, max_rows, stream) == arch::kSuccess;
+      const arch::Error e = launch_fmha_sm90(p, max_rows, stream);
+      launched = e == arch::kSuccess;
       if (!launched) arch::last_error();  // clear it, fall back
+      if (!launched && staged_fp8) return e;
     }
     if (!launched && mma_path_fits(p)) {
       launched = launch_fmha_mma(p, splits, max_rows, stream) == arch::kSuccess;
@@ -466,6 +471,44 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
   }
   if (p.q_is_ragged && p.total_q > 0 && p.num_heads > 0)
     zero_unowned_rows_kernel<<<dim3(p.total_q, p.num_heads), kThreads, 0, stream>>>(p);
+  return arch::last_error();
+}
+
+namespace {
+// 8 channels per thread: one 8-byte load, one 16-byte store.
+__global__ void __launch_bounds__(256) fp8_to_bf16_kernel(Fp8ToBf16View v, int64_t vectors) {
+  const int per_row = v.dim / 8;
+  for (int64_t i = blockIdx.x * int64_t{256} + threadIdx.x; i < vectors; i += int64_t{gridDim.x} * 256) {
+    int64_t r = i / per_row;
+    const int c = static_cast<int>(i - r * per_row) * 8;
+    const int h = static_cast<int>(r % v.heads);
+    r /= v.heads;
+    const int row = static_cast<int>(r % v.rows);
+    const int64_t b = r / v.rows;
+    const uint8_t* src = static_cast<const uint8_t*>(v.src) + b * v.batch_stride + row * v.row_stride +
+                         h * v.head_stride + c;
+    const uint2 bytes = *reinterpret_cast<const uint2*>(src);
+    uint32_t out[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t word = k < 2 ? bytes.x : bytes.y;
+      const int shift = (k & 1) * 16;
+      const uint16_t lo = float_to_bf16(fp8_e4m3_to_float(static_cast<uint8_t>(word >> shift)));
+      const uint16_t hi = float_to_bf16(fp8_e4m3_to_float(static_cast<uint8_t>(word >> (shift + 8))));
+      out[k] = lo | (static_cast<uint32_t>(hi) << 16);
+    }
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(v.dst) + i * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+  }
+}
+}  // namespace
+
+arch::Error launch_fp8_to_bf16(const Fp8ToBf16View& v, arch::Stream stream) {
+  const int64_t vectors = int64_t{v.batches} * v.rows * v.heads * (v.dim / 8);
+  if (vectors > 0) {
+    // a grid-stride loop over at most 4096 blocks (a few waves on any GPU), so no 2^31 grid limit
+    const int64_t blocks = (vectors + 255) / 256;
+    fp8_to_bf16_kernel<<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(v, vectors);
+  }
   return arch::last_error();
 }
 

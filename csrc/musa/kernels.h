@@ -43,8 +43,7 @@ arch::Error launch_fmha_bwd_mma(const FmhaBwdParams& g, const FmhaBwdScratch& ro
 // Its Hopper kernels (arch/sm90/fmha_bwd_sm90.cuh: CuTe, TMA + wgmma; built with MATE_WITH_SM90):
 // bf16/fp16 with dout in the same dtype, D and Dv multiples of 8 up to 256, dense or ragged
 // q/k/v, 16-byte aligned bases and strides. launch_fmha_bwd takes it on a compute capability 9.0
-// device for every call it serves with D, Dv <= 128, and for the wider ones (compile-checked
-// only so far) with MATE_OPS_FMHA_BWD_PATH=sm90 (=sm80: never). Writes what
+// device for every call it serves (MATE_OPS_FMHA_BWD_PATH=sm80: never). Writes what
 // launch_fmha_bwd_mma writes (steps 2 and 3; step 1 runs before either).
 bool fmha_bwd_sm90_fits(const FmhaBwdParams& g);
 arch::Error launch_fmha_bwd_sm90(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream);
@@ -57,6 +56,20 @@ bool fmha_sm90_fits(const FmhaParams& p);
 // Would launch_fmha take the Hopper kernel for p (route, device and fits), given one split?
 bool fmha_sm90_takes(const FmhaParams& p, int max_rows);
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream);
+
+// FP8 inputs on the Hopper kernel (launch.cpp: fp8_staged_for_sm90): q, k and v are first
+// converted to bf16 -- exact, every e4m3 value is a bf16 value -- into contiguous buffers, and
+// the Hopper kernel runs on those with the descales still in the parameters (applied to the
+// logits and the output as the mma.sync kernel applies them). One view is (batches, rows,
+// heads, dim) of e4m3 bytes, element strides, dim a multiple of 8, every stride and the base
+// 8-byte aligned; dst is the same view contiguous in bf16.
+struct Fp8ToBf16View {
+  const void* src = nullptr;
+  int64_t batch_stride = 0, row_stride = 0, head_stride = 0;
+  int batches = 0, rows = 0, heads = 0, dim = 0;
+  void* dst = nullptr;
+};
+arch::Error launch_fp8_to_bf16(const Fp8ToBf16View& v, arch::Stream stream);
 
 arch::Error launch_combine(const CombineParams& c, arch::Stream stream);
 
@@ -78,7 +91,7 @@ int mla_fast_parts(const MlaParams& p, int multiprocessors);
 bool mla_mma_fits(const MlaParams& p);
 
 // The Hopper MLA decode kernel (arch/sm90/mla_decode_sm90.cu: CuTe, TMA + wgmma; built with
-// MATE_WITH_SM90), opt-in with MATE_OPS_MLA_PATH=sm90: dense decode with bf16 q and a bf16
+// MATE_WITH_SM90), default on compute capability 9.0 (MATE_OPS_MLA_PATH=sm80 opts out): dense decode with bf16 q and a bf16
 // paged cache, head dims 576 / 512, page size a multiple of 64, Hq / Hkv a multiple of 16,
 // TMA-aligned tensors. mla_sm90_takes: the route is on, the device has compute capability 9.0
 // and the kernel fits p; mla_fast_parts and launch_mla_fast then size and run it.

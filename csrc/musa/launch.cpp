@@ -26,8 +26,74 @@ void check_launch(arch::Error e, const char* what) {
   TORCH_CHECK(e == arch::kSuccess, what, " kernel launch failed: ", arch::error_string(e));
 }
 
+// FP8 q / k / v for the Hopper kernel (kernels.h: Fp8ToBf16View): when the call with bf16
+// inputs would take it, converts q, k and v into one bf16 scratch tensor (exact) and points p
+// at it, keeping the descales; the scratch must outlive the launch. Returns an undefined tensor
+// (p unchanged) otherwise: those calls stay on the mma.sync kernel's fp8 tiles. The Hopper
+// kernel on the copies is 2-4x that kernel at prefill sizes (docs/performance.md), although the
+// copies cost an extra read of the fp8 bytes and a write and read of twice as many.
+at::Tensor fp8_staged_for_sm90(FmhaParams& p, const FmhaProblem& prob) {
+  if (p.in_dtype != DType::kFloat8E4M3 || p.out_dtype != DType::kBFloat16 || p.num_splits > 1) return {};
+  using sm90_view = Fp8ToBf16View;
+  auto view = [](const void* src, int64_t bs, int64_t rs, int64_t hs, int batches, int rows, int heads, int dim) {
+    sm90_view v;
+    v.src = src;
+    v.batch_stride = batches > 1 ? bs : 0;
+    v.row_stride = rs;
+    v.head_stride = hs;
+    v.batches = batches;
+    v.rows = rows;
+    v.heads = heads;
+    v.dim = dim;
+    return v;
+  };
+  const bool q_ragged = p.q_is_ragged, k_ragged = p.k_is_ragged;
+  sm90_view views[3] = {
+      view(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, q_ragged ? 1 : p.batch,
+           q_ragged ? p.total_q : p.seqlen_q, p.num_heads, p.head_dim),
+      view(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, k_ragged ? 1 : p.num_pages,
+           k_ragged ? p.total_k : p.seqlen_k, p.num_heads_k, p.head_dim),
+      view(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, k_ragged ? 1 : p.num_pages,
+           k_ragged ? p.total_k : p.seqlen_k, p.num_heads_k, p.head_dim_v)};
+  // the conversion reads 8 bytes at a time
+  auto aligned8 = [](const sm90_view& v) {
+    return reinterpret_cast<uintptr_t>(v.src) % 8 == 0 && v.dim % 8 == 0 && v.batch_stride % 8 == 0 &&
+           v.row_stride % 8 == 0 && v.head_stride % 8 == 0 && v.batches > 0 && v.rows > 0;
+  };
+  if (p.page_table || p.qv || !aligned8(views[0]) || !aligned8(views[1]) || !aligned8(views[2])) return {};
+  // the same call on contiguous bf16 copies (a stand-in 256-byte aligned address for the checks)
+  FmhaParams s = p;
+  s.in_dtype = DType::kBFloat16;
+  void* const stand_in = reinterpret_cast<void*>(uintptr_t{256});
+  const void** ptrs[3] = {&s.q, &s.k, &s.v};
+  int64_t* strides[3][3] = {{&s.q_batch_stride, &s.q_row_stride, &s.q_head_stride},
+                            {&s.k_batch_stride, &s.k_row_stride, &s.k_head_stride},
+                            {&s.v_batch_stride, &s.v_row_stride, &s.v_head_stride}};
+  int64_t offsets[4] = {0, 0, 0, 0};  // bf16 elements, each part 128-element (256-byte) aligned
+  for (int i = 0; i < 3; ++i) {
+    const sm90_view& v = views[i];
+    *ptrs[i] = stand_in;
+    *strides[i][2] = v.dim;
+    *strides[i][1] = int64_t{v.heads} * v.dim;
+    *strides[i][0] = (i == 0 ? q_ragged : k_ragged) ? 0 : int64_t{v.rows} * v.heads * v.dim;
+    offsets[i + 1] = offsets[i] + (int64_t{v.batches} * v.rows * v.heads * v.dim + 127) / 128 * 128;
+  }
+  if (!fmha_sm90_takes(s, prob.max_seqlen_q)) return {};
+  at::Tensor staged = at::empty({offsets[3]}, prob.scratch_options.dtype(at::kBFloat16));
+  const arch::Stream stream = arch::current_stream();
+  for (int i = 0; i < 3; ++i) {
+    views[i].dst = static_cast<at::BFloat16*>(staged.data_ptr()) + offsets[i];
+    *ptrs[i] = views[i].dst;
+    check_launch(launch_fp8_to_bf16(views[i], stream), "fmha_fwd (fp8 to bf16)");
+  }
+  s.num_splits = 1;  // the Hopper kernel never splits; launch_fmha has no other kernel for these
+  p = s;
+  return staged;
+}
+
 void fmha_device(const FmhaProblem& prob) {
-  const FmhaParams& p = prob.params;
+  FmhaParams p = prob.params;
+  const at::Tensor fp8_staged = fp8_staged_for_sm90(p, prob);
   const int G = p.num_heads / p.num_heads_k;
   // The Hopper kernel keeps one 384-thread block per SM busy, so its split heuristic counts
   // SMs, not the mma.sync kernel's resident blocks (which would split long prefills needlessly

@@ -22,8 +22,8 @@
 // query rows share the cache) and one (batch, query row) for sparse attention (each row has
 // its own indices).
 //
-// Hopper (opt-in, MATE_OPS_MLA_PATH=sm90, compile-checked only so far): dense bf16 decode that
-// mla_sm90_fits accepts runs arch/sm90/mla_decode_sm90.cu (TMA + wgmma) on the same schedule,
+// Hopper (default on compute capability 9.0; MATE_OPS_MLA_PATH=sm80 opts out): dense bf16
+// decode that mla_sm90_fits accepts runs arch/sm90/mla_decode_sm90.cu (TMA + wgmma) on the same schedule,
 // partials and combine; mla_fast_parts sizes the schedule for it (mla_sm90_takes).
 //
 // Everything else (fp32, head dims other than 576 / 512, head_dim_v > 512, fp16 with an FP8
@@ -808,14 +808,13 @@ int mla_sm90_blocks_per_part(const MlaParams&) { return 1; }
 #endif
 
 namespace {
-// MATE_OPS_MLA_PATH=sm90 opts dense bf16 decode into the Hopper kernel (arch/sm90/
-// mla_decode_sm90.cu: TMA + wgmma) on a compute capability 9.0 device, for the calls
-// mla_sm90_fits accepts; anything else (unset, other values) keeps the mma.sync kernel. Read
-// once per process.
+// Dense bf16 decode takes the Hopper kernel (arch/sm90/mla_decode_sm90.cu: TMA + wgmma) on a
+// compute capability 9.0 device for the calls mla_sm90_fits accepts; MATE_OPS_MLA_PATH=sm80 keeps
+// them on the mma.sync kernel (to compare, or to sidestep the Hopper one). Read once per process.
 bool mla_sm90_route() {
   static const bool on = [] {
     const char* v = std::getenv("MATE_OPS_MLA_PATH");
-    return v != nullptr && std::strcmp(v, "sm90") == 0;
+    return v == nullptr || std::strcmp(v, "sm80") != 0;
   }();
   return on;
 }

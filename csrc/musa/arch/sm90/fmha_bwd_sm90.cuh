@@ -60,13 +60,9 @@
 // the sequence in dQ) needs nothing. A row without keys has an empty interval (and lse2 = +inf):
 // P = 0.
 //
-// Status: widths 64 and 128 are correct on the H200 (tests/test_sm90_bwd.py: 39 cases against
-// the fp64 oracle; compute-sanitizer memcheck and racecheck clean on
-// scripts/sanitize_sm90_bwd.py) and 1.2-1.6x the mma.sync backward there, so launch_fmha_bwd
-// takes them by default on compute capability 9.0. Widths 192 x 128 and 256 (the pass split,
-// 32 / 48-row steps, 48-key dQ tiles) are COMPILE-CHECKED ONLY: never run on a GPU yet, so
-// launch_fmha_bwd takes them only with MATE_OPS_FMHA_BWD_PATH=sm90 (the tests' setting) until
-// tests/test_sm90_bwd.py passes (fmha_bwd_kernels.cu: kWideByDefault).
+// Status: every width is correct on the H200 (tests/test_sm90_bwd.py: 75 cases against the fp64
+// oracle; compute-sanitizer memcheck clean on scripts/sanitize_sm90_bwd.py), so launch_fmha_bwd
+// takes them by default on compute capability 9.0 (fmha_bwd_kernels.cu: kWideByDefault).
 // Not yet here: overlap of one step's elementwise work with the next step's wgmma inside a
 // warpgroup, TMA stores.
 #include <atomic>

@@ -449,6 +449,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max on raw scores
     const ScoreMod mod = score_mod(p, s, b, h);
+    // FP8 staged as bf16 (launch.cpp): q and k's descales fold into the logits (kPlain is never
+    // instantiated for them), v's into the output; 1 without, as in fmha_mma.cu
+    const int hk = h / (p.num_heads / p.num_heads_k);
+    const float dscale =
+        (p.q_descale ? p.q_descale[b * p.q_descale_batch_stride + hk * p.q_descale_head_stride] : 1.f) *
+        (p.k_descale ? p.k_descale[b * p.k_descale_batch_stride + hk * p.k_descale_head_stride] : 1.f);
+    const float vscale = p.v_descale ? p.v_descale[b * p.v_descale_batch_stride + hk * p.v_descale_head_stride] : 1.f;
 
     // The online softmax of one S tile in base 2, in place: masks, takes the new row maxima and
     // turns S into exp2 values (this thread's share of P, fp32), adding them to row_sum; corr
@@ -469,7 +476,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
               const int key =
                   static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
-              x = mod.logit(x, m, key) * kLog2e;
+              x = mod.logit(x * dscale, m, key) * kLog2e;
             }
             if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
             mx = fmaxf(mx, x);
@@ -619,7 +626,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const bool padded = m >= s.q_len;  // past seqused_q: out 0, lse -inf
       const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
       float lse = has ? row_max[hf] * sl * kLn2 + logf(l) : -INFINITY;
-      float scale = has ? 1.f / l : 0.f;
+      float scale = has ? vscale / l : 0.f;
       if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
 #pragma unroll
         for (int j = 0; j < kDv / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
