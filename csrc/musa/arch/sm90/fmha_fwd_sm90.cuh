@@ -44,10 +44,11 @@
 //     that tile's first K) while the consumers still run the last softmax, P V and epilogue.
 //     A work tile with no keys loads nothing and waits for nothing (both sides skip it).
 //   - named kSchedBarrier + w: warpgroup w's turn to issue its GEMMs (ping-pong). Every work
-//     tile has num_tiles + 1 steps for both warpgroups, whatever keys each has; warpgroup 1
-//     hands warpgroup 0 the first turn and skips its own last hand-over, so each tile leaves
-//     both barriers as it found them and a warpgroup cannot run ahead into the next tile by
-//     more than the strict alternation allows.
+//     tile has num_tiles + 1 steps for both warpgroups, whatever keys each has, so the turns
+//     alternate strictly over the whole loop: warpgroup 1 hands warpgroup 0 the very first
+//     turn before the loop, its last hand-over of a tile is warpgroup 0's first turn of the
+//     next (warpgroup 0 starts it during warpgroup 1's epilogue), and warpgroup 0 takes the
+//     final one after the loop.
 //   - named kZeroBarrier: both warpgroups wait for the whole zero fill of the last V tile
 //     (below) before either reads it. That buffer is refilled by TMA for a later tile only
 //     after the v_empty release that follows the fill and its proxy fence.
@@ -416,6 +417,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   static_assert((kStages & (kStages - 1)) == 0, "the pipeline position keeps counts modulo 2 kStages");
   constexpr uint32_t kKvMask = 2 * kStages - 1, kQBit = 2 * kStages;
   uint32_t pos = 0;
+  // Warpgroup 0 issues first (ping-pong, below); from then on each hand-over of warpgroup 1
+  // (the last of a work tile included) is warpgroup 0's next turn, in the next work tile too.
+  if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
   for (uint32_t r = 0;; ++r) {
     const int64_t i = tile_of_round(r);
     if (i >= sc.tiles) break;
@@ -508,9 +512,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // Ping-pong: the two warpgroups take turns issuing their GEMMs (named barriers
     // kSchedBarrier + group), so one warpgroup's softmax runs while the other's GEMMs keep the
     // tensor cores busy. Both run the same number of steps in every work tile (num_tiles + 1,
-    // whatever keys each has); warpgroup 1 lets warpgroup 0 go first and skips its last
-    // hand-over (nobody waits for it), so every work tile starts from the same barrier state.
-    if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
+    // whatever keys each has), so the turns alternate strictly across work tiles too: warpgroup
+    // 1's last hand-over of a tile lets warpgroup 0 start the next one while warpgroup 1 still
+    // runs its last P V and epilogue (the tensor cores would idle through both epilogues if
+    // warpgroup 0 waited for warpgroup 1's next tile to begin).
     if (num_tiles > 0) wait_barrier(sh.q_full, (pos & kQBit) ? 1 : 0);
     // One step; kS: it issues S_t = Q K_t^T (t < num_tiles), kPV: it adds P_{t-1} V_{t-1}
     // (t > 0). Both are compile-time, so no wgmma sits under a runtime branch: ptxas cannot
@@ -560,9 +565,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
         warpgroup_commit_batch();
       }
-      // the last step (t = num_tiles) is the one without S: warpgroup 1's hand-over there
-      // would have nobody waiting
-      if (kS || group == 0) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
+      cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
       float corr[2] = {1.f, 1.f};
       if constexpr (kS) {
         warpgroup_wait<kPV ? 1 : 0>();  // S_t is done; P V may still run
@@ -641,6 +644,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
     }
   }
+  // warpgroup 1's last hand-over has no next turn to start: take it, so no named barrier is
+  // left half-arrived when the block exits
+  if (group == 0) cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + 0);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __trap();  // a Hopper-class target without the sm_90a features: a misbuilt binary, fail loudly
 #endif
