@@ -5,7 +5,7 @@ fmha_bwd takes the sm90 kernels by default on compute capability 9.0 for the cal
 (head dims up to 128; the wider tile widths only with MATE_OPS_FMHA_BWD_PATH=sm90 until they
 pass here); the checks run in a child process with MATE_OPS_FMHA_BWD_PATH=sm90 (the route variable is read
 once per process, so the child's environment is the one that counts), and this file is the
-child's script too:
+child's script too (tests/sm90_child.py holds the harness of both sides):
 
     python tests/test_sm90_bwd.py --device cuda [--only NAME ...] [--list]
 
@@ -21,16 +21,14 @@ this harness; no environment variable matters there).
 
 Skipped without a compute capability 9.0 GPU or without the sm90 kernels in the build.
 """
-import argparse
-import json
-import mmap
 import os
-import subprocess
 import sys
 import zlib
 
 import pytest
 import torch
+
+import sm90_child
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SM90_KERNELS = ("fmha_bwd_sm90_dkdv_kernel", "fmha_bwd_sm90_dq_kernel")
@@ -143,18 +141,6 @@ def _helpers():
     return test_backward
 
 
-def kernels_run(fn, device):
-    """Names of the device kernels fn launches, or None when the profiler reports none."""
-    if device != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return names or None
-
-
 def run_case(spec, device):
     """Compare fmha_bwd on `device` with the oracle; raises AssertionError on a mismatch.
     Returns the kernel route seen: "sm90", "other" or "unknown" (no profiler data)."""
@@ -205,86 +191,24 @@ def run_case(spec, device):
                 lp = alt
         assert_close_fa3(a.double(), r, lp.double(), name=f"d{n}", input_dtype=dtype)
 
-    names_run = kernels_run(bwd, device)
-    if names_run is None:
-        return "unknown"
-    return "sm90" if all(any(kn in n for n in names_run) for kn in SM90_KERNELS) else "other"
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--only", nargs="*", help="case names to run (default: all)")
-    ap.add_argument("--list", action="store_true", help="print the case names and exit")
-    a = ap.parse_args(argv)
-    if a.list:
-        print("\n".join(CASE_NAMES))
-        return 0
-    import mate_ops  # noqa: F401  (registers torch.ops.mate)
-    chosen = [c for c in CASES if not a.only or c["name"] in a.only]
-    failed = 0
-    for spec in chosen:
-        try:
-            route = run_case(spec, a.device)
-            res = {"name": spec["name"], "ok": True, "route": route}
-        except Exception as e:  # noqa: BLE001  (every failure is reported per case)
-            failed += 1
-            res = {"name": spec["name"], "ok": False, "error": f"{type(e).__name__}: {e}"[:4000]}
-        print(MARK + json.dumps(res), flush=True)
-    print(f"{len(chosen) - failed}/{len(chosen)} cases passed on {a.device}", flush=True)
-    return 1 if failed else 0
+    return sm90_child.route_seen(bwd, device, SM90_KERNELS)  # both kernels must run
 
 
 # ---------------------------------------------------------------- pytest side -------------
 
-def _sm90_build():
-    """Does the compiled extension contain the sm90 backward kernels? (setup.py adds them only
-    with the CUTLASS headers and a 9.0a target.)"""
-    try:
-        import mate_ops._C as ext
-        with open(ext.__file__, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return all(m.find(k.encode()) >= 0 for k in SM90_KERNELS)
-    except (ImportError, OSError, ValueError):
-        return False
-
-
-def _skip_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if torch.cuda.get_device_capability() != (9, 0):
-        return f"needs compute capability 9.0, got {torch.cuda.get_device_capability()}"
-    import mate_ops  # noqa: F401
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_bwd", "CUDA"):
-        return "no CUDA kernels in this build"
-    if not _sm90_build():
-        return "the build has no sm90 backward kernels (CUTLASS headers / 9.0a target missing)"
-    return None
-
-
-_SKIP = _skip_reason() if __name__ != "__main__" else None
+# only the pytest side skips: the script runs wherever it is pointed (--device cpu included)
+_SKIP = (sm90_child.skip_reason("mate::fmha_bwd", SM90_KERNELS, "sm90 backward kernels")
+         if __name__ != "__main__" else None)
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
-@pytest.fixture(scope="module")
-def sm90_results():
-    """Runs every case once in a child process with MATE_OPS_FMHA_BWD_PATH=sm90."""
-    env = dict(os.environ, MATE_OPS_FMHA_BWD_PATH="sm90")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--device", "cuda"], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            res = json.loads(line[len(MARK):])
-            results[res["name"]] = res
-    return results, proc
+# every case, in one child run
+sm90_results = sm90_child.child_results_fixture(__file__, MARK, {"MATE_OPS_FMHA_BWD_PATH": "sm90"})
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_sm90_bwd_case(sm90_results, name):
-    results, proc = sm90_results
-    res = results.get(name)
-    if res is None:  # the child died before this case (e.g. a device fault)
-        pytest.fail(f"no result for {name} (child exit {proc.returncode}); stderr tail:\n{proc.stderr[-3000:]}")
+    res = sm90_child.case_result(sm90_results, name)
     assert res["ok"], res["error"]
     assert res["route"] != "other", f"{name}: fmha_bwd did not run {' and '.join(SM90_KERNELS)} " \
                                     "(fmha_bwd_sm90_fits declined it?)"
@@ -296,4 +220,4 @@ def test_sm90_bwd_child_exit(sm90_results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sm90_child.main(CASES, run_case, MARK, __doc__.splitlines()[0]))

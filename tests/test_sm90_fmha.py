@@ -4,7 +4,7 @@ oracle, on random inputs with poisoned outputs.
 By default the forward takes the sm90 kernel on compute capability 9.0 for calls with at least
 128 query rows; with MATE_OPS_FMHA_PATH=sm90 for every call it serves (the short cases here
 need that). The variable is read once per process, so the checks run in a child process with it
-set, and this file is the child's script too:
+set, and this file is the child's script too (tests/sm90_child.py holds the harness of both sides):
 
     python tests/test_sm90_fmha.py --device cuda [--only NAME ...] [--list]
 
@@ -20,17 +20,14 @@ tile boundary of those calls is crossed by the same pipeline state.
 
 Skipped without a compute capability 9.0 GPU or without the sm90 kernels in the build.
 """
-import argparse
-import json
-import mmap
-import os
 import random
-import subprocess
 import sys
 import zlib
 
 import pytest
 import torch
+
+import sm90_child
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SM90_KERNEL = "fmha_sm90_kernel"
@@ -203,18 +200,6 @@ def build(spec):
     return q, k, v, op_kw, ref_kw
 
 
-def kernels_run(fn, device):
-    """Names of the device kernels fn launches, or None when the profiler reports none."""
-    if device != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return names or None
-
-
 def run_case(spec, device):
     """Compare the op on `device` with the oracle; raises AssertionError on a mismatch.
     Returns the kernel route seen: "sm90", "other" or "unknown" (no profiler data)."""
@@ -246,82 +231,18 @@ def run_case(spec, device):
         assert torch.equal(lse[~finite], lse_ref[~finite]), f"{which}: lse infinities differ from the oracle"
         torch.testing.assert_close(lse[finite], lse_ref[finite], atol=2e-3, rtol=1e-4,
                                    msg=lambda m, which=which: f"{which} lse: {m}")
-    names = kernels_run(lambda: torch.ops.mate.fmha_fwd(qd, kd, vd, **args), device)
-    if names is None:
-        return "unknown"
-    return "sm90" if any(SM90_KERNEL in n for n in names) else "other"
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--only", nargs="*", help="case names to run (default: all)")
-    ap.add_argument("--list", action="store_true", help="print the case names and exit")
-    a = ap.parse_args(argv)
-    if a.list:
-        print("\n".join(CASE_NAMES))
-        return 0
-    import mate_ops  # noqa: F401  (registers torch.ops.mate)
-    chosen = [c for c in CASES if not a.only or c["name"] in a.only]
-    failed = 0
-    for spec in chosen:
-        try:
-            route = run_case(spec, a.device)
-            res = {"name": spec["name"], "ok": True, "route": route}
-        except Exception as e:  # noqa: BLE001  (every failure is reported per case)
-            failed += 1
-            res = {"name": spec["name"], "ok": False, "error": f"{type(e).__name__}: {e}"[:4000]}
-        print(MARK + json.dumps(res), flush=True)
-    print(f"{len(chosen) - failed}/{len(chosen)} cases passed on {a.device}", flush=True)
-    return 1 if failed else 0
+    return sm90_child.route_seen(lambda: torch.ops.mate.fmha_fwd(qd, kd, vd, **args), device, [SM90_KERNEL])
 
 
 # ---------------------------------------------------------------- pytest side -------------
 
-def _sm90_build():
-    """Does the compiled extension contain the sm90 kernel? (setup.py adds it only with the
-    CUTLASS headers and a 9.0a target.)"""
-    try:
-        import mate_ops._C as ext
-        with open(ext.__file__, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return m.find(SM90_KERNEL.encode()) >= 0
-    except (ImportError, OSError, ValueError):
-        return False
-
-
-def _skip_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if torch.cuda.get_device_capability() != (9, 0):
-        return f"needs compute capability 9.0, got {torch.cuda.get_device_capability()}"
-    import mate_ops  # noqa: F401
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("mate::fmha_fwd", "CUDA"):
-        return "no CUDA kernels in this build"
-    if not _sm90_build():
-        return "the build has no sm90 kernels (CUTLASS headers / 9.0a target missing)"
-    return None
-
-
-_SKIP = _skip_reason() if __name__ != "__main__" else None
+# only the pytest side skips: the script runs wherever it is pointed (--device cpu included)
+_SKIP = sm90_child.skip_reason("mate::fmha_fwd", [SM90_KERNEL], "sm90 kernels") if __name__ != "__main__" else None
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
-
-def _run_child(extra_env, names=None):
-    env = dict(os.environ, MATE_OPS_FMHA_PATH="sm90", **extra_env)
-    cmd = [sys.executable, os.path.abspath(__file__), "--device", "cuda"] + (["--only", *names] if names else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            res = json.loads(line[len(MARK):])
-            results[res["name"]] = res
-    return results, proc
-
-
-@pytest.fixture(scope="module")
-def sm90_results():
-    """Runs every case once in a child process with MATE_OPS_FMHA_PATH=sm90."""
-    return _run_child({})
+ROUTE_ENV = {"MATE_OPS_FMHA_PATH": "sm90"}
+# every case, in one child run
+sm90_results = sm90_child.child_results_fixture(__file__, MARK, ROUTE_ENV)
 
 
 # The same kernel on a grid of one block (MATE_OPS_FMHA_SM90_BLOCKS=1): every work tile of the
@@ -332,19 +253,13 @@ ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-"
     "window-d64--1_7", "sink-ragged-causal", "cache-batch-idx-leftpad", "alibi-window-sink-gqa",
     "widths-d200x256-causal", "widths-d192x128-ragged-fp16", "ragged-seqused_k-past-segment"]
 assert set(ONE_BLOCK_CASES) <= set(CASE_NAMES)
-
-
-@pytest.fixture(scope="module")
-def sm90_one_block_results():
-    return _run_child({"MATE_OPS_FMHA_SM90_BLOCKS": "1"}, ONE_BLOCK_CASES)
+sm90_one_block_results = sm90_child.child_results_fixture(
+    __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_BLOCKS="1"), ONE_BLOCK_CASES)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_sm90_case(sm90_results, name):
-    results, proc = sm90_results
-    res = results.get(name)
-    if res is None:  # the child died before this case (e.g. a device fault)
-        pytest.fail(f"no result for {name} (child exit {proc.returncode}); stderr tail:\n{proc.stderr[-3000:]}")
+    res = sm90_child.case_result(sm90_results, name)
     assert res["ok"], res["error"]
     assert res["route"] != "other", f"{name}: the forward did not run {SM90_KERNEL} (fmha_sm90_fits declined it?)"
 
@@ -364,4 +279,4 @@ def test_sm90_one_block_child_exit(sm90_one_block_results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sm90_child.main(CASES, run_case, MARK, __doc__.splitlines()[0]))

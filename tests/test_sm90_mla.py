@@ -4,7 +4,8 @@ fp64 oracle of mate_ops.testing, on random inputs with NaN-poisoned unused cache
 The kernel is opt-in: MATE_OPS_MLA_PATH=sm90 sends the dense bf16 decode calls it serves
 (mla_sm90_fits: head dims 576 / 512, page size a multiple of 64, Hq / Hkv a multiple of 16) to it
 on a compute capability 9.0 GPU. The variable is read once per process, so the checks run in a
-child process with it set, and this file is the child's script too:
+child process with it set, and this file is the child's script too (tests/sm90_child.py holds
+the harness of both sides):
 
     python tests/test_sm90_mla.py --device cuda [--only NAME ...] [--list]
 
@@ -24,17 +25,14 @@ the CPU op, and the split labels against a nominal 132-SM H200 (a dry run of thi
 
 Skipped without a compute capability 9.0 GPU or without the sm90 kernels in the build.
 """
-import argparse
-import json
 import math
-import mmap
-import os
-import subprocess
 import sys
 import zlib
 
 import pytest
 import torch
+
+import sm90_child
 
 BF16 = torch.bfloat16
 SM90_KERNEL = "mla_sm90"
@@ -147,18 +145,6 @@ def _op_allocations(spec, b, lens, sms):
     return [b * sq * hq * 512 * 2, b * hq * sq * 4, (parts * 8 + b + 1) * 4, 2 * parts * rows_all * (512 + 2) * 4]
 
 
-def kernels_run(fn, device):
-    """Names of the device kernels fn launches, or None when the profiler reports none."""
-    if device != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return names or None
-
-
 def run_case(spec, device):
     """Compare the op on `device` with the oracle; raises AssertionError on a mismatch.
     Returns the kernel route seen: "sm90", "other" or "unknown" (no profiler data)."""
@@ -194,86 +180,26 @@ def run_case(spec, device):
                                    msg=lambda m, i=i: f"run {i} lse: {m}")
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), \
         "two runs of the same call differ"
-    names = kernels_run(call, device)
-    if names is None:
-        return "unknown"
-    return "sm90" if any(SM90_KERNEL in n for n in names) else "other"
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--only", nargs="*", help="case names to run (default: all)")
-    ap.add_argument("--list", action="store_true", help="print the case names and exit")
-    a = ap.parse_args(argv)
-    if a.list:
-        print("\n".join(CASE_NAMES))
-        return 0
-    import mate_ops  # noqa: F401  (registers torch.ops.mate)
-    chosen = [c for c in CASES if not a.only or c["name"] in a.only]
-    failed = 0
-    for spec in chosen:
-        try:
-            route = run_case(spec, a.device)
-            res = {"name": spec["name"], "ok": True, "route": route}
-        except Exception as e:  # noqa: BLE001  (every failure is reported per case)
-            failed += 1
-            res = {"name": spec["name"], "ok": False, "error": f"{type(e).__name__}: {e}"[:4000]}
-        print(MARK + json.dumps(res), flush=True)
-    print(f"{len(chosen) - failed}/{len(chosen)} cases passed on {a.device}", flush=True)
-    return 1 if failed else 0
+    return sm90_child.route_seen(call, device, [SM90_KERNEL])
 
 
 # ---------------------------------------------------------------- pytest side -------------
 
-def _sm90_build():
-    """Does the compiled extension contain the sm90 MLA kernel? (setup.py adds arch/sm90 only with
-    the CUTLASS headers and a 9.0a target.)"""
-    try:
-        import mate_ops._C as ext
-        with open(ext.__file__, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return m.find(b"mla_sm90_kernel") >= 0
-    except (ImportError, OSError, ValueError):
-        return False
-
-
-def _skip_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if torch.cuda.get_device_capability() != (9, 0):
-        return f"needs compute capability 9.0, got {torch.cuda.get_device_capability()}"
-    import mate_ops  # noqa: F401
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("mate::mla_decode", "CUDA"):
-        return "no CUDA kernels in this build"
-    if not _sm90_build():
-        return "the build has no sm90 MLA kernel (CUTLASS headers / 9.0a target missing)"
-    return None
-
-
-_SKIP = _skip_reason() if __name__ != "__main__" else None
+# only the pytest side skips: the script runs wherever it is pointed (--device cpu included).
+# The build is searched for the kernel's full symbol; SM90_KERNEL is the part the profiler's
+# names are matched on.
+_SKIP = (sm90_child.skip_reason("mate::mla_decode", ["mla_sm90_kernel"], "sm90 MLA kernel")
+         if __name__ != "__main__" else None)
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
-@pytest.fixture(scope="module")
-def sm90_results():
-    """Runs every case once in a child process with MATE_OPS_MLA_PATH=sm90."""
-    env = dict(os.environ, MATE_OPS_MLA_PATH="sm90")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--device", "cuda"], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            res = json.loads(line[len(MARK):])
-            results[res["name"]] = res
-    return results, proc
+# every case, in one child run
+sm90_results = sm90_child.child_results_fixture(__file__, MARK, {"MATE_OPS_MLA_PATH": "sm90"})
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_sm90_mla_case(sm90_results, name):
-    results, proc = sm90_results
-    res = results.get(name)
-    if res is None:  # the child died before this case (e.g. a device fault)
-        pytest.fail(f"no result for {name} (child exit {proc.returncode}); stderr tail:\n{proc.stderr[-3000:]}")
+    res = sm90_child.case_result(sm90_results, name)
     assert res["ok"], res["error"]
     assert res["route"] != "other", f"{name}: mla_decode did not run {SM90_KERNEL} (mla_sm90_fits declined it?)"
 
@@ -284,4 +210,4 @@ def test_sm90_mla_child_exit(sm90_results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sm90_child.main(CASES, run_case, MARK, __doc__.splitlines()[0]))
