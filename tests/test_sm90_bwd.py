@@ -1,11 +1,11 @@
 """The Hopper FMHA backward (csrc/musa/arch/sm90/fmha_bwd_sm90.cuh: TMA + wgmma dK/dV and dQ
 kernels) against the fp64 oracle.
 
-fmha_bwd takes the sm90 kernels by default on compute capability 9.0 for the calls they serve
-(head dims up to 128; the wider tile widths only with MATE_OPS_FMHA_BWD_PATH=sm90 until they
-pass here); the checks run in a child process with MATE_OPS_FMHA_BWD_PATH=sm90 (the route variable is read
-once per process, so the child's environment is the one that counts), and this file is the
-child's script too (tests/sm90_child.py holds the harness of both sides):
+fmha_bwd takes the sm90 kernels by default on compute capability 9.0 for every call they serve
+(every tile width: 64, 128, 192 x 128, 256); the checks run in a child process with
+MATE_OPS_FMHA_BWD_PATH=sm90 (the route variable is read once per process, so the child's
+environment is the one that counts), and this file is the child's script too (tests/sm90_child.py
+holds the harness of both sides):
 
     python tests/test_sm90_bwd.py --device cuda [--only NAME ...] [--list]
 

@@ -1,11 +1,11 @@
 """The Hopper MLA decode kernel (csrc/musa/arch/sm90/mla_decode_sm90.cu: TMA + wgmma) against the
 fp64 oracle of mate_ops.testing, on random inputs with NaN-poisoned unused cache slots and outputs.
 
-The kernel is opt-in: MATE_OPS_MLA_PATH=sm90 sends the dense bf16 decode calls it serves
-(mla_sm90_fits: head dims 576 / 512, page size a multiple of 64, Hq / Hkv a multiple of 16) to it
-on a compute capability 9.0 GPU. The variable is read once per process, so the checks run in a
-child process with it set, and this file is the child's script too (tests/sm90_child.py holds
-the harness of both sides):
+The kernel is the default on a compute capability 9.0 GPU for the dense bf16 decode calls it
+serves (mla_sm90_fits: head dims 576 / 512, page size a multiple of 64, Hq / Hkv a multiple of
+16); MATE_OPS_MLA_PATH=sm80 opts out. The variable is read once per process, so the checks run
+in a child process with MATE_OPS_MLA_PATH=sm90 set (whatever the parent's environment says),
+and this file is the child's script too (tests/sm90_child.py holds the harness of both sides):
 
     python tests/test_sm90_mla.py --device cuda [--only NAME ...] [--list]
 
