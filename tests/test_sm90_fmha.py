@@ -12,7 +12,8 @@ Each case runs torch.ops.mate.fmha_fwd and fmha_fwd_out (into NaN-poisoned out a
 compares both with the oracle by FA3's rule (tests/test_fmha.py's check); on CUDA it also asks
 the profiler which kernel ran, so a case the sm90 kernel declined (fmha_sm90_fits false) fails
 instead of passing on the mma.sync path. ``--device cpu`` runs the same comparisons against the
-CPU op (a dry run of this harness; no environment variable matters there).
+CPU op (a dry run of this harness; no environment variable matters there). The fp8 cases
+(e4m3 inputs with descales, bf16 out) also check that launch.cpp's fp8-to-bf16 staging kernel ran.
 
 The kernel is persistent (one block per SM looping over work tiles). A second child reruns a
 subset (ONE_BLOCK_CASES) with MATE_OPS_FMHA_SM90_BLOCKS=1, a grid of one block, so that every
@@ -30,7 +31,9 @@ import torch
 import sm90_child
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP8 = torch.float8_e4m3fn  # staged to bf16 (launch.cpp) before the sm90 kernel: out is bf16
 SM90_KERNEL = "fmha_sm90_kernel"
+FP8_STAGE_KERNEL = "fp8_to_bf16_kernel"
 MARK = "@@sm90-case "  # result lines of the child: MARK + json
 
 
@@ -132,6 +135,24 @@ def _cases():
         seqused_k=[140, 0, 1000, 7])
     add("persist-causal-seqused-qk", layout="dense", b=4, h=8, hk=2, sq=1000, sk=1000, causal=True,
         seqused_q=[1000, 500, 0, 999], seqused_k=[140, 0, 1000, 7], sink=True)
+    # fp8 e4m3: q / k / v converted to bf16 first (exact), the descales (per batch and kv head)
+    # applied inside the kernel -- q's and k's to the logits through the ScoreMod instantiation,
+    # v's to the output
+    for causal in (False, True):
+        c = "causal" if causal else "full"
+        add(f"fp8-d128-descale-{c}", dtype="fp8", layout="dense", sq=300, sk=1000, causal=causal, descale=True)
+        add(f"fp8-d256-descale-{c}", dtype="fp8", layout="dense", d=256, sq=129, sk=300, causal=causal,
+            descale=True)
+    add("fp8-d64-no-descale", dtype="fp8", layout="dense", d=64, sq=129, sk=127)
+    add("fp8-d192x128-descale-causal", dtype="fp8", layout="dense", d=192, dv=128, sq=300, sk=300, causal=True,
+        descale=True)
+    add("fp8-d72-v-descale-only", dtype="fp8", layout="dense", d=72, sq=200, sk=333, descale="v")
+    add("fp8-ragged-gqa-descale-causal", dtype="fp8", layout="ragged", h=8, hk=2, lq=[1, 129, 300], lk=[65, 300, 129],
+        causal=True, descale=True)
+    add("fp8-softcap-window-sink-descale", dtype="fp8", layout="dense", sq=300, sk=700, window=(100, 20),
+        softcap=5.0, sink=True, descale=True)
+    add("fp8-cache-batch-idx-descale", dtype="fp8", layout="cache", b=3, sq=129, sk=300, cache_rows=5,
+        cache_batch_idx=[4, 0, 2], leftpad=[5, 10, 0], causal=True, descale=True)
     return cases
 
 
@@ -152,9 +173,12 @@ def _i32(xs):
 def build(spec):
     """(q, k, v, op kwargs, oracle kwargs) of a case, on the CPU."""
     torch.manual_seed(zlib.crc32(spec["name"].encode()))
-    dt, d, h, hk, b = DTYPES[spec["dtype"]], spec["d"], spec["h"], spec["hk"], spec["b"]
+    dt, d, h, hk, b = dict(DTYPES, fp8=FP8)[spec["dtype"]], spec["d"], spec["h"], spec["hk"], spec["b"]
     dv = spec.get("dv", d)
-    rand = lambda *shape: torch.randn(*shape, dtype=dt)  # noqa: E731
+    if dt == FP8:
+        rand = lambda *shape: (torch.randn(*shape) * 2).to(FP8)  # noqa: E731
+    else:
+        rand = lambda *shape: torch.randn(*shape, dtype=dt)  # noqa: E731
     kw = {}
     layout = spec["layout"]
     if layout == "dense":
@@ -192,6 +216,10 @@ def build(spec):
         kw["softcap"] = spec["softcap"]
     if spec.get("alibi"):
         kw["alibi_slopes"] = torch.rand(h, dtype=torch.float32) * 0.3
+    if spec.get("descale"):  # (B, Hk) fp32; True: all three, "v": v_descale alone
+        batch = len(spec["lq"]) if "lq" in spec else b
+        for name in ("q", "k", "v") if spec["descale"] is True else (spec["descale"],):
+            kw[f"{name}_descale"] = torch.rand(batch, hk) + 0.5
     causal, window, chunk = spec.get("causal", False), spec.get("window", (-1, -1)), spec.get("chunk", 0)
     ref_kw = {key: val for key, val in kw.items() if key not in ("max_seqlen_q", "max_seqlen_k")}
     ref_kw.update(causal=causal, window_size=tuple(window), attention_chunk=chunk)
@@ -216,13 +244,14 @@ def run_case(spec, device):
         assert qd.stride(1) == 3 * q.shape[2] * q.shape[3]
     else:
         qd, kd, vd = dev(q), dev(k), dev(v)
+    out_dtype = torch.bfloat16 if q.dtype == FP8 else q.dtype
     results = [torch.ops.mate.fmha_fwd(qd, kd, vd, **args)]
-    out_buf = T.poison_(torch.empty(out_ref.shape, dtype=q.dtype, device=device))
+    out_buf = T.poison_(torch.empty(out_ref.shape, dtype=out_dtype, device=device))
     lse_buf = T.poison_(torch.empty(lse_ref.shape, dtype=torch.float32, device=device))
     torch.ops.mate.fmha_fwd_out(qd, kd, vd, out_buf, lse_buf, **args)
     results.append((out_buf, lse_buf))
     for which, (out, lse) in zip(("fmha_fwd", "fmha_fwd_out"), results):
-        assert out.dtype == q.dtype and out.shape == out_ref.shape, f"{which}: out {out.dtype} {tuple(out.shape)}"
+        assert out.dtype == out_dtype and out.shape == out_ref.shape, f"{which}: out {out.dtype} {tuple(out.shape)}"
         T.assert_close_fa3(out, out_ref, out_low, input_dtype=q.dtype, name=f"{which} out")
         lse = lse.cpu()
         assert lse.shape == lse_ref.shape, f"{which}: lse shape {tuple(lse.shape)}"
@@ -231,7 +260,8 @@ def run_case(spec, device):
         assert torch.equal(lse[~finite], lse_ref[~finite]), f"{which}: lse infinities differ from the oracle"
         torch.testing.assert_close(lse[finite], lse_ref[finite], atol=2e-3, rtol=1e-4,
                                    msg=lambda m, which=which: f"{which} lse: {m}")
-    return sm90_child.route_seen(lambda: torch.ops.mate.fmha_fwd(qd, kd, vd, **args), device, [SM90_KERNEL])
+    kernels = [SM90_KERNEL, FP8_STAGE_KERNEL] if q.dtype == FP8 else [SM90_KERNEL]
+    return sm90_child.route_seen(lambda: torch.ops.mate.fmha_fwd(qd, kd, vd, **args), device, kernels)
 
 
 # ---------------------------------------------------------------- pytest side -------------
@@ -251,7 +281,8 @@ sm90_results = sm90_child.child_results_fixture(__file__, MARK, ROUTE_ENV)
 ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-", "chunk-"))] + [
     "ragged-d128-bf16-causal", "ragged-d256-bf16-causal", "ragged-d64-fp16-full", "window-d128-100_50",
     "window-d64--1_7", "sink-ragged-causal", "cache-batch-idx-leftpad", "alibi-window-sink-gqa",
-    "widths-d200x256-causal", "widths-d192x128-ragged-fp16", "ragged-seqused_k-past-segment"]
+    "widths-d200x256-causal", "widths-d192x128-ragged-fp16", "ragged-seqused_k-past-segment",
+    "fp8-ragged-gqa-descale-causal"]
 assert set(ONE_BLOCK_CASES) <= set(CASE_NAMES)
 sm90_one_block_results = sm90_child.child_results_fixture(
     __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_BLOCKS="1"), ONE_BLOCK_CASES)
