@@ -146,6 +146,10 @@ def _cases():
     add("fp8-d64-no-descale", dtype="fp8", layout="dense", d=64, sq=129, sk=127)
     add("fp8-d192x128-descale-causal", dtype="fp8", layout="dense", d=192, dv=128, sq=300, sk=300, causal=True,
         descale=True)
+    # descales that kPlain cannot fold into exp2's scale: negative and zero (every score first
+    # multiplied), beside positive ones in the same call
+    add("fp8-mixed-sign-descale-gqa", dtype="fp8", layout="dense", b=3, h=8, hk=2, sq=200, sk=300, causal=True,
+        descale="mixed")
     add("fp8-d72-v-descale-only", dtype="fp8", layout="dense", d=72, sq=200, sk=333, descale="v")
     add("fp8-ragged-gqa-descale-causal", dtype="fp8", layout="ragged", h=8, hk=2, lq=[1, 129, 300], lk=[65, 300, 129],
         causal=True, descale=True)
@@ -216,10 +220,13 @@ def build(spec):
         kw["softcap"] = spec["softcap"]
     if spec.get("alibi"):
         kw["alibi_slopes"] = torch.rand(h, dtype=torch.float32) * 0.3
-    if spec.get("descale"):  # (B, Hk) fp32; True: all three, "v": v_descale alone
+    if spec.get("descale"):  # (B, Hk) fp32; True / "mixed": all three, "v": v_descale alone
         batch = len(spec["lq"]) if "lq" in spec else b
-        for name in ("q", "k", "v") if spec["descale"] is True else (spec["descale"],):
+        for name in ("v",) if spec["descale"] == "v" else ("q", "k", "v"):
             kw[f"{name}_descale"] = torch.rand(batch, hk) + 0.5
+        if spec["descale"] == "mixed":  # q * k descale products < 0 and = 0 for two (batch, kv head)
+            kw["k_descale"][0, 0] *= -1
+            kw["q_descale"][batch - 1, hk - 1] = 0.0
     causal, window, chunk = spec.get("causal", False), spec.get("window", (-1, -1)), spec.get("chunk", 0)
     ref_kw = {key: val for key, val in kw.items() if key not in ("max_seqlen_q", "max_seqlen_k")}
     ref_kw.update(causal=causal, window_size=tuple(window), attention_chunk=chunk)

@@ -3,7 +3,8 @@ fp64 oracle of mate_ops.testing, on random inputs with NaN-poisoned unused cache
 
 The kernel is the default on a compute capability 9.0 GPU for the dense bf16 decode calls it
 serves (mla_sm90_fits: head dims 576 / 512, page size a multiple of 64, Hq / Hkv a multiple of
-16); MATE_OPS_MLA_PATH=sm80 opts out. The variable is read once per process, so the checks run
+16) with at least 64 query rows per kv head; MATE_OPS_MLA_PATH=sm80 opts out, =sm90 sends every
+call it serves (what these checks use). The variable is read once per process, so the checks run
 in a child process with MATE_OPS_MLA_PATH=sm90 set (whatever the parent's environment says),
 and this file is the child's script too (tests/sm90_child.py holds the harness of both sides):
 

@@ -475,39 +475,40 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
 }
 
 namespace {
-// 8 channels per thread: one 8-byte load, one 16-byte store.
-__global__ void __launch_bounds__(256) fp8_to_bf16_kernel(Fp8ToBf16View v, int64_t vectors) {
+// 8 channels per thread: one 8-byte load, one 16-byte store; blockIdx.y is the batch, so the
+// index arithmetic stays in 32 bits (launch_fp8_to_bf16 checks that a batch's vectors fit).
+// Every e4m3 byte is looked up in a 256-entry table of its bf16 bits, built per block.
+__global__ void __launch_bounds__(256) fp8_to_bf16_kernel(Fp8ToBf16View v, int vectors_per_batch) {
+  __shared__ uint16_t table[256];
+  table[threadIdx.x] = float_to_bf16(fp8_e4m3_to_float(static_cast<uint8_t>(threadIdx.x)));
+  __syncthreads();
   const int per_row = v.dim / 8;
-  for (int64_t i = blockIdx.x * int64_t{256} + threadIdx.x; i < vectors; i += int64_t{gridDim.x} * 256) {
-    int64_t r = i / per_row;
-    const int c = static_cast<int>(i - r * per_row) * 8;
-    const int h = static_cast<int>(r % v.heads);
-    r /= v.heads;
-    const int row = static_cast<int>(r % v.rows);
-    const int64_t b = r / v.rows;
-    const uint8_t* src = static_cast<const uint8_t*>(v.src) + b * v.batch_stride + row * v.row_stride +
-                         h * v.head_stride + c;
-    const uint2 bytes = *reinterpret_cast<const uint2*>(src);
+  const int64_t b = blockIdx.y;
+  uint16_t* const dst = static_cast<uint16_t*>(v.dst) + b * vectors_per_batch * int64_t{8};
+  for (int i = blockIdx.x * 256 + threadIdx.x; i < vectors_per_batch; i += gridDim.x * 256) {
+    const int rh = i / per_row, c = (i - rh * per_row) * 8;
+    const int row = rh / v.heads, h = rh - row * v.heads;
+    const uint2 bytes = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(v.src) + b * v.batch_stride +
+                                                        row * v.row_stride + h * v.head_stride + c);
     uint32_t out[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const uint32_t word = k < 2 ? bytes.x : bytes.y;
-      const int shift = (k & 1) * 16;
-      const uint16_t lo = float_to_bf16(fp8_e4m3_to_float(static_cast<uint8_t>(word >> shift)));
-      const uint16_t hi = float_to_bf16(fp8_e4m3_to_float(static_cast<uint8_t>(word >> (shift + 8))));
-      out[k] = lo | (static_cast<uint32_t>(hi) << 16);
+      const uint32_t word = (k < 2 ? bytes.x : bytes.y) >> ((k & 1) * 16);
+      out[k] = table[word & 0xff] | (static_cast<uint32_t>(table[(word >> 8) & 0xff]) << 16);
     }
-    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(v.dst) + i * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+    *reinterpret_cast<uint4*>(dst + int64_t{i} * 8) = make_uint4(out[0], out[1], out[2], out[3]);
   }
 }
 }  // namespace
 
 arch::Error launch_fp8_to_bf16(const Fp8ToBf16View& v, arch::Stream stream) {
-  const int64_t vectors = int64_t{v.batches} * v.rows * v.heads * (v.dim / 8);
-  if (vectors > 0) {
-    // a grid-stride loop over at most 4096 blocks (a few waves on any GPU), so no 2^31 grid limit
+  const int64_t vectors = int64_t{v.rows} * v.heads * (v.dim / 8);  // per batch
+  if (vectors > INT32_MAX / 2 || v.batches > 65535) return arch::kInvalidValue;
+  if (vectors > 0 && v.batches > 0) {
+    // a grid-stride loop: at most 1024 blocks per batch along x (several waves on any GPU)
     const int64_t blocks = (vectors + 255) / 256;
-    fp8_to_bf16_kernel<<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(v, vectors);
+    const dim3 grid(static_cast<unsigned>(blocks < 1024 ? blocks : 1024), static_cast<unsigned>(v.batches));
+    fp8_to_bf16_kernel<<<grid, 256, 0, stream>>>(v, static_cast<int>(vectors));
   }
   return arch::last_error();
 }

@@ -91,7 +91,8 @@ int mla_fast_parts(const MlaParams& p, int multiprocessors);
 bool mla_mma_fits(const MlaParams& p);
 
 // The Hopper MLA decode kernel (arch/sm90/mla_decode_sm90.cu: CuTe, TMA + wgmma; built with
-// MATE_WITH_SM90), default on compute capability 9.0 (MATE_OPS_MLA_PATH=sm80 opts out): dense decode with bf16 q and a bf16
+// MATE_WITH_SM90), default on compute capability 9.0 from 64 query rows per kv head
+// (MATE_OPS_MLA_PATH=sm80: never, =sm90: every call it serves): dense decode with bf16 q and a bf16
 // paged cache, head dims 576 / 512, page size a multiple of 64, Hq / Hkv a multiple of 16,
 // TMA-aligned tensors. mla_sm90_takes: the route is on, the device has compute capability 9.0
 // and the kernel fits p; mla_fast_parts and launch_mla_fast then size and run it.

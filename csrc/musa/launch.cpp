@@ -55,12 +55,13 @@ at::Tensor fp8_staged_for_sm90(FmhaParams& p, const FmhaProblem& prob) {
            k_ragged ? p.total_k : p.seqlen_k, p.num_heads_k, p.head_dim),
       view(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, k_ragged ? 1 : p.num_pages,
            k_ragged ? p.total_k : p.seqlen_k, p.num_heads_k, p.head_dim_v)};
-  // the conversion reads 8 bytes at a time
-  auto aligned8 = [](const sm90_view& v) {
+  // the conversion reads 8 bytes at a time, one batch per grid row, 32-bit indices in a batch
+  auto convertible = [](const sm90_view& v) {
     return reinterpret_cast<uintptr_t>(v.src) % 8 == 0 && v.dim % 8 == 0 && v.batch_stride % 8 == 0 &&
-           v.row_stride % 8 == 0 && v.head_stride % 8 == 0 && v.batches > 0 && v.rows > 0;
+           v.row_stride % 8 == 0 && v.head_stride % 8 == 0 && v.batches > 0 && v.batches <= 65535 && v.rows > 0 &&
+           int64_t{v.rows} * v.heads * (v.dim / 8) <= INT32_MAX / 2;
   };
-  if (p.page_table || p.qv || !aligned8(views[0]) || !aligned8(views[1]) || !aligned8(views[2])) return {};
+  if (p.page_table || p.qv || !convertible(views[0]) || !convertible(views[1]) || !convertible(views[2])) return {};
   // the same call on contiguous bf16 copies (a stand-in 256-byte aligned address for the checks)
   FmhaParams s = p;
   s.in_dtype = DType::kBFloat16;

@@ -22,8 +22,9 @@
 // query rows share the cache) and one (batch, query row) for sparse attention (each row has
 // its own indices).
 //
-// Hopper (default on compute capability 9.0; MATE_OPS_MLA_PATH=sm80 opts out): dense bf16
-// decode that mla_sm90_fits accepts runs arch/sm90/mla_decode_sm90.cu (TMA + wgmma) on the same schedule,
+// Hopper (default on compute capability 9.0 from 64 query rows per kv head; MATE_OPS_MLA_PATH
+// =sm80 opts out, =sm90 takes every call it serves): dense bf16 decode that mla_sm90_fits
+// accepts runs arch/sm90/mla_decode_sm90.cu (TMA + wgmma) on the same schedule,
 // partials and combine; mla_fast_parts sizes the schedule for it (mla_sm90_takes).
 //
 // Everything else (fp32, head dims other than 576 / 512, head_dim_v > 512, fp16 with an FP8
@@ -809,19 +810,27 @@ int mla_sm90_blocks_per_part(const MlaParams&) { return 1; }
 
 namespace {
 // Dense bf16 decode takes the Hopper kernel (arch/sm90/mla_decode_sm90.cu: TMA + wgmma) on a
-// compute capability 9.0 device for the calls mla_sm90_fits accepts; MATE_OPS_MLA_PATH=sm80 keeps
-// them on the mma.sync kernel (to compare, or to sidestep the Hopper one). Read once per process.
-bool mla_sm90_route() {
-  static const bool on = [] {
+// compute capability 9.0 device for the calls mla_sm90_fits accepts that fill its 64-row
+// blocks (query rows per kv head, Sq * Hq / Hkv >= 64: the compute-bound calls, where it is
+// 2x the mma.sync kernel on the H200; with fewer rows both stream the cache and the mma.sync
+// kernel was 5 % faster). MATE_OPS_MLA_PATH=sm90 sends every call it serves there (its tests),
+// =sm80 none. Read once per process.
+enum class MlaRoute { kAuto, kAlways, kNever };
+MlaRoute mla_sm90_route() {
+  static const MlaRoute route = [] {
     const char* v = std::getenv("MATE_OPS_MLA_PATH");
-    return v == nullptr || std::strcmp(v, "sm80") != 0;
+    if (v != nullptr && std::strcmp(v, "sm90") == 0) return MlaRoute::kAlways;
+    if (v != nullptr && std::strcmp(v, "sm80") == 0) return MlaRoute::kNever;
+    return MlaRoute::kAuto;
   }();
-  return on;
+  return route;
 }
 }  // namespace
 
 bool mla_sm90_takes(const MlaParams& p) {
-  return mla_sm90_route() && mla_mma_fits(p) && arch::compute_capability() == 90 && mla_sm90_fits(p);
+  const MlaRoute route = mla_sm90_route();
+  if (route == MlaRoute::kNever || (route == MlaRoute::kAuto && mla_rows_per_sequence(p) < 64)) return false;
+  return mla_mma_fits(p) && arch::compute_capability() == 90 && mla_sm90_fits(p);
 }
 
 int mla_fast_parts(const MlaParams& p, int multiprocessors) {

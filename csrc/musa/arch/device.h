@@ -12,6 +12,7 @@ namespace mate::arch {
 using Stream = musaStream_t;
 using Error = musaError_t;
 inline constexpr Error kSuccess = musaSuccess;
+inline constexpr Error kInvalidValue = musaErrorInvalidValue;
 inline Error last_error() { return musaGetLastError(); }
 inline const char* error_string(Error e) { return musaGetErrorString(e); }
 // Lets `kernel` use `bytes` of dynamic shared memory (needed above 48 KB).
@@ -44,6 +45,7 @@ namespace mate::arch {
 using Stream = cudaStream_t;
 using Error = cudaError_t;
 inline constexpr Error kSuccess = cudaSuccess;
+inline constexpr Error kInvalidValue = cudaErrorInvalidValue;
 inline Error last_error() { return cudaGetLastError(); }
 inline const char* error_string(Error e) { return cudaGetErrorString(e); }
 // Lets `kernel` use `bytes` of dynamic shared memory (needed above 48 KB).

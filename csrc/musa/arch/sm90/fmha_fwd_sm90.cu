@@ -16,9 +16,6 @@ const WidthKernels& kernels_for(Widths w) {
     default: return kWidth256;
   }
 }
-// The kPlain instantiation (raw-score maxima, the scale in exp2's FFMA): plain scores and no
-// q / k descale (staged FP8, launch.cpp), which the ScoreMod one folds into the logits.
-bool plain_scores(const FmhaParams& p) { return scores_are_plain(p) && !p.q_descale && !p.k_descale; }
 }  // namespace
 }  // namespace sm90
 
@@ -47,14 +44,14 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || !even(p.out_batch_stride) || !even(p.out_row_stride) ||
       !even(p.out_head_stride))
     return false;
-  return kernels_for(widths).runs_here(p.in_dtype == DType::kFloat16, plain_scores(p));
+  return kernels_for(widths).runs_here(p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream) {
   using namespace sm90;
   if (max_rows <= 0) return arch::kSuccess;
   return kernels_for(tile_widths(p.head_dim, p.head_dim_v))
-      .launch(p, max_rows, stream, p.in_dtype == DType::kFloat16, plain_scores(p));
+      .launch(p, max_rows, stream, p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 
 }  // namespace mate::device

@@ -408,8 +408,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   CUTE_STATIC_ASSERT_V(size<1>(tSrQ) == _1{} && size<2>(tSrQ) == Int<kD / 16>{} && size<3>(tSrK) == Int<kStages>{});
   CUTE_STATIC_ASSERT_V(size<1>(tOrP) == _1{} && size<2>(tOrP) == Int<kBlockN / 16>{} &&
                        size<3>(tOrV) == Int<kStages>{});
-  // score units -> base-2 logits: raw scores (kPlain) or logits already in base 2
-  const float sl = kPlain ? p.softmax_scale * kLog2e : 1.f;
 
   // The pipeline position, as few registers as possible (live across the epilogue, next to O):
   // bits 0 .. 1 + log2(kStages) the K / V loads consumed so far modulo 2 kStages (all that
@@ -453,13 +451,18 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max on raw scores
     const ScoreMod mod = score_mod(p, s, b, h);
-    // FP8 staged as bf16 (launch.cpp): q and k's descales fold into the logits (kPlain is never
-    // instantiated for them), v's into the output; 1 without, as in fmha_mma.cu
+    // FP8 staged as bf16 (launch.cpp): q and k's descales scale the logits, v's the output; 1
+    // without, as in fmha_mma.cu. kPlain folds a positive one into exp2's scale (row maxima
+    // on raw scores stay right); any other value (0, negative, NaN) multiplies every score
+    // first, an exact but slower path only such descales take.
     const int hk = h / (p.num_heads / p.num_heads_k);
     const float dscale =
         (p.q_descale ? p.q_descale[b * p.q_descale_batch_stride + hk * p.q_descale_head_stride] : 1.f) *
         (p.k_descale ? p.k_descale[b * p.k_descale_batch_stride + hk * p.k_descale_head_stride] : 1.f);
     const float vscale = p.v_descale ? p.v_descale[b * p.v_descale_batch_stride + hk * p.v_descale_head_stride] : 1.f;
+    const bool dscale_folds = dscale > 0.f;
+    // score units -> base-2 logits: raw scores (kPlain) or logits already in base 2
+    const float sl = kPlain ? p.softmax_scale * kLog2e * (dscale_folds ? dscale : 1.f) : 1.f;
 
     // The online softmax of one S tile in base 2, in place: masks, takes the new row maxima and
     // turns S into exp2 values (this thread's share of P, fp32), adding them to row_sum; corr
@@ -475,7 +478,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = tSrS(e + 2 * hf + 4 * j);
-            if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
+            if constexpr (kPlain) {
+              if (!dscale_folds) x *= dscale;
+            } else {  // the logit (ScoreMod), in base 2
               const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
               // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
               const int key =

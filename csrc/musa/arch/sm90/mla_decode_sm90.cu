@@ -1,7 +1,8 @@
 // MLA decode for Hopper (sm_90a): dense bf16 decode against a paged bf16 latent cache on TMA
 // loads and wgmma, written with CUTLASS's CuTe headers in the patterns of our FMHA forward
-// (fmha_fwd_sm90.cuh). On a compute capability 9.0 device the calls mla_sm90_fits accepts come
-// here by default (MATE_OPS_MLA_PATH=sm80 opts out) (mla_kernels.cu: mla_sm90_takes); everything else stays
+// (fmha_fwd_sm90.cuh). On a compute capability 9.0 device the calls mla_sm90_fits accepts with
+// at least 64 query rows per kv head come here by default (mla_kernels.cu: mla_sm90_takes;
+// MATE_OPS_MLA_PATH=sm80 opts out, =sm90 sends every call it serves) (mla_kernels.cu: mla_sm90_takes); everything else stays
 // on mla_mma_kernel / mla_portable_kernel.
 //
 // Served: q bf16 (B, Sq, Hq, 576) (512 latent + 64 rope channels), a dense paged cache bf16
