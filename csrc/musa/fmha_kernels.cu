@@ -406,7 +406,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams c) {
 
 #if !defined(MATE_WITH_SM90)  // a build without the CUTLASS headers has no Hopper kernels
 bool fmha_sm90_fits(const FmhaParams&) { return false; }
-arch::Error launch_fmha_sm90(const FmhaParams&, int, arch::Stream) { return arch::kSuccess; }
+arch::Error launch_fmha_sm90(const FmhaParams&, int, unsigned long long*, arch::Stream) { return arch::kSuccess; }
+bool fmha_sm90_uneven_tiles(const FmhaParams&) { return false; }
 #endif
 
 namespace {
@@ -443,7 +444,7 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
     // to 16-bit inputs: such a call has no fallback
     const bool staged_fp8 = p.in_dtype != DType::kFloat8E4M3 && (p.q_descale || p.k_descale || p.v_descale);
     if (splits.num_splits == 1 && fmha_sm90_takes(p, max_rows)) {
-      const arch::Error e = launch_fmha_sm90(p, max_rows, stream);
+      const arch::Error e = launch_fmha_sm90(p, max_rows, splits.tile_counter, stream);
       launched = e == arch::kSuccess;
       if (!launched) arch::last_error();  // clear it, fall back
       if (!launched && staged_fp8) return e;

@@ -15,6 +15,9 @@ struct FmhaSplitBuffers {
   float* out = nullptr;
   float* lse = nullptr;
   int num_splits = 1;
+  // one zeroed 64-bit word for the Hopper kernel's dynamic tile schedule (launch.cpp gives
+  // one when fmha_sm90_uneven_tiles); null: its static schedule
+  unsigned long long* tile_counter = nullptr;
 };
 
 // max_rows: an upper bound of any sequence's query rows (grid size; rows beyond a
@@ -55,7 +58,10 @@ arch::Error launch_fmha_bwd_sm90(const FmhaBwdParams& g, const FmhaBwdScratch& r
 bool fmha_sm90_fits(const FmhaParams& p);
 // Would launch_fmha take the Hopper kernel for p (route, device and fits), given one split?
 bool fmha_sm90_takes(const FmhaParams& p, int max_rows);
-arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream);
+arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream);
+// Do the Hopper kernel's work tiles differ in weight (causal / local masks, ragged or seqused
+// lengths)? Then a dynamic schedule balances them (a zeroed tile_counter).
+bool fmha_sm90_uneven_tiles(const FmhaParams& p);
 
 // FP8 inputs on the Hopper kernel (launch.cpp: fp8_staged_for_sm90): q, k and v are first
 // converted to bf16 -- exact, every e4m3 value is a bf16 value -- into contiguous buffers, and

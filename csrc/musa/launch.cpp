@@ -7,6 +7,9 @@
 // (checking them would need a device-to-host copy); docs/semantics.md says so.
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../common/fmha_checks.h"
 #include "../common/kernel_table.h"
 #include "../common/mla_params.h"
@@ -21,6 +24,16 @@ namespace {
 // Parallel workers for the split heuristic: resident blocks, not SMs (a 128-thread block
 // leaves room for many per SM, and decode needs them all busy to stream K/V at full rate).
 int device_workers(int sm_margin) { return imax(1, arch::multiprocessor_count() - sm_margin) * 16; }
+
+// MATE_OPS_FMHA_SM90_SCHEDULE=static keeps the Hopper forward on its static tile schedule for
+// every call (to compare with the dynamic one; fmha_sm90_uneven_tiles). Read once per process.
+bool sm90_dynamic_schedule_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_SM90_SCHEDULE");
+    return v == nullptr || std::string(v) != "static";
+  }();
+  return allowed;
+}
 
 void check_launch(arch::Error e, const char* what) {
   TORCH_CHECK(e == arch::kSuccess, what, " kernel launch failed: ", arch::error_string(e));
@@ -107,7 +120,12 @@ void fmha_device(const FmhaProblem& prob) {
   splits = imax(1, imin(splits, 65535 / imax(p.batch, 1)));
   FmhaSplitBuffers parts;
   parts.num_splits = splits;
-  at::Tensor part_out, part_lse;
+  at::Tensor part_out, part_lse, tile_counter;
+  if (splits == 1 && sm90_dynamic_schedule_allowed() && fmha_sm90_uneven_tiles(p) &&
+      fmha_sm90_takes(p, prob.max_seqlen_q)) {
+    tile_counter = at::zeros({1}, prob.scratch_options.dtype(at::kLong));
+    parts.tile_counter = reinterpret_cast<unsigned long long*>(tile_counter.data_ptr<int64_t>());
+  }
   if (splits > 1) {
     part_out = at::empty({splits, p.total_q, p.num_heads, p.head_dim_v}, prob.scratch_options);
     part_lse = at::empty({splits, p.total_q, p.num_heads}, prob.scratch_options);

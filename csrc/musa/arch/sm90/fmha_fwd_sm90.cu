@@ -47,11 +47,16 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   return kernels_for(widths).runs_here(p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 
-arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, arch::Stream stream) {
+arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream) {
   using namespace sm90;
   if (max_rows <= 0) return arch::kSuccess;
   return kernels_for(tile_widths(p.head_dim, p.head_dim_v))
-      .launch(p, max_rows, stream, p.in_dtype == DType::kFloat16, scores_are_plain(p));
+      .launch(p, max_rows, tile_counter, stream, p.in_dtype == DType::kFloat16, scores_are_plain(p));
+}
+
+bool fmha_sm90_uneven_tiles(const FmhaParams& p) {
+  return p.window_left >= 0 || p.window_right >= 0 || p.attention_chunk > 0 || p.q_is_ragged || p.k_is_ragged ||
+         p.seqused_q || p.seqused_k || p.cache_leftpad;
 }
 
 }  // namespace mate::device

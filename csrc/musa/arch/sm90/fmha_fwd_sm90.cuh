@@ -175,6 +175,10 @@ struct Config {
     uint64_t q_full, q_empty;  // q_empty: both warpgroups did their last Q K^T of the work tile
     uint64_t k_full[kStages], k_empty[kStages];
     uint64_t v_full[kStages], v_empty[kStages];
+    // the dynamic schedule's hand-over of round r's tile (slot r % 2): full when the producer
+    // wrote it, empty when every consumer thread has read it
+    int64_t next_tile[2];
+    uint64_t tile_full[2], tile_empty[2];
   };
   static constexpr int kSmemBytes = static_cast<int>(sizeof(Smem));
   static_assert(kSmemBytes <= 227 * 1024, "a Hopper SM gives one block at most 227 KB of shared memory");
@@ -238,6 +242,7 @@ __device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffff
 // CUTLASS reserves).
 constexpr uint32_t kZeroBarrier = 0;   // the last V tile's zero fill
 constexpr uint32_t kSchedBarrier = 1;  // + warpgroup: its turn to issue GEMMs (ping-pong)
+constexpr uint32_t kQScaleBarrier = 3; // a Q tile rescaled for a non-positive FP8 descale
 
 // The persistent schedule (the file comment has the why). A work tile is 128 query rows of one
 // query head of one sequence. Tiles are numbered section by section, a section being
@@ -250,6 +255,8 @@ struct Schedule {
   int64_t pairs = 0;     // sequences * query heads
   int64_t section = 1;   // pairs per section, 1 .. pairs
   int64_t tiles = 0;     // pairs * m_blocks
+  // The dynamic schedule's ticket counter (zeroed by the caller), or null for the static one.
+  unsigned long long* counter = nullptr;
 };
 
 struct Work {
@@ -278,6 +285,18 @@ MATE_HD Work work_at(const Schedule& sc, int64_t i) {
 // block 0 the heaviest tile of every round.
 __device__ __forceinline__ int64_t tile_of_round(uint32_t r) {
   return static_cast<int64_t>(r) * gridDim.x + ((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+}
+
+// The dynamic schedule (when tile weights differ: causal / local masks, ragged or seqused
+// lengths): block j starts with tile j, then takes the next untaken tile in schedule order
+// whenever its producer is ready for one -- greedy, so a block that drew heavy tiles takes
+// fewer. The static snake's longest block ran up to 1.8x the mean on such calls (D 256 S 16k
+// causal, simulated; measured 0.64x cuDNN there). The producer thread draws the ticket and
+// hands the tile to the consumers through a two-slot ring in shared memory (Smem::next_tile).
+__device__ __forceinline__ int64_t draw_tile(const Schedule& sc, uint32_t r) {
+  if (sc.counter == nullptr) return tile_of_round(r);
+  return r == 0 ? static_cast<int64_t>(blockIdx.x)
+                : static_cast<int64_t>(gridDim.x) + static_cast<int64_t>(atomicAdd(sc.counter, 1ull));
 }
 
 // The keys of one work tile: from its first row's lower end to its last real row's upper end
@@ -321,6 +340,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       initialize_barrier(sh.k_empty[st], C::kConsumerThreads);
       initialize_barrier(sh.v_empty[st], C::kConsumerThreads);
     }
+    for (int slot = 0; slot < 2; ++slot) {
+      initialize_barrier(sh.tile_full[slot], 1);
+      initialize_barrier(sh.tile_empty[slot], C::kConsumerThreads);
+    }
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -335,7 +358,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       uint32_t kv = 0;  // K / V tiles loaded so far, over all work tiles: buffer kv % kStages
       uint32_t qn = 0;  // Q tiles loaded so far
       for (uint32_t r = 0;; ++r) {
-        const int64_t i = tile_of_round(r);
+        const int64_t i = draw_tile(sc, r);
+        if (sc.counter != nullptr) {  // hand it to the consumers (the end marker i >= tiles too)
+          const int slot = r & 1;
+          if (r >= 2) wait_barrier(sh.tile_empty[slot], ((r >> 1) - 1) & 1);
+          sh.next_tile[slot] = i;
+          arrive_barrier(sh.tile_full[slot]);
+        }
         if (i >= sc.tiles) break;
         const Work w = work_at(sc, i);
         const SeqInfo s = seq_info(p, w.b);
@@ -419,7 +448,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // (the last of a work tile included) is warpgroup 0's next turn, in the next work tile too.
   if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
   for (uint32_t r = 0;; ++r) {
-    const int64_t i = tile_of_round(r);
+    int64_t i;
+    if (sc.counter != nullptr) {  // the producer's draw (draw_tile)
+      const int slot = r & 1;
+      wait_barrier(sh.tile_full[slot], (r >> 1) & 1);
+      i = sh.next_tile[slot];
+      arrive_barrier(sh.tile_empty[slot]);
+    } else {
+      i = tile_of_round(r);
+    }
     if (i >= sc.tiles) break;
     const Work w = work_at(sc, i);
     const int b = w.b, h = w.h, m0 = w.m0;
@@ -452,17 +489,19 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max on raw scores
     const ScoreMod mod = score_mod(p, s, b, h);
     // FP8 staged as bf16 (launch.cpp): q and k's descales scale the logits, v's the output; 1
-    // without, as in fmha_mma.cu. kPlain folds a positive one into exp2's scale (row maxima
-    // on raw scores stay right); any other value (0, negative, NaN) multiplies every score
-    // first, an exact but slower path only such descales take.
+    // without, as in fmha_mma.cu. kPlain folds the product's magnitude into exp2's scale, so
+    // row maxima on raw scores must order like the logits: a negative, zero or NaN product
+    // first multiplies the Q tile in shared memory by its sign (or by itself: 0, NaN), exact
+    // in bf16 (q_sign, below) -- no per-score work on any path.
     const int hk = h / (p.num_heads / p.num_heads_k);
     const float dscale =
         (p.q_descale ? p.q_descale[b * p.q_descale_batch_stride + hk * p.q_descale_head_stride] : 1.f) *
         (p.k_descale ? p.k_descale[b * p.k_descale_batch_stride + hk * p.k_descale_head_stride] : 1.f);
     const float vscale = p.v_descale ? p.v_descale[b * p.v_descale_batch_stride + hk * p.v_descale_head_stride] : 1.f;
-    const bool dscale_folds = dscale > 0.f;
+    const bool q_sign = kPlain && !(dscale > 0.f);  // block-uniform: both warpgroups see it
+    const float dmag = fabsf(dscale) > 0.f ? fabsf(dscale) : 1.f;  // 0 / NaN: Q itself carries it
     // score units -> base-2 logits: raw scores (kPlain) or logits already in base 2
-    const float sl = kPlain ? p.softmax_scale * kLog2e * (dscale_folds ? dscale : 1.f) : 1.f;
+    const float sl = kPlain ? p.softmax_scale * kLog2e * dmag : 1.f;
 
     // The online softmax of one S tile in base 2, in place: masks, takes the new row maxima and
     // turns S into exp2 values (this thread's share of P, fp32), adding them to row_sum; corr
@@ -478,9 +517,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = tSrS(e + 2 * hf + 4 * j);
-            if constexpr (kPlain) {
-              if (!dscale_folds) x *= dscale;
-            } else {  // the logit (ScoreMod), in base 2
+            if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
               const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
               // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
               const int key =
@@ -522,6 +559,18 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // runs its last P V and epilogue (the tensor cores would idle through both epilogues if
     // warpgroup 0 waited for warpgroup 1's next tile to begin).
     if (num_tiles > 0) wait_barrier(sh.q_full, (pos & kQBit) ? 1 : 0);
+    if (num_tiles > 0 && q_sign) {
+      // Q times sign(dscale) -- or times dscale when it is 0 or NaN -- by all 256 consumer
+      // threads; the proxy fence makes the generic stores visible to wgmma's reads and orders
+      // them before the TMA write of the next work tile's Q (after q_empty, which comes later)
+      const float f = dscale < 0.f ? -1.f : dscale;
+      for (int idx = ct; idx < kBlockM * kD; idx += C::kConsumerThreads) {
+        T& x = sQ(idx % kBlockM, idx / kBlockM);
+        x = T(static_cast<float>(x) * f);
+      }
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kQScaleBarrier);
+    }
     // One step; kS: it issues S_t = Q K_t^T (t < num_tiles), kPV: it adds P_{t-1} V_{t-1}
     // (t > 0). Both are compile-time, so no wgmma sits under a runtime branch: ptxas cannot
     // tell that such a branch is uniform over the warpgroup, moves the accumulators where its
@@ -749,7 +798,7 @@ Schedule make_schedule(const FmhaParams& p, int max_rows, int l2_bytes) {
 }
 
 template <class C, bool kPlain>
-arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream) {
+arch::Error launch_config(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream) {
   static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
   const int dev = arch::current_device();
   const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
@@ -759,8 +808,9 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, arch::Stream stream
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
   const DeviceFacts f = device_facts();
-  const Schedule sc = make_schedule<C>(p, max_rows, f.l2_bytes);
+  Schedule sc = make_schedule<C>(p, max_rows, f.l2_bytes);
   if (sc.tiles <= 0) return arch::kSuccess;
+  sc.counter = tile_counter;
   // Persistent: one block per multiprocessor (a block fills one: registers and shared memory),
   // each looping over its share of the tiles.
   int64_t blocks = sc.tiles < f.sms ? sc.tiles : f.sms;
@@ -780,13 +830,17 @@ bool width_runs_here(bool f16, bool plain) {
              : (plain ? kernel_runs_here<CB, true>() : kernel_runs_here<CB, false>());
 }
 template <class CB, class CH>
-arch::Error width_launch(const FmhaParams& p, int max_rows, arch::Stream stream, bool f16, bool plain) {
-  return f16 ? (plain ? launch_config<CH, true>(p, max_rows, stream) : launch_config<CH, false>(p, max_rows, stream))
-             : (plain ? launch_config<CB, true>(p, max_rows, stream) : launch_config<CB, false>(p, max_rows, stream));
+arch::Error width_launch(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool f16,
+                         bool plain) {
+  return f16 ? (plain ? launch_config<CH, true>(p, max_rows, counter, stream)
+                      : launch_config<CH, false>(p, max_rows, counter, stream))
+             : (plain ? launch_config<CB, true>(p, max_rows, counter, stream)
+                      : launch_config<CB, false>(p, max_rows, counter, stream));
 }
 struct WidthKernels {
   bool (*runs_here)(bool f16, bool plain);
-  arch::Error (*launch)(const FmhaParams& p, int max_rows, arch::Stream stream, bool f16, bool plain);
+  arch::Error (*launch)(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool f16,
+                        bool plain);
 };
 template <int kD, int kDv>
 constexpr WidthKernels width_kernels() {
