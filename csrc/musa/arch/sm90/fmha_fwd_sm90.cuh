@@ -120,11 +120,8 @@ struct Config {
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kThreads = 128 + kConsumerThreads;
   // Registers per thread after setmaxnreg: the producer keeps few, the consumers hold S (64),
-  // P (32) and O (64 at D 128). 128 * 40 + 256 * 232 = 384 * 168, the block's allocation at
-  // launch (what the producer gives up is what the consumers take). 24 / 240 left the
-  // producer's loop (with the dynamic schedule's draws) spilling 72-120 bytes; 40 / 232: none at
-  // D <= 128, fewer at the wider tiles.
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  // P (32) and O (64 at D 128). 128 * 24 + 256 * 240 fits the SM's 64K.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 
   // S = Q K^T: M = 64 rows per warpgroup, N = kBlockN keys, K = D; Q and K both K-major in
   // shared memory. O += P V: N = Dv, K = kBlockN keys; P from registers, V MN-major (Dv is
