@@ -155,8 +155,8 @@ def _cases():
         causal=True, descale=True)
     add("fp8-softcap-window-sink-descale", dtype="fp8", layout="dense", sq=300, sk=700, window=(100, 20),
         softcap=5.0, sink=True, descale=True)
-    add("fp8-cache-batch-idx-descale", dtype="fp8", layout="cache", b=3, sq=129, sk=300, cache_rows=5,
-        cache_batch_idx=[4, 0, 2], leftpad=[5, 10, 0], causal=True, descale=True)
+    add("fp8-seqused-k-descale-causal", dtype="fp8", layout="dense", b=3, sq=129, sk=300, seqused_k=[300, 10, 200],
+        causal=True, descale=True)
     return cases
 
 

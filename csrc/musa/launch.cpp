@@ -43,8 +43,9 @@ void check_launch(arch::Error e, const char* what) {
 // inputs would take it, converts q, k and v into one bf16 scratch tensor (exact) and points p
 // at it, keeping the descales; the scratch must outlive the launch. Returns an undefined tensor
 // (p unchanged) otherwise: those calls stay on the mma.sync kernel's fp8 tiles. The Hopper
-// kernel on the copies is 2-4x that kernel at prefill sizes (docs/performance.md), although the
-// copies cost an extra read of the fp8 bytes and a write and read of twice as many.
+// kernel on the copies is 3.7-5.1x that kernel at prefill sizes on the H200 (docs/
+// performance.md), although the copies cost an extra read of the fp8 bytes, a write and read
+// of twice as many, and a temporary allocation of that size.
 at::Tensor fp8_staged_for_sm90(FmhaParams& p, const FmhaProblem& prob) {
   if (p.in_dtype != DType::kFloat8E4M3 || p.out_dtype != DType::kBFloat16 || p.num_splits > 1) return {};
   using sm90_view = Fp8ToBf16View;
@@ -75,6 +76,11 @@ at::Tensor fp8_staged_for_sm90(FmhaParams& p, const FmhaProblem& prob) {
            int64_t{v.rows} * v.heads * (v.dim / 8) <= INT32_MAX / 2;
   };
   if (p.page_table || p.qv || !convertible(views[0]) || !convertible(views[1]) || !convertible(views[2])) return {};
+  // a kv cache (rows picked by cache_batch_idx, more rows than sequences, keys appended by
+  // fmha_fwd_kvcache) would be converted whole on every call: a temporary copy twice the size
+  // of what may be a server's entire cache. Those stay on the mma.sync kernel's fp8 tiles.
+  if (p.cache_batch_idx || p.cu_seqlens_k_new || p.seqlen_k_new > 0 || (!p.k_is_ragged && p.num_pages != p.batch))
+    return {};
   // the same call on contiguous bf16 copies (a stand-in 256-byte aligned address for the checks)
   FmhaParams s = p;
   s.in_dtype = DType::kBFloat16;
