@@ -36,21 +36,19 @@ for f in "${@/#tests\//$ROOT/tests/}"; do
   echo "$name rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -n 1)"
   grep -E "^FAILED|Fatal Python" "$OUT/$name.log" | head -n 5
 done
+# sanitize TOOL SCRIPT LOG LABEL: one compute-sanitizer run, its summary line (or "nothing run")
+sanitize() {
+  compute-sanitizer --tool "$1" python3 "$ROOT/scripts/$2" >"$OUT/$3" 2>&1
+  echo "$4: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|nothing run' "$OUT/$3" | tail -n 1)"
+}
 if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_small.py" >"$OUT/memcheck.log" 2>&1
-  echo "memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)"
-  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_bwd.py" >"$OUT/memcheck_bwd.log" 2>&1
-  echo "memcheck (backward): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck_bwd.log" | tail -n 1)"
-  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_sm90.py" >"$OUT/memcheck_sm90.log" 2>&1
-  echo "memcheck (sm90): $(grep -E 'ERROR SUMMARY|nothing run' "$OUT/memcheck_sm90.log" | tail -n 1)"
-  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_sm90_bwd.py" >"$OUT/memcheck_sm90_bwd.log" 2>&1
-  echo "memcheck (sm90 backward): $(grep -E 'ERROR SUMMARY|nothing run' "$OUT/memcheck_sm90_bwd.log" | tail -n 1)"
-  compute-sanitizer --tool memcheck python3 "$ROOT/scripts/sanitize_sm90_mla.py" >"$OUT/memcheck_sm90_mla.log" 2>&1
-  echo "memcheck (sm90 MLA): $(grep -E 'ERROR SUMMARY|nothing run' "$OUT/memcheck_sm90_mla.log" | tail -n 1)"
-  compute-sanitizer --tool racecheck python3 "$ROOT/scripts/sanitize_sm90.py" >"$OUT/racecheck_sm90.log" 2>&1
-  echo "racecheck (sm90): $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|nothing run' "$OUT/racecheck_sm90.log" | tail -n 1)"
-  compute-sanitizer --tool racecheck python3 "$ROOT/scripts/sanitize_sm90_mla.py" >"$OUT/racecheck_sm90_mla.log" 2>&1
-  echo "racecheck (sm90 MLA): $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|nothing run' "$OUT/racecheck_sm90_mla.log" | tail -n 1)"
+  sanitize memcheck sanitize_small.py memcheck.log "memcheck"
+  sanitize memcheck sanitize_bwd.py memcheck_bwd.log "memcheck (backward)"
+  sanitize memcheck sanitize_sm90.py memcheck_sm90.log "memcheck (sm90)"
+  sanitize memcheck sanitize_sm90_bwd.py memcheck_sm90_bwd.log "memcheck (sm90 backward)"
+  sanitize memcheck sanitize_sm90_mla.py memcheck_sm90_mla.log "memcheck (sm90 MLA)"
+  sanitize racecheck sanitize_sm90.py racecheck_sm90.log "racecheck (sm90)"
+  sanitize racecheck sanitize_sm90_mla.py racecheck_sm90_mla.log "racecheck (sm90 MLA)"
 fi
 # BENCH="" skips the benchmark; BENCH="--only decode" etc. picks a part
 if [ "${BENCH-all}" != "" ]; then

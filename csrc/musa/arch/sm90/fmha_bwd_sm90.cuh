@@ -302,16 +302,9 @@ struct DqConfig : Roles {
   static_assert(kSmemBytes <= 227 * 1024, "a Hopper SM gives one block at most 227 KB of shared memory");
 };
 
-// The instantiated tile widths: a head dim pads up to the first that holds it (the forward's).
-enum class Widths { k64, k128, k192x128, k256, kNone };
-MATE_HD Widths tile_widths(int d, int dv) {
-  if (d % 8 != 0 || dv % 8 != 0 || d <= 0 || dv <= 0) return Widths::kNone;  // 16-byte rows
-  if (d <= 64 && dv <= 64) return Widths::k64;
-  if (d <= 128 && dv <= 128) return Widths::k128;
-  if (d <= 192 && dv <= 128) return Widths::k192x128;  // DeepSeek's prefill shape
-  if (d <= 256 && dv <= 256) return Widths::k256;
-  return Widths::kNone;
-}
+// The instantiated tile widths: the forward's (tma_checks.cuh).
+using sm90_tma::tile_widths;
+using sm90_tma::Widths;
 
 // The global views (host and device build the same ones; extents from tma_checks.cuh).
 MATE_HD Shape<int, int, int, int> q_shape(const FmhaParams& p) {

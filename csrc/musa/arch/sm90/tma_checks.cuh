@@ -1,6 +1,7 @@
 #pragma once
-// What the Hopper kernels' TMA views and loaded-image checks need, written once for the FMHA
-// forward (fmha_fwd_sm90.cuh), backward (fmha_bwd_sm90.cuh) and MLA decode (mla_decode_sm90.cu).
+// What the Hopper kernels' TMA views and loaded-image checks need (and the FMHA tile widths),
+// written once for the FMHA forward (fmha_fwd_sm90.cuh), backward (fmha_bwd_sm90.cuh) and MLA
+// decode (mla_decode_sm90.cu).
 #include <atomic>
 #include <cstdint>
 
@@ -15,6 +16,18 @@ MATE_HD int q_rows(const FmhaParams& p) { return p.q_is_ragged ? p.total_q : p.s
 MATE_HD int q_batches(const FmhaParams& p) { return p.q_is_ragged ? 1 : p.batch; }
 MATE_HD int k_rows(const FmhaParams& p) { return p.k_is_ragged ? p.total_k : p.seqlen_k; }
 MATE_HD int k_batches(const FmhaParams& p) { return p.k_is_ragged ? 1 : p.num_pages; }
+
+// The tile widths (D, Dv) the FMHA forward and backward instantiate: a head dim pads up to the
+// first that holds it.
+enum class Widths { k64, k128, k192x128, k256, kNone };
+MATE_HD Widths tile_widths(int d, int dv) {
+  if (d % 8 != 0 || dv % 8 != 0 || d <= 0 || dv <= 0) return Widths::kNone;  // 16-byte rows
+  if (d <= 64 && dv <= 64) return Widths::k64;
+  if (d <= 128 && dv <= 128) return Widths::k128;
+  if (d <= 192 && dv <= 128) return Widths::k192x128;  // DeepSeek's prefill shape
+  if (d <= 256 && dv <= 256) return Widths::k256;
+  return Widths::kNone;
+}
 
 // A mode of extent 1 is never stepped along, so its stride only has to pass the descriptor's
 // checks (16-byte multiple): torch may report any stride for a size-1 dim; those become 0 (as
