@@ -4,6 +4,7 @@
 // NVIDIA GPUs and with mcc (torch_musa's MUSAExtension) for Moore Threads GPUs.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #if defined(__MUSACC__) || defined(MATE_WITH_MUSA)
@@ -68,6 +69,21 @@ inline int compute_capability() {
 }
 }  // namespace mate::arch
 #endif
+
+namespace mate::arch {
+// set_max_dynamic_smem once per device: the attribute belongs to a device, and a driver call
+// per launch costs eager calls microseconds of host time. `configured` (a static of the
+// caller, one bit per device) remembers where it is set.
+template <typename Kernel>
+inline Error set_max_dynamic_smem_once(Kernel kernel, int bytes, std::atomic<uint64_t>& configured) {
+  const int dev = current_device();
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (configured.load(std::memory_order_relaxed) & bit) return kSuccess;
+  const Error e = set_max_dynamic_smem(kernel, bytes);
+  if (e == kSuccess) configured.fetch_or(bit, std::memory_order_relaxed);
+  return e;
+}
+}  // namespace mate::arch
 
 #if defined(__CUDACC__) || defined(__MUSACC__)  // device helpers: kernel sources only
 namespace mate::arch {

@@ -73,17 +73,6 @@ __device__ __forceinline__ void mma_regs_ab(float (&acc)[kN / 8][4], const uint3
   }
 }
 
-// Sets a kernel's dynamic shared-memory limit once per device (a driver call per launch costs
-// host time).
-template <class Kernel>
-arch::Error allow_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& configured) {
-  const int dev = arch::current_device();
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (configured.load(std::memory_order_relaxed) & bit) return arch::kSuccess;
-  const arch::Error e = arch::set_max_dynamic_smem(kernel, bytes);
-  if (e == arch::kSuccess) configured.fetch_or(bit, std::memory_order_relaxed);
-  return e;
-}
 
 // kPlain: logit = softmax_scale * dot (no softcap, no ALiBi): exp2 folds the scale.
 template <class C, bool kPlain>
@@ -419,7 +408,7 @@ template <class C, bool kPlain>
 arch::Error launch_dkdv(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream) {
   static std::atomic<uint64_t> configured{0};
   auto kernel = fmha_bwd_dkdv_kernel<C, kPlain>;
-  arch::Error e = allow_smem(kernel, C::kSmemBytes, configured);
+  arch::Error e = arch::set_max_dynamic_smem_once(kernel, C::kSmemBytes, configured);
   if (e != arch::kSuccess) return e;
   const dim3 grid(static_cast<unsigned>(ceil_div_pos(imax(g.max_seqlen_k, 1), C::kBlockN)), g.fwd.num_heads_k,
                   g.fwd.batch);
@@ -432,7 +421,7 @@ arch::Error launch_dq(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::
   static std::atomic<uint64_t> configured{0};
   auto kernel = fmha_bwd_dq_kernel<C, kPlain>;
   constexpr int kSmem = dq_smem_bytes<C>();
-  arch::Error e = allow_smem(kernel, kSmem, configured);
+  arch::Error e = arch::set_max_dynamic_smem_once(kernel, kSmem, configured);
   if (e != arch::kSuccess) return e;
   const int G = g.fwd.num_heads / g.fwd.num_heads_k;
   const int64_t rows_max = static_cast<int64_t>(imax(g.max_seqlen_q, 1)) * G;

@@ -348,13 +348,8 @@ arch::Error launch_config(const FmhaParams& p, const FmhaSplitBuffers& splits, i
   // The shared-memory attribute belongs to a device: set it once per device (a driver call
   // per launch costs eager decode steps microseconds of host time).
   static std::atomic<uint64_t> configured{0};
-  const int dev = arch::current_device();
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (!(configured.load(std::memory_order_relaxed) & bit)) {
-    const arch::Error e = arch::set_max_dynamic_smem(fmha_mma_kernel<C, kPlain>, C::kSmemBytes);
-    if (e != arch::kSuccess) return e;
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
+  const arch::Error e = arch::set_max_dynamic_smem_once(fmha_mma_kernel<C, kPlain>, C::kSmemBytes, configured);
+  if (e != arch::kSuccess) return e;
   const int64_t rows = static_cast<int64_t>(max_rows) * row_heads;
   const dim3 grid(static_cast<unsigned>((rows + C::kBlockM - 1) / C::kBlockM), p.num_heads / row_heads,
                   p.batch * splits.num_splits);

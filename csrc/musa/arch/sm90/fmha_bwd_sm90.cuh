@@ -878,16 +878,6 @@ bool kernels_run_here() {
          image_loaded(fmha_bwd_sm90_dq_kernel<QC, kPlain>, known_q, good_q);
 }
 
-// Sets a kernel's dynamic shared-memory limit once per device.
-template <class Kernel>
-arch::Error allow_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& configured) {
-  const int dev = arch::current_device();
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (configured.load(std::memory_order_relaxed) & bit) return arch::kSuccess;
-  const arch::Error e = arch::set_max_dynamic_smem(kernel, bytes);
-  if (e == arch::kSuccess) configured.fetch_or(bit, std::memory_order_relaxed);
-  return e;
-}
 
 // Global views of q, dout, k, v for the descriptors (fmha_bwd_sm90_fits checked their needs).
 template <class T>
@@ -923,8 +913,10 @@ arch::Error launch_configs(const FmhaBwdParams& g, const FmhaBwdScratch& rows, a
   const FmhaParams& p = g.fwd;
   static std::atomic<uint64_t> configured_kv{0}, configured_q{0};
   // both attributes before either launch: a failure here launches nothing (the caller falls back)
-  arch::Error e = allow_smem(fmha_bwd_sm90_dkdv_kernel<KC, kPlain>, KC::kSmemBytes, configured_kv);
-  if (e == arch::kSuccess) e = allow_smem(fmha_bwd_sm90_dq_kernel<QC, kPlain>, QC::kSmemBytes, configured_q);
+  arch::Error e =
+      arch::set_max_dynamic_smem_once(fmha_bwd_sm90_dkdv_kernel<KC, kPlain>, KC::kSmemBytes, configured_kv);
+  if (e == arch::kSuccess)
+    e = arch::set_max_dynamic_smem_once(fmha_bwd_sm90_dq_kernel<QC, kPlain>, QC::kSmemBytes, configured_q);
   if (e != arch::kSuccess) return e;
   const auto gq = q_view<T>(p);
   const auto gdo = dout_view<T>(g);

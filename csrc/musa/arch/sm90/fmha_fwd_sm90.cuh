@@ -793,13 +793,8 @@ Schedule make_schedule(const FmhaParams& p, int max_rows, int l2_bytes) {
 template <class C, bool kPlain>
 arch::Error launch_config(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream) {
   static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
-  const int dev = arch::current_device();
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (!(configured.load(std::memory_order_relaxed) & bit)) {
-    const arch::Error e = arch::set_max_dynamic_smem(fmha_sm90_kernel<C, kPlain>, C::kSmemBytes);
-    if (e != arch::kSuccess) return e;
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
+  const arch::Error e = arch::set_max_dynamic_smem_once(fmha_sm90_kernel<C, kPlain>, C::kSmemBytes, configured);
+  if (e != arch::kSuccess) return e;
   const DeviceFacts f = device_facts();
   Schedule sc = make_schedule<C>(p, max_rows, f.l2_bytes);
   if (sc.tiles <= 0) return arch::kSuccess;

@@ -575,13 +575,8 @@ arch::Error launch_mla_sm90(const MlaParams& p, const MlaSplitRun& run, arch::St
   using C = Config;
   using T = C::T;
   static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
-  const int dev = arch::current_device();
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (!(configured.load(std::memory_order_relaxed) & bit)) {
-    const arch::Error e = arch::set_max_dynamic_smem(mla_sm90_kernel<C>, C::kSmemBytes);
-    if (e != arch::kSuccess) return e;
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
+  const arch::Error e = arch::set_max_dynamic_smem_once(mla_sm90_kernel<C>, C::kSmemBytes, configured);
+  if (e != arch::kSuccess) return e;
   const MlaCache& c = p.cache;
   auto gq = make_tensor(make_gmem_ptr(static_cast<const T*>(p.q)),
                         make_shape(p.heads_q, C::kD, p.seqlen_q, p.batch),
