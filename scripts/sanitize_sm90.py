@@ -35,6 +35,13 @@ qr = torch.randn(300, 4, 128, device=dev, dtype=bf16, generator=g)
 kr = torch.randn(300, 2, 128, device=dev, dtype=bf16, generator=g)
 M.fmha_fwd(qr, kr, kr, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=170, max_seqlen_k=170, causal=True,
            num_splits=1)
+# paged K / V (page 128: whole key tiles), left padding, NaN in every unused slot
+from mate_ops import testing as T  # noqa: E402
+kd = torch.randn(2, 300, 2, 128, dtype=bf16)
+kp, vp, pt = T.make_paged_kv(kd, kd, [300, 140], 128)
+M.fmha_fwd(torch.randn(2, 150, 4, 128, device=dev, dtype=bf16, generator=g), kp.to(dev), vp.to(dev),
+           page_table=pt.to(dev), seqused_k=torch.tensor([300, 140], dtype=torch.int32, device=dev),
+           cache_leftpad=torch.tensor([3, 130], dtype=torch.int32, device=dev), causal=True, num_splits=1)
 # fp8 e4m3 staged as bf16 (launch.cpp), descales per (batch, kv head); ragged q/k
 f8 = torch.float8_e4m3fn
 ds = torch.rand(2, 2, device=dev) + 0.5

@@ -135,6 +135,20 @@ def _cases():
         seqused_k=[140, 0, 1000, 7])
     add("persist-causal-seqused-qk", layout="dense", b=4, h=8, hk=2, sq=1000, sk=1000, causal=True,
         seqused_q=[1000, 500, 0, 999], seqused_k=[140, 0, 1000, 7], sink=True)
+    # paged K / V (page sizes a multiple of the key tile: 128, or 80 at D 256), pages shuffled,
+    # every unused slot NaN; tiles start page-aligned, so a first tile can hold keys no row
+    # sees (left padding poisoned with NaN here: its V rows must be zeroed, not multiplied by 0)
+    add("paged-128-causal", layout="paged", b=3, sq=300, lens=[700, 129, 1], page=128, causal=True)
+    add("paged-256-gqa-full", layout="paged", h=8, hk=2, sq=200, lens=[300, 513, 64], page=256)
+    add("paged-128-window-leftpad-nan", layout="paged", b=3, sq=150, lens=[700, 300, 140], page=128,
+        window=(100, 0), leftpad=[5, 130, 0])
+    add("paged-128-d64-fp16-cache-batch-idx", layout="paged", d=64, dtype="fp16", b=3, sq=129, lens=[200, 77, 400],
+        page=128, causal=True, cache_batch_idx=True)
+    add("paged-160-d256-causal-sink", layout="paged", d=256, b=2, sq=300, lens=[310, 650], page=160, causal=True,
+        sink=True)
+    add("paged-256-d192x128-ragged-q", layout="paged", d=192, dv=128, lq=[129, 1, 300], lens=[400, 7, 300],
+        page=256, causal=True)
+    add("paged-128-softcap-alibi", layout="paged", b=2, sq=200, lens=[333, 257], page=128, softcap=6.0, alibi=True)
     # fp8 e4m3: q / k / v converted to bf16 first (exact), the descales (per batch and kv head)
     # applied inside the kernel -- q's and k's to the logits through the ScoreMod instantiation,
     # v's to the output
@@ -203,6 +217,28 @@ def build(spec):
         q = rand(b, spec["sq"], h, d)
         k, v = rand(spec["cache_rows"], spec["sk"], hk, d), rand(spec["cache_rows"], spec["sk"], hk, d)
         kw.update(cache_batch_idx=_i32(spec["cache_batch_idx"]), cache_leftpad=_i32(spec["leftpad"]))
+    elif layout == "paged":  # dense q (or ragged with lq), K / V scattered into a shuffled page pool
+        from mate_ops import testing as T
+        lens = spec["lens"]
+        b = len(lens)
+        if "lq" in spec:
+            q = rand(sum(spec["lq"]), h, d)
+            kw.update(cu_seqlens_q=_cu(spec["lq"]), max_seqlen_q=max(spec["lq"]))
+        else:
+            q = rand(b, spec["sq"], h, d)
+        kd, vd = rand(b, max(lens), hk, d), rand(b, max(lens), hk, dv)
+        k, v, table = T.make_paged_kv(kd, vd, lens, spec["page"])
+        page = spec["page"]
+        for i, pad in enumerate(spec.get("leftpad", [])):  # left padding holds garbage
+            for j in range(pad):
+                k[table[i, j // page], j % page] = float("nan")
+                v[table[i, j // page], j % page] = float("nan")
+        if spec.get("cache_batch_idx"):  # a table of 2b rows: sequence i's pages in row b + i and b - 1 - i
+            table = torch.cat([table.flip(0), table])
+            kw["cache_batch_idx"] = _i32([b - 1 - i if i % 2 else b + i for i in range(b)])
+        kw.update(page_table=table, seqused_k=_i32(lens))
+        if "leftpad" in spec:
+            kw["cache_leftpad"] = _i32(spec["leftpad"])
     elif layout == "packed":  # q, k, v as strided views of one (B, S, 3, H, D) tensor
         qkv = rand(b, spec["sq"], 3, h, d)
         q, k, v = qkv.unbind(2)
@@ -289,7 +325,7 @@ ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-"
     "ragged-d128-bf16-causal", "ragged-d256-bf16-causal", "ragged-d64-fp16-full", "window-d128-100_50",
     "window-d64--1_7", "sink-ragged-causal", "cache-batch-idx-leftpad", "alibi-window-sink-gqa",
     "widths-d200x256-causal", "widths-d192x128-ragged-fp16", "ragged-seqused_k-past-segment",
-    "fp8-ragged-gqa-descale-causal"]
+    "fp8-ragged-gqa-descale-causal", "paged-128-window-leftpad-nan", "paged-160-d256-causal-sink"]
 assert set(ONE_BLOCK_CASES) <= set(CASE_NAMES)
 sm90_one_block_results = sm90_child.child_results_fixture(
     __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_BLOCKS="1"), ONE_BLOCK_CASES)

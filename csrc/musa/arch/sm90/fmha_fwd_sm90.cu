@@ -16,6 +16,8 @@ const WidthKernels& kernels_for(Widths w) {
     default: return kWidth256;
   }
 }
+// Keys per K / V tile of a tile width (Config::kBlockN).
+int key_tile(Widths w) { return w == Widths::k256 ? block_n_for(256, 256) : block_n_for(128, 128); }
 }  // namespace
 }  // namespace sm90
 
@@ -26,7 +28,10 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (widths == Widths::kNone) return false;
   // num_splits: 0 (the heuristic's choice) is resolved by the caller, which takes this path only
   // when that comes to 1; an explicit request for splits stays on the mma.sync path
-  if (p.qv || p.page_size > 0 || p.page_table || p.num_splits > 1) return false;
+  if (p.qv || p.num_splits > 1) return false;
+  // paged K / V: pages holding whole key tiles (block_keys aligns the tiles to them)
+  if ((p.page_table != nullptr) != (p.page_size > 0)) return false;
+  if (p.page_table != nullptr && p.page_size % key_tile(widths) != 0) return false;
   if (!p.out || !p.lse || !p.q || !p.k || !p.v) return false;
   if (p.batch <= 0 || p.batch > 65535 || p.num_heads <= 0 || p.num_heads > 65535 || p.num_heads_k <= 0 ||
       p.num_heads % p.num_heads_k != 0)

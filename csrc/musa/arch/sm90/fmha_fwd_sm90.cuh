@@ -4,7 +4,8 @@
 // (arch/sm80/fmha_mma.cu) computes without splits, for the common prefill case: bf16/fp16,
 // D and Dv multiples of 8 up to 256 (tiles 64, 128, 192 x 128, 256; a head dim in between pads
 // up, the TMA boxes reading the missing channels as zeros), every score modifier (softcap,
-// ALiBi, any scale: a second instantiation), dense or ragged q/k/v without a page table.
+// ALiBi, any scale: a second instantiation), dense or ragged q/k/v, paged K / V with page
+// sizes a multiple of the key tile (one TMA box and one page-table entry per tile).
 // Everything else stays on the mma.sync path (fmha_sm90_fits says which is which).
 //
 // Why a separate kernel: mma.sync cannot reach a Hopper GPU's tensor-core peak; wgmma (a
@@ -60,10 +61,11 @@
 // row, the INVARIANT at key_range_for_row) and only tiles that cross a row's interval edge pay
 // for per-element masking. Keys past the tile's last key are zeroed in V's buffer (a TMA box
 // reads whole tiles: past a sequence's end lie other sequences' keys or unwritten cache rows,
-// and 0 * NaN would leak into the output).
+// and 0 * NaN would leak into the output); paged, so are the keys a page-aligned first tile
+// holds before the first key any row sees (block_keys' head).
 //
-// Not yet here: GQA row packing, TMA stores, fp8, pages, a dynamic (atomic counter) tile
-// scheduler (docs/performance.md has the measured versions).
+// Not yet here: GQA row packing, TMA stores, fp8 wgmma (fp8 inputs arrive converted to bf16,
+// launch.cpp), pages smaller than a key tile (docs/performance.md has the measured versions).
 
 #include <atomic>
 #include <cmath>
@@ -295,8 +297,13 @@ __device__ __forceinline__ int64_t draw_tile(const Schedule& sc, uint32_t r) {
 // The keys of one work tile: from its first row's lower end to its last real row's upper end
 // (INVARIANT at key_range_for_row), in `tiles` K / V tiles of kBlockN keys. Producer and
 // consumers both derive it from the same inputs, so they agree on every tile's load count.
+// Paged K / V: a tile must not cross a page (one TMA box, one page-table entry), so with page
+// sizes a multiple of kBlockN (fmha_sm90_fits) the tiles start on a storage position that is
+// a multiple of kBlockN: lo moves down by `head` keys, which no row sees (masked; their V rows
+// are zeroed, as they may be left padding or garbage).
 struct BlockKeys {
   int lo = 0, hi = 0, tiles = 0;
+  int head = 0;  // keys [lo, lo + head) of the first tile precede the first key any row sees
 };
 template <int kBlockM, int kBlockN>
 __device__ __forceinline__ BlockKeys block_keys(const FmhaParams& p, const SeqInfo& s, int m0) {
@@ -304,6 +311,10 @@ __device__ __forceinline__ BlockKeys block_keys(const FmhaParams& p, const SeqIn
   if (m0 < s.q_len) {
     k.lo = key_range_for_row(p, s, m0).lo;
     k.hi = key_range_for_row(p, s, imin(m0 + kBlockM, s.q_len) - 1).hi;
+  }
+  if (p.page_table != nullptr && k.hi > k.lo) {
+    k.head = (s.k_start + k.lo) % kBlockN;  // storage positions are >= 0
+    k.lo -= k.head;
   }
   k.tiles = k.hi > k.lo ? ceil_div_pos(k.hi - k.lo, kBlockN) : 0;
   return k;
@@ -388,7 +399,19 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           // (which may belong to the previous work tile: the pipeline runs on across tiles)
           if (kv >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
           set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
-          copy(tma_k.with(sh.k_full[st]), tKg(_, t), tKs(_, st));
+          // paged: the page holding this tile's keys (block_keys aligned the tiles to pages)
+          int page = 0, prow = 0;
+          if (p.page_table != nullptr) {
+            const int key = s.k_start + bk.lo + t * kBlockN;
+            page = p.page_table[static_cast<int64_t>(s.cache_row) * p.page_table_batch_stride + key / p.page_size];
+            prow = key % p.page_size;
+            Tensor gKp = local_tile(domain_offset(make_coord(prow, _0{}), tma_k.get_tma_tensor(k_shape(p))(_, _, hk, page)),
+                                    Shape<Int<kBlockN>, Int<kD>>{}, make_coord(0, 0));
+            auto [tKgp, tKsp] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gKp));
+            copy(tma_k.with(sh.k_full[st]), tKgp, tKsp(_, st));
+          } else {
+            copy(tma_k.with(sh.k_full[st]), tKg(_, t), tKs(_, st));
+          }
           if (t == 0) {
             // Q after the first K: that K buffer frees a step earlier than Q (the previous work
             // tile's second-to-last Q K^T releases it, its last Q K^T releases Q). Q's single
@@ -400,7 +423,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           }
           if (kv >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
           set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
-          copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
+          if (p.page_table != nullptr) {
+            Tensor gVp = local_tile(domain_offset(make_coord(_0{}, prow), tma_v.get_tma_tensor(v_shape(p))(_, _, hk, page)),
+                                    Shape<Int<kDv>, Int<kBlockN>>{}, make_coord(0, 0));
+            auto [tVgp, tVsp] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gVp));
+            copy(tma_v.with(sh.v_full[st]), tVgp, tVsp(_, st));
+          } else {
+            copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
+          }
         }
       }
     }
@@ -457,6 +487,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     if (warp_uniform(m0 < s.q_len_full) == 0) continue;  // no rows here (a shorter sequence of a ragged batch)
     const BlockKeys bk = block_keys<kBlockM, kBlockN>(p, s, m0);
     const int kmin = warp_uniform(bk.lo), kmax = warp_uniform(bk.hi), num_tiles = warp_uniform(bk.tiles);
+    const int khead = warp_uniform(bk.head);
 
     // This thread's two rows (block rows 64 group + 16 warp + lane / 4 + 8 hf) and their keys.
     int row_lo[2], row_hi[2];
@@ -584,15 +615,19 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       if constexpr (kPV) {
         wait_barrier(sh.v_full[pst], ((g - 1) / kStages) & 1);
         const int pn0 = n0 - kBlockN;
-        if (!kS && kmax - pn0 < kBlockN) {
-          // The last tile runs past the block's keys: zero those V rows (see the file comment).
-          // Both consumer warpgroups read all of V, so both wait for all of the zeros; the
-          // proxy fence makes the generic stores visible to wgmma's reads, and orders them
-          // before the TMA write that refills this buffer for a later work tile (that write
-          // waits for this buffer's release below, which comes after the fence).
-          const int valid = kmax - pn0;
+        // rows of this V tile no row sees: past the block's last key (the last tile) and,
+        // paged, before its first (block_keys' head, the first tile)
+        const int valid = !kS && kmax - pn0 < kBlockN ? kmax - pn0 : kBlockN;
+        const int head = t == 1 ? khead : 0;
+        if (valid < kBlockN || head > 0) {
+          // Zero those V rows (see the file comment): 0 * garbage could be NaN. Both consumer
+          // warpgroups read all of V, so both wait for all of the zeros; the proxy fence
+          // makes the generic stores visible to wgmma's reads, and orders them before the
+          // TMA write that refills this buffer for a later work tile (that write waits for
+          // this buffer's release below, which comes after the fence).
           for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
             sV(idx % kDv, valid + idx / kDv, pst) = T(0.f);
+          for (int idx = ct; idx < head * kDv; idx += C::kConsumerThreads) sV(idx % kDv, idx / kDv, pst) = T(0.f);
           cutlass::arch::fence_view_async_shared();
           cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
         }

@@ -11,10 +11,10 @@
 namespace mate::device::sm90_tma {
 
 // The extents of an FMHA call's global views (host and device build the same ones): rows,
-// batches; a ragged tensor is one batch of all its rows.
+// batches; a ragged tensor is one batch of all its rows, a paged one a batch per page.
 MATE_HD int q_rows(const FmhaParams& p) { return p.q_is_ragged ? p.total_q : p.seqlen_q; }
 MATE_HD int q_batches(const FmhaParams& p) { return p.q_is_ragged ? 1 : p.batch; }
-MATE_HD int k_rows(const FmhaParams& p) { return p.k_is_ragged ? p.total_k : p.seqlen_k; }
+MATE_HD int k_rows(const FmhaParams& p) { return p.page_table ? p.page_size : p.k_is_ragged ? p.total_k : p.seqlen_k; }
 MATE_HD int k_batches(const FmhaParams& p) { return p.k_is_ragged ? 1 : p.num_pages; }
 
 // The tile widths (D, Dv) the FMHA forward and backward instantiate: a head dim pads up to the
