@@ -40,7 +40,7 @@ MARK = "@@sm90-case "  # result lines of the child: MARK + json
 # ---------------------------------------------------------------- cases --------------------
 # A case is a dict of plain values (its name is the pytest id and the --only key); build()
 # turns it into tensors. Lengths cross the 128-row / 128-key tile edges (1, 127, 129, 300, 1000);
-# D 256 uses 64-key tiles (63, 65).
+# D 256 uses 80-key tiles.
 
 def _cases():
     cases = []
@@ -59,7 +59,7 @@ def _cases():
                 for sq, sk in ((1, 1), (127, 129), (129, 127), (300, 1000), (1000, 300)):
                     add(f"dense-d{d}-{dt}-{'causal' if causal else 'full'}-{sq}x{sk}", layout="dense", d=d,
                         dtype=dt, causal=causal, sq=sq, sk=sk)
-    # D 256: 64-key tiles (the edges at 63 / 65 keys)
+    # D 256 (80-key tiles; lengths 63 / 65 cross the 64-key tiles of an earlier version)
     for dt in DTYPES:
         for causal in (False, True):
             for sq, sk in ((127, 65), (129, 63), (300, 1000)):
@@ -149,6 +149,15 @@ def _cases():
     add("paged-256-d192x128-ragged-q", layout="paged", d=192, dv=128, lq=[129, 1, 300], lens=[400, 7, 300],
         page=256, causal=True)
     add("paged-128-softcap-alibi", layout="paged", b=2, sq=200, lens=[333, 257], page=128, softcap=6.0, alibi=True)
+    # one tile holding both a NaN head (keys 128, 129: padding) and a NaN tail (past the last key)
+    add("paged-128-one-tile-nan-head-and-tail", layout="paged", b=1, sq=150, lens=[200], page=128, leftpad=[130])
+    # the ScoreMod instantiation with keys before the first (negative relative key indices)
+    add("paged-128-softcap-alibi-leftpad-nan", layout="paged", b=2, sq=200, lens=[333, 300], page=128, softcap=6.0,
+        alibi=True, leftpad=[130, 5], causal=True)
+    add("paged-160-d256-leftpad-nan", layout="paged", d=256, b=2, sq=150, lens=[300, 400], page=160,
+        leftpad=[37, 100])
+    add("paged-128-cache-batch-idx-leftpad-nan", layout="paged", b=3, sq=129, lens=[300, 200, 400], page=128,
+        cache_batch_idx=True, leftpad=[130, 0, 250], causal=True)
     # fp8 e4m3: q / k / v converted to bf16 first (exact), the descales (per batch and kv head)
     # applied inside the kernel -- q's and k's to the logits through the ScoreMod instantiation,
     # v's to the output
@@ -325,7 +334,8 @@ ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-"
     "ragged-d128-bf16-causal", "ragged-d256-bf16-causal", "ragged-d64-fp16-full", "window-d128-100_50",
     "window-d64--1_7", "sink-ragged-causal", "cache-batch-idx-leftpad", "alibi-window-sink-gqa",
     "widths-d200x256-causal", "widths-d192x128-ragged-fp16", "ragged-seqused_k-past-segment",
-    "fp8-ragged-gqa-descale-causal", "paged-128-window-leftpad-nan", "paged-160-d256-causal-sink"]
+    "fp8-ragged-gqa-descale-causal", "paged-128-window-leftpad-nan", "paged-160-d256-causal-sink",
+    "paged-128-one-tile-nan-head-and-tail"]
 assert set(ONE_BLOCK_CASES) <= set(CASE_NAMES)
 sm90_one_block_results = sm90_child.child_results_fixture(
     __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_BLOCKS="1"), ONE_BLOCK_CASES)

@@ -16,8 +16,15 @@ const WidthKernels& kernels_for(Widths w) {
     default: return kWidth256;
   }
 }
-// Keys per K / V tile of a tile width (Config::kBlockN).
-int key_tile(Widths w) { return w == Widths::k256 ? block_n_for(256, 256) : block_n_for(128, 128); }
+// Keys per K / V tile of a tile width (Config::kBlockN, from the same function).
+int key_tile(Widths w) {
+  switch (w) {
+    case Widths::k64: return block_n_for(64, 64);
+    case Widths::k128: return block_n_for(128, 128);
+    case Widths::k192x128: return block_n_for(192, 128);
+    default: return block_n_for(256, 256);
+  }
+}
 }  // namespace
 }  // namespace sm90
 

@@ -50,7 +50,8 @@
 //     turn before the loop, its last hand-over of a tile is warpgroup 0's first turn of the
 //     next (warpgroup 0 starts it during warpgroup 1's epilogue), and warpgroup 0 takes the
 //     final one after the loop.
-//   - named kZeroBarrier: both warpgroups wait for the whole zero fill of the last V tile
+//   - named kZeroBarrier: both warpgroups wait for the whole zero fill of a V tile (the last
+//     tile's rows past the block's keys; paged, the first tile's rows before them)
 //     (below) before either reads it. That buffer is refilled by TMA for a later tile only
 //     after the v_empty release that follows the fill and its proxy fence.
 // Every wgmma is issued outside runtime branches (steps are peeled: S only, S + P V, P V
@@ -65,7 +66,9 @@
 // holds before the first key any row sees (block_keys' head).
 //
 // Not yet here: GQA row packing, TMA stores, fp8 wgmma (fp8 inputs arrive converted to bf16,
-// launch.cpp), pages smaller than a key tile (docs/performance.md has the measured versions).
+// launch.cpp), page sizes that are not a multiple of the key tile -- pages under 128 keys,
+// and at the 256 width (80-key tiles) every power of two: several 16-row boxes per tile
+// would serve them (docs/performance.md has the measured versions).
 
 #include <atomic>
 #include <cmath>
@@ -235,7 +238,7 @@ __device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffff
 
 // Named barriers of the consumer warpgroups (CuTe's NamedBarrier numbers them after the ids
 // CUTLASS reserves).
-constexpr uint32_t kZeroBarrier = 0;   // the last V tile's zero fill
+constexpr uint32_t kZeroBarrier = 0;   // a V tile's zero fill (first / last tile)
 constexpr uint32_t kSchedBarrier = 1;  // + warpgroup: its turn to issue GEMMs (ping-pong)
 constexpr uint32_t kQScaleBarrier = 3; // a Q tile rescaled for a non-positive FP8 descale
 
@@ -397,14 +400,17 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           const uint32_t phase = (kv / kStages) & 1;
           // a buffer's first use needs no wait; later ones wait for the release of load kv - kStages
           // (which may belong to the previous work tile: the pipeline runs on across tiles)
-          if (kv >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
-          set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
-          // paged: the page holding this tile's keys (block_keys aligned the tiles to pages)
+          // paged: the page holding this tile's keys (block_keys aligned the tiles to pages),
+          // looked up before the buffer wait so that the load's latency hides behind it
           int page = 0, prow = 0;
           if (p.page_table != nullptr) {
             const int key = s.k_start + bk.lo + t * kBlockN;
             page = p.page_table[static_cast<int64_t>(s.cache_row) * p.page_table_batch_stride + key / p.page_size];
             prow = key % p.page_size;
+          }
+          if (kv >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
+          set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
+          if (p.page_table != nullptr) {
             Tensor gKp = local_tile(domain_offset(make_coord(prow, _0{}), tma_k.get_tma_tensor(k_shape(p))(_, _, hk, page)),
                                     Shape<Int<kBlockN>, Int<kD>>{}, make_coord(0, 0));
             auto [tKgp, tKsp] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gKp));

@@ -15,7 +15,7 @@ namespace mate::device::sm90_tma {
 MATE_HD int q_rows(const FmhaParams& p) { return p.q_is_ragged ? p.total_q : p.seqlen_q; }
 MATE_HD int q_batches(const FmhaParams& p) { return p.q_is_ragged ? 1 : p.batch; }
 MATE_HD int k_rows(const FmhaParams& p) { return p.page_table ? p.page_size : p.k_is_ragged ? p.total_k : p.seqlen_k; }
-MATE_HD int k_batches(const FmhaParams& p) { return p.k_is_ragged ? 1 : p.num_pages; }
+MATE_HD int k_batches(const FmhaParams& p) { return p.page_table ? p.num_pages : p.k_is_ragged ? 1 : p.num_pages; }
 
 // The tile widths (D, Dv) the FMHA forward and backward instantiate: a head dim pads up to the
 // first that holds it.
