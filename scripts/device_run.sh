@@ -44,6 +44,8 @@ sanitize() {
 if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
   sanitize memcheck sanitize_small.py memcheck.log "memcheck"
   sanitize memcheck sanitize_bwd.py memcheck_bwd.log "memcheck (backward)"
+  sanitize memcheck sanitize_qv.py memcheck_qv.log "memcheck (qv)"
+  sanitize racecheck sanitize_qv.py racecheck_qv.log "racecheck (qv)"
   sanitize memcheck sanitize_sm90.py memcheck_sm90.log "memcheck (sm90)"
   sanitize memcheck sanitize_sm90_bwd.py memcheck_sm90_bwd.log "memcheck (sm90 backward)"
   sanitize memcheck sanitize_sm90_mla.py memcheck_sm90_mla.log "memcheck (sm90 MLA)"

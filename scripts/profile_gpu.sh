@@ -2,7 +2,8 @@
 # Hardware counters and SASS of a tensor-core FMHA kernel (GPU machine, after
 # scripts/device_run.sh installed the package). Writes ncu_*.txt and sass_*.txt under $OUT.
 #   env: DIMS ("128 256 192x128": D or DxDv), KERNEL (kernel name regex, default fmha_sm90 on
-#        compute capability 9.0 else fmha_mma), MASK (full or causal)
+#        compute capability 9.0 else fmha_mma), MASK (full or causal), SEQ (tokens per sequence,
+#        default 2048; B = 16384 / SEQ as in bench_gpu.py's prefill table)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 cd /tmp
@@ -11,7 +12,7 @@ import sys, torch, mate_ops
 from mate_ops import mha_interface as mi
 D, _, Dv = sys.argv[1].partition("x")
 D, Dv = int(D), int(Dv or D)
-B, S, H, causal = 8, 2048, 2048 // D, sys.argv[2] == "causal"
+S = int(sys.argv[3]); B, H, causal = 16384 // S, 2048 // D, sys.argv[2] == "causal"
 q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
 k, v = torch.randn_like(q), torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
 for _ in range(3):
@@ -23,9 +24,9 @@ for d in ${DIMS:-128}; do
   ncu --clock-control none --kernel-name regex:$KERNEL --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
-      python3 /tmp/one_call.py "$d" "${MASK:-full}" > "$OUT/ncu_d$d.txt" 2>&1
-  echo "== D $d ($KERNEL)"
-  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Local|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Pipe|Executed Ipc|Shared|Bank|L1/TEX Hit|Block Limit" "$OUT/ncu_d$d.txt" | head -n 60
+      python3 /tmp/one_call.py "$d" "${MASK:-full}" "${SEQ:-2048}" > "$OUT/ncu_d${d}_s${SEQ:-2048}.txt" 2>&1
+  echo "== D $d S ${SEQ:-2048} ${MASK:-full} ($KERNEL)"
+  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Local|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Pipe|Executed Ipc|Shared|Bank|L1/TEX Hit|Block Limit" "$OUT/ncu_d${d}_s${SEQ:-2048}.txt" | head -n 60
 done
 so=$(python3 -c 'import mate_ops._C as c; print(c.__file__)')
 if [ "$KERNEL" != fmha_mma ]; then  # per sm90 kernel: local-memory traffic (spills) and wgmma counts

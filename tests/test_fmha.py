@@ -163,6 +163,97 @@ def test_softmax_scale_and_qv(device):
     check_fmha(q, k, v, device=device, softmax_scale=0.3)
 
 
+# ---------------------------------------------------------------- qv on tensor cores ------
+# bf16 / fp16 qv calls with D <= 64 and Dv <= 512 take the mma.sync qv kernel
+# (arch/sm80/fmha_qv_mma.cu: 512 channels split over four column warps whose partial scores
+# meet in shared memory); on CUDA the profiler must show it ran. Tile edges: 32 rows, 32 keys.
+
+def check_qv(q, k, v, qv, *, device, num_splits=1, **kw):
+    """check_fmha with qv, and on CUDA the assertion that the qv tensor-core kernel ran."""
+    out = check_fmha(q, k, v, device=device, qv=qv, num_splits=num_splits, **kw)
+    if device == "cuda":
+        import sm90_child  # the profiler helper (a sibling module)
+        dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        args = {key: dev(val) for key, val in kw.items()}
+        left, right = args.pop("window_size", (-1, -1))
+        names = sm90_child.kernels_run(lambda: torch.ops.mate.fmha_fwd(
+            q.cuda(), k.cuda(), v.cuda(), qv=qv.cuda(), num_splits=num_splits, window_size_left=left,
+            window_size_right=right, **args), device)
+        assert names is not None and any("fmha_qv_mma_kernel" in n for n in names), names
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 77), (45, 45), (100, 161), (200, 70)])
+def test_qv_tensor_cores(device, dtype, causal, sq, sk):
+    q, k = rand(2, sq, 4, 64, dtype=dtype), rand(2, sk, 2, 64, dtype=dtype)
+    v, qv = rand(2, sk, 2, 512, dtype=dtype), rand(2, sq, 4, 512, dtype=dtype)
+    check_qv(q, k, v, qv, device=device, causal=causal)
+
+
+@pytest.mark.parametrize("d,dv", [(64, 256), (32, 512), (16, 136), (64, 64), (48, 504)])
+def test_qv_tensor_core_padded_dims(device, d, dv):
+    q, k, v = rand(1, 70, 4, d), rand(1, 90, 4, d), rand(1, 90, 4, dv)
+    check_qv(q, k, v, rand(1, 70, 4, dv), device=device, causal=True)
+
+
+@pytest.mark.parametrize("pack_gqa", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+def test_qv_gqa_splits(device, pack_gqa, num_splits):
+    q, k, v = rand(2, 3, 8, 64), rand(2, 300, 2, 64), rand(2, 300, 2, 512)
+    check_qv(q, k, v, rand(2, 3, 8, 512), device=device, pack_gqa=pack_gqa, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("opts", [dict(window_size=(40, 5)), dict(softcap=10.0), dict(softmax_scale=-0.05),
+                                  dict(learnable_sink=True)],
+                         ids=["window", "softcap", "negative-scale", "sink"])
+def test_qv_masks_and_score_mods(device, opts):
+    opts = dict(opts)
+    if opts.pop("learnable_sink", False):
+        opts["learnable_sink"] = torch.randn(4, dtype=torch.float32) * 2
+    q, k, v = rand(2, 96, 4, 64), rand(2, 130, 2, 64), rand(2, 130, 2, 512)
+    check_qv(q, k, v, rand(2, 96, 4, 512), device=device, **opts)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_qv_alibi(device, causal):
+    q, k, v, qv = rand(2, 40, 4, 64), rand(2, 70, 2, 64), rand(2, 70, 2, 512), rand(2, 40, 4, 512)
+    slopes = torch.rand(4) * 0.3
+    ref_out, ref_lse = T.fmha_ref(q, k, v, qv=qv, causal=causal, alibi_slopes=slopes)
+    low, _ = T.fmha_ref(q, k, v, qv=qv, causal=causal, alibi_slopes=slopes, compute_dtype=q.dtype)
+    dev = [t.to(device) for t in (q, k, v, qv, slopes)]
+    for splits in (1, 3):
+        run = lambda: torch.ops.mate.fmha_fwd(*dev[:3], qv=dev[3], causal=causal, num_splits=splits,  # noqa: E731
+                                              alibi_slopes=dev[4])
+        out, lse = run()
+        T.assert_close_fa3(out, ref_out, low)
+        torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-3, rtol=1e-4)
+        if device == "cuda":
+            import sm90_child
+            names = sm90_child.kernels_run(run, device)
+            assert names is not None and any("fmha_qv_mma_kernel" in n for n in names), names
+
+
+def test_qv_varlen_and_seqused(device):
+    lq, lk = [5, 0, 70, 33], [17, 9, 100, 300]
+    q, k, v = rand(sum(lq), 4, 64), rand(sum(lk), 2, 64), rand(sum(lk), 2, 512)
+    check_qv(q, k, v, rand(sum(lq), 4, 512), device=device, cu_seqlens_q=T.random_cu_seqlens(lq),
+             cu_seqlens_k=T.random_cu_seqlens(lk), max_seqlen_q=max(lq), max_seqlen_k=max(lk), causal=True)
+    q, k, v = rand(3, 40, 4, 64), rand(3, 70, 2, 64), rand(3, 70, 2, 512)
+    check_qv(q, k, v, rand(3, 40, 4, 512), device=device, seqused_q=torch.tensor([40, 7, 0], dtype=torch.int32),
+             seqused_k=torch.tensor([70, 33, 12], dtype=torch.int32), causal=True)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_qv_paged(device, page_size):
+    seqlens = [100, 1, 130]
+    kd, vd = rand(3, 140, 2, 64), rand(3, 140, 2, 512)
+    kp, vp, pt = T.make_paged_kv(kd, vd, seqlens, page_size)
+    check_qv(rand(3, 5, 4, 64), kp, vp, rand(3, 5, 4, 512), device=device, page_table=pt,
+             seqused_k=torch.tensor(seqlens, dtype=torch.int32), causal=True)
+
+
 def test_empty_keys_and_masked_rows(device):
     # Sq > Sk under causal: the first rows see nothing -> out 0, lse -inf (never NaN)
     q, k, v = rand(1, 40, 2, 64), rand(1, 10, 2, 64), rand(1, 10, 2, 64)

@@ -449,6 +449,10 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
       if (!launched) arch::last_error();  // clear it, fall back
       if (!launched && staged_fp8) return e;
     }
+    if (!launched && qv_mma_fits(p)) {
+      launched = launch_fmha_qv_mma(p, splits, max_rows, stream) == arch::kSuccess;
+      if (!launched) arch::last_error();  // e.g. too little shared memory: clear it, fall back
+    }
     if (!launched && mma_path_fits(p)) {
       launched = launch_fmha_mma(p, splits, max_rows, stream) == arch::kSuccess;
       if (!launched) arch::last_error();  // e.g. too little shared memory: clear it, fall back

@@ -30,6 +30,11 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
 // the portable kernels would (partials when splits.num_splits > 1; the caller merges).
 bool mma_path_fits(const FmhaParams& p);
 arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream);
+// Its qv form (arch/sm80/fmha_qv_mma.cu): bf16/fp16 with qv, D up to 64 and Dv up to 512
+// (padded inside the kernel), 16-byte aligned rows; the same outputs and partials.
+bool qv_mma_fits(const FmhaParams& p);
+arch::Error launch_fmha_qv_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows,
+                               arch::Stream stream);
 
 // FMHA backward (fmha_bwd_kernels.cu): scratch of total_q * H floats each, indexed
 // [global row * H + head]: the base-2 lse (+inf for a row without keys) and delta =

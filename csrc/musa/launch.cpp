@@ -119,7 +119,9 @@ void fmha_device(const FmhaProblem& prob) {
   // SMs, not the mma.sync kernel's resident blocks (which would split long prefills needlessly
   // and send them off the Hopper kernel).
   const bool hopper = p.num_splits == 0 && fmha_sm90_takes(p, prob.max_seqlen_q);
-  const int workers = hopper ? imax(1, arch::multiprocessor_count()) : device_workers(0);
+  // The qv kernel (one 256-thread block per SM, 124 KB of shared memory) counts SMs likewise.
+  const bool one_block_per_sm = hopper || qv_mma_fits(p);
+  const int workers = one_block_per_sm ? imax(1, arch::multiprocessor_count()) : device_workers(0);
   int splits = resolve_num_splits(p.num_splits, p.batch, p.num_heads_k, prob.max_seqlen_q, G, prob.max_seqlen_k,
                                   workers);
   TORCH_CHECK(p.batch <= 65535, "the device kernels handle at most 65535 sequences per call, got ", p.batch);
