@@ -8,7 +8,7 @@
 // kColWarps column warps (as mla_kernels.cu's decode does): every warp of a 16-row group owns
 // 128 output channels and the matching 128 qv / v channels (plus 16 of q / k). A key tile's
 // scores are therefore summed from four partial products: each column warp writes its partial
-// S to shared memory, the row group meets at a named barrier, and each warp adds the four
+// S to shared memory, the block meets at a barrier, and each warp adds its row group's four
 // partials in the same order, so all of them hold bitwise the same scores, softmax and P;
 // then each warp does O[:, its 128 channels] += P V[:, its 128 channels] with P in registers.
 // The V tile in shared memory feeds both GEMMs (qv.v^T reads it like a K tile, P V
@@ -60,11 +60,6 @@ struct QvConfig {
   static_assert((kRowsPerWarp * kChunks) % 32 == 0 && (kRowsPerWarp * kVChunks) % 32 == 0,
                 "a warp's rows must fill whole copy steps");
 };
-
-// The kColWarps warps of row group `group` (named barriers 1.., barrier 0 is __syncthreads).
-__device__ __forceinline__ void row_group_sync(int group, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(group + 1), "r"(threads) : "memory");
-}
 
 template <class C, bool kPlain>
 __global__ void __launch_bounds__(C::kThreads, 1)
@@ -154,10 +149,22 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const int n0 = kmin + it * C::kBlockN;
       T* k_t = k_s + (it % C::kStages) * C::kKTileElems;
       T* v_t = v_s + (it % C::kStages) * C::kVTileElems;
+      // Does the tile hold keys these rows see, and does it need per-element masking?
+      bool any = false, all = true;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int lo = row_lo[hf] - n0, hi = row_hi[hf] - n0;
+        any |= lo < C::kBlockN && hi > 0 && lo < hi;
+        all &= lo <= 0 && C::kBlockN <= hi;
+      }
+      all = arch::warp_all(all);
       arch::cp_async_wait<0>();  // tile it has landed
       // Past this barrier tile it is visible to all, every warp is done with tile it - 1 (whose
-      // stage receives tile it + 1) and has read every partial score of tile it - 1.
-      __syncthreads();
+      // stage receives tile it + 1) and has read every partial score of tile it - 1. Whether
+      // any row of the block sees the tile is decided here for the whole block, so every warp
+      // meets the exchange barrier below or skips the tile (a row group with no key in it
+      // computes a fully masked tile: p = 0, its rows unchanged).
+      any = __syncthreads_or(any);
       if (it + 1 < num_tiles) {
         load_kv_tiles<C>(k_s + ((it + 1) % C::kStages) * C::kKTileElems, v_s + ((it + 1) % C::kStages) * C::kVTileElems,
                          nullptr, p, s, hk, n0 + C::kBlockN, kmax);
@@ -171,18 +178,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         for (int ks = 0; ks < C::kSliceSteps; ++ks)
           arch::ldmatrix_x4(qva[ks], qv_s + swz<kDv>(wrow + lane % 16, vc0 + 2 * ks + lane / 16));
       }
-      // Does the tile hold keys these rows see, and does it need per-element masking? The
-      // same answer in every column warp of the group (same rows), so the group reaches its
-      // barrier together or skips the tile together.
-      bool any = false, all = true;
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int lo = row_lo[hf] - n0, hi = row_hi[hf] - n0;
-        any |= lo < C::kBlockN && hi > 0 && lo < hi;
-        all &= lo <= 0 && C::kBlockN <= hi;
-      }
-      any = arch::warp_any(any);
-      all = arch::warp_all(all);
       if (!any) continue;
 
       // This column warp's part of S: q.k^T over its q channels plus qv.v^T over its v channels
@@ -210,12 +205,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           arch::mma_16x8x16<T>(sacc[2 * np + 1], qva[ks], vb[2], vb[3]);
         }
       // The group's partials meet in shared memory (fragment order: lanes read what the same
-      // lane of another warp wrote); every warp sums them in column order 0, 1, ...
+      // lane of another warp wrote); every warp sums them in column order 0, 1, ... The next
+      // tile's first barrier keeps the next writes behind these reads.
 #pragma unroll
       for (int nt = 0; nt < C::kNTiles; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) my_scores[(nt * 4 + e) * 32 + lane] = sacc[nt][e];
-      row_group_sync(group, C::kColWarps * arch::kWarpSize);
+      __syncthreads();
 #pragma unroll
       for (int nt = 0; nt < C::kNTiles; ++nt)
 #pragma unroll
