@@ -3,12 +3,32 @@
 // translation unit per tile width, in fmha_fwd_sm90_<width>.cu.
 #include "fmha_fwd_sm90.cuh"
 
+#include <cstdlib>
+#include <cstring>
+
 #if defined(MATE_WITH_SM90)
 
 namespace mate::device {
 namespace sm90 {
 namespace {
-const WidthKernels& kernels_for(Widths w) {
+// MATE_OPS_FMHA_SM90_TILE=wide / =stages4: the tile variants on trial for unpaged D 64 / 128
+// calls (a measuring knob). Read once per process.
+enum class TileTrial { kNone, kWide, kStages4 };
+TileTrial tile_trial() {
+  static const TileTrial trial = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_SM90_TILE");
+    if (v != nullptr && std::strcmp(v, "wide") == 0) return TileTrial::kWide;
+    if (v != nullptr && std::strcmp(v, "stages4") == 0) return TileTrial::kStages4;
+    return TileTrial::kNone;
+  }();
+  return trial;
+}
+const WidthKernels& kernels_for(Widths w, const FmhaParams& p) {
+  if (tile_trial() == TileTrial::kWide && p.page_table == nullptr) {
+    if (w == Widths::k64) return kWidth64n192;
+    if (w == Widths::k128) return kWidth128n176;
+  }
+  if (tile_trial() == TileTrial::kStages4 && p.page_table == nullptr && w == Widths::k64) return kWidth64s4;
   switch (w) {
     case Widths::k64: return kWidth64;
     case Widths::k128: return kWidth128;
@@ -56,13 +76,13 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || !even(p.out_batch_stride) || !even(p.out_row_stride) ||
       !even(p.out_head_stride))
     return false;
-  return kernels_for(widths).runs_here(p.in_dtype == DType::kFloat16, scores_are_plain(p));
+  return kernels_for(widths, p).runs_here(p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream) {
   using namespace sm90;
   if (max_rows <= 0) return arch::kSuccess;
-  return kernels_for(tile_widths(p.head_dim, p.head_dim_v))
+  return kernels_for(tile_widths(p.head_dim, p.head_dim_v), p)
       .launch(p, max_rows, tile_counter, stream, p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 

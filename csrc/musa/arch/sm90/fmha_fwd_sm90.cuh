@@ -112,15 +112,15 @@ using sm90_tma::q_rows;
 // measured 10-20 % faster than 64 from 2k tokens on the H200: fewer, wider Q K^T products).
 constexpr int block_n_for(int d, int dv) { return (d == 256 || dv == 256) ? 80 : 128; }
 
-template <class T_, class NvT_, int kD_, int kDv_>
+template <class T_, class NvT_, int kD_, int kDv_, int kBlockN_ = block_n_for(kD_, kDv_), int kStages_ = 2>
 struct Config {
   using T = T_;
   using NvT = NvT_;
   static constexpr int kD = kD_;           // tile width of q / k rows (head_dim pads up to it)
   static constexpr int kDv = kDv_;         // tile width of v / out rows (head_dim_v pads up to it)
   static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
-  static constexpr int kBlockN = block_n_for(kD, kDv);  // keys per K / V tile
-  static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
+  static constexpr int kBlockN = kBlockN_;  // keys per K / V tile (block_n_for unless a variant)
+  static constexpr int kStages = kStages_;  // K / V buffers: tile t + 1 lands while tile t computes
   static constexpr int kConsumers = 2;     // consumer warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kThreads = 128 + kConsumerThreads;
@@ -871,16 +871,20 @@ struct WidthKernels {
   arch::Error (*launch)(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool f16,
                         bool plain);
 };
-template <int kD, int kDv>
+template <int kD, int kDv, int kBlockN = block_n_for(kD, kDv), int kStages = 2>
 constexpr WidthKernels width_kernels() {
-  using CB = Config<cutlass::bfloat16_t, arch::bf16, kD, kDv>;
-  using CH = Config<cutlass::half_t, arch::f16, kD, kDv>;
+  using CB = Config<cutlass::bfloat16_t, arch::bf16, kD, kDv, kBlockN, kStages>;
+  using CH = Config<cutlass::half_t, arch::f16, kD, kDv, kBlockN, kStages>;
   return {&width_runs_here<CB, CH>, &width_launch<CB, CH>};
 }
 
 // One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
 // a parallel build compiles them side by side (one CuTe kernel takes about half a minute).
 extern const WidthKernels kWidth64, kWidth128, kWidth192x128, kWidth256;
+// Tile variants on trial (MATE_OPS_FMHA_SM90_TILE, unpaged calls only; fmha_fwd_sm90.cu): "wide"
+// = D 64 with 192 keys and D 128 with 176 (FlashAttention-3's choices for those head dims),
+// "stages4" = D 64 with four K / V stages.
+extern const WidthKernels kWidth64n192, kWidth128n176, kWidth64s4;
 
 }  // namespace sm90
 }  // namespace mate::device
