@@ -11,24 +11,18 @@
 namespace mate::device {
 namespace sm90 {
 namespace {
-// MATE_OPS_FMHA_SM90_TILE=wide / =stages4: the tile variants on trial for unpaged D 64 / 128
-// calls (a measuring knob). Read once per process.
-enum class TileTrial { kNone, kWide, kStages4 };
-TileTrial tile_trial() {
-  static const TileTrial trial = [] {
+// MATE_OPS_FMHA_SM90_TILE=m192: D 64 calls on the three-warpgroup variant (a measuring knob
+// while it is on trial). Read once per process.
+bool m192_wanted() {
+  static const bool wanted = [] {
     const char* v = std::getenv("MATE_OPS_FMHA_SM90_TILE");
-    if (v != nullptr && std::strcmp(v, "wide") == 0) return TileTrial::kWide;
-    if (v != nullptr && std::strcmp(v, "stages4") == 0) return TileTrial::kStages4;
-    return TileTrial::kNone;
+    return v != nullptr && std::strcmp(v, "m192") == 0;
   }();
-  return trial;
+  return wanted;
 }
 const WidthKernels& kernels_for(Widths w, const FmhaParams& p) {
-  if (tile_trial() == TileTrial::kWide && p.page_table == nullptr) {
-    if (w == Widths::k64) return kWidth64n192;
-    if (w == Widths::k128) return kWidth128n176;
-  }
-  if (tile_trial() == TileTrial::kStages4 && p.page_table == nullptr && w == Widths::k64) return kWidth64s4;
+  (void)p;
+  if (w == Widths::k64 && m192_wanted()) return kWidth64m192;
   switch (w) {
     case Widths::k64: return kWidth64;
     case Widths::k128: return kWidth128;
