@@ -3,26 +3,12 @@
 // translation unit per tile width, in fmha_fwd_sm90_<width>.cu.
 #include "fmha_fwd_sm90.cuh"
 
-#include <cstdlib>
-#include <cstring>
-
 #if defined(MATE_WITH_SM90)
 
 namespace mate::device {
 namespace sm90 {
 namespace {
-// MATE_OPS_FMHA_SM90_TILE=m192: D 64 calls on the three-warpgroup variant (a measuring knob
-// while it is on trial). Read once per process.
-bool m192_wanted() {
-  static const bool wanted = [] {
-    const char* v = std::getenv("MATE_OPS_FMHA_SM90_TILE");
-    return v != nullptr && std::strcmp(v, "m192") == 0;
-  }();
-  return wanted;
-}
-const WidthKernels& kernels_for(Widths w, const FmhaParams& p) {
-  (void)p;
-  if (w == Widths::k64 && m192_wanted()) return kWidth64m192;
+const WidthKernels& kernels_for(Widths w) {
   switch (w) {
     case Widths::k64: return kWidth64;
     case Widths::k128: return kWidth128;
@@ -70,13 +56,13 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || !even(p.out_batch_stride) || !even(p.out_row_stride) ||
       !even(p.out_head_stride))
     return false;
-  return kernels_for(widths, p).runs_here(p.in_dtype == DType::kFloat16, scores_are_plain(p));
+  return kernels_for(widths).runs_here(p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream) {
   using namespace sm90;
   if (max_rows <= 0) return arch::kSuccess;
-  return kernels_for(tile_widths(p.head_dim, p.head_dim_v), p)
+  return kernels_for(tile_widths(p.head_dim, p.head_dim_v))
       .launch(p, max_rows, tile_counter, stream, p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 

@@ -44,12 +44,12 @@
 //     warpgroup's last Q K^T of the work tile, so the producer loads the next tile's Q (after
 //     that tile's first K) while the consumers still run the last softmax, P V and epilogue.
 //     A work tile with no keys loads nothing and waits for nothing (both sides skip it).
-//   - named kSchedBarrier + w: warpgroup w's turn to issue its GEMMs (ping-pong; round robin
-//     over three warpgroups in the 192-row variant). Every work tile has num_tiles + 1 steps
-//     for every warpgroup, whatever keys each has, so the turns rotate strictly over the whole
-//     loop: the last warpgroup hands warpgroup 0 the very first turn before the loop, its last
-//     hand-over of a tile is warpgroup 0's first turn of the next (warpgroup 0 starts it
-//     during the others' epilogues), and warpgroup 0 takes the final one after the loop.
+//   - named kSchedBarrier + w: warpgroup w's turn to issue its GEMMs (ping-pong). Every work
+//     tile has num_tiles + 1 steps for both warpgroups, whatever keys each has, so the turns
+//     alternate strictly over the whole loop: warpgroup 1 hands warpgroup 0 the very first
+//     turn before the loop, its last hand-over of a tile is warpgroup 0's first turn of the
+//     next (warpgroup 0 starts it during warpgroup 1's epilogue), and warpgroup 0 takes the
+//     final one after the loop.
 //   - named kZeroBarrier: both warpgroups wait for the whole zero fill of a V tile (the last
 //     tile's rows past the block's keys; paged, the first tile's rows before them)
 //     (below) before either reads it. That buffer is refilled by TMA for a later tile only
@@ -112,25 +112,21 @@ using sm90_tma::q_rows;
 // measured 10-20 % faster than 64 from 2k tokens on the H200: fewer, wider Q K^T products).
 constexpr int block_n_for(int d, int dv) { return (d == 256 || dv == 256) ? 80 : 128; }
 
-template <class T_, class NvT_, int kD_, int kDv_, int kBlockN_ = block_n_for(kD_, kDv_), int kStages_ = 2,
-          int kConsumers_ = 2>
+template <class T_, class NvT_, int kD_, int kDv_>
 struct Config {
   using T = T_;
   using NvT = NvT_;
   static constexpr int kD = kD_;           // tile width of q / k rows (head_dim pads up to it)
   static constexpr int kDv = kDv_;         // tile width of v / out rows (head_dim_v pads up to it)
-  static constexpr int kConsumers = kConsumers_;  // consumer warpgroups, 64 query rows each
-  static constexpr int kBlockM = 64 * kConsumers;  // query rows per work tile
-  static constexpr int kBlockN = kBlockN_;  // keys per K / V tile (block_n_for unless a variant)
-  static constexpr int kStages = kStages_;  // K / V buffers: tile t + 1 lands while tile t computes
+  static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
+  static constexpr int kBlockN = block_n_for(kD, kDv);  // keys per K / V tile
+  static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
+  static constexpr int kConsumers = 2;     // consumer warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kThreads = 128 + kConsumerThreads;
   // Registers per thread after setmaxnreg: the producer keeps few, the consumers hold S (64),
-  // P (32) and O (64 at D 128). 128 * 24 + 256 * 240 fits the SM's 64K; with three consumer
-  // warpgroups (D 64: S 64 + P 32 + O 32) 128 * 24 + 384 * 160 does.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
-  static_assert(kConsumers == 2 || kConsumers == 3, "ping-pong over two or three consumer warpgroups");
-  static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 65536, "the SM's register file");
+  // P (32) and O (64 at D 128). 128 * 24 + 256 * 240 fits the SM's 64K.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 
   // S = Q K^T: M = 64 rows per warpgroup, N = kBlockN keys, K = D; Q and K both K-major in
   // shared memory. O += P V: N = Dv, K = kBlockN keys; P from registers, V MN-major (Dv is
@@ -243,9 +239,8 @@ __device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffff
 // Named barriers of the consumer warpgroups (CuTe's NamedBarrier numbers them after the ids
 // CUTLASS reserves).
 constexpr uint32_t kZeroBarrier = 0;   // a V tile's zero fill (first / last tile)
-constexpr uint32_t kSchedBarrier = 1;  // + warpgroup (up to 3): its turn to issue GEMMs (ping-pong)
-constexpr uint32_t kQScaleBarrier = 4; // a Q tile rescaled for a non-positive FP8 descale
-constexpr int kTurnThreads = 256;      // a turn barrier: the warpgroup taking it, the one handing it
+constexpr uint32_t kSchedBarrier = 1;  // + warpgroup: its turn to issue GEMMs (ping-pong)
+constexpr uint32_t kQScaleBarrier = 3; // a Q tile rescaled for a non-positive FP8 descale
 
 // The persistent schedule (the file comment has the why). A work tile is 128 query rows of one
 // query head of one sequence. Tiles are numbered section by section, a section being
@@ -253,8 +248,7 @@ constexpr int kTurnThreads = 256;      // a turn barrier: the warpgroup taking i
 // K / V, are neighbours); inside a section the latest m-block of every pair comes first, then
 // the one before it, and so on. 64-bit counts: sequences * heads * m-blocks may pass 2^31.
 struct Schedule {
-  int block_m = 128;     // query rows per work tile (Config::kBlockM)
-  int m_blocks = 0;      // block_m-row blocks of the longest sequence (max_rows)
+  int m_blocks = 0;      // 128-row blocks of the longest sequence (max_rows)
   int heads = 0;         // query heads
   int64_t pairs = 0;     // sequences * query heads
   int64_t section = 1;   // pairs per section, 1 .. pairs
@@ -278,7 +272,7 @@ MATE_HD Work work_at(const Schedule& sc, int64_t i) {
   Work w;
   w.b = static_cast<int>(pair / sc.heads);
   w.h = static_cast<int>(pair - static_cast<int64_t>(w.b) * sc.heads);
-  w.m0 = (sc.m_blocks - 1 - static_cast<int>(mb)) * sc.block_m;
+  w.m0 = (sc.m_blocks - 1 - static_cast<int>(mb)) * 128;
   return w;
 }
 
@@ -340,6 +334,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename C::T;
   constexpr int kD = C::kD, kDv = C::kDv, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
+  static_assert(kBlockM == 128, "work_at numbers the tiles in 128-row blocks");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& sh = *reinterpret_cast<typename C::Smem*>(smem_raw);
 
@@ -480,7 +475,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   uint32_t pos = 0;
   // Warpgroup 0 issues first (ping-pong, below); from then on each hand-over of warpgroup 1
   // (the last of a work tile included) is warpgroup 0's next turn, in the next work tile too.
-  if (group == C::kConsumers - 1) cutlass::arch::NamedBarrier::arrive(kTurnThreads, kSchedBarrier + 0);
+  if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
   for (uint32_t r = 0;; ++r) {
     int64_t i;
     if (sc.counter != nullptr) {  // the producer's draw (draw_tile)
@@ -643,7 +638,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
         }
       }
-      cutlass::arch::NamedBarrier::sync(kTurnThreads, kSchedBarrier + group);
+      cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
       if constexpr (kS || kPV) {
         warpgroup_fence_operand(tSrS);
         warpgroup_fence_operand(tOrO);
@@ -658,7 +653,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         wgmma_issue<false>(mma_pv, tOrP, tOrV(_, _, _, pst), tOrO);
         warpgroup_commit_batch();
       }
-      cutlass::arch::NamedBarrier::arrive(kTurnThreads, kSchedBarrier + (group + 1) % C::kConsumers);
+      cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 1 - group);
       float corr[2] = {1.f, 1.f};
       if constexpr (kS) {
         warpgroup_wait<kPV ? 1 : 0>();  // S_t is done; P V may still run
@@ -739,7 +734,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   }
   // warpgroup 1's last hand-over has no next turn to start: take it, so no named barrier is
   // left half-arrived when the block exits
-  if (group == 0) cutlass::arch::NamedBarrier::sync(kTurnThreads, kSchedBarrier + 0);
+  if (group == 0) cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + 0);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __trap();  // a Hopper-class target without the sm_90a features: a misbuilt binary, fail loudly
 #endif
@@ -822,7 +817,6 @@ inline int64_t grid_cap() {
 template <class C>
 Schedule make_schedule(const FmhaParams& p, int max_rows, int l2_bytes) {
   Schedule sc;
-  sc.block_m = C::kBlockM;
   sc.m_blocks = static_cast<int>((static_cast<int64_t>(max_rows) + C::kBlockM - 1) / C::kBlockM);
   sc.heads = p.num_heads;
   sc.pairs = static_cast<int64_t>(p.batch) * p.num_heads;
@@ -877,19 +871,16 @@ struct WidthKernels {
   arch::Error (*launch)(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool f16,
                         bool plain);
 };
-template <int kD, int kDv, int kBlockN = block_n_for(kD, kDv), int kStages = 2, int kConsumers = 2>
+template <int kD, int kDv>
 constexpr WidthKernels width_kernels() {
-  using CB = Config<cutlass::bfloat16_t, arch::bf16, kD, kDv, kBlockN, kStages, kConsumers>;
-  using CH = Config<cutlass::half_t, arch::f16, kD, kDv, kBlockN, kStages, kConsumers>;
+  using CB = Config<cutlass::bfloat16_t, arch::bf16, kD, kDv>;
+  using CH = Config<cutlass::half_t, arch::f16, kD, kDv>;
   return {&width_runs_here<CB, CH>, &width_launch<CB, CH>};
 }
 
 // One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
 // a parallel build compiles them side by side (one CuTe kernel takes about half a minute).
 extern const WidthKernels kWidth64, kWidth128, kWidth192x128, kWidth256;
-// On trial (MATE_OPS_FMHA_SM90_TILE=m192; fmha_fwd_sm90.cu): D 64 with 192-row work tiles over
-// three consumer warpgroups (FlashAttention-3's shape for D 64).
-extern const WidthKernels kWidth64m192;
 
 }  // namespace sm90
 }  // namespace mate::device
