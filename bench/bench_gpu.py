@@ -142,6 +142,16 @@ def child_times(quick, dims, env, table="prefill"):
     return times
 
 
+def driver_version():
+    """The NVIDIA driver's version (nvidia-smi), or "unknown"."""
+    try:
+        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def parse_compare(spec):
     """"LABEL:VAR=VALUE[;VAR=VALUE]" -> (label, {VAR: VALUE})."""
     label, _, assignments = spec.partition(":")
@@ -374,7 +384,7 @@ def main():
     ap.add_argument("--ours-json", action="store_true", help=argparse.SUPPRESS)  # the --compare child
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"{torch.cuda.get_device_name()}, driver {driver_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     dims = None
     if args.dims:
         dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]

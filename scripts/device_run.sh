@@ -16,6 +16,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null | head -n 1 | sed 's/^/driver, max SM clock: /'
 start=$(date +%s)
 # a regular (non-editable) install: the image's setuptools falls back to `setup.py develop`
 # for editable installs, which needs the network
