@@ -229,41 +229,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           for (int hf = 0; hf < 2; ++hf) {
             // the row's key interval relative to n0 (the mask of fmha_score.h)
             const KeyInterval keys{row_lo[mt][hf] - n0, row_hi[mt][hf] - n0};
-            float mx = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < C::kNTiles; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int jr = nt * 8 + 2 * t + e;  // key n0 + jr
-                float x = sacc[mt][nt][2 * hf + e];
-                if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
+            const float corr = online_softmax_row<kPlain>(
+                sacc[mt], hf, row_max[mt][hf], row_sum[mt][hf], keys, all, sl, [&](float x, int jr) {
                   const int m = m0 + wrow + mt * 16 + hf * 8 + g;
                   const ScoreMod mod = score_mod(p, s, b, h0 + m % row_heads);
                   // key n0 + jr, formed without signed overflow (past kmax it is masked anyway)
                   const int j = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(jr));
-                  x = mod.logit(x * dscale, m / row_heads, j) * kLog2e;
-                }
-                if (!all && !keys.contains(jr)) x = -INFINITY;
-                sacc[mt][nt][2 * hf + e] = x;
-                mx = fmaxf(mx, x);
-              }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(row_max[mt][hf], mx);
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-            const float corr = arch::fast_exp2((row_max[mt][hf] - m_use) * sl);
-            const float m_scaled = m_use * sl;
-            row_max[mt][hf] = m_new;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < C::kNTiles; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float pe = arch::fast_exp2(fmaf(sacc[mt][nt][2 * hf + e], sl, -m_scaled));
-                sacc[mt][nt][2 * hf + e] = pe;
-                sum += pe;
-              }
-            row_sum[mt][hf] = row_sum[mt][hf] * corr + sum;  // this lane's part; quads sum at the end
+                  return mod.logit(x * dscale, m / row_heads, j) * kLog2e;
+                });
 #pragma unroll
             for (int dt = 0; dt < C::kVTiles; ++dt) {
               o[mt][dt][2 * hf] *= corr;

@@ -5,6 +5,7 @@
 
 #include "../../../common/fmha_math.h"
 #include "../../../common/fmha_params.h"
+#include "../../../common/fmha_score.h"
 #include "../mma.h"
 
 #if defined(MATE_HAS_MMA_SYNC)
@@ -61,6 +62,49 @@ inline bool mma_widths(int d, int dv, MmaWidths& w) {
   else if (d <= 256 && dv <= 256) w = MmaWidths::k256;
   else return false;
   return true;
+}
+
+// The online softmax of one row (half hf of a warp's 16-row S tile, whose kNTiles * 2 values
+// of the row live in one lane quad), in base 2 and in place: masks the keys outside `keys`
+// (relative to the tile; not needed when `all`), turns the scores into exp2 values (P),
+// updates the row's maximum (in score units: raw with kPlain, else base-2 logits) and this
+// lane's part of its sum, and returns the factor the row's O accumulators must be scaled by.
+// logit(x, jr): the base-2 logit of raw score x at tile key jr (kPlain = false, ScoreMod).
+// Shared by the forward kernels of this folder (fmha_mma.cu, fmha_qv_mma.cu).
+template <bool kPlain, int kNTiles, class Logit>
+__device__ __forceinline__ float online_softmax_row(float (&sacc)[kNTiles][4], int hf, float& row_max, float& row_sum,
+                                                    const KeyInterval& keys, bool all, float sl, Logit&& logit) {
+  const int t = threadIdx.x % 4;
+  float mx = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int jr = nt * 8 + 2 * t + e;  // the tile's key jr
+      float x = sacc[nt][2 * hf + e];
+      if constexpr (!kPlain) x = logit(x, jr);
+      if (!all && !keys.contains(jr)) x = -INFINITY;
+      sacc[nt][2 * hf + e] = x;
+      mx = fmaxf(mx, x);
+    }
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(row_max, mx);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
+  const float corr = arch::fast_exp2((row_max - m_use) * sl);
+  const float m_scaled = m_use * sl;
+  row_max = m_new;
+  float sum = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float pe = arch::fast_exp2(fmaf(sacc[nt][2 * hf + e], sl, -m_scaled));
+      sacc[nt][2 * hf + e] = pe;
+      sum += pe;
+    }
+  row_sum = row_sum * corr + sum;  // this lane's part; the quad sums at the end
+  return corr;
 }
 
 // Element offset of 16-byte chunk c of row r in a tile with kRow-element rows.

@@ -61,6 +61,24 @@ struct QvConfig {
                 "a warp's rows must fill whole copy steps");
 };
 
+// S += A B^T over kSteps k-steps of 16: A's fragments in registers (16 rows), B the tile's
+// kNTiles * 8 key rows of a swizzled kRow-wide tile from 16-byte chunk c0 on (K for q.k^T, V
+// for qv.v^T).
+template <typename T, int kRow, int kNTiles, int kSteps>
+__device__ __forceinline__ void add_scores(float (&s)[kNTiles][4], const uint32_t (&a)[kSteps][4], const T* tile,
+                                           int c0) {
+  const int lane = threadIdx.x % arch::kWarpSize;
+#pragma unroll
+  for (int ks = 0; ks < kSteps; ++ks)
+#pragma unroll
+    for (int np = 0; np < kNTiles / 2; ++np) {
+      uint32_t b[4];
+      arch::ldmatrix_x4(b, tile + swz<kRow>(np * 16 + lane % 8 + (lane / 16) * 8, c0 + 2 * ks + (lane / 8) % 2));
+      arch::mma_16x8x16<T>(s[2 * np], a[ks], b[0], b[1]);
+      arch::mma_16x8x16<T>(s[2 * np + 1], a[ks], b[2], b[3]);
+    }
+}
+
 template <class C, bool kPlain>
 __global__ void __launch_bounds__(C::kThreads, 1)
     fmha_qv_mma_kernel(FmhaParams p, FmhaSplitBuffers parts, int row_heads, bool out_pairs) {
@@ -186,24 +204,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       for (int nt = 0; nt < C::kNTiles; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) sacc[nt][e] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < C::kQSliceSteps; ++ks)
-#pragma unroll
-        for (int np = 0; np < C::kNTiles / 2; ++np) {
-          uint32_t kb[4];
-          arch::ldmatrix_x4(kb, k_t + swz<kD>(np * 16 + lane % 8 + (lane / 16) * 8, qc0 + 2 * ks + (lane / 8) % 2));
-          arch::mma_16x8x16<T>(sacc[2 * np], qa[ks], kb[0], kb[1]);
-          arch::mma_16x8x16<T>(sacc[2 * np + 1], qa[ks], kb[2], kb[3]);
-        }
-#pragma unroll
-      for (int ks = 0; ks < C::kSliceSteps; ++ks)
-#pragma unroll
-        for (int np = 0; np < C::kNTiles / 2; ++np) {
-          uint32_t vb[4];
-          arch::ldmatrix_x4(vb, v_t + swz<kDv>(np * 16 + lane % 8 + (lane / 16) * 8, vc0 + 2 * ks + (lane / 8) % 2));
-          arch::mma_16x8x16<T>(sacc[2 * np], qva[ks], vb[0], vb[1]);
-          arch::mma_16x8x16<T>(sacc[2 * np + 1], qva[ks], vb[2], vb[3]);
-        }
+      add_scores<T, kD>(sacc, qa, k_t, qc0);
+      add_scores<T, kDv>(sacc, qva, v_t, vc0);
       // The group's partials meet in shared memory (fragment order: lanes read what the same
       // lane of another warp wrote); every warp sums them in column order 0, 1, ... The next
       // tile's first barrier keeps the next writes behind these reads.
@@ -222,44 +224,17 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           sacc[nt][e] = x;
         }
 
-      // Online softmax in base 2, per row (fmha_mma.cu's, one 16-row tile per warp)
+      // Online softmax in base 2, per row (online_softmax_row, one 16-row tile per warp)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < C::kNTiles; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int jr = nt * 8 + 2 * t + e;  // key n0 + jr
-            float x = sacc[nt][2 * hf + e];
-            if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
+        const float corr =
+            online_softmax_row<kPlain>(sacc, hf, row_max[hf], row_sum[hf], keys, all, sl, [&](float x, int jr) {
               const int m = m0 + wrow + hf * 8 + g;
               const ScoreMod mod = score_mod(p, s, b, h0 + m % row_heads);
               const int j = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(jr));
-              x = mod.logit(x, m / row_heads, j) * kLog2e;
-            }
-            if (!all && !keys.contains(jr)) x = -INFINITY;
-            sacc[nt][2 * hf + e] = x;
-            mx = fmaxf(mx, x);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_max[hf], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-        const float corr = arch::fast_exp2((row_max[hf] - m_use) * sl);
-        const float m_scaled = m_use * sl;
-        row_max[hf] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < C::kNTiles; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pe = arch::fast_exp2(fmaf(sacc[nt][2 * hf + e], sl, -m_scaled));
-            sacc[nt][2 * hf + e] = pe;
-            sum += pe;
-          }
-        row_sum[hf] = row_sum[hf] * corr + sum;  // this lane's part; quads sum at the end
+              return mod.logit(x, m / row_heads, j) * kLog2e;
+            });
 #pragma unroll
         for (int dt = 0; dt < C::kSliceTiles; ++dt) {
           o[dt][2 * hf] *= corr;
