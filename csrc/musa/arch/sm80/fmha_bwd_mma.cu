@@ -466,15 +466,13 @@ arch::Error launch_typed(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arc
 
 bool fmha_bwd_mma_fits(const FmhaBwdParams& g) {
   const FmhaParams& p = g.fwd;
-  auto aligned = [](const void* ptr, int64_t a, int64_t b, int64_t c) {
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * 2) % 16 == 0 && (b * 2) % 16 == 0 && (c * 2) % 16 == 0;
-  };
   MmaWidths w;
   return (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) && p.out_dtype == p.in_dtype &&
-         mma_widths(p.head_dim, p.head_dim_v, w) && aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-         aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-         aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
-         aligned(g.dout, g.dout_batch_stride, g.dout_row_stride, g.dout_head_stride);
+         mma_widths(p.head_dim, p.head_dim_v, w) &&
+         rows_aligned16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+         rows_aligned16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
+         rows_aligned16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
+         rows_aligned16(g.dout, g.dout_batch_stride, g.dout_row_stride, g.dout_head_stride);
 }
 
 arch::Error launch_fmha_bwd_mma(const FmhaBwdParams& g, const FmhaBwdScratch& rows, arch::Stream stream) {

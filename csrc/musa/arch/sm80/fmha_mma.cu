@@ -386,17 +386,14 @@ arch::Error launch_typed(const FmhaParams& p, const FmhaSplitBuffers& splits, in
 bool mma_path_fits(const FmhaParams& p) {
   const bool fp8 = p.in_dtype == DType::kFloat8E4M3;
   const int64_t es = fp8 ? 1 : 2;  // element bytes
-  auto aligned = [es](const void* ptr, int64_t a, int64_t b, int64_t c) {
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * es) % 16 == 0 && (b * es) % 16 == 0 &&
-           (c * es) % 16 == 0;
-  };
   MmaWidths w;
   // FP8 rows move in 16-value units: head dims multiples of 16
   const bool dims_ok = fp8 ? p.head_dim % 16 == 0 && p.head_dim_v % 16 == 0 : true;
   return (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16 || fp8) && !p.qv && dims_ok &&
-         mma_widths(p.head_dim, p.head_dim_v, w) && aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-         aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-         aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+         mma_widths(p.head_dim, p.head_dim_v, w) &&
+         rows_aligned16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, es) &&
+         rows_aligned16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, es) &&
+         rows_aligned16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, es);
 }
 
 arch::Error launch_fmha_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {

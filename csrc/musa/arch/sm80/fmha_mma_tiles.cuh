@@ -107,6 +107,14 @@ __device__ __forceinline__ float online_softmax_row(float (&sacc)[kNTiles][4], i
   return corr;
 }
 
+// Can a tensor's rows move in 16-byte chunks (cp.async)? Base and strides (in elements of
+// elem_bytes) multiples of 16 bytes. The fits checks of this folder's kernels.
+inline bool rows_aligned16(const void* ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride,
+                           int64_t elem_bytes = 2) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (batch_stride * elem_bytes) % 16 == 0 &&
+         (row_stride * elem_bytes) % 16 == 0 && (head_stride * elem_bytes) % 16 == 0;
+}
+
 // Element offset of 16-byte chunk c of row r in a tile with kRow-element rows.
 template <int kRow>
 __device__ __forceinline__ int swz(int r, int c) {

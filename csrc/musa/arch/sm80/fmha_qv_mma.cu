@@ -333,16 +333,13 @@ arch::Error launch_qv_typed(const FmhaParams& p, const FmhaSplitBuffers& splits,
 }  // namespace
 
 bool qv_mma_fits(const FmhaParams& p) {
-  auto aligned = [](const void* ptr, int64_t a, int64_t b, int64_t c) {
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (a * 2) % 16 == 0 && (b * 2) % 16 == 0 && (c * 2) % 16 == 0;
-  };
   return p.qv != nullptr && (p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) &&
          p.head_dim % 8 == 0 && p.head_dim <= QvConfig<arch::bf16>::kD && p.head_dim_v % 8 == 0 &&
          p.head_dim_v <= QvConfig<arch::bf16>::kDv &&
-         aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-         aligned(p.qv, p.qv_batch_stride, p.qv_row_stride, p.qv_head_stride) &&
-         aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-         aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+         rows_aligned16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+         rows_aligned16(p.qv, p.qv_batch_stride, p.qv_row_stride, p.qv_head_stride) &&
+         rows_aligned16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
+         rows_aligned16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
 }
 
 arch::Error launch_fmha_qv_mma(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows,
