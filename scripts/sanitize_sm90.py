@@ -42,7 +42,8 @@ kp, vp, pt = T.make_paged_kv(kd, kd, [300, 140], 128)
 M.fmha_fwd(torch.randn(2, 150, 4, 128, device=dev, dtype=bf16, generator=g), kp.to(dev), vp.to(dev),
            page_table=pt.to(dev), seqused_k=torch.tensor([300, 140], dtype=torch.int32, device=dev),
            cache_leftpad=torch.tensor([3, 130], dtype=torch.int32, device=dev), causal=True, num_splits=1)
-# fp8 e4m3 staged as bf16 (launch.cpp), descales per (batch, kv head); ragged q/k
+# fp8 e4m3 on fp8 wgmma (V staged transposed, launch.cpp; D 96, 128 and 256), descales per
+# (batch, kv head); ragged q/k; D 72 staged as bf16
 f8 = torch.float8_e4m3fn
 ds = torch.rand(2, 2, device=dev) + 0.5
 q8, k8, v8 = (torch.randn(2, 150, H, 96, device=dev, generator=g).to(f8) for H in (4, 2, 2))
@@ -51,5 +52,10 @@ cu8 = torch.tensor([0, 130, 300], dtype=torch.int32, device=dev)
 qr8, kr8 = qr.to(f8), kr.to(f8)
 M.fmha_fwd(qr8, kr8, kr8, cu_seqlens_q=cu8, cu_seqlens_k=cu8, max_seqlen_q=170, max_seqlen_k=170, q_descale=ds,
            v_descale=ds, num_splits=1)
+q8, k8, v8 = (torch.randn(2, S, H, 256, device=dev, generator=g).to(f8) for S, H in ((77, 2), (205, 1), (205, 1)))
+M.fmha_fwd(q8, k8, v8, window_size_left=60, window_size_right=10, q_descale=ds[:, :1], k_descale=ds[:, :1],
+           num_splits=1)
+q8, k8, v8 = (torch.randn(1, 140, H, 72, device=dev, generator=g).to(f8) for H in (2, 2, 2))
+M.fmha_fwd(q8, k8, v8, causal=True, num_splits=1)
 torch.cuda.synchronize()
 print("sanitize_sm90: done")

@@ -48,3 +48,22 @@ def test_device_source_compiles_without_torch(source, tmp_path):
     # branches it must treat as divergent; the kernel still runs, 10-20 % slower (measured)
     serialized = [line for line in res.stderr.splitlines() if "C7518" in line]
     assert not serialized, "wgmma serialized by ptxas:\n" + "\n".join(serialized[:4])
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+def test_fp8_pv_key_order_matches_cute_layouts(tmp_path):
+    """The Hopper forward's fp8 P V (arch/sm90/fp8_pv_order.h): every byte of P's registers holds
+    the score of the row and key that wgmma multiplies it with (CuTe's CLayout_64xN / ALayout_64x32),
+    checked on the host; the identity key order must fail the same check."""
+    cutlass = _cutlass_include()
+    if cutlass is None:
+        pytest.skip("the nvidia-cutlass headers are not installed (scripts/setup_env.sh installs them)")
+    exe = tmp_path / "fp8_pv_order_check"
+    cmd = [NVCC, "-std=c++17", "-x", "cu", f"-I{cutlass}", f"-I{ROOT / 'csrc'}",
+           str(ROOT / "tests" / "host" / "fp8_pv_order_check.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60).stdout.split()
+    counts = dict(zip(out[0::2], map(int, out[1::2])))
+    assert counts["order"] == 0 and counts["inverse"] == 0, counts
+    assert counts["identity"] > 0, counts

@@ -13,7 +13,9 @@ compares both with the oracle by FA3's rule (tests/test_fmha.py's check); on CUD
 the profiler which kernel ran, so a case the sm90 kernel declined (fmha_sm90_fits false) fails
 instead of passing on the mma.sync path. ``--device cpu`` runs the same comparisons against the
 CPU op (a dry run of this harness; no environment variable matters there). The fp8 cases
-(e4m3 inputs with descales, bf16 out) also check that launch.cpp's fp8-to-bf16 staging kernel ran.
+(e4m3 inputs with descales, bf16 out) also check which staging kernel of launch.cpp ran: the V
+transpose for the fp8 wgmma kernels (D and Dv multiples of 16 at tile widths 128 and 256), the
+fp8-to-bf16 conversion for the others (fp8_route).
 
 The kernel is persistent (one block per SM looping over work tiles). A second child reruns a
 subset (ONE_BLOCK_CASES) with MATE_OPS_FMHA_SM90_BLOCKS=1, a grid of one block, so that every
@@ -31,9 +33,10 @@ import torch
 import sm90_child
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FP8 = torch.float8_e4m3fn  # staged to bf16 (launch.cpp) before the sm90 kernel: out is bf16
+FP8 = torch.float8_e4m3fn  # out is bf16
 SM90_KERNEL = "fmha_sm90_kernel"
-FP8_STAGE_KERNEL = "fp8_to_bf16_kernel"
+FP8_STAGE_KERNEL = "fp8_to_bf16_kernel"  # fp8 staged to bf16 for the 16-bit kernels
+FP8_VT_KERNEL = "fp8_v_transpose_kernel"  # V^T staged for the fp8 wgmma kernels
 MARK = "@@sm90-case "  # result lines of the child: MARK + json
 
 
@@ -158,8 +161,8 @@ def _cases():
         leftpad=[37, 100])
     add("paged-128-cache-batch-idx-leftpad-nan", layout="paged", b=3, sq=129, lens=[300, 200, 400], page=128,
         cache_batch_idx=True, leftpad=[130, 0, 250], causal=True)
-    # fp8 e4m3: q / k / v converted to bf16 first (exact), the descales (per batch and kv head)
-    # applied inside the kernel -- q's and k's to the logits through the ScoreMod instantiation,
+    # fp8 e4m3 on fp8 wgmma (V staged transposed) or converted to bf16 first (fp8_route), the
+    # descales (per batch and kv head) applied inside the kernel -- q's and k's to the logits,
     # v's to the output
     for causal in (False, True):
         c = "causal" if causal else "full"
@@ -180,6 +183,15 @@ def _cases():
         softcap=5.0, sink=True, descale=True)
     add("fp8-seqused-k-descale-causal", dtype="fp8", layout="dense", b=3, sq=129, sk=300, seqused_k=[300, 10, 200],
         causal=True, descale=True)
+    # fp8 wgmma: a head dim padded inside the 128 tile, ragged keys whose sequences start off the
+    # 16-key groups of the staged V^T, Dv narrower than D, and a long row (P's e4m3 range)
+    add("fp8-d96-full", dtype="fp8", layout="dense", d=96, sq=200, sk=333, descale=True)
+    add("fp8-ragged-window-descale", dtype="fp8", layout="ragged", lq=[129, 7, 300], lk=[37, 211, 300],
+        window=(50, 30), descale=True)
+    add("fp8-d256x128-causal", dtype="fp8", layout="dense", d=256, dv=128, sq=300, sk=300, causal=True)
+    add("fp8-leftpad-seqused-causal", dtype="fp8", layout="dense", b=3, sq=129, sk=400, seqused_k=[400, 150, 333],
+        leftpad=[5, 0, 37], causal=True, descale=True)
+    add("fp8-d128-long-descale", dtype="fp8", layout="dense", b=1, sq=256, sk=4000, descale=True)
     return cases
 
 
@@ -253,6 +265,8 @@ def build(spec):
         q, k, v = qkv.unbind(2)
     else:
         raise ValueError(layout)
+    if layout == "dense" and "leftpad" in spec:  # cache_leftpad without cache_batch_idx
+        kw["cache_leftpad"] = _i32(spec["leftpad"])
     if "seqused_q" in spec:
         kw["seqused_q"] = _i32(spec["seqused_q"])
     if "seqused_k" in spec:
@@ -278,6 +292,14 @@ def build(spec):
     op_kw = dict(kw, causal=causal, window_size_left=window[0], window_size_right=window[1],
                  attention_chunk=chunk, num_splits=1)  # splits take the mma.sync path
     return q, k, v, op_kw, ref_kw
+
+
+def fp8_route(spec):
+    """The staging kernel an fp8 case must show: the V transpose of the fp8 wgmma kernels (D and Dv
+    multiples of 16, tile width 128 or 256: fmha_fwd_sm90.cu), else the bf16 conversion."""
+    d, dv = spec["d"], spec.get("dv", spec["d"])
+    width_128_or_256 = not (d <= 64 and dv <= 64) and not (128 < d <= 192 and dv <= 128)
+    return FP8_VT_KERNEL if d % 16 == 0 and dv % 16 == 0 and width_128_or_256 else FP8_STAGE_KERNEL
 
 
 def run_case(spec, device):
@@ -312,7 +334,7 @@ def run_case(spec, device):
         assert torch.equal(lse[~finite], lse_ref[~finite]), f"{which}: lse infinities differ from the oracle"
         torch.testing.assert_close(lse[finite], lse_ref[finite], atol=2e-3, rtol=1e-4,
                                    msg=lambda m, which=which: f"{which} lse: {m}")
-    kernels = [SM90_KERNEL, FP8_STAGE_KERNEL] if q.dtype == FP8 else [SM90_KERNEL]
+    kernels = [SM90_KERNEL, fp8_route(spec)] if q.dtype == FP8 else [SM90_KERNEL]
     return sm90_child.route_seen(lambda: torch.ops.mate.fmha_fwd(qd, kd, vd, **args), device, kernels)
 
 
@@ -334,7 +356,7 @@ ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-"
     "ragged-d128-bf16-causal", "ragged-d256-bf16-causal", "ragged-d64-fp16-full", "window-d128-100_50",
     "window-d64--1_7", "sink-ragged-causal", "cache-batch-idx-leftpad", "alibi-window-sink-gqa",
     "widths-d200x256-causal", "widths-d192x128-ragged-fp16", "ragged-seqused_k-past-segment",
-    "fp8-ragged-gqa-descale-causal", "paged-128-window-leftpad-nan", "paged-160-d256-causal-sink",
+    "fp8-ragged-gqa-descale-causal", "fp8-ragged-window-descale", "paged-128-window-leftpad-nan", "paged-160-d256-causal-sink",
     "paged-128-one-tile-nan-head-and-tail"]
 assert set(ONE_BLOCK_CASES) <= set(CASE_NAMES)
 sm90_one_block_results = sm90_child.child_results_fixture(

@@ -86,6 +86,11 @@ struct FmhaParams {
 
   DType in_dtype = DType::kBFloat16;
   DType out_dtype = DType::kBFloat16;
+
+  // Device only (launch.cpp, fp8 on the Hopper kernel): > 0 when v points at a staged V^T,
+  // (batches, Hk, Dv, v_t_keys) with keys contiguous and permuted inside 16-key groups
+  // (csrc/musa/arch/sm90/fp8_pv_order.h); v_head_stride / v_batch_stride are then its strides.
+  int v_t_keys = 0;
 };
 
 // FMHA backward (fmha_bwd): the forward's parameters, whose out / lse point at the saved

@@ -14,6 +14,7 @@
 #include "../common/fmha_math.h"
 #include "../common/fmha_score.h"
 #include "../common/scheduler.h"
+#include "arch/sm90/fp8_pv_order.h"
 #include "kernels.h"
 
 namespace mate::device {
@@ -441,14 +442,17 @@ arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int
     // tensor cores when the build and the problem allow; the portable kernels otherwise
     bool launched = false;
     // FP8 staged as bf16 (launch.cpp) keeps its descales, which only the Hopper kernel applies
-    // to 16-bit inputs: such a call has no fallback
-    const bool staged_fp8 = p.in_dtype != DType::kFloat8E4M3 && (p.q_descale || p.k_descale || p.v_descale);
+    // to 16-bit inputs, and a staged V^T (fp8 wgmma) is read by the Hopper kernel alone: such a
+    // call has no fallback
+    const bool sm90_only =
+        p.v_t_keys > 0 || (p.in_dtype != DType::kFloat8E4M3 && (p.q_descale || p.k_descale || p.v_descale));
     if (splits.num_splits == 1 && fmha_sm90_takes(p, max_rows)) {
       const arch::Error e = launch_fmha_sm90(p, max_rows, splits.tile_counter, stream);
       launched = e == arch::kSuccess;
       if (!launched) arch::last_error();  // clear it, fall back
-      if (!launched && staged_fp8) return e;
+      if (!launched && sm90_only) return e;
     }
+    if (!launched && p.v_t_keys > 0) return arch::kInvalidValue;
     if (!launched && qv_mma_fits(p)) {
       launched = launch_fmha_qv_mma(p, splits, max_rows, stream) == arch::kSuccess;
       if (!launched) arch::last_error();  // e.g. too little shared memory: clear it, fall back
@@ -515,6 +519,49 @@ arch::Error launch_fp8_to_bf16(const Fp8ToBf16View& v, arch::Stream stream) {
     const dim3 grid(static_cast<unsigned>(blocks < 1024 ? blocks : 1024), static_cast<unsigned>(v.batches));
     fp8_to_bf16_kernel<<<grid, 256, 0, stream>>>(v, static_cast<int>(vectors));
   }
+  return arch::last_error();
+}
+
+namespace {
+// One 64-key x 64-channel tile of one (batch, head) per block: read as 4-byte words along the
+// channels, written as 4-byte words along the (permuted) keys, through shared memory.
+constexpr int kVtTile = 64;
+__global__ void __launch_bounds__(256) fp8_v_transpose_kernel(Fp8VtView v) {
+  __shared__ uint32_t tile[kVtTile][kVtTile / 4 + 1];  // [key][4 channels], +1 word against bank conflicts
+  const int k0 = blockIdx.x * kVtTile, c0 = blockIdx.y * kVtTile;
+  const int bh = blockIdx.z, b = bh / v.heads, h = bh - b * v.heads;
+  const uint8_t* src = static_cast<const uint8_t*>(v.src) + b * v.batch_stride + int64_t{h} * v.head_stride;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int w = threadIdx.x + 256 * i, key = w / 16, c4 = (w % 16) * 4;
+    uint32_t word = 0;  // keys past the rows (and channels past dim) are zeros
+    if (k0 + key < v.rows && c0 + c4 < v.dim)
+      word = *reinterpret_cast<const uint32_t*>(src + int64_t{k0 + key} * v.row_stride + c0 + c4);
+    tile[key][c4 / 4] = word;
+  }
+  __syncthreads();
+  uint8_t* dst = static_cast<uint8_t*>(v.dst);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int w = threadIdx.x + 256 * i, c = w / 16, pw = w % 16;  // channel, word of 4 key columns
+    if (c0 + c >= v.dim || k0 + 4 * pw >= v.keys_pad) continue;
+    uint32_t word = 0;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {  // column 4 pw + t of the tile holds key 16 group + fp8_pv_key(a)
+      const int key = 16 * (pw / 4) + sm90_fp8::fp8_pv_key(4 * (pw % 4) + t);
+      word |= ((tile[key][c / 4] >> (8 * (c % 4))) & 0xffu) << (8 * t);
+    }
+    *reinterpret_cast<uint32_t*>(dst + (int64_t{bh} * v.dim + c0 + c) * v.keys_pad + k0 + 4 * pw) = word;
+  }
+}
+}  // namespace
+
+arch::Error launch_fp8_v_transpose(const Fp8VtView& v, arch::Stream stream) {
+  if (v.rows <= 0 || v.dim <= 0 || v.batches <= 0 || v.heads <= 0) return arch::kSuccess;
+  if (int64_t{v.batches} * v.heads > 65535 || v.keys_pad % 16 != 0 || v.keys_pad < v.rows || v.dim % 4 != 0)
+    return arch::kInvalidValue;
+  const dim3 grid((v.keys_pad + kVtTile - 1) / kVtTile, (v.dim + kVtTile - 1) / kVtTile, v.batches * v.heads);
+  fp8_v_transpose_kernel<<<grid, 256, 0, stream>>>(v);
   return arch::last_error();
 }
 

@@ -82,6 +82,19 @@ struct Fp8ToBf16View {
 };
 arch::Error launch_fp8_to_bf16(const Fp8ToBf16View& v, arch::Stream stream);
 
+// FP8 on the Hopper kernel's fp8 wgmma (launch.cpp: fp8_vt_staged_for_sm90): q and k are read as
+// they are; V is staged transposed, dst = (batches, heads, dim, keys_pad) e4m3 with keys
+// contiguous and permuted inside every 16-key group (arch/sm90/fp8_pv_order.h), keys past `rows`
+// zero. src as in Fp8ToBf16View: (batches, rows, heads, dim), element strides; dim and every
+// stride a multiple of 4, the base 4-byte aligned; keys_pad a multiple of 16 >= rows.
+struct Fp8VtView {
+  const void* src = nullptr;
+  int64_t batch_stride = 0, row_stride = 0, head_stride = 0;
+  int batches = 0, rows = 0, heads = 0, dim = 0, keys_pad = 0;
+  void* dst = nullptr;
+};
+arch::Error launch_fp8_v_transpose(const Fp8VtView& v, arch::Stream stream);
+
 arch::Error launch_combine(const CombineParams& c, arch::Stream stream);
 
 // max_new: an upper bound of any sequence's new keys.

@@ -111,9 +111,67 @@ at::Tensor fp8_staged_for_sm90(FmhaParams& p, const FmhaProblem& prob) {
   return staged;
 }
 
+// MATE_OPS_FMHA_FP8=bf16 keeps fp8 calls on the bf16 staging above, off the fp8 wgmma kernels
+// (to compare the two). Read once per process.
+bool fp8_wgmma_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_FP8");
+    return v == nullptr || std::string(v) != "bf16";
+  }();
+  return allowed;
+}
+
+// FP8 q / k / v on the Hopper kernel's fp8 wgmma: q and k are read as they are; fp8 wgmma takes
+// V only K-major (keys contiguous), so V is staged transposed into a scratch tensor, its keys
+// permuted inside 16-key groups (kernels.h: Fp8VtView), and p points at it (v_t_keys). Returns
+// an undefined tensor (p unchanged) when the call would not take those kernels: then the bf16
+// staging (fp8_staged_for_sm90) or the mma.sync kernel's fp8 tiles serve it. The copy reads V's
+// bytes once and writes as many, in place of the bf16 staging's read of q, k and v and write
+// and read of twice their size.
+at::Tensor fp8_vt_staged_for_sm90(FmhaParams& p, const FmhaProblem& prob) {
+  if (!fp8_wgmma_allowed() || p.in_dtype != DType::kFloat8E4M3 || p.out_dtype != DType::kBFloat16 ||
+      p.num_splits > 1 || p.page_table || p.qv)
+    return {};
+  // a kv cache is not staged whole on every call (as in fp8_staged_for_sm90)
+  if (p.cache_batch_idx || p.cu_seqlens_k_new || p.seqlen_k_new > 0 || (!p.k_is_ragged && p.num_pages != p.batch))
+    return {};
+  Fp8VtView v;
+  v.src = p.v;
+  v.batches = p.k_is_ragged ? 1 : p.batch;
+  v.rows = p.k_is_ragged ? p.total_k : p.seqlen_k;
+  v.heads = p.num_heads_k;
+  v.dim = p.head_dim_v;
+  v.batch_stride = v.batches > 1 ? p.v_batch_stride : 0;
+  v.row_stride = p.v_row_stride;
+  v.head_stride = p.v_head_stride;
+  const int64_t keys_pad = (int64_t{v.rows} + 15) / 16 * 16;
+  // the staging kernel moves 4-byte words
+  auto word = [](int64_t x) { return x % 4 == 0; };
+  if (reinterpret_cast<uintptr_t>(v.src) % 4 != 0 || !word(v.batch_stride) || !word(v.row_stride) ||
+      !word(v.head_stride) || !word(v.dim) || v.rows <= 0 || keys_pad > INT32_MAX || int64_t{v.batches} * v.heads > 65535)
+    return {};
+  v.keys_pad = static_cast<int>(keys_pad);
+  // the same call on the staged V^T (a stand-in 256-byte aligned address for the checks)
+  FmhaParams s = p;
+  s.v = reinterpret_cast<void*>(uintptr_t{256});
+  s.v_t_keys = v.keys_pad;
+  s.v_row_stride = 1;
+  s.v_head_stride = int64_t{v.dim} * keys_pad;
+  s.v_batch_stride = v.batches > 1 ? int64_t{v.heads} * v.dim * keys_pad : 0;
+  if (!fmha_sm90_takes(s, prob.max_seqlen_q)) return {};
+  at::Tensor staged = at::empty({int64_t{v.batches} * v.heads * v.dim * keys_pad}, prob.scratch_options.dtype(at::kByte));
+  v.dst = staged.data_ptr();
+  s.v = v.dst;
+  check_launch(launch_fp8_v_transpose(v, arch::current_stream()), "fmha_fwd (fp8 V transpose)");
+  s.num_splits = 1;  // the Hopper kernel never splits; launch_fmha has no other kernel for a V^T
+  p = s;
+  return staged;
+}
+
 void fmha_device(const FmhaProblem& prob) {
   FmhaParams p = prob.params;
-  const at::Tensor fp8_staged = fp8_staged_for_sm90(p, prob);
+  at::Tensor fp8_staged = fp8_vt_staged_for_sm90(p, prob);
+  if (!fp8_staged.defined()) fp8_staged = fp8_staged_for_sm90(p, prob);
   const int G = p.num_heads / p.num_heads_k;
   // The Hopper kernel keeps one 384-thread block per SM busy, so its split heuristic counts
   // SMs, not the mma.sync kernel's resident blocks (which would split long prefills needlessly

@@ -95,6 +95,20 @@ __device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi) {
   return r;
 }
 
+// Four floats as one 32-bit register of fp8 e4m3 values (a in the low byte), rounded to nearest,
+// saturating at +-448 (sm89+: the Hopper forward's fp8 P; other targets never call it).
+__device__ __forceinline__ uint32_t pack_e4m3x4(float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint16_t lo, hi;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(b), "f"(a));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(d), "f"(c));
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+#else
+  __trap();
+  return 0;
+#endif
+}
+
 // Two m16n8 fp32 accumulator tiles (8 columns each) as the A operand of one m16n8k16 step:
 // their 16 columns are its k values and the register layouts line up, so P (or dS) feeds the
 // next product straight from registers.

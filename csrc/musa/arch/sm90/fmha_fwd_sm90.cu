@@ -25,11 +25,47 @@ int key_tile(Widths w) {
     default: return block_n_for(256, 256);
   }
 }
+// fp8 e4m3 with a staged V^T (launch.cpp) runs the fp8 kernels of widths 128 and 256: D and Dv
+// multiples of 16 (16-byte fp8 rows for TMA), not paged (the V^T is staged per sequence row).
+const WidthKernels* fp8_kernels_for(const FmhaParams& p) {
+  if (p.v_t_keys <= 0 || p.v_t_keys % 16 != 0 || p.page_table != nullptr || p.head_dim % 16 != 0 ||
+      p.head_dim_v % 16 != 0)
+    return nullptr;
+  switch (tile_widths(p.head_dim, p.head_dim_v)) {
+    case Widths::k128: return &kWidthFp8x128;
+    case Widths::k256: return &kWidthFp8x256;
+    default: return nullptr;  // D <= 64 and 192 x 128 stay on the bf16 staging
+  }
+}
 }  // namespace
 }  // namespace sm90
 
+static bool sm90_fp8_fits(const FmhaParams& p) {
+  using namespace sm90;
+  if (p.in_dtype != DType::kFloat8E4M3 || p.out_dtype != DType::kBFloat16 || p.qv || p.num_splits > 1) return false;
+  const WidthKernels* kernels = fp8_kernels_for(p);
+  if (kernels == nullptr || !p.out || !p.lse || !p.q || !p.k || !p.v) return false;
+  if (p.batch <= 0 || p.batch > 65535 || p.num_heads <= 0 || p.num_heads > 65535 || p.num_heads_k <= 0 ||
+      p.num_heads % p.num_heads_k != 0)
+    return false;
+  if (q_rows(p) <= 0 || k_rows(p) <= 0 || q_batches(p) <= 0 || k_batches(p) <= 0) return false;
+  using sm90_tma::stride_ok;
+  using sm90_tma::view_ok;
+  if (!view_ok(p.q, p.q_row_stride, q_rows(p), p.q_head_stride, p.num_heads, p.q_batch_stride, q_batches(p), 1) ||
+      !view_ok(p.k, p.k_row_stride, k_rows(p), p.k_head_stride, p.num_heads_k, p.k_batch_stride, k_batches(p), 1) ||
+      !view_ok(p.v, p.v_t_keys, p.head_dim_v, p.v_head_stride, p.num_heads_k, p.v_batch_stride, k_batches(p), 1))
+    return false;
+  auto even = [](int64_t x) { return x % 2 == 0; };
+  if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || !even(p.out_batch_stride) || !even(p.out_row_stride) ||
+      !even(p.out_head_stride))
+    return false;
+  return kernels->runs_here(false, scores_are_plain(p));
+}
+
 bool fmha_sm90_fits(const FmhaParams& p) {
   using namespace sm90;
+  if (p.in_dtype == DType::kFloat8E4M3) return sm90_fp8_fits(p);
+  if (p.v_t_keys > 0) return false;  // a staged V^T is read by the fp8 kernels only
   if (!(p.in_dtype == DType::kBFloat16 || p.in_dtype == DType::kFloat16) || p.out_dtype != p.in_dtype) return false;
   const Widths widths = tile_widths(p.head_dim, p.head_dim_v);
   if (widths == Widths::kNone) return false;
@@ -62,6 +98,11 @@ bool fmha_sm90_fits(const FmhaParams& p) {
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream) {
   using namespace sm90;
   if (max_rows <= 0) return arch::kSuccess;
+  if (p.in_dtype == DType::kFloat8E4M3) {
+    const WidthKernels* kernels = fp8_kernels_for(p);
+    return kernels ? kernels->launch(p, max_rows, tile_counter, stream, false, scores_are_plain(p))
+                   : arch::kInvalidValue;
+  }
   return kernels_for(tile_widths(p.head_dim, p.head_dim_v))
       .launch(p, max_rows, tile_counter, stream, p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }

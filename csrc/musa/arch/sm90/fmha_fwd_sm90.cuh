@@ -65,8 +65,15 @@
 // and 0 * NaN would leak into the output); paged, so are the keys a page-aligned first tile
 // holds before the first key any row sees (block_keys' head).
 //
-// Not yet here: GQA row packing, TMA stores, fp8 wgmma (fp8 inputs arrive converted to bf16,
-// launch.cpp), page sizes that are not a multiple of the key tile -- pages under 128 keys,
+// fp8 e4m3 (kFp8, widths 128 and 256, bf16 out): both GEMMs on fp8 wgmma. fp8 wgmma reads B
+// only K-major, so launch.cpp stages V transposed (keys contiguous), and since P's register
+// operand layout differs from S's accumulator layout in fp8, the staged keys are permuted inside
+// 16-key groups so that P packs straight from S's registers (fp8_pv_order.h); tiles then start
+// on a 16-key group (block_keys' head). P is scaled by 2^8 into e4m3's range (kPOffset). Other
+// fp8 calls (D <= 64, 192 x 128, D not a multiple of 16) arrive converted to bf16 (launch.cpp).
+//
+// Not yet here: GQA row packing, TMA stores, fp8 with paged K / V, page sizes that are not a
+// multiple of the key tile -- pages under 128 keys,
 // and at the 256 width (80-key tiles) every power of two: several 16-row boxes per tile
 // would serve them (docs/performance.md has the measured versions).
 
@@ -80,6 +87,7 @@
 #include "../../../common/fmha_score.h"
 #include "../../kernels.h"
 #include "../device.h"
+#include "fp8_pv_order.h"
 #include "tma_checks.cuh"
 
 #if defined(MATE_WITH_SM90)
@@ -106,20 +114,43 @@ using sm90_tma::q_batches;
 using sm90_tma::q_rows;
 
 // The tile configuration of one (element type, head dim) instantiation. T is CuTe's element
-// type (the wgmma operand type); NvT the CUDA type of the same bits (arch::pack2).
+// type of q / k / v (the wgmma operand type); NvT the CUDA type of the same bits (arch::pack2)
+// for 16-bit inputs; OutNvT the CUDA type of out (bf16 for fp8 inputs).
 // Keys per K / V tile: 128, and 80 at D 256 so that Q, two K and two V stages fit in 224 KB of
 // shared memory and O (128 floats per thread) leaves room for S and P in 240 registers (80
 // measured 10-20 % faster than 64 from 2k tokens on the H200: fewer, wider Q K^T products).
-constexpr int block_n_for(int d, int dv) { return (d == 256 || dv == 256) ? 80 : 128; }
+// fp8: 128 (P V's k-steps are 32 keys, V^T's 128-byte swizzle rows 128 keys; P takes a quarter
+// of the registers it takes in 16 bits), 64 at D 256 (128 spilled 392 bytes: S alone is 64
+// registers there, beside O's 128).
+constexpr int block_n_for(int d, int dv, bool fp8 = false) {
+  return fp8 ? ((d == 256 || dv == 256) ? 64 : 128) : (d == 256 || dv == 256) ? 80 : 128;
+}
 
-template <class T_, class NvT_, int kD_, int kDv_>
+// V's shared tiles (Config::SmemV), picked without instantiating the other form.
+template <bool kFp8, class T, int kDv, int kBlockN, int kStages>
+struct SmemVLayout {
+  using type = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{},
+                                      Step<_2, _1, _3>{}));
+};
+template <class T, int kDv, int kBlockN, int kStages>
+struct SmemVLayout<true, T, kDv, kBlockN, kStages> {  // V^T rows of kBlockN one-byte keys
+  using Atom = cute::conditional_t<kBlockN % 128 == 0, GMMA::Layout_K_SW128_Atom<T>, GMMA::Layout_K_SW64_Atom<T>>;
+  using type = decltype(tile_to_shape(Atom{}, Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{}));
+};
+
+template <class T_, class NvT_, int kD_, int kDv_, class OutNvT_ = NvT_>
 struct Config {
   using T = T_;
   using NvT = NvT_;
+  using OutNvT = OutNvT_;
+  // fp8 e4m3 inputs: both GEMMs on fp8 wgmma (32-element k-steps, both operands K-major), so V
+  // arrives transposed (launch.cpp stages V^T, keys permuted inside 16-key groups: fp8_pv_order.h)
+  static constexpr bool kFp8 = sizeof(T) == 1;
+  static constexpr int kKStep = kFp8 ? 32 : 16;  // elements per wgmma k-step
   static constexpr int kD = kD_;           // tile width of q / k rows (head_dim pads up to it)
   static constexpr int kDv = kDv_;         // tile width of v / out rows (head_dim_v pads up to it)
   static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
-  static constexpr int kBlockN = block_n_for(kD, kDv);  // keys per K / V tile
+  static constexpr int kBlockN = block_n_for(kD, kDv, kFp8);  // keys per K / V tile
   static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
   static constexpr int kConsumers = 2;     // consumer warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
@@ -127,24 +158,29 @@ struct Config {
   // Registers per thread after setmaxnreg: the producer keeps few, the consumers hold S (64),
   // P (32) and O (64 at D 128). 128 * 24 + 256 * 240 fits the SM's 64K.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kD % kKStep == 0 && kBlockN % kKStep == 0, "whole wgmma k-steps");
 
   // S = Q K^T: M = 64 rows per warpgroup, N = kBlockN keys, K = D; Q and K both K-major in
   // shared memory. O += P V: N = Dv, K = kBlockN keys; P from registers, V MN-major (Dv is
-  // contiguous in memory).
+  // contiguous in memory) -- K-major for fp8 (V^T: keys contiguous), the only form fp8 wgmma has.
+  static constexpr GMMA::Major kMajorV = kFp8 ? GMMA::Major::K : GMMA::Major::MN;
   using AtomQK = decltype(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBlockN>, Int<kD>>>());
-  using AtomPV = decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kDv>, Int<kBlockN>>, GMMA::Major::K,
-                                                 GMMA::Major::MN>());
+  using AtomPV =
+      decltype(GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kDv>, Int<kBlockN>>, GMMA::Major::K, kMajorV>());
   using WarpGroups = Layout<Shape<Int<kConsumers>, _1, _1>>;  // warpgroup w owns rows 64w .. 64w + 63
   using MmaQK = decltype(make_tiled_mma(AtomQK{}, WarpGroups{}));
   using MmaPV = decltype(make_tiled_mma(AtomPV{}, WarpGroups{}));
 
   // The softmax indexes the accumulators directly (value i = e + 2 h + 4 j is row g + 8 h,
   // column 8 j + 2 (lane % 4) + e, g = lane / 4 + 16 * warp), and P reuses S's registers as
-  // the A operand of O += P V: 16 accumulator columns are laid out exactly like one k-step of
-  // a register A operand. These asserts pin both facts to CuTe's layouts.
+  // the A operand of O += P V: in 16 bits, 16 accumulator columns are laid out exactly like one
+  // k-step of a register A operand; in fp8 they are not, and V^T's key order makes up for it
+  // (fp8_pv_order.h, checked against these layouts by a host test). These asserts pin the
+  // layouts that reasoning rests on to CuTe's.
   static_assert(cute::is_same_v<typename MmaQK::Atom::CLayout, GMMA::CLayout_64xN<kBlockN>>);
   static_assert(cute::is_same_v<typename MmaPV::Atom::CLayout, GMMA::CLayout_64xN<kDv>>);
-  static_assert(cute::is_same_v<typename MmaPV::Atom::ALayout, GMMA::ALayout_64x16>);
+  static_assert(cute::is_same_v<typename MmaPV::Atom::ALayout,
+                                cute::conditional_t<kFp8, GMMA::ALayout_64x32, GMMA::ALayout_64x16>>);
   static_assert(cute::is_same_v<GMMA::CLayout_64xN<16>, GMMA::ALayout_64x16>);
 
   // Shared tiles with the 128-byte swizzle wgmma and TMA both understand.
@@ -152,15 +188,16 @@ struct Config {
   using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockN>, Int<kD>, Int<kStages>>{}));
   // V's swizzle atoms (64 channels x 8 keys) are stacked along the keys first, so that 64
   // channels of a whole tile are one contiguous TMA box (channels first would cut it into
-  // 8-key boxes).
-  using SmemV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{},
-                                       Step<_2, _1, _3>{}));
+  // 8-key boxes). fp8: V^T rows of 128 keys (one 128-byte swizzle atom wide), K-major.
+  using SmemV = typename SmemVLayout<kFp8, T, kDv, kBlockN, kStages>::type;
 
   // Global views for the TMA descriptors: q / k as (rows, D, heads, batch), v as
-  // (Dv, rows, heads, batch) so that its tiles land MN-major. A ragged tensor has batch 1.
+  // (Dv, rows, heads, batch) so that its tiles land MN-major (fp8: V^T, keys contiguous, the same
+  // modes). A ragged tensor has batch 1.
   using GShape = Shape<int, int, int, int>;
   using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
-  using GStrideV = Stride<_1, int64_t, int64_t, int64_t>;
+  using GStrideV =
+      cute::conditional_t<kFp8, Stride<int64_t, _1, int64_t, int64_t>, Stride<_1, int64_t, int64_t, int64_t>>;
   using GTensorQK = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GShape{}, GStrideQK{}));
   using GTensorV = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GShape{}, GStrideV{}));
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), SmemQ{}));
@@ -202,7 +239,8 @@ MATE_HD Shape<int, int, int, int> k_shape(const FmhaParams& p) {
   return make_shape(k_rows(p), p.head_dim, p.num_heads_k, k_batches(p));
 }
 MATE_HD Shape<int, int, int, int> v_shape(const FmhaParams& p) {
-  return make_shape(p.head_dim_v, k_rows(p), p.num_heads_k, k_batches(p));
+  // staged V^T (fp8): v_t_keys keys per channel row, a multiple of 16 (whole permuted groups)
+  return make_shape(p.head_dim_v, p.v_t_keys > 0 ? p.v_t_keys : k_rows(p), p.num_heads_k, k_batches(p));
 }
 
 // Issues one wgmma tile product, C (+)= A B over every k-step, without committing or waiting
@@ -303,12 +341,13 @@ __device__ __forceinline__ int64_t draw_tile(const Schedule& sc, uint32_t r) {
 // Paged K / V: a tile must not cross a page (one TMA box, one page-table entry), so with page
 // sizes a multiple of kBlockN (fmha_sm90_fits) the tiles start on a storage position that is
 // a multiple of kBlockN: lo moves down by `head` keys, which no row sees (masked; their V rows
-// are zeroed, as they may be left padding or garbage).
+// are zeroed, as they may be left padding or garbage). A staged V^T (fp8) moves lo down to a
+// multiple of 16 likewise.
 struct BlockKeys {
   int lo = 0, hi = 0, tiles = 0;
   int head = 0;  // keys [lo, lo + head) of the first tile precede the first key any row sees
 };
-template <int kBlockM, int kBlockN>
+template <int kBlockM, int kBlockN, bool kFp8>
 __device__ __forceinline__ BlockKeys block_keys(const FmhaParams& p, const SeqInfo& s, int m0) {
   BlockKeys k;
   if (m0 < s.q_len) {
@@ -317,6 +356,12 @@ __device__ __forceinline__ BlockKeys block_keys(const FmhaParams& p, const SeqIn
   }
   if (p.page_table != nullptr && k.hi > k.lo) {
     k.head = (s.k_start + k.lo) % kBlockN;  // storage positions are >= 0
+    k.lo -= k.head;
+  } else if (kFp8 && k.hi > k.lo) {
+    // staged V^T (fp8): tiles start on a 16-key storage group, whose keys are permuted as one
+    // (fp8_pv_order.h); the keys before the first one any row sees are masked and zeroed alike
+    // (mod 16 needs only the low bits: 32-bit arithmetic, one register fewer in the producer)
+    k.head = static_cast<int>((static_cast<uint32_t>(s.k_row0) + static_cast<uint32_t>(s.k_start + k.lo)) & 15u);
     k.lo -= k.head;
   }
   k.tiles = k.hi > k.lo ? ceil_div_pos(k.hi - k.lo, kBlockN) : 0;
@@ -337,6 +382,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   static_assert(kBlockM == 128, "work_at numbers the tiles in 128-row blocks");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& sh = *reinterpret_cast<typename C::Smem*>(smem_raw);
+  // fp8: P = exp2(logit - row max + 8), in (0, 256] instead of (0, 1], as e4m3 for P V. e4m3
+  // keeps 3 mantissa bits down to 2^-6 and flushes below 2^-9: in [0, 1] the many small
+  // probabilities of a long row would lose much of their mass (a simulation lost 4-11 % at
+  // 8k-32k keys). The factor 2^8 cancels in out = O / row sum and comes off lse.
+  constexpr float kPOffset = C::kFp8 ? 8.f : 0.f;
 
   if (threadIdx.x == 0) {
     initialize_barrier(sh.q_full, 1);
@@ -376,7 +426,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         const Work w = work_at(sc, i);
         const SeqInfo s = seq_info(p, w.b);
         if (w.m0 >= s.q_len_full) continue;  // past this sequence's rows: the consumers skip it too
-        const BlockKeys bk = block_keys<kBlockM, kBlockN>(p, s, w.m0);
+        const BlockKeys bk = block_keys<kBlockM, kBlockN, C::kFp8>(p, s, w.m0);
         if (bk.tiles == 0) continue;  // no keys: no loads, the consumers store zeros
         const int hk = w.h / (p.num_heads / p.num_heads_k);
         // Tile origins are arbitrary rows (a sequence's first row, a key interval's start): the
@@ -463,8 +513,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDv>>{});
   Tensor tOrP = make_tensor<T>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
   static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDv / 2 && size(tOrP) == size(tSrS));
-  CUTE_STATIC_ASSERT_V(size<1>(tSrQ) == _1{} && size<2>(tSrQ) == Int<kD / 16>{} && size<3>(tSrK) == Int<kStages>{});
-  CUTE_STATIC_ASSERT_V(size<1>(tOrP) == _1{} && size<2>(tOrP) == Int<kBlockN / 16>{} &&
+  CUTE_STATIC_ASSERT_V(size<1>(tSrQ) == _1{} && size<2>(tSrQ) == Int<kD / C::kKStep>{} &&
+                       size<3>(tSrK) == Int<kStages>{});
+  CUTE_STATIC_ASSERT_V(size<1>(tOrP) == _1{} && size<2>(tOrP) == Int<kBlockN / C::kKStep>{} &&
                        size<3>(tOrV) == Int<kStages>{});
 
   // The pipeline position, as few registers as possible (live across the epilogue, next to O):
@@ -491,7 +542,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const int b = w.b, h = w.h, m0 = w.m0;
     const SeqInfo s = seq_info(p, b);
     if (warp_uniform(m0 < s.q_len_full) == 0) continue;  // no rows here (a shorter sequence of a ragged batch)
-    const BlockKeys bk = block_keys<kBlockM, kBlockN>(p, s, m0);
+    const BlockKeys bk = block_keys<kBlockM, kBlockN, C::kFp8>(p, s, m0);
     const int kmin = warp_uniform(bk.lo), kmax = warp_uniform(bk.hi), num_tiles = warp_uniform(bk.tiles);
     const int khead = warp_uniform(bk.head);
 
@@ -562,7 +613,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         const float m_new = fmaxf(row_max[hf], mx);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
         corr[hf] = arch::fast_exp2((row_max[hf] - m_use) * sl);
-        const float m_scaled = m_use * sl;
+        const float m_scaled = m_use * sl - kPOffset;
         row_max[hf] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -631,9 +682,12 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           // makes the generic stores visible to wgmma's reads, and orders them before the
           // TMA write that refills this buffer for a later work tile (that write waits for
           // this buffer's release below, which comes after the fence).
+          // (a staged V^T holds key n of the tile at column fp8_pv_position(n))
+          auto key_col = [](int n) { return C::kFp8 ? sm90_fp8::fp8_pv_position(n) : n; };
           for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
-            sV(idx % kDv, valid + idx / kDv, pst) = T(0.f);
-          for (int idx = ct; idx < head * kDv; idx += C::kConsumerThreads) sV(idx % kDv, idx / kDv, pst) = T(0.f);
+            sV(idx % kDv, key_col(valid + idx / kDv), pst) = T(0.f);
+          for (int idx = ct; idx < head * kDv; idx += C::kConsumerThreads)
+            sV(idx % kDv, key_col(idx / kDv), pst) = T(0.f);
           cutlass::arch::fence_view_async_shared();
           cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
         }
@@ -681,10 +735,22 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             tOrO(2 * hf + 4 * j) *= corr[hf];
             tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
           }
-        // P in the input type, in S's register order (the A operand layout, see Config)
+        // P in the input type, in S's register order (the A operand layout, see Config); fp8:
+        // four accumulators per register, picked by fp8_p_source (V^T's key order matches)
         uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
+        if constexpr (C::kFp8) {
 #pragma unroll
-        for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
+          for (int jj = 0; jj < kBlockN / 16; ++jj)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              using sm90_fp8::fp8_p_source;
+              pr[2 * jj + hh] = arch::pack_e4m3x4(tSrS(fp8_p_source(jj, hh, 0)), tSrS(fp8_p_source(jj, hh, 1)),
+                                                  tSrS(fp8_p_source(jj, hh, 2)), tSrS(fp8_p_source(jj, hh, 3)));
+            }
+        } else {
+#pragma unroll
+          for (int i = 0; i < size(tSrS) / 2; ++i) pr[i] = arch::pack2<typename C::NvT>(tSrS(2 * i), tSrS(2 * i + 1));
+        }
       }
     };
     // O starts from zero. S and P are rewritten before they are read, but the compiler sees
@@ -716,19 +782,19 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const int64_t row = s.q_row0 + m;
       const bool padded = m >= s.q_len;  // past seqused_q: out 0, lse -inf
       const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
-      float lse = has ? row_max[hf] * sl * kLn2 + logf(l) : -INFINITY;
+      float lse = has ? (row_max[hf] * sl - kPOffset) * kLn2 + logf(l) : -INFINITY;
       float scale = has ? vscale / l : 0.f;
       if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
 #pragma unroll
         for (int j = 0; j < kDv / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
       if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
-      typename C::NvT* out = static_cast<typename C::NvT*>(p.out) + b * p.out_batch_stride +
+      typename C::OutNvT* out = static_cast<typename C::OutNvT*>(p.out) + b * p.out_batch_stride +
                              row * p.out_row_stride + h * p.out_head_stride + 2 * quad;
 #pragma unroll
       for (int j = 0; j < kDv / 8; ++j)
         if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
           *reinterpret_cast<uint32_t*>(out + 8 * j) =
-              arch::pack2<typename C::NvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
+              arch::pack2<typename C::OutNvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
       if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
     }
   }
@@ -758,16 +824,23 @@ struct Descriptors {
 template <class C>
 Descriptors<C> make_descriptors(const FmhaParams& p) {
   using T = typename C::T;
+  constexpr int es = sizeof(T);
   const int hq = p.num_heads, hk = p.num_heads_k, qb = q_batches(p), kb = k_batches(p);
   auto gq = make_tensor(make_gmem_ptr(static_cast<const T*>(p.q)), q_shape(p),
-                        make_stride(mode_stride(p.q_row_stride, q_rows(p)), _1{}, mode_stride(p.q_head_stride, hq),
-                                    mode_stride(p.q_batch_stride, qb)));
+                        make_stride(mode_stride(p.q_row_stride, q_rows(p), es), _1{},
+                                    mode_stride(p.q_head_stride, hq, es), mode_stride(p.q_batch_stride, qb, es)));
   auto gk = make_tensor(make_gmem_ptr(static_cast<const T*>(p.k)), k_shape(p),
-                        make_stride(mode_stride(p.k_row_stride, k_rows(p)), _1{}, mode_stride(p.k_head_stride, hk),
-                                    mode_stride(p.k_batch_stride, kb)));
-  auto gv = make_tensor(make_gmem_ptr(static_cast<const T*>(p.v)), v_shape(p),
-                        make_stride(_1{}, mode_stride(p.v_row_stride, k_rows(p)), mode_stride(p.v_head_stride, hk),
-                                    mode_stride(p.v_batch_stride, kb)));
+                        make_stride(mode_stride(p.k_row_stride, k_rows(p), es), _1{},
+                                    mode_stride(p.k_head_stride, hk, es), mode_stride(p.k_batch_stride, kb, es)));
+  auto v_strides = [&] {
+    if constexpr (C::kFp8)  // the staged V^T: (Dv, keys) rows of v_t_keys contiguous keys
+      return make_stride(int64_t{p.v_t_keys}, _1{}, mode_stride(p.v_head_stride, hk, es),
+                         mode_stride(p.v_batch_stride, kb, es));
+    else
+      return make_stride(_1{}, mode_stride(p.v_row_stride, k_rows(p), es), mode_stride(p.v_head_stride, hk, es),
+                         mode_stride(p.v_batch_stride, kb, es));
+  };
+  auto gv = make_tensor(make_gmem_ptr(static_cast<const T*>(p.v)), v_shape(p), v_strides());
   return {make_tma_copy(SM90_TMA_LOAD{}, gq, typename C::SmemQ{}),
           make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename C::SmemK{})),
           make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{}))};
@@ -878,9 +951,29 @@ constexpr WidthKernels width_kernels() {
   return {&width_runs_here<CB, CH>, &width_launch<CB, CH>};
 }
 
+// fp8 e4m3 in, bf16 out, on fp8 wgmma (the f16 flag is unused: there is one output type).
+template <class CF>
+bool fp8_runs_here(bool, bool plain) {
+  return plain ? kernel_runs_here<CF, true>() : kernel_runs_here<CF, false>();
+}
+template <class CF>
+arch::Error fp8_launch(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool,
+                       bool plain) {
+  return plain ? launch_config<CF, true>(p, max_rows, counter, stream)
+               : launch_config<CF, false>(p, max_rows, counter, stream);
+}
+template <int kD, int kDv>
+constexpr WidthKernels fp8_width_kernels() {
+  using CF = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16>;
+  return {&fp8_runs_here<CF>, &fp8_launch<CF>};
+}
+
 // One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
 // a parallel build compiles them side by side (one CuTe kernel takes about half a minute).
 extern const WidthKernels kWidth64, kWidth128, kWidth192x128, kWidth256;
+// fp8 with a staged V^T (fmha_fwd_sm90_fp8_<width>.cu): widths 128 and 256 (D and Dv
+// multiples of 16; the other fp8 calls are staged to bf16 instead, launch.cpp)
+extern const WidthKernels kWidthFp8x128, kWidthFp8x256;
 
 }  // namespace sm90
 }  // namespace mate::device

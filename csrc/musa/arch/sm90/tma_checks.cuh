@@ -31,23 +31,23 @@ MATE_HD Widths tile_widths(int d, int dv) {
 
 // A mode of extent 1 is never stepped along, so its stride only has to pass the descriptor's
 // checks (16-byte multiple): torch may report any stride for a size-1 dim; those become 0 (as
-// a ragged tensor's batch mode is).
-MATE_HD int64_t mode_stride(int64_t stride, int extent) {
-  return extent > 1 || (stride >= 0 && stride % 8 == 0) ? stride : 0;
+// a ragged tensor's batch mode is). Strides in elements of elem_bytes bytes.
+MATE_HD int64_t mode_stride(int64_t stride, int extent, int elem_bytes = 2) {
+  return extent > 1 || (stride >= 0 && stride * elem_bytes % 16 == 0) ? stride : 0;
 }
 
 // TMA takes 16-byte aligned bases and strides below 2^40 bytes; CuTe asserts on a descriptor
-// the driver refuses, so callers check here, never there. Strides in 16-bit elements.
-inline bool stride_ok(int64_t elements, int extent) {
-  const int64_t bytes = mode_stride(elements, extent) * 2;
+// the driver refuses, so callers check here, never there. Strides in elements of elem_bytes.
+inline bool stride_ok(int64_t elements, int extent, int elem_bytes = 2) {
+  const int64_t bytes = mode_stride(elements, extent, elem_bytes) * elem_bytes;
   return bytes >= 0 && bytes % 16 == 0 && bytes < (int64_t{1} << 40);
 }
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 // A (rows, channels, heads, batches) view with unit channel stride.
 inline bool view_ok(const void* base, int64_t row_stride, int rows, int64_t head_stride, int heads,
-                    int64_t batch_stride, int batches) {
-  return aligned16(base) && stride_ok(row_stride, rows) && stride_ok(head_stride, heads) &&
-         stride_ok(batch_stride, batches);
+                    int64_t batch_stride, int batches, int elem_bytes = 2) {
+  return aligned16(base) && stride_ok(row_stride, rows, elem_bytes) && stride_ok(head_stride, heads, elem_bytes) &&
+         stride_ok(batch_stride, batches, elem_bytes);
 }
 
 // Is the sm_90a body of `kernel` what the current device runs? Its sm_80 build is empty and
