@@ -3,7 +3,8 @@
 # scripts/device_run.sh installed the package). Writes ncu_*.txt and sass_*.txt under $OUT.
 #   env: DIMS ("128 256 192x128": D or DxDv), KERNEL (kernel name regex, default fmha_sm90 on
 #        compute capability 9.0 else fmha_mma), MASK (full or causal), SEQ (tokens per sequence,
-#        default 2048; B = 16384 / SEQ as in bench_gpu.py's prefill table)
+#        default 2048; B = 16384 / SEQ as in bench_gpu.py's prefill table), DTYPE (bf16 or fp8:
+#        e4m3 q / k / v with unit descales, bench_gpu.py's fp8 table)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 cd /tmp
@@ -15,8 +16,12 @@ D, Dv = int(D), int(Dv or D)
 S = int(sys.argv[3]); B, H, causal = 16384 // S, 2048 // D, sys.argv[2] == "causal"
 q = torch.randn(B, S, H, D, dtype=torch.bfloat16, device="cuda")
 k, v = torch.randn_like(q), torch.randn(B, S, H, Dv, dtype=torch.bfloat16, device="cuda")
+kw = {}
+if sys.argv[4] == "fp8":
+    q, k, v = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+    kw = {f"{n}_descale": torch.ones(B, H, device="cuda") for n in "qkv"}
 for _ in range(3):
-    mi.flash_attn_varlen_func(q, k, v, causal=causal)
+    mi.flash_attn_varlen_func(q, k, v, causal=causal, **kw)
 torch.cuda.synchronize()
 PY
 KERNEL=${KERNEL:-$(python3 -c 'import torch; print("fmha_sm90" if torch.cuda.get_device_capability() == (9, 0) else "fmha_mma")')}
@@ -24,9 +29,9 @@ for d in ${DIMS:-128}; do
   ncu --clock-control none --kernel-name regex:$KERNEL --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
-      python3 /tmp/one_call.py "$d" "${MASK:-full}" "${SEQ:-2048}" > "$OUT/ncu_d${d}_s${SEQ:-2048}.txt" 2>&1
-  echo "== D $d S ${SEQ:-2048} ${MASK:-full} ($KERNEL)"
-  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Local|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Pipe|Executed Ipc|Shared|Bank|L1/TEX Hit|Block Limit" "$OUT/ncu_d${d}_s${SEQ:-2048}.txt" | head -n 60
+      python3 /tmp/one_call.py "$d" "${MASK:-full}" "${SEQ:-2048}" "${DTYPE:-bf16}" > "$OUT/ncu_d${d}_s${SEQ:-2048}${DTYPE:+_$DTYPE}.txt" 2>&1
+  echo "== D $d S ${SEQ:-2048} ${MASK:-full} ${DTYPE:-bf16} ($KERNEL)"
+  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Local|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Pipe|Executed Ipc|Shared|Bank|L1/TEX Hit|Block Limit" "$OUT/ncu_d${d}_s${SEQ:-2048}${DTYPE:+_$DTYPE}.txt" | head -n 60
 done
 so=$(python3 -c 'import mate_ops._C as c; print(c.__file__)')
 if [ "$KERNEL" != fmha_mma ]; then  # per sm90 kernel: local-memory traffic (spills) and wgmma counts

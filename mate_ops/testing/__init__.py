@@ -38,7 +38,7 @@ from .oracle import (
     mla_sparse_prefill_ref,
     rotary_ref,
 )
-from .tolerance import DEFAULT_ATOL, assert_close_fa3
+from .tolerance import DEFAULT_ATOL, assert_close_fa3, assert_lse_close
 
 __all__ = [
     "fmha_ref",
@@ -46,6 +46,7 @@ __all__ = [
     "rotary_ref",
     "kvcache_append_ref",
     "assert_close_fa3",
+    "assert_lse_close",
     "DEFAULT_ATOL",
     "poison_",
     "random_seqlens",

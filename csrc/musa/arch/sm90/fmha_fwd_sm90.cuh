@@ -134,11 +134,14 @@ struct SmemVLayout {
 };
 template <class T, int kDv, int kBlockN, int kStages>
 struct SmemVLayout<true, T, kDv, kBlockN, kStages> {  // V^T rows of kBlockN one-byte keys
-  using Atom = cute::conditional_t<kBlockN % 128 == 0, GMMA::Layout_K_SW128_Atom<T>, GMMA::Layout_K_SW64_Atom<T>>;
+  // the widest swizzle whose rows (128, 64, 32 bytes) divide a V^T row
+  using Atom = cute::conditional_t<
+      kBlockN % 128 == 0, GMMA::Layout_K_SW128_Atom<T>,
+      cute::conditional_t<kBlockN % 64 == 0, GMMA::Layout_K_SW64_Atom<T>, GMMA::Layout_K_SW32_Atom<T>>>;
   using type = decltype(tile_to_shape(Atom{}, Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{}));
 };
 
-template <class T_, class NvT_, int kD_, int kDv_, class OutNvT_ = NvT_>
+template <class T_, class NvT_, int kD_, int kDv_, class OutNvT_ = NvT_, int kBlockN_ = 0>
 struct Config {
   using T = T_;
   using NvT = NvT_;
@@ -150,7 +153,7 @@ struct Config {
   static constexpr int kD = kD_;           // tile width of q / k rows (head_dim pads up to it)
   static constexpr int kDv = kDv_;         // tile width of v / out rows (head_dim_v pads up to it)
   static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
-  static constexpr int kBlockN = block_n_for(kD, kDv, kFp8);  // keys per K / V tile
+  static constexpr int kBlockN = kBlockN_ > 0 ? kBlockN_ : block_n_for(kD, kDv, kFp8);  // keys per K / V tile
   static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
   static constexpr int kConsumers = 2;     // consumer warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
@@ -952,20 +955,24 @@ constexpr WidthKernels width_kernels() {
 }
 
 // fp8 e4m3 in, bf16 out, on fp8 wgmma (the f16 flag is unused: there is one output type).
-template <class CF>
+// kPlainOnly: only the plain-score kernel is instantiated (the others decline).
+template <class CF, bool kPlainOnly>
 bool fp8_runs_here(bool, bool plain) {
-  return plain ? kernel_runs_here<CF, true>() : kernel_runs_here<CF, false>();
+  if constexpr (kPlainOnly) return plain && kernel_runs_here<CF, true>();
+  else return plain ? kernel_runs_here<CF, true>() : kernel_runs_here<CF, false>();
 }
-template <class CF>
+template <class CF, bool kPlainOnly>
 arch::Error fp8_launch(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool,
                        bool plain) {
-  return plain ? launch_config<CF, true>(p, max_rows, counter, stream)
-               : launch_config<CF, false>(p, max_rows, counter, stream);
+  if constexpr (kPlainOnly) return plain ? launch_config<CF, true>(p, max_rows, counter, stream) : arch::kInvalidValue;
+  else
+    return plain ? launch_config<CF, true>(p, max_rows, counter, stream)
+                 : launch_config<CF, false>(p, max_rows, counter, stream);
 }
-template <int kD, int kDv>
+template <int kD, int kDv, int kBlockN = 0, bool kPlainOnly = false>
 constexpr WidthKernels fp8_width_kernels() {
-  using CF = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16>;
-  return {&fp8_runs_here<CF>, &fp8_launch<CF>};
+  using CF = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16, kBlockN>;
+  return {&fp8_runs_here<CF, kPlainOnly>, &fp8_launch<CF, kPlainOnly>};
 }
 
 // One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
@@ -974,6 +981,10 @@ extern const WidthKernels kWidth64, kWidth128, kWidth192x128, kWidth256;
 // fp8 with a staged V^T (fmha_fwd_sm90_fp8_<width>.cu): widths 128 and 256 (D and Dv
 // multiples of 16; the other fp8 calls are staged to bf16 instead, launch.cpp)
 extern const WidthKernels kWidthFp8x128, kWidthFp8x256;
+// The same on FlashAttention-3's fp8 key tiles (224 at D 128, 128 at D 256), plain scores only
+// (with ScoreMod both spill or serialize their wgmmas), a trial: MATE_OPS_FMHA_FP8_KEYS=wide
+// (fmha_fwd_sm90.cu)
+extern const WidthKernels kWidthFp8x128Wide, kWidthFp8x256Wide;
 
 }  // namespace sm90
 }  // namespace mate::device
