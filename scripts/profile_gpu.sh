@@ -4,7 +4,8 @@
 #   env: DIMS ("128 256 192x128": D or DxDv), KERNEL (kernel name regex, default fmha_sm90 on
 #        compute capability 9.0 else fmha_mma), MASK (full or causal), SEQ (tokens per sequence,
 #        default 2048; B = 16384 / SEQ as in bench_gpu.py's prefill table), DTYPE (bf16 or fp8:
-#        e4m3 q / k / v with unit descales, bench_gpu.py's fp8 table)
+#        e4m3 q / k / v with unit descales, bench_gpu.py's fp8 table), NCU_EXTRA (more ncu options,
+#        e.g. "--print-details all" for the stall reasons)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 cd /tmp
@@ -26,7 +27,7 @@ torch.cuda.synchronize()
 PY
 KERNEL=${KERNEL:-$(python3 -c 'import torch; print("fmha_sm90" if torch.cuda.get_device_capability() == (9, 0) else "fmha_mma")')}
 for d in ${DIMS:-128}; do
-  ncu --clock-control none --kernel-name regex:$KERNEL --launch-skip 2 --launch-count 1 \
+  ncu --clock-control none --kernel-name regex:$KERNEL --launch-skip 2 --launch-count 1 ${NCU_EXTRA:-} \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
       python3 /tmp/one_call.py "$d" "${MASK:-full}" "${SEQ:-2048}" "${DTYPE:-bf16}" > "$OUT/ncu_d${d}_s${SEQ:-2048}${DTYPE:+_$DTYPE}.txt" 2>&1

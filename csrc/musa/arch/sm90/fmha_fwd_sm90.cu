@@ -3,8 +3,6 @@
 // translation unit per tile width, in fmha_fwd_sm90_<width>.cu.
 #include "fmha_fwd_sm90.cuh"
 
-#include <cstring>
-
 #if defined(MATE_WITH_SM90)
 
 namespace mate::device {
@@ -33,14 +31,9 @@ const WidthKernels* fp8_kernels_for(const FmhaParams& p) {
   if (p.v_t_keys <= 0 || p.v_t_keys % 16 != 0 || p.page_table != nullptr || p.head_dim % 16 != 0 ||
       p.head_dim_v % 16 != 0)
     return nullptr;
-  // MATE_OPS_FMHA_FP8_KEYS=wide: FlashAttention-3's fp8 key tiles (a trial), read once
-  static const bool wide = [] {
-    const char* v = std::getenv("MATE_OPS_FMHA_FP8_KEYS");
-    return v != nullptr && std::strcmp(v, "wide") == 0;
-  }();
   switch (tile_widths(p.head_dim, p.head_dim_v)) {
-    case Widths::k128: return wide && scores_are_plain(p) ? &kWidthFp8x128Wide : &kWidthFp8x128;
-    case Widths::k256: return wide && scores_are_plain(p) ? &kWidthFp8x256Wide : &kWidthFp8x256;
+    case Widths::k128: return &kWidthFp8x128;
+    case Widths::k256: return &kWidthFp8x256;
     default: return nullptr;  // D <= 64 and 192 x 128 stay on the bf16 staging
   }
 }

@@ -119,12 +119,12 @@ using sm90_tma::q_rows;
 // Keys per K / V tile: 128, and 80 at D 256 so that Q, two K and two V stages fit in 224 KB of
 // shared memory and O (128 floats per thread) leaves room for S and P in 240 registers (80
 // measured 10-20 % faster than 64 from 2k tokens on the H200: fewer, wider Q K^T products).
-// fp8: 128 (P V's k-steps are 32 keys, V^T's 128-byte swizzle rows 128 keys; P takes a quarter
-// of the registers it takes in 16 bits), 64 at D 256 (128 spilled 392 bytes: S alone is 64
-// registers there, beside O's 128).
-constexpr int block_n_for(int d, int dv, bool fp8 = false) {
-  return fp8 ? ((d == 256 || dv == 256) ? 64 : 128) : (d == 256 || dv == 256) ? 80 : 128;
-}
+constexpr int block_n_for(int d, int dv) { return (d == 256 || dv == 256) ? 80 : 128; }
+// fp8 (P V's k-steps are 32 keys; P takes a quarter of the registers it takes in 16 bits): 128
+// keys. At D 256 that is FlashAttention-3's choice, 7-19 % faster than 64 keys on the H200; its
+// 224 at D 128 was 12-31 % slower than 128 there. With ScoreMod at D 256, 64 keys: 128 spilled
+// 392 bytes (S is 64 registers beside O's 128, and the score modifiers need more).
+constexpr int block_n_for_fp8(int d, int dv, bool plain) { return (d == 256 || dv == 256) && !plain ? 64 : 128; }
 
 // V's shared tiles (Config::SmemV), picked without instantiating the other form.
 template <bool kFp8, class T, int kDv, int kBlockN, int kStages>
@@ -153,7 +153,7 @@ struct Config {
   static constexpr int kD = kD_;           // tile width of q / k rows (head_dim pads up to it)
   static constexpr int kDv = kDv_;         // tile width of v / out rows (head_dim_v pads up to it)
   static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
-  static constexpr int kBlockN = kBlockN_ > 0 ? kBlockN_ : block_n_for(kD, kDv, kFp8);  // keys per K / V tile
+  static constexpr int kBlockN = kBlockN_ > 0 ? kBlockN_ : block_n_for(kD, kDv);  // keys per K / V tile
   static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
   static constexpr int kConsumers = 2;     // consumer warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
@@ -955,24 +955,22 @@ constexpr WidthKernels width_kernels() {
 }
 
 // fp8 e4m3 in, bf16 out, on fp8 wgmma (the f16 flag is unused: there is one output type).
-// kPlainOnly: only the plain-score kernel is instantiated (the others decline).
-template <class CF, bool kPlainOnly>
+// Plain and ScoreMod scores may take different key tiles (block_n_for_fp8).
+template <class CP, class CM>
 bool fp8_runs_here(bool, bool plain) {
-  if constexpr (kPlainOnly) return plain && kernel_runs_here<CF, true>();
-  else return plain ? kernel_runs_here<CF, true>() : kernel_runs_here<CF, false>();
+  return plain ? kernel_runs_here<CP, true>() : kernel_runs_here<CM, false>();
 }
-template <class CF, bool kPlainOnly>
+template <class CP, class CM>
 arch::Error fp8_launch(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool,
                        bool plain) {
-  if constexpr (kPlainOnly) return plain ? launch_config<CF, true>(p, max_rows, counter, stream) : arch::kInvalidValue;
-  else
-    return plain ? launch_config<CF, true>(p, max_rows, counter, stream)
-                 : launch_config<CF, false>(p, max_rows, counter, stream);
+  return plain ? launch_config<CP, true>(p, max_rows, counter, stream)
+               : launch_config<CM, false>(p, max_rows, counter, stream);
 }
-template <int kD, int kDv, int kBlockN = 0, bool kPlainOnly = false>
+template <int kD, int kDv>
 constexpr WidthKernels fp8_width_kernels() {
-  using CF = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16, kBlockN>;
-  return {&fp8_runs_here<CF, kPlainOnly>, &fp8_launch<CF, kPlainOnly>};
+  using CP = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16, block_n_for_fp8(kD, kDv, true)>;
+  using CM = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16, block_n_for_fp8(kD, kDv, false)>;
+  return {&fp8_runs_here<CP, CM>, &fp8_launch<CP, CM>};
 }
 
 // One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
@@ -981,10 +979,6 @@ extern const WidthKernels kWidth64, kWidth128, kWidth192x128, kWidth256;
 // fp8 with a staged V^T (fmha_fwd_sm90_fp8_<width>.cu): widths 128 and 256 (D and Dv
 // multiples of 16; the other fp8 calls are staged to bf16 instead, launch.cpp)
 extern const WidthKernels kWidthFp8x128, kWidthFp8x256;
-// The same on FlashAttention-3's fp8 key tiles (224 at D 128, 128 at D 256), plain scores only
-// (with ScoreMod both spill or serialize their wgmmas), a trial: MATE_OPS_FMHA_FP8_KEYS=wide
-// (fmha_fwd_sm90.cu)
-extern const WidthKernels kWidthFp8x128Wide, kWidthFp8x256Wide;
 
 }  // namespace sm90
 }  // namespace mate::device
