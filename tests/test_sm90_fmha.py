@@ -189,6 +189,8 @@ def _cases():
     add("fp8-ragged-window-descale", dtype="fp8", layout="ragged", lq=[129, 7, 300], lk=[37, 211, 300],
         window=(50, 30), descale=True)
     add("fp8-d256x128-causal", dtype="fp8", layout="dense", d=256, dv=128, sq=300, sk=300, causal=True)
+    add("fp8-d256-softcap-descale", dtype="fp8", layout="dense", d=256, sq=200, sk=333, softcap=4.0,
+        descale=True)  # ScoreMod at D 256: the 64-key fp8 tiles
     add("fp8-leftpad-seqused-causal", dtype="fp8", layout="dense", b=3, sq=129, sk=400, seqused_k=[400, 150, 333],
         leftpad=[5, 0, 37], causal=True, descale=True)
     add("fp8-d128-long-descale", dtype="fp8", layout="dense", b=1, sq=256, sk=4000, descale=True)
