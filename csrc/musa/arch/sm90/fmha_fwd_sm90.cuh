@@ -448,6 +448,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
         CUTE_STATIC_ASSERT_V(size<1>(tKs) == Int<kStages>{} && size<1>(tVs) == Int<kStages>{});
 
+        constexpr bool kPaged = !C::kFp8;  // fp8 calls are never paged (fmha_sm90_fits): no lookup code
         for (int t = 0; t < bk.tiles; ++t, ++kv) {
           const int st = kv % kStages;
           const uint32_t phase = (kv / kStages) & 1;
@@ -456,14 +457,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           // paged: the page holding this tile's keys (block_keys aligned the tiles to pages),
           // looked up before the buffer wait so that the load's latency hides behind it
           int page = 0, prow = 0;
-          if (p.page_table != nullptr) {
+          if (kPaged && p.page_table != nullptr) {
             const int key = s.k_start + bk.lo + t * kBlockN;
             page = p.page_table[static_cast<int64_t>(s.cache_row) * p.page_table_batch_stride + key / p.page_size];
             prow = key % p.page_size;
           }
           if (kv >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
           set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
-          if (p.page_table != nullptr) {
+          if (kPaged && p.page_table != nullptr) {
             Tensor gKp = local_tile(domain_offset(make_coord(prow, _0{}), tma_k.get_tma_tensor(k_shape(p))(_, _, hk, page)),
                                     Shape<Int<kBlockN>, Int<kD>>{}, make_coord(0, 0));
             auto [tKgp, tKsp] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gKp));
@@ -482,7 +483,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           }
           if (kv >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
           set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
-          if (p.page_table != nullptr) {
+          if (kPaged && p.page_table != nullptr) {
             Tensor gVp = local_tile(domain_offset(make_coord(_0{}, prow), tma_v.get_tma_tensor(v_shape(p))(_, _, hk, page)),
                                     Shape<Int<kDv>, Int<kBlockN>>{}, make_coord(0, 0));
             auto [tVgp, tVsp] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gVp));
@@ -595,7 +596,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};  // relative to n0
-        float mx = -INFINITY;
+        // The row's maximum and sum in kChains independent chains (a thread's 32 values of a
+        // 128-key row in one chain were 32 dependent FMNMX / FADD: their latency, not the
+        // math, set the pace of the softmax)
+        constexpr int kChains = kBlockN / 8 % 4 == 0 ? 4 : 2;
+        float mxc[kChains];
+#pragma unroll
+        for (int c = 0; c < kChains; ++c) mxc[c] = -INFINITY;
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
@@ -609,8 +616,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               x = mod.logit(x * dscale, m, key) * kLog2e;
             }
             if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
-            mx = fmaxf(mx, x);
+            mxc[j % kChains] = fmaxf(mxc[j % kChains], x);
           }
+        float mx = mxc[0];
+#pragma unroll
+        for (int c = 1; c < kChains; ++c) mx = fmaxf(mx, mxc[c]);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(row_max[hf], mx);
@@ -618,15 +628,18 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         corr[hf] = arch::fast_exp2((row_max[hf] - m_use) * sl);
         const float m_scaled = m_use * sl - kPOffset;
         row_max[hf] = m_new;
-        float sum = 0.f;
+        float sumc[kChains] = {};
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = tSrS(e + 2 * hf + 4 * j);
             x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
-            sum += x;
+            sumc[j % kChains] += x;
           }
+        float sum = sumc[0];
+#pragma unroll
+        for (int c = 1; c < kChains; ++c) sum += sumc[c];
         row_sum[hf] = row_sum[hf] * corr[hf] + sum;  // this lane's part; the quad sums at the end
       }
     };
