@@ -596,10 +596,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const KeyInterval keys{row_lo[hf] - n0, row_hi[hf] - n0};  // relative to n0
-        // The row's maximum and sum in kChains independent chains (a thread's 32 values of a
-        // 128-key row in one chain were 32 dependent FMNMX / FADD: their latency, not the
-        // math, set the pace of the softmax)
-        constexpr int kChains = kBlockN / 8 % 4 == 0 ? 4 : 2;
+        // fp8: the row's maximum and sum in four independent chains (a thread's 32 values of a
+        // 128-key row in one chain are 32 dependent FMNMX / FADD, whose latency sets the pace of
+        // an fp8 softmax: +3-7 % on the H200). 16 bits keep one chain: with four the D 64
+        // kernel ran 40 % slower in the same run (D 128 / 256 unchanged); not understood yet.
+        constexpr int kChains = C::kFp8 ? 4 : 1;
         float mxc[kChains];
 #pragma unroll
         for (int c = 0; c < kChains; ++c) mxc[c] = -INFINITY;
