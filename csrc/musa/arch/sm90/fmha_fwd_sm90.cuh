@@ -81,6 +81,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #include "../../../common/fmha_math.h"
 #include "../../../common/fmha_params.h"
@@ -141,7 +142,7 @@ struct SmemVLayout<true, T, kDv, kBlockN, kStages> {  // V^T rows of kBlockN one
   using type = decltype(tile_to_shape(Atom{}, Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{}));
 };
 
-template <class T_, class NvT_, int kD_, int kDv_, class OutNvT_ = NvT_, int kBlockN_ = 0>
+template <class T_, class NvT_, int kD_, int kDv_, class OutNvT_ = NvT_, int kBlockN_ = 0, int kStages_ = 2>
 struct Config {
   using T = T_;
   using NvT = NvT_;
@@ -154,7 +155,7 @@ struct Config {
   static constexpr int kDv = kDv_;         // tile width of v / out rows (head_dim_v pads up to it)
   static constexpr int kBlockM = 128;      // query rows per block: 64 per consumer warpgroup
   static constexpr int kBlockN = kBlockN_ > 0 ? kBlockN_ : block_n_for(kD, kDv);  // keys per K / V tile
-  static constexpr int kStages = 2;        // K / V buffers: tile t + 1 lands while tile t computes
+  static constexpr int kStages = kStages_; // K / V buffers: tile t + 1 lands while tile t computes
   static constexpr int kConsumers = 2;     // consumer warpgroups
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kThreads = 128 + kConsumerThreads;
@@ -296,6 +297,10 @@ struct Schedule {
   int64_t tiles = 0;     // pairs * m_blocks
   // The dynamic schedule's ticket counter (zeroed by the caller), or null for the static one.
   unsigned long long* counter = nullptr;
+  // Arrivals that release a Q / K / V buffer: 1 per consumer warpgroup (its first thread, after
+  // the warpgroup's wgmma wait), or every consumer thread (MATE_OPS_FMHA_SM90_RELEASE=thread,
+  // the earlier form, kept to measure against).
+  int releasers = 0;
 };
 
 struct Work {
@@ -393,12 +398,12 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
   if (threadIdx.x == 0) {
     initialize_barrier(sh.q_full, 1);
-    initialize_barrier(sh.q_empty, C::kConsumerThreads);
+    initialize_barrier(sh.q_empty, sc.releasers);
     for (int st = 0; st < kStages; ++st) {
       initialize_barrier(sh.k_full[st], 1);
       initialize_barrier(sh.v_full[st], 1);
-      initialize_barrier(sh.k_empty[st], C::kConsumerThreads);
-      initialize_barrier(sh.v_empty[st], C::kConsumerThreads);
+      initialize_barrier(sh.k_empty[st], sc.releasers);
+      initialize_barrier(sh.v_empty[st], sc.releasers);
     }
     for (int slot = 0; slot < 2; ++slot) {
       initialize_barrier(sh.tile_full[slot], 1);
@@ -502,6 +507,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   const int ct = threadIdx.x - 128;  // 0 .. 255
   const int group = warp_uniform(ct / 128), warp = (ct % 128) / 32, lane = ct % 32;
   const int quad = lane % 4;
+  // Does this thread arrive on the empty barriers? One per warpgroup: a wgmma is one operation
+  // of the whole warpgroup, so once any of its threads has waited for it, its shared-memory
+  // reads are done (CUTLASS's pipelines release likewise). 256 arrivals per buffer were 16
+  // warp-wide mbarrier arrives per key tile, serialized in the shared-memory unit.
+  const bool releaser = sc.releasers == C::kConsumerThreads || ct % 128 == 0;
 
   typename C::MmaQK mma_qk;
   typename C::MmaPV mma_pv;
@@ -729,11 +739,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       if constexpr (kS) {
         warpgroup_wait<kPV ? 1 : 0>();  // S_t is done; P V may still run
         warpgroup_fence_operand(tSrS);
-        arrive_barrier(sh.k_empty[st]);
+        if (releaser) arrive_barrier(sh.k_empty[st]);
         // This warpgroup's last Q K^T of the work tile is done: the producer may load the
         // next work tile's Q once both warpgroups say so, while this one still runs its
         // softmax, last P V and epilogue.
-        if (t == num_tiles - 1) arrive_barrier(sh.q_empty);
+        if (t == num_tiles - 1 && releaser) arrive_barrier(sh.q_empty);
         // Also where the warpgroup has no keys: every score is masked, P comes out zeros and
         // corr leaves O alone. A branch here would define P's registers on two paths.
         softmax_tile(n0, all, corr);
@@ -742,7 +752,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         warpgroup_wait<0>();  // P V is done: O may be rescaled, P rewritten, V released
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
-        arrive_barrier(sh.v_empty[pst]);
+        if (releaser) arrive_barrier(sh.v_empty[pst]);
       }
       if constexpr (kS) {
 #pragma unroll
@@ -901,6 +911,16 @@ inline int64_t grid_cap() {
   return cap;
 }
 
+// MATE_OPS_FMHA_SM90_RELEASE=thread: every consumer thread arrives on the empty barriers (the
+// form before session 10, to measure against). Read once per process.
+inline bool release_per_thread() {
+  static const bool v = [] {
+    const char* e = std::getenv("MATE_OPS_FMHA_SM90_RELEASE");
+    return e != nullptr && std::string(e) == "thread";
+  }();
+  return v;
+}
+
 // The schedule of one call. A section holds the (sequence, head) pairs whose K / V fill about
 // half of the L2 cache: the blocks running at one time work on one section, or the end of one
 // and the start of the next, so their K / V tiles are read from memory about once.
@@ -930,6 +950,7 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, unsigned long long*
   Schedule sc = make_schedule<C>(p, max_rows, f.l2_bytes);
   if (sc.tiles <= 0) return arch::kSuccess;
   sc.counter = tile_counter;
+  sc.releasers = release_per_thread() ? C::kConsumerThreads : C::kConsumers;
   // Persistent: one block per multiprocessor (a block fills one: registers and shared memory),
   // each looping over its share of the tiles.
   int64_t blocks = sc.tiles < f.sms ? sc.tiles : f.sms;
@@ -970,13 +991,29 @@ constexpr WidthKernels width_kernels() {
 
 // fp8 e4m3 in, bf16 out, on fp8 wgmma (the f16 flag is unused: there is one output type).
 // Plain and ScoreMod scores may take different key tiles (block_n_for_fp8).
-template <class CP, class CM>
+// Trial knob MATE_OPS_FMHA_FP8_STAGES=4: the D 128 fp8 kernel with plain scores on four K / V
+// stages (a key tile computes in about half the time of a bf16 one, so a load has half as long to
+// land). Read once per process.
+inline bool fp8_four_stages() {
+  static const bool v = [] {
+    const char* e = std::getenv("MATE_OPS_FMHA_FP8_STAGES");
+    return e != nullptr && std::string(e) == "4";
+  }();
+  return v;
+}
+template <class CP, class CM, class CP4>
 bool fp8_runs_here(bool, bool plain) {
+  if (plain && !cute::is_same_v<CP4, void> && fp8_four_stages()) {
+    if constexpr (!cute::is_same_v<CP4, void>) return kernel_runs_here<CP4, true>();
+  }
   return plain ? kernel_runs_here<CP, true>() : kernel_runs_here<CM, false>();
 }
-template <class CP, class CM>
+template <class CP, class CM, class CP4>
 arch::Error fp8_launch(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool,
                        bool plain) {
+  if (plain && !cute::is_same_v<CP4, void> && fp8_four_stages()) {
+    if constexpr (!cute::is_same_v<CP4, void>) return launch_config<CP4, true>(p, max_rows, counter, stream);
+  }
   return plain ? launch_config<CP, true>(p, max_rows, counter, stream)
                : launch_config<CM, false>(p, max_rows, counter, stream);
 }
@@ -984,7 +1021,11 @@ template <int kD, int kDv>
 constexpr WidthKernels fp8_width_kernels() {
   using CP = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16, block_n_for_fp8(kD, kDv, true)>;
   using CM = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16, block_n_for_fp8(kD, kDv, false)>;
-  return {&fp8_runs_here<CP, CM>, &fp8_launch<CP, CM>};
+  using CP4 = cute::conditional_t<kD == 128 && kDv == 128,
+                                  Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16,
+                                         block_n_for_fp8(kD, kDv, true), 4>,
+                                  void>;
+  return {&fp8_runs_here<CP, CM, CP4>, &fp8_launch<CP, CM, CP4>};
 }
 
 // One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
