@@ -36,12 +36,13 @@
 //     fmha_mma.cu.
 // Barriers (mbarriers in shared memory unless named):
 //   - k_full / v_full[stage]: the TMA transaction count of a K / V tile; k_empty / v_empty:
-//     all 256 consumer threads are done with the buffer (after the Q K^T / P V that read it).
+//     both consumer warpgroups are done with the buffer (after the Q K^T / P V that read it;
+//     one arrival per warpgroup, by its first thread after the warpgroup's wgmma wait).
 //     Their phases run on across work tiles: both sides count K / V loads over the whole
 //     loop, buffer = count % kStages, phase = count / kStages % 2 (the consumers keep the
 //     count modulo 2 kStages, `pos`).
-//   - q_full / q_empty: the one Q buffer. Each consumer thread arrives on q_empty after its
-//     warpgroup's last Q K^T of the work tile, so the producer loads the next tile's Q (after
+//   - q_full / q_empty: the one Q buffer. Each consumer warpgroup arrives on q_empty after its
+//     last Q K^T of the work tile, so the producer loads the next tile's Q (after
 //     that tile's first K) while the consumers still run the last softmax, P V and epilogue.
 //     A work tile with no keys loads nothing and waits for nothing (both sides skip it).
 //   - named kSchedBarrier + w: warpgroup w's turn to issue its GEMMs (ping-pong). Every work
@@ -81,7 +82,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <string>
 
 #include "../../../common/fmha_math.h"
 #include "../../../common/fmha_params.h"
@@ -216,8 +216,8 @@ struct Config {
     alignas(1024) cute::array_aligned<T, cosize_v<SmemQ>, 1024> q;
     alignas(1024) cute::array_aligned<T, cosize_v<SmemK>, 1024> k;
     alignas(1024) cute::array_aligned<T, cosize_v<SmemV>, 1024> v;
-    // full: the tile has landed (TMA transaction count); empty: every consumer thread is done
-    // with the buffer (kConsumerThreads arrivals)
+    // full: the tile has landed (TMA transaction count); empty: every consumer warpgroup is
+    // done with the buffer (kConsumers arrivals)
     uint64_t q_full, q_empty;  // q_empty: both warpgroups did their last Q K^T of the work tile
     uint64_t k_full[kStages], k_empty[kStages];
     uint64_t v_full[kStages], v_empty[kStages];
@@ -297,10 +297,6 @@ struct Schedule {
   int64_t tiles = 0;     // pairs * m_blocks
   // The dynamic schedule's ticket counter (zeroed by the caller), or null for the static one.
   unsigned long long* counter = nullptr;
-  // Arrivals that release a Q / K / V buffer: 1 per consumer warpgroup (its first thread, after
-  // the warpgroup's wgmma wait), or every consumer thread (MATE_OPS_FMHA_SM90_RELEASE=thread,
-  // the earlier form, kept to measure against).
-  int releasers = 0;
 };
 
 struct Work {
@@ -398,12 +394,12 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
   if (threadIdx.x == 0) {
     initialize_barrier(sh.q_full, 1);
-    initialize_barrier(sh.q_empty, sc.releasers);
+    initialize_barrier(sh.q_empty, C::kConsumers);  // one arrival per consumer warpgroup
     for (int st = 0; st < kStages; ++st) {
       initialize_barrier(sh.k_full[st], 1);
       initialize_barrier(sh.v_full[st], 1);
-      initialize_barrier(sh.k_empty[st], sc.releasers);
-      initialize_barrier(sh.v_empty[st], sc.releasers);
+      initialize_barrier(sh.k_empty[st], C::kConsumers);
+      initialize_barrier(sh.v_empty[st], C::kConsumers);
     }
     for (int slot = 0; slot < 2; ++slot) {
       initialize_barrier(sh.tile_full[slot], 1);
@@ -510,8 +506,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // Does this thread arrive on the empty barriers? One per warpgroup: a wgmma is one operation
   // of the whole warpgroup, so once any of its threads has waited for it, its shared-memory
   // reads are done (CUTLASS's pipelines release likewise). 256 arrivals per buffer were 16
-  // warp-wide mbarrier arrives per key tile, serialized in the shared-memory unit.
-  const bool releaser = sc.releasers == C::kConsumerThreads || ct % 128 == 0;
+  // warp-wide mbarrier arrives per key tile (the same speed on the H200, within its noise).
+  const bool releaser = ct % 128 == 0;
 
   typename C::MmaQK mma_qk;
   typename C::MmaPV mma_pv;
@@ -614,21 +610,38 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         float mxc[kChains];
 #pragma unroll
         for (int c = 0; c < kChains; ++c) mxc[c] = -INFINITY;
+        if constexpr (!kPlain) {  // the logit (ScoreMod) in base 2, masked, and the maximum
+          const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
 #pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j)
+          for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = tSrS(e + 2 * hf + 4 * j);
-            if constexpr (!kPlain) {  // the logit (ScoreMod), in base 2
-              const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+            for (int e = 0; e < 2; ++e) {
+              float& x = tSrS(e + 2 * hf + 4 * j);
               // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
               const int key =
                   static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
               x = mod.logit(x * dscale, m, key) * kLog2e;
+              if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
+              mxc[j % kChains] = fmaxf(mxc[j % kChains], x);
             }
-            if (!all && !keys.contains(8 * j + 2 * quad + e)) x = -INFINITY;
-            mxc[j % kChains] = fmaxf(mxc[j % kChains], x);
+        } else {
+          // Plain scores: the mask only on tiles that cross a row's key-interval edge. `all` is
+          // warp-uniform, so this is a branch the other tiles jump over; as a select in the max
+          // loop it cost five instructions per score on every tile (two compares, two predicate
+          // ops, the select: 320 of a thread's ~830 per 128-key tile in the H200 profile). The
+          // ScoreMod loop above keeps the select: split like this it spilled 150 bytes more.
+          if (!all) {
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if (!keys.contains(8 * j + 2 * quad + e)) tSrS(e + 2 * hf + 4 * j) = -INFINITY;
           }
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) mxc[j % kChains] = fmaxf(mxc[j % kChains], tSrS(e + 2 * hf + 4 * j));
+        }
         float mx = mxc[0];
 #pragma unroll
         for (int c = 1; c < kChains; ++c) mx = fmaxf(mx, mxc[c]);
@@ -755,13 +768,18 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         if (releaser) arrive_barrier(sh.v_empty[pst]);
       }
       if constexpr (kS) {
+        // O changes only where a row's maximum grew (corr is exactly exp2(0) = 1 otherwise),
+        // which after a row's first tiles is rare: the warp skips the kDv / 2 multiplies when
+        // none of its rows needs them (a warp-uniform vote, so the branch is real).
+        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
+          for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
-          for (int j = 0; j < kDv / 8; ++j) {
-            tOrO(2 * hf + 4 * j) *= corr[hf];
-            tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
-          }
+            for (int j = 0; j < kDv / 8; ++j) {
+              tOrO(2 * hf + 4 * j) *= corr[hf];
+              tOrO(1 + 2 * hf + 4 * j) *= corr[hf];
+            }
+        }
         // P in the input type, in S's register order (the A operand layout, see Config); fp8:
         // four accumulators per register, picked by fp8_p_source (V^T's key order matches)
         uint32_t* pr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
@@ -911,16 +929,6 @@ inline int64_t grid_cap() {
   return cap;
 }
 
-// MATE_OPS_FMHA_SM90_RELEASE=thread: every consumer thread arrives on the empty barriers (the
-// form before session 10, to measure against). Read once per process.
-inline bool release_per_thread() {
-  static const bool v = [] {
-    const char* e = std::getenv("MATE_OPS_FMHA_SM90_RELEASE");
-    return e != nullptr && std::string(e) == "thread";
-  }();
-  return v;
-}
-
 // The schedule of one call. A section holds the (sequence, head) pairs whose K / V fill about
 // half of the L2 cache: the blocks running at one time work on one section, or the end of one
 // and the start of the next, so their K / V tiles are read from memory about once.
@@ -950,7 +958,6 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, unsigned long long*
   Schedule sc = make_schedule<C>(p, max_rows, f.l2_bytes);
   if (sc.tiles <= 0) return arch::kSuccess;
   sc.counter = tile_counter;
-  sc.releasers = release_per_thread() ? C::kConsumerThreads : C::kConsumers;
   // Persistent: one block per multiprocessor (a block fills one: registers and shared memory),
   // each looping over its share of the tiles.
   int64_t blocks = sc.tiles < f.sms ? sc.tiles : f.sms;
@@ -991,29 +998,13 @@ constexpr WidthKernels width_kernels() {
 
 // fp8 e4m3 in, bf16 out, on fp8 wgmma (the f16 flag is unused: there is one output type).
 // Plain and ScoreMod scores may take different key tiles (block_n_for_fp8).
-// Trial knob MATE_OPS_FMHA_FP8_STAGES=4: the D 128 fp8 kernel with plain scores on four K / V
-// stages (a key tile computes in about half the time of a bf16 one, so a load has half as long to
-// land). Read once per process.
-inline bool fp8_four_stages() {
-  static const bool v = [] {
-    const char* e = std::getenv("MATE_OPS_FMHA_FP8_STAGES");
-    return e != nullptr && std::string(e) == "4";
-  }();
-  return v;
-}
-template <class CP, class CM, class CP4>
+template <class CP, class CM>
 bool fp8_runs_here(bool, bool plain) {
-  if (plain && !cute::is_same_v<CP4, void> && fp8_four_stages()) {
-    if constexpr (!cute::is_same_v<CP4, void>) return kernel_runs_here<CP4, true>();
-  }
   return plain ? kernel_runs_here<CP, true>() : kernel_runs_here<CM, false>();
 }
-template <class CP, class CM, class CP4>
+template <class CP, class CM>
 arch::Error fp8_launch(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool,
                        bool plain) {
-  if (plain && !cute::is_same_v<CP4, void> && fp8_four_stages()) {
-    if constexpr (!cute::is_same_v<CP4, void>) return launch_config<CP4, true>(p, max_rows, counter, stream);
-  }
   return plain ? launch_config<CP, true>(p, max_rows, counter, stream)
                : launch_config<CM, false>(p, max_rows, counter, stream);
 }
@@ -1021,11 +1012,7 @@ template <int kD, int kDv>
 constexpr WidthKernels fp8_width_kernels() {
   using CP = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16, block_n_for_fp8(kD, kDv, true)>;
   using CM = Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16, block_n_for_fp8(kD, kDv, false)>;
-  using CP4 = cute::conditional_t<kD == 128 && kDv == 128,
-                                  Config<cutlass::float_e4m3_t, uint8_t, kD, kDv, arch::bf16,
-                                         block_n_for_fp8(kD, kDv, true), 4>,
-                                  void>;
-  return {&fp8_runs_here<CP, CM, CP4>, &fp8_launch<CP, CM, CP4>};
+  return {&fp8_runs_here<CP, CM>, &fp8_launch<CP, CM>};
 }
 
 // One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
