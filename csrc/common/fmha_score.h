@@ -71,9 +71,13 @@ MATE_HD KeyInterval key_range_for_row(const FmhaParams& p, const SeqInfo& s, int
   }
   if (ghi < glo) ghi = glo;  // empty row: hi = lo keeps both ends monotone
   const int W = p.cp_world_size, r = p.cp_rank;
-  KeyInterval k;  // glo, ghi in [0, Sk]: the differences below fit an int
-  k.lo = imin(imax(0, ceil_div_signed(static_cast<int>(glo) - r, W)), s.k_len);
-  k.hi = imax(k.lo, imin(s.k_len, ceil_div_signed(static_cast<int>(ghi) - r, W)));
+  // glo, ghi in [0, Sk]: the differences below fit an int. Without context parallel (W = 1,
+  // r = 0) the map is the identity: no division (the tensor-core kernels evaluate this a few
+  // times per work tile, and a division by a runtime value is some twenty instructions).
+  const auto local = [W, r](int64_t g) { return W == 1 ? static_cast<int>(g) : ceil_div_signed(static_cast<int>(g) - r, W); };
+  KeyInterval k;
+  k.lo = imin(imax(0, local(glo)), s.k_len);
+  k.hi = imax(k.lo, imin(s.k_len, local(ghi)));
   return k;
 }
 

@@ -7,6 +7,7 @@
 // decode kernel (fp32 / fp8 / other head dims), the split merge and combine. bf16/fp16 with
 // D = Dv in {64, 128, 256} take the tensor-core kernel of arch/sm80/fmha_mma.cu instead.
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -434,7 +435,11 @@ bool sm90_wanted(int max_rows) {
 }  // namespace
 
 bool fmha_sm90_takes(const FmhaParams& p, int max_rows) {
-  return p.num_splits <= 1 && sm90_wanted(max_rows) && fmha_sm90_fits(p) && arch::compute_capability() == 90;
+  // at most 2^31 - 1 work tiles of 128 rows (the Hopper kernel numbers them in 32 bits): only a
+  // call of absurd shape (batch * heads * row blocks past 2^31) stays on mma.sync for that
+  const int64_t tiles = static_cast<int64_t>(p.batch) * p.num_heads * ((static_cast<int64_t>(max_rows) + 127) / 128);
+  return p.num_splits <= 1 && sm90_wanted(max_rows) && tiles <= INT32_MAX && fmha_sm90_fits(p) &&
+         arch::compute_capability() == 90;
 }
 
 arch::Error launch_fmha(const FmhaParams& p, const FmhaSplitBuffers& splits, int max_rows, arch::Stream stream) {

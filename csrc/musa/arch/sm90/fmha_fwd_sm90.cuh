@@ -41,9 +41,11 @@
 //     Their phases run on across work tiles: both sides count K / V loads over the whole
 //     loop, buffer = count % kStages, phase = count / kStages % 2 (the consumers keep the
 //     count modulo 2 kStages, `pos`).
-//   - q_full / q_empty: the one Q buffer. Each consumer warpgroup arrives on q_empty after its
-//     last Q K^T of the work tile, so the producer loads the next tile's Q (after
-//     that tile's first K) while the consumers still run the last softmax, P V and epilogue.
+//   - q_full / q_empty[buffer]: the Q buffers (two at widths 64 / 128, one at 192 x 128 / 256,
+//     shared memory permitting). Each consumer warpgroup arrives on q_empty after its
+//     last Q K^T of the work tile. With two buffers the producer loads a work tile's Q before
+//     its first K, into the buffer the tile before last released; with one, after that first
+//     K, while the consumers still run the last softmax, P V and epilogue of the tile before.
 //     A work tile with no keys loads nothing and waits for nothing (both sides skip it).
 //   - named kSchedBarrier + w: warpgroup w's turn to issue its GEMMs (ping-pong). Every work
 //     tile has num_tiles + 1 steps for both warpgroups, whatever keys each has, so the turns
@@ -188,7 +190,14 @@ struct Config {
   static_assert(cute::is_same_v<GMMA::CLayout_64xN<16>, GMMA::ALayout_64x16>);
 
   // Shared tiles with the 128-byte swizzle wgmma and TMA both understand.
-  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kD>>{}));
+  // Q buffers: two where shared memory has room (widths 64 and 128, fp8 128 and 256), so the
+  // next work tile's Q lands while the current one still computes; one at 256 and 192 x 128.
+  static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
+  static constexpr uint32_t kKBytes = kBlockN * kD * sizeof(T);   // one K tile
+  static constexpr uint32_t kVBytes = kBlockN * kDv * sizeof(T);  // one V tile
+  static constexpr int kQStages = 2 * kQBytes + kStages * (kKBytes + kVBytes) + 2048 <= 227 * 1024 ? 2 : 1;
+  using SmemQ =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kD>, Int<kQStages>>{}));
   using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockN>, Int<kD>, Int<kStages>>{}));
   // V's swizzle atoms (64 channels x 8 keys) are stacked along the keys first, so that 64
   // channels of a whole tile are one contiguous TMA box (channels first would cut it into
@@ -204,13 +213,10 @@ struct Config {
       cute::conditional_t<kFp8, Stride<int64_t, _1, int64_t, int64_t>, Stride<_1, int64_t, int64_t, int64_t>>;
   using GTensorQK = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GShape{}, GStrideQK{}));
   using GTensorV = decltype(make_tensor(make_gmem_ptr(static_cast<const T*>(nullptr)), GShape{}, GStrideV{}));
-  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), SmemQ{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), take<0, 2>(SmemQ{})));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), take<0, 2>(SmemK{})));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorV>(), take<0, 2>(SmemV{})));
 
-  static constexpr uint32_t kQBytes = kBlockM * kD * sizeof(T);
-  static constexpr uint32_t kKBytes = kBlockN * kD * sizeof(T);   // one K tile
-  static constexpr uint32_t kVBytes = kBlockN * kDv * sizeof(T);  // one V tile
 
   struct Smem {
     alignas(1024) cute::array_aligned<T, cosize_v<SmemQ>, 1024> q;
@@ -218,7 +224,7 @@ struct Config {
     alignas(1024) cute::array_aligned<T, cosize_v<SmemV>, 1024> v;
     // full: the tile has landed (TMA transaction count); empty: every consumer warpgroup is
     // done with the buffer (kConsumers arrivals)
-    uint64_t q_full, q_empty;  // q_empty: both warpgroups did their last Q K^T of the work tile
+    uint64_t q_full[kQStages], q_empty[kQStages];  // q_empty: both warpgroups did their last Q K^T
     uint64_t k_full[kStages], k_empty[kStages];
     uint64_t v_full[kStages], v_empty[kStages];
     // the dynamic schedule's hand-over of round r's tile (slot r % 2): full when the producer
@@ -303,17 +309,19 @@ struct Work {
   int b = 0, h = 0, m0 = 0;  // sequence, query head, first query row of the tile
 };
 
-// Tile i of the schedule (0 <= i < tiles). A handful of 64-bit divisions per tile: noise
-// next to a tile's GEMMs.
+// Tile i of the schedule (0 <= i < tiles). 32-bit arithmetic: fmha_sm90_fits admits only calls
+// with at most 2^31 - 1 tiles (a 64-bit division is a long subroutine, run by every thread at
+// every work tile; a 64-bit path beside this one made the producer spill 44 bytes more).
 MATE_HD Work work_at(const Schedule& sc, int64_t i) {
-  const int64_t per_section = sc.section * sc.m_blocks;
-  const int64_t sec = i / per_section, l = i - sec * per_section;
-  const int64_t first = sec * sc.section;
-  const int64_t n = sc.pairs - first < sc.section ? sc.pairs - first : sc.section;  // the last may be short
-  const int64_t mb = l / n, pair = first + (l - mb * n);
+  const uint32_t per_section = static_cast<uint32_t>(sc.section) * static_cast<uint32_t>(sc.m_blocks);
+  const uint32_t ii = static_cast<uint32_t>(i), section = static_cast<uint32_t>(sc.section);
+  const uint32_t sec = ii / per_section, l = ii - sec * per_section, first = sec * section;
+  const uint32_t left = static_cast<uint32_t>(sc.pairs) - first;  // the last section may be short
+  const uint32_t n = left < section ? left : section;
+  const uint32_t mb = l / n, pair = first + (l - mb * n);
   Work w;
-  w.b = static_cast<int>(pair / sc.heads);
-  w.h = static_cast<int>(pair - static_cast<int64_t>(w.b) * sc.heads);
+  w.b = static_cast<int>(pair / static_cast<uint32_t>(sc.heads));
+  w.h = static_cast<int>(pair - static_cast<uint32_t>(w.b) * static_cast<uint32_t>(sc.heads));
   w.m0 = (sc.m_blocks - 1 - static_cast<int>(mb)) * 128;
   return w;
 }
@@ -372,6 +380,17 @@ __device__ __forceinline__ BlockKeys block_keys(const FmhaParams& p, const SeqIn
   return k;
 }
 
+// The producer's load of work tile number qn's Q into buffer qn % kQStages. A buffer is rewritten
+// only once both warpgroups released its previous tile's Q.
+template <class C, class Smem, class Tma, class TG, class TS>
+__device__ __forceinline__ void load_q_tile(Smem& sh, const Tma& tma_q, const TG& tQg, TS& tQs, uint32_t& qn) {
+  const uint32_t qb = qn % C::kQStages;
+  if (qn >= C::kQStages) wait_barrier(sh.q_empty[qb], (qn / C::kQStages - 1) & 1);
+  set_barrier_transaction_bytes(sh.q_full[qb], C::kQBytes);
+  copy(tma_q.with(sh.q_full[qb]), tQg, tQs(_, qb));
+  ++qn;
+}
+
 // kPlain: logit = softmax_scale * dot with a positive scale (scores_are_plain), so row maxima
 // are taken on raw scores and the scale folds into exp2's FFMA; otherwise (softcap, ALiBi, a
 // non-positive scale) every score first becomes its base-2 logit through ScoreMod, as in
@@ -393,8 +412,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   constexpr float kPOffset = C::kFp8 ? 8.f : 0.f;
 
   if (threadIdx.x == 0) {
-    initialize_barrier(sh.q_full, 1);
-    initialize_barrier(sh.q_empty, C::kConsumers);  // one arrival per consumer warpgroup
+    for (int qb = 0; qb < C::kQStages; ++qb) {
+      initialize_barrier(sh.q_full[qb], 1);
+      initialize_barrier(sh.q_empty[qb], C::kConsumers);  // one arrival per consumer warpgroup
+    }
     for (int st = 0; st < kStages; ++st) {
       initialize_barrier(sh.k_full[st], 1);
       initialize_barrier(sh.v_full[st], 1);
@@ -417,7 +438,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       Tensor sK = make_tensor(make_smem_ptr(sh.k.data()), typename C::SmemK{});
       Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
       uint32_t kv = 0;  // K / V tiles loaded so far, over all work tiles: buffer kv % kStages
-      uint32_t qn = 0;  // Q tiles loaded so far
+      uint32_t qn = 0;  // Q tiles loaded so far: buffer qn % kQStages
       for (uint32_t r = 0;; ++r) {
         const int64_t i = draw_tile(sc, r);
         if (sc.counter != nullptr) {  // hand it to the consumers (the end marker i >= tiles too)
@@ -447,7 +468,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         auto [tQg, tQs] = tma_partition(tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
         auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
         auto [tVg, tVs] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-        CUTE_STATIC_ASSERT_V(size<1>(tKs) == Int<kStages>{} && size<1>(tVs) == Int<kStages>{});
+        CUTE_STATIC_ASSERT_V(size<1>(tKs) == Int<kStages>{} && size<1>(tVs) == Int<kStages>{} &&
+                             size<1>(tQs) == Int<C::kQStages>{});
+        // Two buffers: Q first, into the buffer the work tile before last released long ago, so it
+        // lands during the current work tile's last steps.
+        if constexpr (C::kQStages > 1) load_q_tile<C>(sh, tma_q, tQg, tQs, qn);
 
         constexpr bool kPaged = !C::kFp8;  // fp8 calls are never paged (fmha_sm90_fits): no lookup code
         for (int t = 0; t < bk.tiles; ++t, ++kv) {
@@ -473,15 +498,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           } else {
             copy(tma_k.with(sh.k_full[st]), tKg(_, t), tKs(_, st));
           }
-          if (t == 0) {
-            // Q after the first K: that K buffer frees a step earlier than Q (the previous work
-            // tile's second-to-last Q K^T releases it, its last Q K^T releases Q). Q's single
-            // buffer is rewritten only once every consumer has released the previous Q.
-            if (qn > 0) wait_barrier(sh.q_empty, (qn - 1) & 1);
-            set_barrier_transaction_bytes(sh.q_full, C::kQBytes);
-            copy(tma_q.with(sh.q_full), tQg, tQs);
-            ++qn;
-          }
+          // One buffer: Q after the first K, since that K buffer frees a step earlier than Q (the
+          // previous work tile's second-to-last Q K^T releases it, its last Q K^T releases Q).
+          if (C::kQStages == 1 && t == 0) load_q_tile<C>(sh, tma_q, tQg, tQs, qn);
           if (kv >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
           set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
           if (kPaged && p.page_table != nullptr) {
@@ -516,7 +535,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   Tensor sQ = make_tensor(make_smem_ptr(sh.q.data()), typename C::SmemQ{});
   Tensor sK = make_tensor(make_smem_ptr(sh.k.data()), typename C::SmemK{});
   Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);  // wgmma descriptors of this warpgroup's Q rows
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);  // wgmma descriptors of this warpgroup's Q rows (.., buffer)
   Tensor tSrK = thr_qk.partition_fragment_B(sK);  // (.., k-steps, stage)
   Tensor tOrV = thr_pv.partition_fragment_B(sV);
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});  // S, then P in fp32
@@ -524,15 +543,16 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   Tensor tOrP = make_tensor<T>(partition_shape_A(mma_pv, Shape<Int<kBlockM>, Int<kBlockN>>{}));
   static_assert(size(tSrS) == kBlockN / 2 && size(tOrO) == kDv / 2 && size(tOrP) == size(tSrS));
   CUTE_STATIC_ASSERT_V(size<1>(tSrQ) == _1{} && size<2>(tSrQ) == Int<kD / C::kKStep>{} &&
+                       size<3>(tSrQ) == Int<C::kQStages>{} &&
                        size<3>(tSrK) == Int<kStages>{});
   CUTE_STATIC_ASSERT_V(size<1>(tOrP) == _1{} && size<2>(tOrP) == Int<kBlockN / C::kKStep>{} &&
                        size<3>(tOrV) == Int<kStages>{});
 
   // The pipeline position, as few registers as possible (live across the epilogue, next to O):
-  // bits 0 .. 1 + log2(kStages) the K / V loads consumed so far modulo 2 kStages (all that
-  // buffer and phase depend on), the bit above them the parity of the Q loads consumed.
-  static_assert((kStages & (kStages - 1)) == 0, "the pipeline position keeps counts modulo 2 kStages");
-  constexpr uint32_t kKvMask = 2 * kStages - 1, kQBit = 2 * kStages;
+  // bits 0 .. log2(2 kStages) - 1 the K / V loads consumed so far modulo 2 kStages (all that
+  // buffer and phase depend on), the bits above them the Q loads consumed modulo 2 kQStages.
+  static_assert(kStages == 2 || kStages == 4, "the pipeline position keeps counts modulo 2 kStages");
+  constexpr uint32_t kKvMask = 2 * kStages - 1, kQShift = kStages == 2 ? 2 : 3, kQMask = 2 * C::kQStages - 1;
   uint32_t pos = 0;
   // Warpgroup 0 issues first (ping-pong, below); from then on each hand-over of warpgroup 1
   // (the last of a work tile included) is warpgroup 0's next turn, in the next work tile too.
@@ -679,14 +699,16 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // 1's last hand-over of a tile lets warpgroup 0 start the next one while warpgroup 1 still
     // runs its last P V and epilogue (the tensor cores would idle through both epilogues if
     // warpgroup 0 waited for warpgroup 1's next tile to begin).
-    if (num_tiles > 0) wait_barrier(sh.q_full, (pos & kQBit) ? 1 : 0);
+    const uint32_t qcount = pos >> kQShift;  // Q loads consumed, modulo 2 kQStages
+    const int qb = warp_uniform(static_cast<int>(qcount % C::kQStages));
+    if (num_tiles > 0) wait_barrier(sh.q_full[qb], (qcount / C::kQStages) & 1);
     if (num_tiles > 0 && q_sign) {
       // Q times sign(dscale) -- or times dscale when it is 0 or NaN -- by all 256 consumer
       // threads; the proxy fence makes the generic stores visible to wgmma's reads and orders
       // them before the TMA write of the next work tile's Q (after q_empty, which comes later)
       const float f = dscale < 0.f ? -1.f : dscale;
       for (int idx = ct; idx < kBlockM * kD; idx += C::kConsumerThreads) {
-        T& x = sQ(idx % kBlockM, idx / kBlockM);
+        T& x = sQ(idx % kBlockM, idx / kBlockM, qb);
         x = T(static_cast<float>(x) * f);
       }
       cutlass::arch::fence_view_async_shared();
@@ -740,7 +762,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         warpgroup_arrive();  // the softmax's writes to S, O and P come before the products below
       }
       if constexpr (kS) {
-        wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
+        wgmma_issue<true>(mma_qk, tSrQ(_, _, _, qb), tSrK(_, _, _, st), tSrS);
         warpgroup_commit_batch();
       }
       if constexpr (kPV) {
@@ -756,7 +778,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         // This warpgroup's last Q K^T of the work tile is done: the producer may load the
         // next work tile's Q once both warpgroups say so, while this one still runs its
         // softmax, last P V and epilogue.
-        if (t == num_tiles - 1 && releaser) arrive_barrier(sh.q_empty);
+        if (t == num_tiles - 1 && releaser) arrive_barrier(sh.q_empty[qb]);
         // Also where the warpgroup has no keys: every score is masked, P comes out zeros and
         // corr leaves O alone. A branch here would define P's registers on two paths.
         softmax_tile(n0, all, corr);
@@ -812,7 +834,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     } else {
       step(0, cute::false_type{}, cute::false_type{});  // no keys: only the ping-pong hand-overs
     }
-    if (num_tiles > 0) pos = (((pos & kKvMask) + num_tiles) & kKvMask) | ((pos & kQBit) ^ kQBit);
+    if (num_tiles > 0) pos = (((pos & kKvMask) + num_tiles) & kKvMask) | (((qcount + 1) & kQMask) << kQShift);
 
     // ---- epilogue: normalize and store (fmha_mma.cu's rules) ------------------------------
     // Runs while the producer already loads the next work tile's Q and first K / V tiles.
@@ -886,7 +908,7 @@ Descriptors<C> make_descriptors(const FmhaParams& p) {
                          mode_stride(p.v_batch_stride, kb, es));
   };
   auto gv = make_tensor(make_gmem_ptr(static_cast<const T*>(p.v)), v_shape(p), v_strides());
-  return {make_tma_copy(SM90_TMA_LOAD{}, gq, typename C::SmemQ{}),
+  return {make_tma_copy(SM90_TMA_LOAD{}, gq, take<0, 2>(typename C::SmemQ{})),
           make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename C::SmemK{})),
           make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{}))};
 }
@@ -957,6 +979,7 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, unsigned long long*
   const DeviceFacts f = device_facts();
   Schedule sc = make_schedule<C>(p, max_rows, f.l2_bytes);
   if (sc.tiles <= 0) return arch::kSuccess;
+  if (sc.tiles > INT32_MAX) return arch::kInvalidValue;  // work_at numbers tiles in 32 bits (fmha_sm90_takes bounds them)
   sc.counter = tile_counter;
   // Persistent: one block per multiprocessor (a block fills one: registers and shared memory),
   // each looping over its share of the tiles.
