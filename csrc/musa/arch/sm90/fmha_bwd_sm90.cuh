@@ -546,30 +546,41 @@ __device__ __forceinline__ void dkdv_block(const FmhaBwdParams& g, const FmhaBwd
       const float* delta = sh.delta[st];
       const int* lo = sh.lo[st];
       const int* hi = sh.hi[st];
+      // P^T and dS^T of the step, kMasked: with the per-element mask (a select per element plus
+      // the row interval's two shared-memory loads per column); plain scores on a step no
+      // element of which is masked take the loop without it (a warp-uniform branch, as in the
+      // forward: version 15 of docs/performance.md)
+      auto p_and_ds = [&](auto masked_tag) {
+        constexpr bool kMasked = decltype(masked_tag)::value;
 #pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j)
+        for (int j = 0; j < kBlockM / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = 8 * j + 2 * quad + e;  // column: query row i0 + c
-          const float l2 = lse2[c], dl = kDoDk ? delta[c] : 0.f;
-          const int clo = lo[c], chi = hi[c];
+          for (int e = 0; e < 2; ++e) {
+            const int c = 8 * j + 2 * quad + e;  // column: query row i0 + c
+            const float l2 = lse2[c], dl = kDoDk ? delta[c] : 0.f;
+            const int clo = kMasked ? lo[c] : 0, chi = kMasked ? hi[c] : 0;
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int i = e + 2 * hf + 4 * j, kr = krow + 8 * hf;
-            const bool in = all || (clo <= kr && kr < chi);
-            float x = tSt(i), dlogit = 1.f;
-            if constexpr (kPlain) {
-              x *= sl;
-            } else {
-              // key n0 + kr formed without signed overflow (past the block it is masked anyway)
-              const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(kr));
-              x = mod.logit_grad(x, i0 + c, key, dlogit) * kLog2e;
+            for (int hf = 0; hf < 2; ++hf) {
+              const int i = e + 2 * hf + 4 * j, kr = krow + 8 * hf;
+              const bool in = !kMasked || all || (clo <= kr && kr < chi);
+              float x = tSt(i), dlogit = 1.f;
+              if constexpr (kPlain) {
+                x *= sl;
+              } else {
+                // key n0 + kr formed without signed overflow (past the block it is masked anyway)
+                const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(kr));
+                x = mod.logit_grad(x, i0 + c, key, dlogit) * kLog2e;
+              }
+              const float pe = in ? arch::fast_exp2(x - l2) : 0.f;
+              if constexpr (kDoDv) tSt(i) = pe;
+              if constexpr (kDoDk) tDPt(i) = in ? pe * (tDPt(i) - dl) * dlogit : 0.f;
             }
-            const float pe = in ? arch::fast_exp2(x - l2) : 0.f;
-            if constexpr (kDoDv) tSt(i) = pe;
-            if constexpr (kDoDk) tDPt(i) = in ? pe * (tDPt(i) - dl) * dlogit : 0.f;
           }
-        }
+      };
+      if (kPlain && all)
+        p_and_ds(cute::false_type{});
+      else
+        p_and_ds(cute::true_type{});
       // dV's product runs while dS^T is rounded (each batch's wgmma.fence orders the register
       // writes before it)
       if constexpr (kDoDv) {
@@ -820,27 +831,36 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       warpgroup_wait<0>();
       warpgroup_fence_operand(tS);
       warpgroup_fence_operand(tDP);
+      // dS, kMasked: with the per-element mask; plain scores on a tile no element of which is
+      // masked take the loop without it (a warp-uniform branch, as in the dK / dV kernel)
+      auto ds = [&](auto masked_tag) {
+        constexpr bool kMasked = decltype(masked_tag)::value;
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int lo = row_lo[hf] - n0, hi = row_hi[hf] - n0;  // relative to n0
+        for (int hf = 0; hf < 2; ++hf) {
+          const int lo = row_lo[hf] - n0, hi = row_hi[hf] - n0;  // relative to n0
 #pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j)
+          for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int i = e + 2 * hf + 4 * j, col = 8 * j + 2 * quad + e;
-            const bool in = all || (lo <= col && col < hi);
-            float x = tS(i), dlogit = 1.f;
-            if constexpr (kPlain) {
-              x *= sl;
-            } else {
-              const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
-              const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(col));
-              x = mod.logit_grad(x, m, key, dlogit) * kLog2e;
+            for (int e = 0; e < 2; ++e) {
+              const int i = e + 2 * hf + 4 * j, col = 8 * j + 2 * quad + e;
+              const bool in = !kMasked || all || (lo <= col && col < hi);
+              float x = tS(i), dlogit = 1.f;
+              if constexpr (kPlain) {
+                x *= sl;
+              } else {
+                const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+                const int key = static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(col));
+                x = mod.logit_grad(x, m, key, dlogit) * kLog2e;
+              }
+              const float pe = in ? arch::fast_exp2(x - row_lse2[hf]) : 0.f;
+              tS(i) = in ? pe * (tDP(i) - row_delta[hf]) * dlogit : 0.f;
             }
-            const float pe = in ? arch::fast_exp2(x - row_lse2[hf]) : 0.f;
-            tS(i) = in ? pe * (tDP(i) - row_delta[hf]) * dlogit : 0.f;
-          }
-      }
+        }
+      };
+      if (kPlain && all)
+        ds(cute::false_type{});
+      else
+        ds(cute::true_type{});
       to_operand<typename C::NvT>(tS, tDS);
       warpgroup_fence_operand(tDS);
       wgmma_issue<false>(mma_dq, tDS, tQrKt(_, _, _, st), tdQ);
