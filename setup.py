@@ -123,7 +123,10 @@ def extension():
             define_macros=macros,
             extra_compile_args={
                 "cxx": cpu_flags(),
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                # MATE_OPS_NVCC_FLAGS: extra nvcc flags, e.g. -DMATE_SM90_TRACE (the Hopper
+                # forward's timeline, docs/performance.md)
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+                + os.environ.get("MATE_OPS_NVCC_FLAGS", "").split(),
             },
             **common,
         )

@@ -83,6 +83,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 
 #include "../../../common/fmha_math.h"
@@ -380,6 +381,41 @@ __device__ __forceinline__ BlockKeys block_keys(const FmhaParams& p, const SeqIn
   return k;
 }
 
+// A timeline of the first kTraceBlocks blocks, to see where a work tile's time goes (built with
+// MATE_OPS_NVCC_FLAGS=-DMATE_SM90_TRACE; without it every TRACE_EVENT is nothing). The producer
+// thread and each consumer warpgroup's first thread store (round, event, SM clock) into a
+// per-module device array -- plain stores, no call that could serialize the wgmmas -- and the
+// launch prints them to stderr as "sm90trace <block> <role> <round> <event> <cycle>" (role 0 the
+// producer, 1 / 2 the consumer warpgroups; events: kTrace* below; one block's events share its
+// SM's clock).
+#if defined(MATE_SM90_TRACE)
+constexpr int kTraceBlocks = 2, kTraceEvents = 4096;
+struct TraceEvent {
+  uint32_t round, event;
+  uint64_t cycle;
+};
+__device__ TraceEvent g_sm90_trace[kTraceBlocks][3][kTraceEvents];
+__device__ uint32_t g_sm90_trace_count[kTraceBlocks][3];
+__device__ __forceinline__ void trace_event(uint32_t& n, int role, uint32_t round, uint32_t event) {
+  if (blockIdx.x >= kTraceBlocks || n >= kTraceEvents) return;
+  g_sm90_trace[blockIdx.x][role][n++] = TraceEvent{round, event, static_cast<uint64_t>(clock64())};
+}
+#define TRACE_EVENT(n, role, round, event) trace_event(n, role, round, event)
+#define TRACE_END(n, role) \
+  if (blockIdx.x < kTraceBlocks) g_sm90_trace_count[blockIdx.x][role] = n
+#else
+#define TRACE_EVENT(n, role, round, event) ((void)0)
+#define TRACE_END(n, role) ((void)0)
+#endif
+// Trace events. Producer: the tile drawn, its Q issued, its first K issued (after the buffer
+// wait), its last V issued. Consumers: the tile drawn, Q landed, the first S issued (after the
+// ping-pong turn), the last P V done, the epilogue done; step t (< 32) begun (before its K / V
+// waits) at kTraceStep + t, its turn taken (after the ping-pong barrier) at kTraceTurn + t.
+enum : uint32_t {
+  kTraceDraw = 0, kTraceQ = 1, kTraceFirstK = 2, kTraceLastV = 3,
+  kTraceFirstS = 4, kTraceLastPV = 5, kTraceStored = 6, kTraceStep = 32, kTraceTurn = 64
+};
+
 // The producer's load of work tile number qn's Q into buffer qn % kQStages. A buffer is rewritten
 // only once both warpgroups released its previous tile's Q.
 template <class C, class Smem, class Tma, class TG, class TS>
@@ -439,8 +475,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
       uint32_t kv = 0;  // K / V tiles loaded so far, over all work tiles: buffer kv % kStages
       uint32_t qn = 0;  // Q tiles loaded so far: buffer qn % kQStages
+      [[maybe_unused]] uint32_t trace_n = 0;
       for (uint32_t r = 0;; ++r) {
         const int64_t i = draw_tile(sc, r);
+        TRACE_EVENT(trace_n, 0, r, kTraceDraw);
         if (sc.counter != nullptr) {  // hand it to the consumers (the end marker i >= tiles too)
           const int slot = r & 1;
           if (r >= 2) wait_barrier(sh.tile_empty[slot], ((r >> 1) - 1) & 1);
@@ -473,6 +511,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         // Two buffers: Q first, into the buffer the work tile before last released long ago, so it
         // lands during the current work tile's last steps.
         if constexpr (C::kQStages > 1) load_q_tile<C>(sh, tma_q, tQg, tQs, qn);
+        if constexpr (C::kQStages > 1) TRACE_EVENT(trace_n, 0, r, kTraceQ);
 
         constexpr bool kPaged = !C::kFp8;  // fp8 calls are never paged (fmha_sm90_fits): no lookup code
         for (int t = 0; t < bk.tiles; ++t, ++kv) {
@@ -500,7 +539,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           }
           // One buffer: Q after the first K, since that K buffer frees a step earlier than Q (the
           // previous work tile's second-to-last Q K^T releases it, its last Q K^T releases Q).
+          if (t == 0) TRACE_EVENT(trace_n, 0, r, kTraceFirstK);
           if (C::kQStages == 1 && t == 0) load_q_tile<C>(sh, tma_q, tQg, tQs, qn);
+          if (C::kQStages == 1 && t == 0) TRACE_EVENT(trace_n, 0, r, kTraceQ);
           if (kv >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
           set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
           if (kPaged && p.page_table != nullptr) {
@@ -512,7 +553,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
           }
         }
+        TRACE_EVENT(trace_n, 0, r, kTraceLastV);
       }
+      TRACE_END(trace_n, 0);
     }
     return;
   }
@@ -557,6 +600,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // Warpgroup 0 issues first (ping-pong, below); from then on each hand-over of warpgroup 1
   // (the last of a work tile included) is warpgroup 0's next turn, in the next work tile too.
   if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
+  [[maybe_unused]] uint32_t trace_n = 0;  // this warpgroup's trace events (its first thread's)
   for (uint32_t r = 0;; ++r) {
     int64_t i;
     if (sc.counter != nullptr) {  // the producer's draw (draw_tile)
@@ -568,6 +612,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       i = tile_of_round(r);
     }
     if (i >= sc.tiles) break;
+    if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceDraw);
     const Work w = work_at(sc, i);
     const int b = w.b, h = w.h, m0 = w.m0;
     const SeqInfo s = seq_info(p, b);
@@ -702,6 +747,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const uint32_t qcount = pos >> kQShift;  // Q loads consumed, modulo 2 kQStages
     const int qb = warp_uniform(static_cast<int>(qcount % C::kQStages));
     if (num_tiles > 0) wait_barrier(sh.q_full[qb], (qcount / C::kQStages) & 1);
+    if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceQ);
     if (num_tiles > 0 && q_sign) {
       // Q times sign(dscale) -- or times dscale when it is 0 or NaN -- by all 256 consumer
       // threads; the proxy fence makes the generic stores visible to wgmma's reads and orders
@@ -730,6 +776,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
       // Every consumer waits for and releases every tile, computing or not: a release before
       // the tile has landed could complete the buffer's next phase early.
+      if (releaser && t < 32) TRACE_EVENT(trace_n, 1 + group, r, kTraceStep + t);
       if constexpr (kS) wait_barrier(sh.k_full[st], (g / kStages) & 1);
       if constexpr (kPV) {
         wait_barrier(sh.v_full[pst], ((g - 1) / kStages) & 1);
@@ -755,6 +802,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         }
       }
       cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
+      if (kS && !kPV && releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceFirstS);
+      if (releaser && t < 32) TRACE_EVENT(trace_n, 1 + group, r, kTraceTurn + t);
       if constexpr (kS || kPV) {
         warpgroup_fence_operand(tSrS);
         warpgroup_fence_operand(tOrO);
@@ -831,6 +880,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       step(0, cute::true_type{}, cute::false_type{});
       for (int t = 1; t < num_tiles; ++t) step(t, cute::true_type{}, cute::true_type{});
       step(num_tiles, cute::false_type{}, cute::true_type{});
+      if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceLastPV);
     } else {
       step(0, cute::false_type{}, cute::false_type{});  // no keys: only the ping-pong hand-overs
     }
@@ -864,7 +914,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
               arch::pack2<typename C::OutNvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
       if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
     }
+    if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceStored);
   }
+  if (releaser) TRACE_END(trace_n, 1 + group);
   // warpgroup 1's last hand-over has no next turn to start: take it, so no named barrier is
   // left half-arrived when the block exits
   if (group == 0) cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + 0);
@@ -971,6 +1023,27 @@ Schedule make_schedule(const FmhaParams& p, int max_rows, int l2_bytes) {
   return sc;
 }
 
+#if defined(MATE_SM90_TRACE)
+// The trace of the launch just made (TRACE_EVENT): waits for it, then one line per event.
+inline void print_trace(arch::Stream stream) {
+  static TraceEvent events[kTraceBlocks][3][kTraceEvents];
+  uint32_t counts[kTraceBlocks][3] = {};
+  if (cudaStreamSynchronize(stream) != cudaSuccess ||
+      cudaMemcpyFromSymbol(counts, g_sm90_trace_count, sizeof(counts)) != cudaSuccess ||
+      cudaMemcpyFromSymbol(events, g_sm90_trace, sizeof(events)) != cudaSuccess)
+    return;
+  for (int blk = 0; blk < kTraceBlocks; ++blk)
+    for (int role = 0; role < 3; ++role)
+      for (uint32_t e = 0; e < counts[blk][role] && e < static_cast<uint32_t>(kTraceEvents); ++e) {
+        const TraceEvent& t = events[blk][role][e];
+        std::fprintf(stderr, "sm90trace %d %d %u %u %llu\n", blk, role, t.round, t.event,
+                     static_cast<unsigned long long>(t.cycle));
+      }
+  const uint32_t zero[kTraceBlocks][3] = {};
+  cudaMemcpyToSymbol(g_sm90_trace_count, zero, sizeof(zero));
+}
+#endif
+
 template <class C, bool kPlain>
 arch::Error launch_config(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream) {
   static std::atomic<uint64_t> configured{0};  // the shared-memory attribute, once per device
@@ -990,6 +1063,9 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, unsigned long long*
   const Descriptors<C> d = make_descriptors<C>(p);
   fmha_sm90_kernel<C, kPlain><<<dim3(static_cast<unsigned>(blocks)), C::kThreads, C::kSmemBytes, stream>>>(p, sc, d.q, d.k,
                                                                                                         d.v);
+#if defined(MATE_SM90_TRACE)
+  print_trace(stream);
+#endif
   return arch::last_error();
 }
 
