@@ -51,6 +51,25 @@ def test_device_source_compiles_without_torch(source, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+def test_sm90_trace_build_compiles_unserialized(tmp_path):
+    """The Hopper forward's opt-in timeline (-DMATE_SM90_TRACE, scripts/sm90_trace.py) keeps
+    compiling, and its clock stamps do not make ptxas serialize the wgmmas (a timeline of a
+    serialized kernel would time a different kernel)."""
+    cutlass = _cutlass_include()
+    if cutlass is None:
+        pytest.skip("the nvidia-cutlass headers are not installed (scripts/setup_env.sh installs them)")
+    source = MUSA / "arch" / "sm90" / "fmha_fwd_sm90_64.cu"
+    cmd = [NVCC, f"-I{cutlass}", f"-I{ROOT / 'csrc'}", "-DMATE_WITH_SM90=1", "-DMATE_SM90_TRACE", "-std=c++17", "-O1",
+           "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           "-gencode=arch=compute_90a,code=sm_90a", "-c", str(source), "-o", str(tmp_path / "trace.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    serialized = [line for line in res.stderr.splitlines() if "C751" in line or "C752" in line]
+    assert not serialized, "wgmma serialized by ptxas in the trace build:\n" + "\n".join(serialized[:4])
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 def test_fp8_pv_key_order_matches_cute_layouts(tmp_path):
     """The Hopper forward's fp8 P V (arch/sm90/fp8_pv_order.h): every byte of P's registers holds
     the score of the row and key that wgmma multiplies it with (CuTe's CLayout_64xN / ALayout_64x32),
