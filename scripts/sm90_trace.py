@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 
-NAMES = {0: "draw", 1: "q", 2: "first_k", 3: "last_v", 4: "first_s", 5: "last_pv", 6: "stored"}
+NAMES = {0: "draw", 1: "q", 2: "first_k", 3: "last_v", 4: "first_s", 5: "last_pv", 6: "stored", 7: "ready"}
 
 
 def run_call(d, seq, mask, fp8):
@@ -61,6 +61,7 @@ def summarize(lines):
             continue
         tile = [by_round[r][6] - by_round[r][0] for r in rounds if 6 in by_round[r]]
         qwait = [by_round[r][1] - by_round[r][0] for r in rounds if 1 in by_round[r]]
+        prologue = [by_round[r][7] - by_round[r][0] for r in rounds if 7 in by_round[r]]
         gap = [by_round[b][0] - by_round[a][6] for a, b in zip(rounds, rounds[1:]) if 6 in by_round[a]]
         epi = [by_round[r][6] - by_round[r][5] for r in rounds if 6 in by_round[r] and 5 in by_round[r]]
         turn = [by_round[r][64 + t] - by_round[r][32 + t] for r in rounds for t in range(32)
@@ -68,6 +69,7 @@ def summarize(lines):
         step = [by_round[r][32 + t + 1] - by_round[r][32 + t] for r in rounds for t in range(31)
                 if 32 + t + 1 in by_round[r] and 32 + t in by_round[r]]
         for label, xs in (("draw -> stored (work tile)", tile), ("draw -> Q landed", qwait),
+                          ("draw -> prologue done", prologue),
                           ("stored -> next draw", gap), ("last P V -> stored (epilogue)", epi),
                           ("step begin -> turn (K/V waits + ping-pong)", turn), ("step -> next step", step)):
             if xs:

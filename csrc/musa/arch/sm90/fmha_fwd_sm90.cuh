@@ -130,6 +130,27 @@ constexpr int block_n_for(int d, int dv) { return (d == 256 || dv == 256) ? 80 :
 // 392 bytes (S is 64 registers beside O's 128, and the score modifiers need more).
 constexpr int block_n_for_fp8(int d, int dv, bool plain) { return (d == 256 || dv == 256) && !plain ? 64 : 128; }
 
+// A work tile (Schedule, work_at): 128 query rows of one query head of one sequence.
+struct Work {
+  int b = 0, h = 0, m0 = 0;  // sequence, query head, first query row of the tile
+};
+// The keys of a work tile (block_keys).
+struct BlockKeys {
+  int lo = 0, hi = 0, tiles = 0;
+  int head = 0;  // keys [lo, lo + head) of the first tile precede the first key any row sees
+};
+// What the producer hands the consumers about each work tile it draws (Smem::next_tile): the
+// schedule index (>= the tile count: the end) and what it derived from it. The consumers used to
+// derive these themselves after the previous tile's epilogue, one global-memory round trip
+// (cu_seqlens) and a few divisions on the path to their first Q K^T; the producer, a few key
+// tiles ahead of them, has them anyway.
+struct TileFacts {
+  int64_t i = 0;
+  Work w;
+  SeqInfo s;
+  BlockKeys bk;
+};
+
 // V's shared tiles (Config::SmemV), picked without instantiating the other form.
 template <bool kFp8, class T, int kDv, int kBlockN, int kStages>
 struct SmemVLayout {
@@ -197,6 +218,17 @@ struct Config {
   static constexpr uint32_t kKBytes = kBlockN * kD * sizeof(T);   // one K tile
   static constexpr uint32_t kVBytes = kBlockN * kDv * sizeof(T);  // one V tile
   static constexpr int kQStages = 2 * kQBytes + kStages * (kKBytes + kVBytes) + 2048 <= 227 * 1024 ? 2 : 1;
+  // The epilogue stages out through shared memory where 16 KB are left (every width but 256):
+  // each warp writes 16 rows x 64 channels of its accumulators there and reads them back as
+  // whole 16-byte row pieces, so its global stores are 128-byte row segments instead of 16-byte
+  // pieces of eight rows per instruction (a 64 x 128 epilogue took ~3700 cycles that way).
+  // A staging row is 64 channels plus 16 bytes of padding (kOStagePitch words): the accumulator
+  // writes (eight rows, one 4-byte column each) then hit 32 distinct banks, and every address is
+  // one base register plus a constant.
+  static constexpr int kOStagePitch = 64 * sizeof(OutNvT_) / 4 + 4;  // 32-bit words per staged row
+  static constexpr uint32_t kOStageBytes = kConsumerThreads / 32 * 16 * kOStagePitch * 4;
+  static constexpr bool kStageO =
+      kQStages * kQBytes + kStages * (kKBytes + kVBytes) + kOStageBytes + 1024 <= 227 * 1024;
   using SmemQ =
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kD>, Int<kQStages>>{}));
   using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockN>, Int<kD>, Int<kStages>>{}));
@@ -228,10 +260,12 @@ struct Config {
     uint64_t q_full[kQStages], q_empty[kQStages];  // q_empty: both warpgroups did their last Q K^T
     uint64_t k_full[kStages], k_empty[kStages];
     uint64_t v_full[kStages], v_empty[kStages];
-    // the dynamic schedule's hand-over of round r's tile (slot r % 2): full when the producer
+    // the hand-over of round r's work tile (slot r % 2, TileFacts): full when the producer
     // wrote it, empty when every consumer thread has read it
-    int64_t next_tile[2];
+    TileFacts next_tile[2];
     uint64_t tile_full[2], tile_empty[2];
+    // the epilogue's staging rows (kStageO): per consumer warp 16 rows x 64 channels of out
+    alignas(128) cute::array_aligned<uint32_t, kStageO ? kOStageBytes / 4 : 4, 128> o_stage;
   };
   static constexpr int kSmemBytes = static_cast<int>(sizeof(Smem));
   static_assert(kSmemBytes <= 227 * 1024, "a Hopper SM gives one block at most 227 KB of shared memory");
@@ -306,10 +340,6 @@ struct Schedule {
   unsigned long long* counter = nullptr;
 };
 
-struct Work {
-  int b = 0, h = 0, m0 = 0;  // sequence, query head, first query row of the tile
-};
-
 // Tile i of the schedule (0 <= i < tiles). 32-bit arithmetic: fmha_sm90_fits admits only calls
 // with at most 2^31 - 1 tiles (a 64-bit division is a long subroutine, run by every thread at
 // every work tile; a 64-bit path beside this one made the producer spill 44 bytes more).
@@ -356,10 +386,6 @@ __device__ __forceinline__ int64_t draw_tile(const Schedule& sc, uint32_t r) {
 // a multiple of kBlockN: lo moves down by `head` keys, which no row sees (masked; their V rows
 // are zeroed, as they may be left padding or garbage). A staged V^T (fp8) moves lo down to a
 // multiple of 16 likewise.
-struct BlockKeys {
-  int lo = 0, hi = 0, tiles = 0;
-  int head = 0;  // keys [lo, lo + head) of the first tile precede the first key any row sees
-};
 template <int kBlockM, int kBlockN, bool kFp8>
 __device__ __forceinline__ BlockKeys block_keys(const FmhaParams& p, const SeqInfo& s, int m0) {
   BlockKeys k;
@@ -410,11 +436,83 @@ __device__ __forceinline__ void trace_event(uint32_t& n, int role, uint32_t roun
 // Trace events. Producer: the tile drawn, its Q issued, its first K issued (after the buffer
 // wait), its last V issued. Consumers: the tile drawn, Q landed, the first S issued (after the
 // ping-pong turn), the last P V done, the epilogue done; step t (< 32) begun (before its K / V
-// waits) at kTraceStep + t, its turn taken (after the ping-pong barrier) at kTraceTurn + t.
+// waits) at kTraceStep + t, its turn taken (after the ping-pong barrier) at kTraceTurn + t;
+// kTraceReady: the tile's prologue done (before the Q wait).
 enum : uint32_t {
   kTraceDraw = 0, kTraceQ = 1, kTraceFirstK = 2, kTraceLastV = 3,
-  kTraceFirstS = 4, kTraceLastPV = 5, kTraceStored = 6, kTraceStep = 32, kTraceTurn = 64
+  kTraceFirstS = 4, kTraceLastPV = 5, kTraceStored = 6, kTraceReady = 7, kTraceStep = 32, kTraceTurn = 64
 };
+
+// The hand-over of round r's work tile through slot r % 2 of Smem::next_tile. The empty compiler
+// barriers keep the slot's plain shared-memory accesses between the mbarrier operations (CuTe's
+// barrier asm declares no memory effects).
+template <class Smem>
+__device__ __forceinline__ void hand_over_tile(Smem& sh, uint32_t r, const TileFacts& f) {
+  const int slot = r & 1;
+  if (r >= 2) wait_barrier(sh.tile_empty[slot], ((r >> 1) - 1) & 1);
+  asm volatile("" ::: "memory");
+  sh.next_tile[slot] = f;
+  asm volatile("" ::: "memory");
+  arrive_barrier(sh.tile_full[slot]);
+}
+template <class Smem>
+__device__ __forceinline__ TileFacts take_tile(Smem& sh, uint32_t r) {
+  const int slot = r & 1;
+  wait_barrier(sh.tile_full[slot], (r >> 1) & 1);
+  asm volatile("" ::: "memory");
+  const TileFacts f = sh.next_tile[slot];
+  asm volatile("" ::: "memory");
+  arrive_barrier(sh.tile_empty[slot]);
+  return f;
+}
+
+// The epilogue's stores through shared memory (Config::kStageO): this warp's 16 rows (block rows
+// from m_first) of the scaled accumulators go to its staging buffer, 64 channels at a time, and
+// come back as 16-byte pieces of one row per lane, so that each store instruction writes four
+// whole 128-byte row segments. Rows past the sequence's rows and the padding channels of a
+// narrower head dim are never stored; out's rows must be 4-byte aligned (fmha_sm90_fits), 16-byte
+// stores are taken when they are 16-byte aligned (uniform over the call).
+template <class C, class Smem, class TO>
+__device__ __forceinline__ void store_out_staged(const FmhaParams& p, Smem& sh, const TO& tOrO, int b, int h,
+                                                 const SeqInfo& s, int m_first, int warp_id, int lane) {
+  using OutNvT = typename C::OutNvT;
+  static_assert(sizeof(OutNvT) == 2 && C::kDv % 64 == 0, "16-bit out, whole 64-channel chunks");
+  constexpr int kPitch = C::kOStagePitch;
+  uint32_t* buf = sh.o_stage.data() + warp_id * 16 * kPitch;
+  const int quad = lane % 4;
+  OutNvT* out_base = static_cast<OutNvT*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  const bool wide = ((reinterpret_cast<uintptr_t>(out_base) | static_cast<uintptr_t>(p.out_row_stride) * 2) & 15) == 0;
+#pragma unroll
+  for (int c = 0; c < C::kDv / 64; ++c) {
+    __syncwarp();  // the previous chunk's reads are done
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = lane / 4 + 8 * hf;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const int j = 8 * c + jj;
+        buf[row * kPitch + jj * 4 + quad] =
+            arch::pack2<OutNvT>(tOrO(2 * hf + 4 * j), tOrO(1 + 2 * hf + 4 * j));
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int row = lane / 8 + 4 * k, piece = lane % 8;  // 8 channels: 64 c + 8 piece ..
+      const uint4 v = *reinterpret_cast<const uint4*>(buf + row * kPitch + piece * 4);
+      const int m = m_first + row, ch = 64 * c + 8 * piece;
+      if (m < s.q_len_full && ch < p.head_dim_v) {
+        OutNvT* o = out_base + (s.q_row0 + m) * p.out_row_stride + ch;
+        if (wide) {
+          *reinterpret_cast<uint4*>(o) = v;
+        } else {
+          uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
+          o32[0] = v.x, o32[1] = v.y, o32[2] = v.z, o32[3] = v.w;
+        }
+      }
+    }
+  }
+}
 
 // The producer's load of work tile number qn's Q into buffer qn % kQStages. A buffer is rewritten
 // only once both warpgroups released its previous tile's Q.
@@ -477,19 +575,20 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       uint32_t qn = 0;  // Q tiles loaded so far: buffer qn % kQStages
       [[maybe_unused]] uint32_t trace_n = 0;
       for (uint32_t r = 0;; ++r) {
-        const int64_t i = draw_tile(sc, r);
+        TileFacts f;
+        f.i = draw_tile(sc, r);
         TRACE_EVENT(trace_n, 0, r, kTraceDraw);
-        if (sc.counter != nullptr) {  // hand it to the consumers (the end marker i >= tiles too)
-          const int slot = r & 1;
-          if (r >= 2) wait_barrier(sh.tile_empty[slot], ((r >> 1) - 1) & 1);
-          sh.next_tile[slot] = i;
-          arrive_barrier(sh.tile_full[slot]);
+        if (f.i < sc.tiles) {
+          f.w = work_at(sc, f.i);
+          f.s = seq_info(p, f.w.b);
+          if (f.w.m0 < f.s.q_len_full) f.bk = block_keys<kBlockM, kBlockN, C::kFp8>(p, f.s, f.w.m0);
         }
-        if (i >= sc.tiles) break;
-        const Work w = work_at(sc, i);
-        const SeqInfo s = seq_info(p, w.b);
+        hand_over_tile(sh, r, f);  // the end marker (i >= tiles) too
+        if (f.i >= sc.tiles) break;
+        const Work& w = f.w;
+        const SeqInfo& s = f.s;
+        const BlockKeys& bk = f.bk;
         if (w.m0 >= s.q_len_full) continue;  // past this sequence's rows: the consumers skip it too
-        const BlockKeys bk = block_keys<kBlockM, kBlockN, C::kFp8>(p, s, w.m0);
         if (bk.tiles == 0) continue;  // no keys: no loads, the consumers store zeros
         const int hk = w.h / (p.num_heads / p.num_heads_k);
         // Tile origins are arbitrary rows (a sequence's first row, a key interval's start): the
@@ -602,22 +701,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   if (group == 1) cutlass::arch::NamedBarrier::arrive(C::kConsumerThreads, kSchedBarrier + 0);
   [[maybe_unused]] uint32_t trace_n = 0;  // this warpgroup's trace events (its first thread's)
   for (uint32_t r = 0;; ++r) {
-    int64_t i;
-    if (sc.counter != nullptr) {  // the producer's draw (draw_tile)
-      const int slot = r & 1;
-      wait_barrier(sh.tile_full[slot], (r >> 1) & 1);
-      i = sh.next_tile[slot];
-      arrive_barrier(sh.tile_empty[slot]);
-    } else {
-      i = tile_of_round(r);
-    }
-    if (i >= sc.tiles) break;
+    const TileFacts f = take_tile(sh, r);  // the producer's draw and what it derived
+    if (f.i >= sc.tiles) break;
     if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceDraw);
-    const Work w = work_at(sc, i);
-    const int b = w.b, h = w.h, m0 = w.m0;
-    const SeqInfo s = seq_info(p, b);
+    const int b = f.w.b, h = f.w.h, m0 = f.w.m0;
+    const SeqInfo& s = f.s;
     if (warp_uniform(m0 < s.q_len_full) == 0) continue;  // no rows here (a shorter sequence of a ragged batch)
-    const BlockKeys bk = block_keys<kBlockM, kBlockN, C::kFp8>(p, s, m0);
+    const BlockKeys& bk = f.bk;
     const int kmin = warp_uniform(bk.lo), kmax = warp_uniform(bk.hi), num_tiles = warp_uniform(bk.tiles);
     const int khead = warp_uniform(bk.head);
 
@@ -746,6 +836,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // warpgroup 0 waited for warpgroup 1's next tile to begin).
     const uint32_t qcount = pos >> kQShift;  // Q loads consumed, modulo 2 kQStages
     const int qb = warp_uniform(static_cast<int>(qcount % C::kQStages));
+    if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceReady);
     if (num_tiles > 0) wait_barrier(sh.q_full[qb], (qcount / C::kQStages) & 1);
     if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceQ);
     if (num_tiles > 0 && q_sign) {
@@ -792,11 +883,22 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           // TMA write that refills this buffer for a later work tile (that write waits for
           // this buffer's release below, which comes after the fence).
           // (a staged V^T holds key n of the tile at column fp8_pv_position(n))
-          auto key_col = [](int n) { return C::kFp8 ? sm90_fp8::fp8_pv_position(n) : n; };
-          for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
-            sV(idx % kDv, key_col(valid + idx / kDv), pst) = T(0.f);
-          for (int idx = ct; idx < head * kDv; idx += C::kConsumerThreads)
-            sV(idx % kDv, key_col(idx / kDv), pst) = T(0.f);
+          if constexpr (C::kFp8) {
+            auto key_col = [](int n) { return sm90_fp8::fp8_pv_position(n); };
+            for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
+              sV(idx % kDv, key_col(valid + idx / kDv), pst) = T(0.f);
+            for (int idx = ct; idx < head * kDv; idx += C::kConsumerThreads)
+              sV(idx % kDv, key_col(idx / kDv), pst) = T(0.f);
+          } else {
+            // 16 bytes at a time: a key's channels 8 g .. 8 g + 7 are one 16-byte unit of the
+            // 128-byte swizzle (which permutes whole units), 16-byte aligned
+            constexpr int kUnits = kDv / 8;
+            const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+            for (int idx = ct; idx < (kBlockN - valid) * kUnits; idx += C::kConsumerThreads)
+              *reinterpret_cast<uint4*>(&sV(8 * (idx % kUnits), valid + idx / kUnits, pst)) = zero;
+            for (int idx = ct; idx < head * kUnits; idx += C::kConsumerThreads)
+              *reinterpret_cast<uint4*>(&sV(8 * (idx % kUnits), idx / kUnits, pst)) = zero;
+          }
           cutlass::arch::fence_view_async_shared();
           cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
         }
@@ -905,15 +1007,24 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
         for (int j = 0; j < kDv / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
       if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
-      typename C::OutNvT* out = static_cast<typename C::OutNvT*>(p.out) + b * p.out_batch_stride +
-                             row * p.out_row_stride + h * p.out_head_stride + 2 * quad;
+      if constexpr (C::kStageO) {
 #pragma unroll
-      for (int j = 0; j < kDv / 8; ++j)
-        if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
-          *reinterpret_cast<uint32_t*>(out + 8 * j) =
-              arch::pack2<typename C::OutNvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
+        for (int j = 0; j < kDv / 8; ++j) {
+          tOrO(2 * hf + 4 * j) *= scale;
+          tOrO(1 + 2 * hf + 4 * j) *= scale;
+        }
+      } else {
+        typename C::OutNvT* out = static_cast<typename C::OutNvT*>(p.out) + b * p.out_batch_stride +
+                                  row * p.out_row_stride + h * p.out_head_stride + 2 * quad;
+#pragma unroll
+        for (int j = 0; j < kDv / 8; ++j)
+          if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
+            *reinterpret_cast<uint32_t*>(out + 8 * j) =
+                arch::pack2<typename C::OutNvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
+      }
       if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
     }
+    if constexpr (C::kStageO) store_out_staged<C>(p, sh, tOrO, b, h, s, m0 + group * 64 + warp * 16, ct / 32, lane);
     if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceStored);
   }
   if (releaser) TRACE_END(trace_n, 1 + group);
