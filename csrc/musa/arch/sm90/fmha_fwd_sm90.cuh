@@ -20,11 +20,14 @@
 // whose K / V fill about half the L2 (make_schedule), latest rows first inside a section (causal
 // tiles with late rows are the heaviest: they start first), and dealt out statically as a
 // snake: block j takes tile j of round 0, gridDim.x - 1 - j of round 1, and so on (work_at,
-// tile_of_round). Producer and consumers walk the same list and derive the same key ranges,
-// so they agree on every load without talking. 384 threads in three warpgroups:
+// tile_of_round; or dynamically, draw_tile). The producer thread takes each work tile and hands
+// it, with the sequence facts and key range it derived, to the consumers and the zero warp
+// through a two-slot ring in shared memory (TileFacts), so they agree on every load and the
+// consumers start a tile without a global-memory round trip. 384 threads in three warpgroups:
 //   - warpgroup 0, the producer: one thread issues the TMA loads of each work tile's Q and of
 //     its K and V tiles (kBlockN keys each) into kStages buffers; K and V have their own
-//     barriers, so S = Q K^T can start while V is still landing. The warpgroup gives its
+//     barriers, so S = Q K^T can start while V is still landing. Its warp 1, the zero warp,
+//     clears the rows of a V tile no row may multiply (zero_warp). The warpgroup gives its
 //     registers up (setmaxnreg) to the consumers.
 //   - warpgroups 1 and 2, the consumers, 64 rows each: S = Q K^T (wgmma, both operands in
 //     shared memory), the online softmax in registers in base 2, P rounded to the input type
@@ -32,10 +35,12 @@
 //     register-operand layout of P (static_asserts below), so P never touches shared memory.
 //     Inside a warpgroup the softmax of tile t runs while the tensor cores add tile t - 1's
 //     P V; the two warpgroups take turns issuing their GEMMs (ping-pong), so one's softmax
-//     overlaps the other's products. The epilogue stores out and lse from registers like
-//     fmha_mma.cu.
+//     overlaps the other's products. The epilogue normalizes like fmha_mma.cu and
+//     stores out through shared memory as whole row segments (store_out_staged; from
+//     registers at width 256, which has no 16 KB to spare), lse from registers.
 // Barriers (mbarriers in shared memory unless named):
-//   - k_full / v_full[stage]: the TMA transaction count of a K / V tile; k_empty / v_empty:
+//   - k_full / v_landed[stage]: the TMA transaction count of a K / V tile; v_full: the zero
+//     warp (zero_warp) has cleared what the consumers must not multiply; k_empty / v_empty:
 //     both consumer warpgroups are done with the buffer (after the Q K^T / P V that read it;
 //     one arrival per warpgroup, by its first thread after the warpgroup's wgmma wait).
 //     Their phases run on across work tiles: both sides count K / V loads over the whole
@@ -53,17 +58,14 @@
 //     turn before the loop, its last hand-over of a tile is warpgroup 0's first turn of the
 //     next (warpgroup 0 starts it during warpgroup 1's epilogue), and warpgroup 0 takes the
 //     final one after the loop.
-//   - named kZeroBarrier: both warpgroups wait for the whole zero fill of a V tile (the last
-//     tile's rows past the block's keys; paged, the first tile's rows before them)
-//     (below) before either reads it. That buffer is refilled by TMA for a later tile only
-//     after the v_empty release that follows the fill and its proxy fence.
 // Every wgmma is issued outside runtime branches (steps are peeled: S only, S + P V, P V
 // only) and the values that pick the steps are made warp-uniform: ptxas otherwise serializes
 // all wgmmas (ptxas info C7513 / C7515 / C7518 / C7520 in the build log mean it did).
 // The mask is fmha_score.h's per-row key interval: a work tile loads the keys between its
 // first row's lower end and its last row's upper end (the interval ends are monotone in the
 // row, the INVARIANT at key_range_for_row) and only tiles that cross a row's interval edge pay
-// for per-element masking. Keys past the tile's last key are zeroed in V's buffer (a TMA box
+// for per-element masking. Keys past the tile's last key are zeroed in V's buffer by the zero
+// warp, warp 1 of the producer warpgroup (a TMA box
 // reads whole tiles: past a sequence's end lie other sequences' keys or unwritten cache rows,
 // and 0 * NaN would leak into the output); paged, so are the keys a page-aligned first tile
 // holds before the first key any row sees (block_keys' head).
@@ -260,6 +262,7 @@ struct Config {
     uint64_t q_full[kQStages], q_empty[kQStages];  // q_empty: both warpgroups did their last Q K^T
     uint64_t k_full[kStages], k_empty[kStages];
     uint64_t v_full[kStages], v_empty[kStages];
+    uint64_t v_landed[kStages];  // the TMA transaction count of a V tile (the zero warp waits for it)
     // the hand-over of round r's work tile (slot r % 2, TileFacts): full when the producer
     // wrote it, empty when every consumer thread has read it
     TileFacts next_tile[2];
@@ -321,7 +324,6 @@ __device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffff
 
 // Named barriers of the consumer warpgroups (CuTe's NamedBarrier numbers them after the ids
 // CUTLASS reserves).
-constexpr uint32_t kZeroBarrier = 0;   // a V tile's zero fill (first / last tile)
 constexpr uint32_t kSchedBarrier = 1;  // + warpgroup: its turn to issue GEMMs (ping-pong)
 constexpr uint32_t kQScaleBarrier = 3; // a Q tile rescaled for a non-positive FP8 descale
 
@@ -514,6 +516,56 @@ __device__ __forceinline__ void store_out_staged(const FmhaParams& p, Smem& sh, 
   }
 }
 
+// The zero warp (warp 1 of the producer warpgroup, otherwise idle): every V tile lands on
+// v_landed; the zero warp zeroes the rows of it no row of the work tile sees -- past the tile's
+// last key (the last tile) and, paged or with a staged V^T, before its first (block_keys' head,
+// the first tile) -- and then lets the consumers at it through v_full. A TMA box reads whole
+// tiles, and past a sequence's end lie other sequences' keys or unwritten cache rows: their P
+// is 0, but 0 * NaN in P V would leak into the output. The proxy fence makes the generic stores
+// visible to wgmma's reads and orders them before the TMA write that refills the buffer for a
+// later tile (which waits for the consumers' release, after v_full). Done here rather than by
+// the consumers, the fill costs their warpgroups nothing and needs no barrier between them
+// (which, both reading all of V, waited for each other's fill at the end of every work tile).
+template <class C, class Smem>
+__device__ __forceinline__ void zero_warp(const Schedule& sc, Smem& sh, int lane) {
+  using T = typename C::T;
+  constexpr int kBlockN = C::kBlockN, kDv = C::kDv, kStages = C::kStages;
+  Tensor sV = make_tensor(make_smem_ptr(sh.v.data()), typename C::SmemV{});
+  uint32_t kv = 0;  // V tiles so far, over all work tiles, as the producer counts them
+  for (uint32_t r = 0;; ++r) {
+    const TileFacts f = take_tile(sh, r);
+    if (f.i >= sc.tiles) break;
+    const int tiles = warp_uniform(f.w.m0 < f.s.q_len_full ? f.bk.tiles : 0);
+    const int last_keys = warp_uniform(f.bk.hi - f.bk.lo - (tiles - 1) * kBlockN);
+    const int head = warp_uniform(f.bk.head);
+    for (int t = 0; t < tiles; ++t, ++kv) {
+      const int st = kv % kStages;
+      wait_barrier(sh.v_landed[st], (kv / kStages) & 1);
+      const int valid = t == tiles - 1 ? last_keys : kBlockN, hd = t == 0 ? head : 0;
+      if (valid < kBlockN || hd > 0) {
+        if constexpr (C::kFp8) {  // a staged V^T holds key n of the tile at column fp8_pv_position(n)
+          for (int idx = lane; idx < (kBlockN - valid) * kDv; idx += 32)
+            sV(idx % kDv, sm90_fp8::fp8_pv_position(valid + idx / kDv), st) = T(0.f);
+          for (int idx = lane; idx < hd * kDv; idx += 32)
+            sV(idx % kDv, sm90_fp8::fp8_pv_position(idx / kDv), st) = T(0.f);
+        } else {
+          // 16 bytes at a time: a key's channels 8 u .. 8 u + 7 are one 16-byte unit of the
+          // 128-byte swizzle (which permutes whole units)
+          constexpr int kUnits = kDv / 8;
+          const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+          for (int idx = lane; idx < (kBlockN - valid) * kUnits; idx += 32)
+            *reinterpret_cast<uint4*>(&sV(8 * (idx % kUnits), valid + idx / kUnits, st)) = zero;
+          for (int idx = lane; idx < hd * kUnits; idx += 32)
+            *reinterpret_cast<uint4*>(&sV(8 * (idx % kUnits), idx / kUnits, st)) = zero;
+        }
+        cutlass::arch::fence_view_async_shared();
+      }
+      __syncwarp();
+      if (lane == 0) arrive_barrier(sh.v_full[st]);
+    }
+  }
+}
+
 // The producer's load of work tile number qn's Q into buffer qn % kQStages. A buffer is rewritten
 // only once both warpgroups released its previous tile's Q.
 template <class C, class Smem, class Tma, class TG, class TS>
@@ -552,13 +604,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     }
     for (int st = 0; st < kStages; ++st) {
       initialize_barrier(sh.k_full[st], 1);
-      initialize_barrier(sh.v_full[st], 1);
+      initialize_barrier(sh.v_landed[st], 1);
+      initialize_barrier(sh.v_full[st], 1);  // the zero warp's arrival
       initialize_barrier(sh.k_empty[st], C::kConsumers);
       initialize_barrier(sh.v_empty[st], C::kConsumers);
     }
     for (int slot = 0; slot < 2; ++slot) {
       initialize_barrier(sh.tile_full[slot], 1);
-      initialize_barrier(sh.tile_empty[slot], C::kConsumerThreads);
+      initialize_barrier(sh.tile_empty[slot], C::kConsumerThreads + 32);  // and the zero warp's lanes
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -642,19 +695,21 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           if (C::kQStages == 1 && t == 0) load_q_tile<C>(sh, tma_q, tQg, tQs, qn);
           if (C::kQStages == 1 && t == 0) TRACE_EVENT(trace_n, 0, r, kTraceQ);
           if (kv >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
-          set_barrier_transaction_bytes(sh.v_full[st], C::kVBytes);
+          set_barrier_transaction_bytes(sh.v_landed[st], C::kVBytes);
           if (kPaged && p.page_table != nullptr) {
             Tensor gVp = local_tile(domain_offset(make_coord(_0{}, prow), tma_v.get_tma_tensor(v_shape(p))(_, _, hk, page)),
                                     Shape<Int<kDv>, Int<kBlockN>>{}, make_coord(0, 0));
             auto [tVgp, tVsp] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gVp));
-            copy(tma_v.with(sh.v_full[st]), tVgp, tVsp(_, st));
+            copy(tma_v.with(sh.v_landed[st]), tVgp, tVsp(_, st));
           } else {
-            copy(tma_v.with(sh.v_full[st]), tVg(_, t), tVs(_, st));
+            copy(tma_v.with(sh.v_landed[st]), tVg(_, t), tVs(_, st));
           }
         }
         TRACE_EVENT(trace_n, 0, r, kTraceLastV);
       }
       TRACE_END(trace_n, 0);
+    } else if (threadIdx.x >= 32 && threadIdx.x < 64) {
+      zero_warp<C>(sc, sh, threadIdx.x - 32);
     }
     return;
   }
@@ -708,8 +763,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const SeqInfo& s = f.s;
     if (warp_uniform(m0 < s.q_len_full) == 0) continue;  // no rows here (a shorter sequence of a ragged batch)
     const BlockKeys& bk = f.bk;
-    const int kmin = warp_uniform(bk.lo), kmax = warp_uniform(bk.hi), num_tiles = warp_uniform(bk.tiles);
-    const int khead = warp_uniform(bk.head);
+    const int kmin = warp_uniform(bk.lo), num_tiles = warp_uniform(bk.tiles);
 
     // This thread's two rows (block rows 64 group + 16 warp + lane / 4 + 8 hf) and their keys.
     int row_lo[2], row_hi[2];
@@ -772,7 +826,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& x = tSrS(e + 2 * hf + 4 * j);
-              // key n0 + column, formed without signed overflow (past kmax it is masked anyway)
+              // key n0 + column, formed without signed overflow (past the last key it is masked anyway)
               const int key =
                   static_cast<int>(static_cast<unsigned>(n0) + static_cast<unsigned>(8 * j + 2 * quad + e));
               x = mod.logit(x * dscale, m, key) * kLog2e;
@@ -870,38 +924,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       if (releaser && t < 32) TRACE_EVENT(trace_n, 1 + group, r, kTraceStep + t);
       if constexpr (kS) wait_barrier(sh.k_full[st], (g / kStages) & 1);
       if constexpr (kPV) {
+        // (the zero warp has zeroed the rows of this V tile no row sees: zero_v_rows)
         wait_barrier(sh.v_full[pst], ((g - 1) / kStages) & 1);
-        const int pn0 = n0 - kBlockN;
-        // rows of this V tile no row sees: past the block's last key (the last tile) and,
-        // paged, before its first (block_keys' head, the first tile)
-        const int valid = !kS && kmax - pn0 < kBlockN ? kmax - pn0 : kBlockN;
-        const int head = t == 1 ? khead : 0;
-        if (valid < kBlockN || head > 0) {
-          // Zero those V rows (see the file comment): 0 * garbage could be NaN. Both consumer
-          // warpgroups read all of V, so both wait for all of the zeros; the proxy fence
-          // makes the generic stores visible to wgmma's reads, and orders them before the
-          // TMA write that refills this buffer for a later work tile (that write waits for
-          // this buffer's release below, which comes after the fence).
-          // (a staged V^T holds key n of the tile at column fp8_pv_position(n))
-          if constexpr (C::kFp8) {
-            auto key_col = [](int n) { return sm90_fp8::fp8_pv_position(n); };
-            for (int idx = ct; idx < (kBlockN - valid) * kDv; idx += C::kConsumerThreads)
-              sV(idx % kDv, key_col(valid + idx / kDv), pst) = T(0.f);
-            for (int idx = ct; idx < head * kDv; idx += C::kConsumerThreads)
-              sV(idx % kDv, key_col(idx / kDv), pst) = T(0.f);
-          } else {
-            // 16 bytes at a time: a key's channels 8 g .. 8 g + 7 are one 16-byte unit of the
-            // 128-byte swizzle (which permutes whole units), 16-byte aligned
-            constexpr int kUnits = kDv / 8;
-            const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-            for (int idx = ct; idx < (kBlockN - valid) * kUnits; idx += C::kConsumerThreads)
-              *reinterpret_cast<uint4*>(&sV(8 * (idx % kUnits), valid + idx / kUnits, pst)) = zero;
-            for (int idx = ct; idx < head * kUnits; idx += C::kConsumerThreads)
-              *reinterpret_cast<uint4*>(&sV(8 * (idx % kUnits), idx / kUnits, pst)) = zero;
-          }
-          cutlass::arch::fence_view_async_shared();
-          cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kZeroBarrier);
-        }
       }
       cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, kSchedBarrier + group);
       if (kS && !kPV && releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceFirstS);
