@@ -1027,15 +1027,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
       float lse = has ? (row_max[hf] * sl - kPOffset) * kLn2 + logf(l) : -INFINITY;
       float scale = has ? vscale / l : 0.f;
-      if (!has)  // no key: exact zeros, whatever 0 * V left in this row's accumulators
-#pragma unroll
-        for (int j = 0; j < kDv / 8; ++j) tOrO(2 * hf + 4 * j) = tOrO(1 + 2 * hf + 4 * j) = 0.f;
       if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
+      // no key: exact zeros, whatever 0 * V left in this row's accumulators (a select: they may
+      // hold NaN; zeroing them first made the compiler copy all of them through other registers)
+      auto normalized = [&](float o) { return has ? o * scale : 0.f; };
       if constexpr (C::kStageO) {
 #pragma unroll
         for (int j = 0; j < kDv / 8; ++j) {
-          tOrO(2 * hf + 4 * j) *= scale;
-          tOrO(1 + 2 * hf + 4 * j) *= scale;
+          tOrO(2 * hf + 4 * j) = normalized(tOrO(2 * hf + 4 * j));
+          tOrO(1 + 2 * hf + 4 * j) = normalized(tOrO(1 + 2 * hf + 4 * j));
         }
       } else {
         typename C::OutNvT* out = static_cast<typename C::OutNvT*>(p.out) + b * p.out_batch_stride +
@@ -1043,8 +1043,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
         for (int j = 0; j < kDv / 8; ++j)
           if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
-            *reinterpret_cast<uint32_t*>(out + 8 * j) =
-                arch::pack2<typename C::OutNvT>(tOrO(2 * hf + 4 * j) * scale, tOrO(1 + 2 * hf + 4 * j) * scale);
+            *reinterpret_cast<uint32_t*>(out + 8 * j) = arch::pack2<typename C::OutNvT>(
+                normalized(tOrO(2 * hf + 4 * j)), normalized(tOrO(1 + 2 * hf + 4 * j)));
       }
       if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
     }
