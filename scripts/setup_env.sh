@@ -54,6 +54,15 @@ if ! have cutlass_library; then
   echo "setup_env: installing nvidia-cutlass==$CUTLASS_PIN (CUTLASS headers for the sm90 kernels)"
   pip_install -q --no-deps "nvidia-cutlass==$CUTLASS_PIN"  # headers only, not its generator's deps
 fi
+# cuobjdump and nvdisasm (nvidia-cuda-cuobjdump / -nvdisasm, a few MB each; not in the nvcc
+# package this machine has):
+# tests/test_device_sources.py reads the Hopper forward's SASS to keep its consumer warpgroups
+# free of register spills (scripts/sass_roles.py)
+CUOBJDUMP_PIN=13.5.37
+if command -v nvcc >/dev/null && ! "$PY" -c 'import sys; sys.path.insert(0, "scripts"); import sass_roles; sys.exit(sass_roles.find_cuobjdump() is None)'; then
+  echo "setup_env: installing nvidia-cuda-cuobjdump / -nvdisasm==$CUOBJDUMP_PIN (SASS of the sm90 kernels)"
+  pip_install -q --no-deps "nvidia-cuda-cuobjdump==$CUOBJDUMP_PIN" "nvidia-cuda-nvdisasm==$CUOBJDUMP_PIN"
+fi
 # pip puts the ninja executable next to the interpreter's scripts; when a venv's python is
 # called by its path without activating the venv that folder is not on PATH, and torch
 # would fall back to a slow, serial build without ninja

@@ -86,3 +86,30 @@ def test_fp8_pv_key_order_matches_cute_layouts(tmp_path):
     counts = dict(zip(out[0::2], map(int, out[1::2])))
     assert counts["order"] == 0 and counts["inverse"] == 0, counts
     assert counts["identity"] > 0, counts
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+def test_sm90_forward_consumers_do_not_spill(tmp_path):
+    """The Hopper forward's consumer warpgroups (the code after their setmaxnreg raise: softmax,
+    GEMM issue, epilogue) keep every value in registers at width 128, plain and ScoreMod scores:
+    a spill there is a local-memory round trip inside the hot loop. Read from the SASS of the
+    extension's own nvcc flags (scripts/sass_roles.py; the producer warpgroup, at 24 registers,
+    may spill)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import sass_roles
+
+    if _cutlass_include() is None:
+        pytest.skip("the nvidia-cutlass headers are not installed (scripts/setup_env.sh installs them)")
+    cuobjdump = sass_roles.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump is not installed (scripts/setup_env.sh installs nvidia-cuda-cuobjdump)")
+    cubin = sass_roles.compile_cubin(str(MUSA / "arch" / "sm90" / "fmha_fwd_sm90_128.cu"), str(tmp_path), NVCC)
+    kernels = sass_roles.kernel_roles(cubin, cuobjdump)
+    assert len(kernels) == 4, [name for name, *_ in kernels]  # bf16 / fp16 x plain / ScoreMod
+    for name, _, roles, _ in kernels:
+        consumers = [r for r in roles if r[0] == "consumers"]
+        assert len(consumers) == 1, (name, roles)
+        _, count, stl, ldl = consumers[0]
+        assert count > 1000 and stl == 0 and ldl == 0, f"{name}: consumers spill ({stl} STL, {ldl} LDL)"

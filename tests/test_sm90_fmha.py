@@ -19,7 +19,8 @@ fp8-to-bf16 conversion for the others (fp8_route).
 
 The kernel is persistent (one block per SM looping over work tiles). A second child reruns a
 subset (ONE_BLOCK_CASES) with MATE_OPS_FMHA_SM90_BLOCKS=1, a grid of one block, so that every
-tile boundary of those calls is crossed by the same pipeline state.
+tile boundary of those calls is crossed by the same pipeline state, and with schedule sections of
+one (sequence, head) pair (MATE_OPS_FMHA_SM90_L2_SHARE).
 
 Skipped without a compute capability 9.0 GPU or without the sm90 kernels in the build.
 """
@@ -347,7 +348,9 @@ sm90_results = sm90_child.child_results_fixture(__file__, MARK, ROUTE_ENV)
 
 # The same kernel on a grid of one block (MATE_OPS_FMHA_SM90_BLOCKS=1): every work tile of the
 # call runs on one SM, one after the other, so every tile boundary of these cases is crossed by
-# the same pipeline state (barrier phases, the Q buffer, the ping-pong barriers, V's zero fill).
+# the same pipeline state (barrier phases, the Q buffer, the ping-pong barriers, the tile ring,
+# V's zero warp); with sections of one (sequence, head) pair (MATE_OPS_FMHA_SM90_L2_SHARE), the
+# schedule's other extreme.
 ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-", "chunk-"))] + [
     "ragged-d128-bf16-causal", "ragged-d256-bf16-causal", "ragged-d64-fp16-full", "window-d128-100_50",
     "window-d64--1_7", "sink-ragged-causal", "cache-batch-idx-leftpad", "alibi-window-sink-gqa",
@@ -356,7 +359,8 @@ ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-"
     "paged-128-one-tile-nan-head-and-tail"]
 assert set(ONE_BLOCK_CASES) <= set(CASE_NAMES)
 sm90_one_block_results = sm90_child.child_results_fixture(
-    __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_BLOCKS="1"), ONE_BLOCK_CASES)
+    __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_BLOCKS="1", MATE_OPS_FMHA_SM90_L2_SHARE="1000000"),
+    ONE_BLOCK_CASES)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
