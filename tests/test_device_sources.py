@@ -89,6 +89,25 @@ def test_fp8_pv_key_order_matches_cute_layouts(tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+def test_sm90_schedule_names_every_tile_once(tmp_path):
+    """The Hopper forward's tile schedule (make_schedule, work_at), checked on the host: for
+    batches, heads, GQA groups, row counts and every section size from one pair to all of them
+    (MATE_OPS_FMHA_SM90_L2_SHARE reaches one), each (sequence, head, 128-row block) is named exactly
+    once and a pair's later row blocks come first; the host program counts the violations."""
+    cutlass = _cutlass_include()
+    if cutlass is None:
+        pytest.skip("the nvidia-cutlass headers are not installed (scripts/setup_env.sh installs them)")
+    exe = tmp_path / "sm90_schedule_check"
+    cmd = [NVCC, "-std=c++17", "-x", "cu", "-DMATE_WITH_SM90=1", "--expt-relaxed-constexpr", f"-I{cutlass}",
+           f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "host" / "sm90_schedule_check.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout.split()
+    counts = dict(zip(out[0::2], map(int, out[1::2])))
+    assert counts["bad"] == 0 and counts["checked"] > 100000, counts
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 def test_sm90_forward_consumers_do_not_spill(tmp_path):
     """The Hopper forward's consumer warpgroups (the code after their setmaxnreg raise: softmax,
     GEMM issue, epilogue) keep every value in registers at width 128, plain and ScoreMod scores:

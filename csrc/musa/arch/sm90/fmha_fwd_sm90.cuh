@@ -342,7 +342,8 @@ struct Schedule {
   unsigned long long* counter = nullptr;
 };
 
-// Tile i of the schedule (0 <= i < tiles). 32-bit arithmetic: fmha_sm90_fits admits only calls
+// Tile i of the schedule (0 <= i < tiles; tests/host/sm90_schedule_check.cpp checks on the host
+// that every tile is named once, for every section size). 32-bit arithmetic: fmha_sm90_fits admits only calls
 // with at most 2^31 - 1 tiles (a 64-bit division is a long subroutine, run by every thread at
 // every work tile; a 64-bit path beside this one made the producer spill 44 bytes more).
 MATE_HD Work work_at(const Schedule& sc, int64_t i) {
