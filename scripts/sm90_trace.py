@@ -4,8 +4,9 @@
                                                        (B = 16384 / SEQ, H = 2048 / D), then the
                                                        summary of its trace (stderr lines)
 Per block and consumer warpgroup, in SM cycles: how long a work tile takes from its draw to its
-stored output, how long it waits for Q, for each step's turn (ping-pong) and between tiles; for
-the producer, how long it waits for a buffer before a tile's first K. What each event is:
+stored output, its prologue, how long it waits for Q, for each step's turn (ping-pong) and between
+tiles; for the producer, how long it waits for a buffer before a tile's first K; per block, the
+tile boundary (warpgroup 1's last P V done to warpgroup 0's next first Q K^T issued). What each event is:
 fmha_fwd_sm90.cuh, kTrace*.
 """
 import collections
@@ -43,10 +44,14 @@ def summarize(lines):
     for l in lines:
         _, blk, role, rnd, event, cyc = l.split()
         ev[(int(blk), int(role))].append((int(rnd), int(event), int(cyc)))
+    absolute = {}  # (block, role) -> {round: {event: cycle}}, the SM clock itself
     for (blk, role), items in sorted(ev.items()):
         # the last launch's events: from the last time round 0's first event appears
         starts = [i for i, (r, e, _) in enumerate(items) if r == 0 and e == 0]
         items = items[starts[-1]:] if starts else items
+        absolute[(blk, role)] = collections.defaultdict(dict)
+        for r, e, c in items:
+            absolute[(blk, role)][r][e] = c
         t0 = items[0][2]
         by_round = collections.defaultdict(dict)
         for r, e, c in items:
@@ -77,6 +82,15 @@ def summarize(lines):
         for r in rounds[:3]:
             print("  round", r, " ".join(f"{NAMES.get(e, ('step' if e < 64 else 'turn') + str(e % 32))}={c}"
                                          for e, c in sorted(by_round[r].items(), key=lambda x: x[1])))
+    # The tile boundary: from warpgroup 1's last P V of a work tile (done) to warpgroup 0's first
+    # Q K^T of the next (issued) -- about how long the tensor cores wait between work tiles (both
+    # warpgroups share the block's SM clock).
+    for blk in sorted({b for b, _ in absolute}):
+        w0, w1 = absolute.get((blk, 1), {}), absolute.get((blk, 2), {})
+        gaps = [w0[r + 1][4] - w1[r][5] for r in sorted(w1) if 5 in w1[r] and r + 1 in w0 and 4 in w0[r + 1]]
+        if gaps:
+            print(f"block {blk} tile boundary (consumer 1's last P V -> consumer 0's next first S): "
+                  f"median {statistics.median(gaps):.0f}, mean {statistics.mean(gaps):.0f}, max {max(gaps)}")
 
 
 if __name__ == "__main__":
