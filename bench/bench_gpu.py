@@ -3,12 +3,15 @@
 measured device-to-device copy bandwidth. Prints markdown tables.
 
     python3 bench/bench_gpu.py [--quick] [--only prefill|fp8|varlen|qv|decode|mla|backward] [--dims 64,128]
-                               [--compare LABEL:VAR=VALUE[;VAR=VALUE] ...]
+                               [--seqlens 512,2048] [--compare LABEL:VAR=VALUE[;VAR=VALUE] ...]
 
 --compare adds a column to the prefill, backward and fp8 tables: ours again, in a child process with those
 environment variables (the kernel routes are read once per process), on the same shapes, e.g.
     --compare "mma.sync:MATE_OPS_FMHA_PATH=sm80"     the sm80 kernel instead of the Hopper one
     --compare "mma.sync bwd:MATE_OPS_FMHA_BWD_PATH=sm80"  the mma.sync backward instead of the Hopper one
+    --compare "other build:PYTHONPATH=/tmp/site_b"   another build of the package (pip install --target)
+Only child columns compare with each other: the main process has read up to 13 % above its own
+children on the same kernel, so a change is measured as two --compare columns.
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 2 * B * H * S^2 * (D + Dv) (halved when causal); the full table adds D 80, 96,
@@ -99,12 +102,16 @@ def copy_bandwidth():
     return 2 * x.numel() / t / 1e9
 
 
-def prefill_rows(quick, dims):
-    """(B, S, H, D, Dv, causal, dtype name) of the prefill table."""
-    seqlens = [2048, 8192] if quick else [512, 2048, 8192, 16384]
+SEQLENS = None  # --seqlens: the prefill table's sequence lengths (a focused comparison)
+
+
+def prefill_rows(quick, dims, seqlens=None):
+    """(B, S, H, D, Dv, causal, dtype name) of the prefill table; seqlens picks the S of the D 64 /
+    128 / 256 rows (--seqlens)."""
+    seqlens = seqlens or SEQLENS or ([2048, 8192] if quick else [512, 2048, 8192, 16384])
     rows = [(D, Dv, S, "bf16") for D, Dv in (dims or ([(128, 128)] if quick else [(64, 64), (128, 128), (256, 256)]))
             for S in seqlens]
-    if not quick and not dims:  # the other head dims and fp16, at 2k and 8k tokens
+    if not quick and not dims and not SEQLENS:  # the other head dims and fp16, at 2k and 8k tokens
         rows += [(D, Dv, S, "bf16") for D, Dv in ((80, 80), (96, 96), (192, 128)) for S in (2048, 8192)]
         rows += [(128, 128, S, "fp16") for S in (2048, 8192)]
     return [(16384 // S, S, max(2048 // D, 1), D, Dv, causal, dt) for D, Dv, S, dt in rows for causal in (False, True)]
@@ -131,6 +138,8 @@ def child_times(quick, dims, env, table="prefill"):
     argv = [sys.executable, os.path.abspath(__file__), "--ours-json", "--only", table] + (["--quick"] if quick else [])
     if dims:
         argv += ["--dims", ",".join(f"{d}x{dv}" for d, dv in dims)]
+    if SEQLENS:
+        argv += ["--seqlens", ",".join(map(str, SEQLENS))]
     res = subprocess.run(argv, env=dict(os.environ, **env), capture_output=True, text=True)
     times = {}
     for line in res.stdout.splitlines():
@@ -379,6 +388,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["prefill", "fp8", "varlen", "qv", "decode", "mla", "backward"])
     ap.add_argument("--dims", help="prefill and backward head dims, e.g. 128,256 or 192x128 (D x Dv)")
+    ap.add_argument("--seqlens", help="prefill: only these sequence lengths of the D 64 / 128 / 256 rows, e.g. 512,2048")
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL:VAR=VALUE[;VAR=VALUE]",
                     help="prefill, backward and fp8: a column of ours in a child process with these environment variables")
     ap.add_argument("--ours-json", action="store_true", help=argparse.SUPPRESS)  # the --compare child
@@ -389,6 +399,9 @@ def main():
     if args.dims:
         dims = [tuple(int(x) for x in d.split("x")) if "x" in d else (int(d), int(d)) for d in args.dims.split(",")]
     compare = [parse_compare(c) for c in args.compare]
+    global SEQLENS
+    if args.seqlens:
+        SEQLENS = [int(x) for x in args.seqlens.split(",")]
     if args.ours_json:
         if args.only == "fp8":
             ours_fp8_times(args.quick)

@@ -5,7 +5,8 @@
 #        compute capability 9.0 else fmha_mma), MASK (full or causal), SEQ (tokens per sequence,
 #        default 2048; B = 16384 / SEQ as in bench_gpu.py's prefill table), DTYPE (bf16 or fp8:
 #        e4m3 q / k / v with unit descales, bench_gpu.py's fp8 table), NCU_EXTRA (more ncu options,
-#        e.g. "--print-details all" for the stall reasons)
+#        e.g. "--print-details all" for the stall reasons), STALLS=1 (also the warp-state samples per
+#        SASS instruction: stalls_<d>_s<seq>.csv, for scripts/stall_ledger.py)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 cd /tmp
@@ -33,6 +34,14 @@ for d in ${DIMS:-128}; do
       python3 /tmp/one_call.py "$d" "${MASK:-full}" "${SEQ:-2048}" "${DTYPE:-bf16}" > "$OUT/ncu_d${d}_s${SEQ:-2048}${DTYPE:+_$DTYPE}.txt" 2>&1
   echo "== D $d S ${SEQ:-2048} ${MASK:-full} ${DTYPE:-bf16} ($KERNEL)"
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Local|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Pipe|Executed Ipc|Shared|Bank|L1/TEX Hit|Block Limit" "$OUT/ncu_d${d}_s${SEQ:-2048}${DTYPE:+_$DTYPE}.txt" | head -n 60
+  if [ "${STALLS:-0}" = 1 ]; then  # per-instruction warp-state samples (source page, SASS view)
+    rep="$OUT/stalls_d${d}_s${SEQ:-2048}_${MASK:-full}"
+    ncu --clock-control none --kernel-name regex:$KERNEL --launch-skip 2 --launch-count 1 \
+        --section SourceCounters --section WarpStateStats -f -o "$rep" \
+        python3 /tmp/one_call.py "$d" "${MASK:-full}" "${SEQ:-2048}" "${DTYPE:-bf16}" > "$rep.log" 2>&1
+    ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2>>"$rep.log"
+    echo "stall samples: $(wc -l < "$rep.csv") lines in $rep.csv"
+  fi
 done
 so=$(python3 -c 'import mate_ops._C as c; print(c.__file__)')
 if [ "$KERNEL" != fmha_mma ]; then  # per sm90 kernel: local-memory traffic (spills) and wgmma counts
