@@ -62,7 +62,8 @@ def opcode(ins):
 
 def kernel_roles(cubin, cuobjdump):
     """Per kernel of the cubin: (name, instruction count, [(role, instructions, STL, LDL)],
-    [(loop instructions, first address, last address)] largest first)."""
+    [(loop instructions, first address, last address)] largest first, the steady-state step:
+    (first address, last address, STL, LDL) of the smallest loop holding a wgmma, or None)."""
     # cuobjdump runs nvdisasm, which the nvidia-cuda-nvdisasm wheel puts next to it
     env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", ""))
     text = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True, env=env).stdout
@@ -85,17 +86,26 @@ def kernel_roles(cubin, cuobjdump):
             m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", ins)
             if m and ins.startswith("@") and addr - int(m.group(1), 16) > 64:
                 loops.append(((addr - int(m.group(1), 16)) // 16, int(m.group(1), 16), addr))
-        kernels.append((name, len(rows), roles, sorted(loops, reverse=True)))
+        step = None
+        for size, lo, hi in sorted(loops):
+            body = [ins for addr, ins in rows if lo <= addr <= hi]
+            if any(opcode(i).startswith("HGMMA") for i in body):
+                step = (lo, hi, sum(opcode(i).startswith("STL") for i in body),
+                        sum(opcode(i).startswith("LDL") for i in body))
+                break
+        kernels.append((name, len(rows), roles, sorted(loops, reverse=True), step))
     return kernels
 
 
 def report(cubin, cuobjdump):
-    for name, count, roles, loops in kernel_roles(cubin, cuobjdump):
+    for name, count, roles, loops, step in kernel_roles(cubin, cuobjdump):
         print(f"{name[:150]}\n  {count} instructions")
         for role, n, stl, ldl in roles:
             print(f"  {role}: {n} instructions, {stl} STL, {ldl} LDL")
         for size, lo, hi in loops[:3]:
             print(f"  loop {lo:#x}..{hi:#x}: {size} instructions")
+        if step is not None:
+            print(f"  step loop {step[0]:#x}..{step[1]:#x}: {step[2]} STL, {step[3]} LDL")
 
 
 def find_cuobjdump():

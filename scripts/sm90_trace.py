@@ -63,6 +63,9 @@ def summarize(lines):
             waits = [by_round[r][2] - by_round[r][0] for r in rounds if 2 in by_round[r] and 0 in by_round[r]]
             if waits:
                 print(f"  draw -> first K issued: median {statistics.median(waits):.0f}, max {max(waits)}")
+            for r in rounds[:4]:
+                print("  round", r, " ".join(f"{NAMES.get(e, str(e))}={c}"
+                                             for e, c in sorted(by_round[r].items(), key=lambda x: x[1])))
             continue
         tile = [by_round[r][6] - by_round[r][0] for r in rounds if 6 in by_round[r]]
         qwait = [by_round[r][1] - by_round[r][0] for r in rounds if 1 in by_round[r]]

@@ -1,0 +1,107 @@
+"""Where a Hopper kernel's warps wait, per role and per instruction, from Nsight Compute's warp
+samples (the CSV `STALLS=1 bash scripts/profile_gpu.sh` writes on the GPU machine).
+
+    python3 scripts/stall_ledger.py stalls_d128_s512_full.csv [--top 30] [--tiles N]
+
+Splits the kernel's SASS as scripts/sass_roles.py does (the code between `setmaxnreg`
+instructions: entry, consumers, producer warpgroup) and the consumers' part at their steady-state
+step loop (the smallest loop holding a wgmma): samples before it (the work tile's prologue and first
+step), in it, and after it (the last step and the epilogue), with the three commonest stall reasons
+of each; then the instructions with the most samples. --tiles N (work tiles x consumer warps, e.g.
+2048 x 8) also prints the instructions each part executes per warp and work tile.
+Waits for an mbarrier show on the branch after its SYNCS.PHASECHK (long scoreboard), the wait for a
+wgmma on its WARPGROUP.DEPBAR, the wait for a ping-pong turn on the instruction after BAR.SYNC.
+"""
+import argparse
+import collections
+import csv
+import re
+
+SAMPLES = "Warp Stall Sampling (All Samples)"
+
+
+def load(path):
+    rows = list(csv.reader(open(path, newline="")))
+    start = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+    header, data = rows[start], rows[start + 1:]
+    col = {h: i for i, h in enumerate(header)}
+    base = int(data[0][col["Address"]], 16)
+
+    def num(r, h):
+        v = r[col[h]].replace(",", "") if h in col else ""
+        return float(v) if v else 0.0
+
+    reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+    out = []
+    for r in data:
+        src = r[col["Source"]].strip()
+        words = src.split()
+        op = (words[1] if words and words[0].startswith("@") and len(words) > 1 else words[0]) if words else ""
+        out.append({"addr": int(r[col["Address"]], 16) - base, "src": src, "op": op,
+                    "samples": num(r, SAMPLES), "executed": num(r, "Instructions Executed"),
+                    "reasons": {h[6:]: num(r, h) for h in reasons if num(r, h)}})
+    return out, base
+
+
+def step_loop(rows, lo, hi, base):
+    """(first, last) address of the smallest loop in [lo, hi) that holds a wgmma, or None."""
+    loops = []
+    for r in rows:
+        if not (lo <= r["addr"] < hi) or not r["src"].startswith("@"):
+            continue
+        m = re.search(r"BRA\s+(0x[0-9a-f]+)", r["src"])
+        if m:
+            target = int(m.group(1), 16) - base
+            if lo <= target < r["addr"] - 64:
+                loops.append((r["addr"] - target, target, r["addr"]))
+    for _, first, last in sorted(loops):
+        if any(first <= r["addr"] <= last and r["op"].startswith("HGMMA") for r in rows):
+            return first, last
+    return None
+
+
+def summary(rows, label, total, tiles):
+    samples = sum(r["samples"] for r in rows)
+    reasons = collections.Counter()
+    for r in rows:
+        reasons.update(r["reasons"])
+    per_tile = f", {sum(r['executed'] for r in rows) / tiles:.0f} instructions per warp and tile" if tiles else ""
+    top = ", ".join(f"{k} {v:.0f}" for k, v in reasons.most_common(3))
+    print(f"{label:34s} {samples:7.0f} samples {100 * samples / max(total, 1):5.1f} %{per_tile}   ({top})")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("csv")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--tiles", type=float, default=0, help="work tiles x consumer warps (per-tile counts)")
+    args = ap.parse_args()
+    rows, base = load(args.csv)
+    total = sum(r["samples"] for r in rows)
+    cuts = [0] + [k for k, r in enumerate(rows) if r["op"].startswith("USETMAXREG")] + [len(rows)]
+    print(f"{total:.0f} samples")
+    for a, b in zip(cuts, cuts[1:]):
+        part = rows[a:b]
+        if not part:
+            continue
+        role = {"USETMAXREG.TRY_ALLOC.CTAPOOL": "consumers", "USETMAXREG.DEALLOC.CTAPOOL": "producer warpgroup"}.get(
+            part[0]["op"], "entry")
+        summary(part, role, total, 0)
+        if role != "consumers":
+            continue
+        loop = step_loop(rows, part[0]["addr"], part[-1]["addr"] + 16, base)
+        if loop is None:
+            continue
+        first, last = loop
+        summary([r for r in part if r["addr"] < first], "  before the step loop", total, args.tiles)
+        summary([r for r in part if first <= r["addr"] <= last], f"  step loop {first:#x}..{last:#x}", total,
+                args.tiles)
+        summary([r for r in part if r["addr"] > last], "  after it", total, args.tiles)
+    print(f"\nthe {args.top} instructions with the most samples (address, % of all, executed, reasons):")
+    for r in sorted(rows, key=lambda r: -r["samples"])[:args.top]:
+        top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["reasons"].items(), key=lambda kv: -kv[1])[:3])
+        print(f"  {r['addr']:#07x} {100 * r['samples'] / max(total, 1):5.1f} % {r['executed']:9.0f}  {r['src'][:64]:64s} {top}")
+
+
+if __name__ == "__main__":
+    main()
