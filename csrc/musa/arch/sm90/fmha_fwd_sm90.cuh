@@ -485,35 +485,45 @@ __device__ __forceinline__ void store_out_staged(const FmhaParams& p, Smem& sh, 
   const int quad = lane % 4;
   OutNvT* out_base = static_cast<OutNvT*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
   const bool wide = ((reinterpret_cast<uintptr_t>(out_base) | static_cast<uintptr_t>(p.out_row_stride) * 2) & 15) == 0;
+  // (two copies of the loop below, one per store width: with the width a per-store predicate the
+  // compiler issued both forms of every store)
+  auto store_chunks = [&](auto wide_tag) {
+    constexpr bool kWide = decltype(wide_tag)::value;
 #pragma unroll
-  for (int c = 0; c < C::kDv / 64; ++c) {
-    __syncwarp();  // the previous chunk's reads are done
+    for (int c = 0; c < C::kDv / 64; ++c) {
+      __syncwarp();  // the previous chunk's reads are done
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = lane / 4 + 8 * hf;
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = lane / 4 + 8 * hf;
 #pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        const int j = 8 * c + jj;
-        buf[row * kPitch + jj * 4 + quad] =
-            arch::pack2<OutNvT>(tOrO(2 * hf + 4 * j), tOrO(1 + 2 * hf + 4 * j));
+        for (int jj = 0; jj < 8; ++jj) {
+          const int j = 8 * c + jj;
+          buf[row * kPitch + jj * 4 + quad] =
+              arch::pack2<OutNvT>(tOrO(2 * hf + 4 * j), tOrO(1 + 2 * hf + 4 * j));
+        }
       }
-    }
-    __syncwarp();
+      __syncwarp();
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int row = lane / 8 + 4 * k, piece = lane % 8;  // 8 channels: 64 c + 8 piece ..
-      const uint4 v = *reinterpret_cast<const uint4*>(buf + row * kPitch + piece * 4);
-      const int m = m_first + row, ch = 64 * c + 8 * piece;
-      if (m < s.q_len_full && ch < p.head_dim_v) {
-        OutNvT* o = out_base + (s.q_row0 + m) * p.out_row_stride + ch;
-        if (wide) {
-          *reinterpret_cast<uint4*>(o) = v;
-        } else {
-          uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
-          o32[0] = v.x, o32[1] = v.y, o32[2] = v.z, o32[3] = v.w;
+      for (int k = 0; k < 4; ++k) {
+        const int row = lane / 8 + 4 * k, piece = lane % 8;  // 8 channels: 64 c + 8 piece ..
+        const uint4 v = *reinterpret_cast<const uint4*>(buf + row * kPitch + piece * 4);
+        const int m = m_first + row, ch = 64 * c + 8 * piece;
+        if (m < s.q_len_full && ch < p.head_dim_v) {
+          OutNvT* o = out_base + (s.q_row0 + m) * p.out_row_stride + ch;
+          if constexpr (kWide) {
+            *reinterpret_cast<uint4*>(o) = v;
+          } else {
+            uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
+            o32[0] = v.x, o32[1] = v.y, o32[2] = v.z, o32[3] = v.w;
+          }
         }
       }
     }
+  };
+  if (wide) {
+    store_chunks(cute::true_type{});
+  } else {
+    store_chunks(cute::false_type{});
   }
 }
 
@@ -1016,38 +1026,55 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // ---- epilogue: normalize and store (fmha_mma.cu's rules) ------------------------------
     // Runs while the producer already loads the next work tile's Q and first K / V tiles.
     constexpr float kLn2 = 0.6931471805599453f;
+    // Per row: its scale (v's descale / row sum, times the sink's share), lse, and whether it has
+    // keys. A row without keys gets exact zeros, whatever 0 * V left in its accumulators (they may
+    // hold NaN): the warp multiplies where none of its rows lacks keys (the common case: a vote,
+    // so the branch is real) and selects otherwise (zeroing O first made the compiler copy all of
+    // it through other registers; a select per element on every tile was 64 instructions more).
+    float scale[2];
+    bool has[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float l = row_sum[hf];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
-      if (m >= s.q_len_full) continue;
       const int64_t row = s.q_row0 + m;
-      const bool padded = m >= s.q_len;  // past seqused_q: out 0, lse -inf
-      const bool has = !padded && (l > 0.f || l != l);  // NaN inputs propagate
-      float lse = has ? (row_max[hf] * sl - kPOffset) * kLn2 + logf(l) : -INFINITY;
-      float scale = has ? vscale / l : 0.f;
-      if (p.learnable_sink && !padded) scale *= apply_fmha_sink(lse, p.learnable_sink[h]);
-      // no key: exact zeros, whatever 0 * V left in this row's accumulators (a select: they may
-      // hold NaN; zeroing them first made the compiler copy all of them through other registers)
-      auto normalized = [&](float o) { return has ? o * scale : 0.f; };
-      if constexpr (C::kStageO) {
+      const bool padded = m >= s.q_len;  // past seqused_q: out 0, lse -inf (past q_len_full: not stored)
+      has[hf] = !padded && (l > 0.f || l != l);  // NaN inputs propagate
+      float lse = has[hf] ? (row_max[hf] * sl - kPOffset) * kLn2 + logf(l) : -INFINITY;
+      scale[hf] = has[hf] ? vscale / l : 0.f;
+      if (p.learnable_sink && !padded) scale[hf] *= apply_fmha_sink(lse, p.learnable_sink[h]);
+      if (quad == 0 && m < s.q_len_full)
+        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
+    }
+    const bool all_have = !__any_sync(0xffffffffu, !has[0] || !has[1]);
+    if constexpr (C::kStageO) {
+      if (all_have) {
 #pragma unroll
-        for (int j = 0; j < kDv / 8; ++j) {
-          tOrO(2 * hf + 4 * j) = normalized(tOrO(2 * hf + 4 * j));
-          tOrO(1 + 2 * hf + 4 * j) = normalized(tOrO(1 + 2 * hf + 4 * j));
-        }
+        for (int j = 0; j < kDv / 8; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) tOrO(i + 4 * j) *= scale[i / 2];
       } else {
+#pragma unroll
+        for (int j = 0; j < kDv / 8; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) tOrO(i + 4 * j) = has[i / 2] ? tOrO(i + 4 * j) * scale[i / 2] : 0.f;
+      }
+    } else {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
+        if (m >= s.q_len_full) continue;
+        auto normalized = [&](float o) { return all_have || has[hf] ? o * scale[hf] : 0.f; };
         typename C::OutNvT* out = static_cast<typename C::OutNvT*>(p.out) + b * p.out_batch_stride +
-                                  row * p.out_row_stride + h * p.out_head_stride + 2 * quad;
+                                  (s.q_row0 + m) * p.out_row_stride + h * p.out_head_stride + 2 * quad;
 #pragma unroll
         for (int j = 0; j < kDv / 8; ++j)
           if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
             *reinterpret_cast<uint32_t*>(out + 8 * j) = arch::pack2<typename C::OutNvT>(
                 normalized(tOrO(2 * hf + 4 * j)), normalized(tOrO(1 + 2 * hf + 4 * j)));
       }
-      if (quad == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = lse;
     }
     if constexpr (C::kStageO) store_out_staged<C>(p, sh, tOrO, b, h, s, m0 + group * 64 + warp * 16, ct / 32, lane);
     if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceStored);
