@@ -61,3 +61,21 @@ def test_stall_ledger_splits_roles_and_the_step_loop(tmp_path):
     assert "25 instructions per warp and tile" in step  # (8 + 64 * 3) / 8
     top = lines[lines.index(next(l for l in lines if l.startswith("the 3 instructions"))) + 1:]
     assert top[0].split()[0] == "0x00300" and "long_sb 40" in top[0]
+
+
+def test_stall_ledger_puts_source_lines_on_the_tile_boundary(tmp_path):
+    path, listing = tmp_path / "stalls.csv", tmp_path / "kernel.sass"
+    write_csv(path)
+    text = []
+    for off, src, *_ in ROWS:
+        line = 10 if off < 0x400 else 20 if off <= 0x700 else 30  # prologue, step, epilogue
+        text += [f'\t//## File "/src/kernel.cuh", line {line}', f"        /*{off:04x}*/                   {src} ;"]
+    listing.write_text("\n".join(text) + "\n")
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "stall_ledger.py"), str(path), "--tiles", "8",
+                          "--lines", str(listing)], capture_output=True, text=True, check=True)
+    out = res.stdout
+    before = out[out.index("before the step loop: source lines"):out.index("after the step loop: source lines")]
+    after = out[out.index("after the step loop: source lines"):out.index("producer warpgroup")]
+    # before the loop: the consumers' rows at 0x100..0x300 (executed 8 + 8 + 8 per 8 tiles, 42 samples)
+    assert "3.0      42  kernel.cuh:10" in before and "kernel.cuh:20" not in before
+    assert "2.0       8  kernel.cuh:30" in after
