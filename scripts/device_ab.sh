@@ -22,7 +22,7 @@ if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 if [ -d /tmp/site/cutlass_library ]; then export PYTHONPATH=/tmp/site; fi
 python3 -c "import cutlass_library" 2>/dev/null || { echo "device_ab: no CUTLASS headers (run device_run.sh first)"; exit 1; }
 src=$(mktemp -d)/src
-mkdir -p "$src" && tar --exclude=./build --exclude=./.git -cf - . | tar -xf - -C "$src"
+mkdir -p "$src" && tar --exclude=./build --exclude=./.git --exclude=./.whl -cf - . | tar -xf - -C "$src"
 (cd "$BASE" && find . -type f) | while read -r f; do cp "$BASE/$f" "$src/$f"; done
 start=$(date +%s)
 (cd "$src" && python3 -m pip install --no-build-isolation --no-deps --target "$SITE" . >"$OUT/build_$TAG.log" 2>&1)
