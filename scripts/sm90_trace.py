@@ -3,7 +3,8 @@
     python3 scripts/sm90_trace.py D SEQ MASK [fp8]    one prefill call as bench_gpu.py's table
                                                        (B = 16384 / SEQ, H = 2048 / D), then the
                                                        summary of its trace (stderr lines)
-Per block and consumer warpgroup, in SM cycles: how long a work tile takes from its draw to its
+SM90_TRACE_RAW=path also writes the raw event lines there. Cycles count from the block's first event
+(all roles of a block read the same SM clock). Per block and consumer warpgroup, in SM cycles: how long a work tile takes from its draw to its
 stored output, its prologue, how long it waits for Q, for each step's turn (ping-pong) and between
 tiles; for the producer, how long it waits for a buffer before a tile's first K; per block, the
 tile boundary (warpgroup 1's last P V done to warpgroup 0's next first Q K^T issued). What each event is:
@@ -45,14 +46,20 @@ def summarize(lines):
         _, blk, role, rnd, event, cyc = l.split()
         ev[(int(blk), int(role))].append((int(rnd), int(event), int(cyc)))
     absolute = {}  # (block, role) -> {round: {event: cycle}}, the SM clock itself
+    last = {}
     for (blk, role), items in sorted(ev.items()):
         # the last launch's events: from the last time round 0's first event appears
         starts = [i for i, (r, e, _) in enumerate(items) if r == 0 and e == 0]
-        items = items[starts[-1]:] if starts else items
+        last[(blk, role)] = items[starts[-1]:] if starts else items
+    # one origin per block (its roles share the SM's clock), so producer and consumer cycles compare
+    origin = {}
+    for (blk, _), items in last.items():
+        origin[blk] = min(origin.get(blk, items[0][2]), items[0][2])
+    for (blk, role), items in sorted(last.items()):
         absolute[(blk, role)] = collections.defaultdict(dict)
         for r, e, c in items:
             absolute[(blk, role)][r][e] = c
-        t0 = items[0][2]
+        t0 = origin[blk]
         by_round = collections.defaultdict(dict)
         for r, e, c in items:
             by_round[r][e] = c - t0
@@ -99,6 +106,9 @@ def summarize(lines):
 if __name__ == "__main__":
     d, seq, mask = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     lines, res = run_call(d, seq, mask, len(sys.argv) > 4 and sys.argv[4] == "fp8")
+    if os.environ.get("SM90_TRACE_RAW"):  # the raw events too, for a look beyond the summary
+        with open(os.environ["SM90_TRACE_RAW"], "w") as fh:
+            fh.write("\n".join(lines) + "\n")
     if not lines:
         print("no trace lines: was the extension built with MATE_OPS_NVCC_FLAGS=-DMATE_SM90_TRACE?")
         print(res.stderr[-2000:])
