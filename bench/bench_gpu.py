@@ -105,10 +105,10 @@ def copy_bandwidth():
 SEQLENS = None  # --seqlens: the prefill table's sequence lengths (a focused comparison)
 
 
-def prefill_rows(quick, dims, seqlens=None):
-    """(B, S, H, D, Dv, causal, dtype name) of the prefill table; seqlens picks the S of the D 64 /
-    128 / 256 rows (--seqlens)."""
-    seqlens = seqlens or SEQLENS or ([2048, 8192] if quick else [512, 2048, 8192, 16384])
+def prefill_rows(quick, dims):
+    """(B, S, H, D, Dv, causal, dtype name) of the prefill table; SEQLENS (--seqlens) picks the S
+    of the D 64 / 128 / 256 rows and leaves the other rows out."""
+    seqlens = SEQLENS or ([2048, 8192] if quick else [512, 2048, 8192, 16384])
     rows = [(D, Dv, S, "bf16") for D, Dv in (dims or ([(128, 128)] if quick else [(64, 64), (128, 128), (256, 256)]))
             for S in seqlens]
     if not quick and not dims and not SEQLENS:  # the other head dims and fp16, at 2k and 8k tokens

@@ -60,6 +60,36 @@ def opcode(ins):
     return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
 
 
+ROLE_OF = {"USETMAXREG.TRY_ALLOC.CTAPOOL": "consumers", "USETMAXREG.DEALLOC.CTAPOOL": "producer warpgroup"}
+
+
+def role_parts(rows):
+    """[(role, first index, end index)] of (address, instruction) rows: the code between
+    `setmaxnreg` instructions (entry, consumers, producer warpgroup)."""
+    cuts = [0] + [k for k, (_, ins) in enumerate(rows) if "USETMAXREG" in ins] + [len(rows)]
+    return [(ROLE_OF.get(opcode(rows[a][1]), "entry") if b > a else "entry", a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def find_loops(rows):
+    """[(instructions, first address, last address)] of the loops among (address, instruction) rows,
+    largest first: conditional backward branches (the unconditional ones and the short self-jumps
+    at a function's end are the out-of-line retries of barrier waits)."""
+    loops = []
+    for addr, ins in rows:
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", ins)
+        if m and ins.startswith("@") and addr - int(m.group(1), 16) > 64:
+            loops.append(((addr - int(m.group(1), 16)) // 16, int(m.group(1), 16), addr))
+    return sorted(loops, reverse=True)
+
+
+def step_loop(rows, loops):
+    """(first, last address) of the steady-state step: the smallest loop holding a wgmma, or None."""
+    for _, lo, hi in sorted(loops):
+        if any(lo <= addr <= hi and opcode(ins).startswith("HGMMA") for addr, ins in rows):
+            return lo, hi
+    return None
+
+
 def kernel_roles(cubin, cuobjdump):
     """Per kernel of the cubin: (name, instruction count, [(role, instructions, STL, LDL)],
     [(loop instructions, first address, last address)] largest first, the steady-state step:
@@ -70,30 +100,17 @@ def kernel_roles(cubin, cuobjdump):
     kernels = []
     for part in text.split("Function : ")[1:]:
         name, rows = part.splitlines()[0].strip(), instructions(part)
-        cuts = [0] + [k for k, (_, ins) in enumerate(rows) if "USETMAXREG" in ins] + [len(rows)]
         roles = []
-        for a, b in zip(cuts, cuts[1:]):
+        for role, a, b in role_parts(rows):
             seg = rows[a:b]
-            first = opcode(seg[0][1]) if seg else ""
-            role = {"USETMAXREG.TRY_ALLOC.CTAPOOL": "consumers",
-                    "USETMAXREG.DEALLOC.CTAPOOL": "producer warpgroup"}.get(first, "entry")
             roles.append((role, b - a, sum(opcode(i).startswith("STL") for _, i in seg),
                           sum(opcode(i).startswith("LDL") for _, i in seg)))
-        # loops: conditional backward branches (the unconditional ones and the short self-jumps at
-        # a function's end are the out-of-line retries of barrier waits)
-        loops = []
-        for addr, ins in rows:
-            m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", ins)
-            if m and ins.startswith("@") and addr - int(m.group(1), 16) > 64:
-                loops.append(((addr - int(m.group(1), 16)) // 16, int(m.group(1), 16), addr))
-        step = None
-        for size, lo, hi in sorted(loops):
-            body = [ins for addr, ins in rows if lo <= addr <= hi]
-            if any(opcode(i).startswith("HGMMA") for i in body):
-                step = (lo, hi, sum(opcode(i).startswith("STL") for i in body),
-                        sum(opcode(i).startswith("LDL") for i in body))
-                break
-        kernels.append((name, len(rows), roles, sorted(loops, reverse=True), step))
+        loops = find_loops(rows)
+        step = step_loop(rows, loops)
+        if step is not None:
+            body = [ins for addr, ins in rows if step[0] <= addr <= step[1]]
+            step = (*step, sum(opcode(i).startswith("STL") for i in body), sum(opcode(i).startswith("LDL") for i in body))
+        kernels.append((name, len(rows), roles, loops, step))
     return kernels
 
 

@@ -20,7 +20,12 @@ and samples per line, which is what a work tile's prologue and epilogue cost, li
 import argparse
 import collections
 import csv
+import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sass_roles import find_loops, opcode, role_parts, step_loop  # noqa: E402  (one reading of roles and loops)
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
 
@@ -40,29 +45,10 @@ def load(path):
     out = []
     for r in data:
         src = r[col["Source"]].strip()
-        words = src.split()
-        op = (words[1] if words and words[0].startswith("@") and len(words) > 1 else words[0]) if words else ""
-        out.append({"addr": int(r[col["Address"]], 16) - base, "src": src, "op": op,
+        out.append({"addr": int(r[col["Address"]], 16) - base, "src": src, "op": opcode(src) if src else "",
                     "samples": num(r, SAMPLES), "executed": num(r, "Instructions Executed"),
                     "reasons": {h[6:]: num(r, h) for h in reasons if num(r, h)}})
     return out, base
-
-
-def step_loop(rows, lo, hi, base):
-    """(first, last) address of the smallest loop in [lo, hi) that holds a wgmma, or None."""
-    loops = []
-    for r in rows:
-        if not (lo <= r["addr"] < hi) or not r["src"].startswith("@"):
-            continue
-        m = re.search(r"BRA\s+(0x[0-9a-f]+)", r["src"])
-        if m:
-            target = int(m.group(1), 16) - base
-            if lo <= target < r["addr"] - 64:
-                loops.append((r["addr"] - target, target, r["addr"]))
-    for _, first, last in sorted(loops):
-        if any(first <= r["addr"] <= last and r["op"].startswith("HGMMA") for r in rows):
-            return first, last
-    return None
 
 
 def source_lines(path):
@@ -111,21 +97,19 @@ def main():
     lines = source_lines(args.lines) if args.lines else None
     rows, base = load(args.csv)
     total = sum(r["samples"] for r in rows)
-    cuts = [0] + [k for k, r in enumerate(rows) if r["op"].startswith("USETMAXREG")] + [len(rows)]
+    sass = [(r["addr"] + base, r["src"]) for r in rows]  # absolute, as the branch targets are
     print(f"{total:.0f} samples")
-    for a, b in zip(cuts, cuts[1:]):
+    for role, a, b in role_parts(sass):
         part = rows[a:b]
         if not part:
             continue
-        role = {"USETMAXREG.TRY_ALLOC.CTAPOOL": "consumers", "USETMAXREG.DEALLOC.CTAPOOL": "producer warpgroup"}.get(
-            part[0]["op"], "entry")
         summary(part, role, total, 0)
         if role != "consumers":
             continue
-        loop = step_loop(rows, part[0]["addr"], part[-1]["addr"] + 16, base)
+        loop = step_loop(sass[a:b], find_loops(sass[a:b]))
         if loop is None:
             continue
-        first, last = loop
+        first, last = loop[0] - base, loop[1] - base
         summary([r for r in part if r["addr"] < first], "  before the step loop", total, args.tiles)
         summary([r for r in part if first <= r["addr"] <= last], f"  step loop {first:#x}..{last:#x}", total,
                 args.tiles)
