@@ -28,6 +28,7 @@ def call(B, Sq, Sk, H, Hk, D, Dv, dtype=bf16, **kw):
 call(2, 129, 300, 4, 2, 128, 128, causal=True)
 call(1, 70, 65, 2, 1, 64, 64, window_size_left=20, window_size_right=3)
 call(1, 129, 130, 2, 2, 256, 256, learnable_sink=torch.randn(2, device=dev))
+call(1, 100, 1100, 2, 1, 256, 256, causal=True)  # past 1024 keys: width 256's 80-key tiles
 call(1, 65, 200, 2, 1, 192, 128, softcap=5.0, alibi_slopes=torch.rand(2, device=dev))
 call(1, 33, 40, 2, 2, 96, 96, dtype=torch.float16)
 cu = torch.tensor([0, 1, 130, 300], dtype=torch.int32, device=dev)

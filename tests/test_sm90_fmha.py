@@ -20,7 +20,9 @@ fp8-to-bf16 conversion for the others (fp8_route).
 The kernel is persistent (one block per SM looping over work tiles). A second child reruns a
 subset (ONE_BLOCK_CASES) with MATE_OPS_FMHA_SM90_BLOCKS=1, a grid of one block, so that every
 tile boundary of those calls is crossed by the same pipeline state, and with schedule sections of
-one (sequence, head) pair (MATE_OPS_FMHA_SM90_L2_SHARE).
+one (sequence, head) pair (MATE_OPS_FMHA_SM90_L2_SHARE). A third reruns the 16-bit width-256
+cases with their 80-key tiles forced (MATE_OPS_FMHA_SM90_SHORT_KEYS=1; by default calls of at
+most 1024 keys take the 64-key tiles).
 
 Skipped without a compute capability 9.0 GPU or without the sm90 kernels in the build.
 """
@@ -44,7 +46,8 @@ MARK = "@@sm90-case "  # result lines of the child: MARK + json
 # ---------------------------------------------------------------- cases --------------------
 # A case is a dict of plain values (its name is the pytest id and the --only key); build()
 # turns it into tensors. Lengths cross the 128-row / 128-key tile edges (1, 127, 129, 300, 1000);
-# D 256 uses 80-key tiles.
+# width 256 takes 64-key tiles for calls of at most 1024 keys and 80-key tiles for longer ones
+# (a third child reruns its 16-bit cases with the 80-key tiles forced: LONG_TILE_CASES).
 
 def _cases():
     cases = []
@@ -73,6 +76,7 @@ def _cases():
         add(f"ragged-d256-bf16-{'causal' if causal else 'full'}", layout="ragged", d=256, causal=causal,
             lq=[1, 127, 129, 300, 0], lk=[5, 65, 63, 1000, 3])
     add("window-d256-100_50-sink", layout="dense", d=256, sq=300, sk=700, window=(100, 50), sink=True)
+    add("long-d256-bf16-full-1500", layout="dense", d=256, sq=200, sk=1500)  # past 1024 keys: 80-key tiles
     # head dims between the tile widths pad up inside the kernel (TMA reads the missing
     # channels as zeros; the padding channels of out are never stored); D != Dv
     for d, dv in ((96, 96), (80, 80), (40, 72), (8, 8), (192, 128), (160, 96), (200, 256)):
@@ -148,6 +152,7 @@ def _cases():
         window=(100, 0), leftpad=[5, 130, 0])
     add("paged-128-d64-fp16-cache-batch-idx", layout="paged", d=64, dtype="fp16", b=3, sq=129, lens=[200, 77, 400],
         page=128, causal=True, cache_batch_idx=True)
+    add("paged-128-d256-causal", layout="paged", d=256, b=2, sq=200, lens=[300, 500], page=128, causal=True)
     add("paged-160-d256-causal-sink", layout="paged", d=256, b=2, sq=300, lens=[310, 650], page=160, causal=True,
         sink=True)
     add("paged-256-d192x128-ragged-q", layout="paged", d=192, dv=128, lq=[129, 1, 300], lens=[400, 7, 300],
@@ -363,6 +368,18 @@ sm90_one_block_results = sm90_child.child_results_fixture(
     ONE_BLOCK_CASES)
 
 
+# Width 256's 80-key tiles on the 16-bit width-256 cases, most of which are short enough for the
+# 64-key tiles by default (MATE_OPS_FMHA_SM90_SHORT_KEYS=1: every call takes the 80-key tiles).
+def _width_256(spec):
+    d, dv = spec["d"], spec.get("dv", spec["d"])
+    return not (d <= 128 and dv <= 128) and not (128 < d <= 192 and dv <= 128)
+
+
+LONG_TILE_CASES = [c["name"] for c in CASES if c["dtype"] != "fp8" and _width_256(c) and c.get("page", 80) % 80 == 0]
+sm90_long_tile_results = sm90_child.child_results_fixture(
+    __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_SHORT_KEYS="1"), LONG_TILE_CASES)
+
+
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_sm90_case(sm90_results, name):
     res = sm90_child.case_result(sm90_results, name)
@@ -382,6 +399,15 @@ def test_sm90_one_block_case(sm90_one_block_results, name):
 
 def test_sm90_one_block_child_exit(sm90_one_block_results):
     test_sm90_child_exit(sm90_one_block_results)
+
+
+@pytest.mark.parametrize("name", LONG_TILE_CASES)
+def test_sm90_long_tile_case(sm90_long_tile_results, name):
+    test_sm90_case(sm90_long_tile_results, name)
+
+
+def test_sm90_long_tile_child_exit(sm90_long_tile_results):
+    test_sm90_child_exit(sm90_long_tile_results)
 
 
 if __name__ == "__main__":

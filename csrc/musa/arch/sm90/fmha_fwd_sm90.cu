@@ -8,21 +8,41 @@
 namespace mate::device {
 namespace sm90 {
 namespace {
-const WidthKernels& kernels_for(Widths w) {
-  switch (w) {
-    case Widths::k64: return kWidth64;
-    case Widths::k128: return kWidth128;
-    case Widths::k192x128: return kWidth192x128;
-    default: return kWidth256;
-  }
+// MATE_OPS_FMHA_SM90_SHORT_KEYS=n: width 256 runs its 64-key tiles (kShortKeyTile256) when no
+// work tile's rows see more than n keys (default 1024; 1 keeps every call on the 80-key tiles).
+// Read once per process.
+int64_t short_keys_256() {
+  static const int64_t n = env_positive("MATE_OPS_FMHA_SM90_SHORT_KEYS", 1024);
+  return n;
 }
-// Keys per K / V tile of a tile width (Config::kBlockN, from the same function).
-int key_tile(Widths w) {
+// The most keys a work tile's rows can see: the key length (dense; a ragged call's max_seqlen_k
+// hint, where 0 means unknown and counts as long; paged: the page table's capacity), or the
+// width of a sliding window.
+int64_t keys_bound(const FmhaParams& p) {
+  int64_t keys = p.seqlen_k > 0 ? p.seqlen_k : INT64_MAX;
+  if (p.window_left >= 0 && p.window_right >= 0) {
+    const int64_t window = 128 + static_cast<int64_t>(p.window_left) + p.window_right;  // 128 rows' union
+    if (window < keys) keys = window;
+  }
+  return keys;
+}
+// A tile width's kernels for one call and their keys per K / V tile (Config::kBlockN). Width 256
+// has two key tiles: 64 for short sequences (pages, if any, a multiple of 64), else 80.
+struct WidthChoice {
+  const WidthKernels& kernels;
+  int key_tile;
+};
+WidthChoice kernels_for(const FmhaParams& p, Widths w) {
   switch (w) {
-    case Widths::k64: return block_n_for(64, 64);
-    case Widths::k128: return block_n_for(128, 128);
-    case Widths::k192x128: return block_n_for(192, 128);
-    default: return block_n_for(256, 256);
+    case Widths::k64: return {kWidth64, block_n_for(64, 64)};
+    case Widths::k128: return {kWidth128, block_n_for(128, 128)};
+    case Widths::k192x128: return {kWidth192x128, block_n_for(192, 128)};
+    default: {
+      const bool short_tiles = keys_bound(p) <= short_keys_256() &&
+                               (p.page_table == nullptr || p.page_size % kShortKeyTile256 == 0);
+      if (short_tiles) return {kWidth256Short, kShortKeyTile256};
+      return {kWidth256, block_n_for(256, 256)};
+    }
   }
 }
 // fp8 e4m3 with a staged V^T (launch.cpp) runs the fp8 kernels of widths 128 and 256: D and Dv
@@ -74,7 +94,8 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (p.qv || p.num_splits > 1) return false;
   // paged K / V: pages holding whole key tiles (block_keys aligns the tiles to them)
   if ((p.page_table != nullptr) != (p.page_size > 0)) return false;
-  if (p.page_table != nullptr && p.page_size % key_tile(widths) != 0) return false;
+  const WidthChoice choice = kernels_for(p, widths);
+  if (p.page_table != nullptr && p.page_size % choice.key_tile != 0) return false;
   if (!p.out || !p.lse || !p.q || !p.k || !p.v) return false;
   if (p.batch <= 0 || p.batch > 65535 || p.num_heads <= 0 || p.num_heads > 65535 || p.num_heads_k <= 0 ||
       p.num_heads % p.num_heads_k != 0)
@@ -92,7 +113,7 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || !even(p.out_batch_stride) || !even(p.out_row_stride) ||
       !even(p.out_head_stride))
     return false;
-  return kernels_for(widths).runs_here(p.in_dtype == DType::kFloat16, scores_are_plain(p));
+  return choice.kernels.runs_here(p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 
 arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, unsigned long long* tile_counter, arch::Stream stream) {
@@ -103,8 +124,8 @@ arch::Error launch_fmha_sm90(const FmhaParams& p, int max_rows, unsigned long lo
     return kernels ? kernels->launch(p, max_rows, tile_counter, stream, false, scores_are_plain(p))
                    : arch::kInvalidValue;
   }
-  return kernels_for(tile_widths(p.head_dim, p.head_dim_v))
-      .launch(p, max_rows, tile_counter, stream, p.in_dtype == DType::kFloat16, scores_are_plain(p));
+  return kernels_for(p, tile_widths(p.head_dim, p.head_dim_v))
+      .kernels.launch(p, max_rows, tile_counter, stream, p.in_dtype == DType::kFloat16, scores_are_plain(p));
 }
 
 bool fmha_sm90_uneven_tiles(const FmhaParams& p) {

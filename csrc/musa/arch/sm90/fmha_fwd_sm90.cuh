@@ -126,6 +126,12 @@ using sm90_tma::q_rows;
 // shared memory and O (128 floats per thread) leaves room for S and P in 240 registers (80
 // measured 10-20 % faster than 64 from 2k tokens on the H200: fewer, wider Q K^T products).
 constexpr int block_n_for(int d, int dv) { return (d == 256 || dv == 256) ? 80 : 128; }
+// Width 256 has a second kernel with 64-key tiles for calls whose sequences are short
+// (fmha_fwd_sm90.cu: short_keys_256): 512 keys are 8 whole 64-key tiles where 80-key tiles leave
+// 48 rows of the last one empty, and 64-key tiles leave the shared memory the epilogue needs to
+// stage its stores (kStageO). H200, same build and run: 11-18 % faster at 512 tokens, 3-8 %
+// slower at 2048 (docs/performance.md, version 24).
+constexpr int kShortKeyTile256 = 64;
 // fp8 (P V's k-steps are 32 keys; P takes a quarter of the registers it takes in 16 bits): 128
 // keys. At D 256 that is FlashAttention-3's choice, 7-19 % faster than 64 keys on the H200; its
 // 224 at D 128 was 12-31 % slower than 128 there. With ScoreMod at D 256, 64 keys: 128 spilled
@@ -524,6 +530,67 @@ __device__ __forceinline__ void store_out_staged(const FmhaParams& p, Smem& sh, 
     store_chunks(cute::true_type{});
   } else {
     store_chunks(cute::false_type{});
+  }
+}
+
+// The four lanes of a quad exchange 32-bit words so that lane q's x[i] becomes lane i's x[q]
+// (a 4 x 4 transpose in two xor steps: the off-diagonal 2 x 2 blocks with lane q ^ 2, then each
+// block's corners with lane q ^ 1). Every lane of the warp takes part.
+__device__ __forceinline__ void quad_transpose(uint32_t (&x)[4], int quad) {
+  const bool hi_pair = quad & 2, odd = quad & 1;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, hi_pair ? x[e] : x[2 + e], 2);
+    if (hi_pair) x[e] = got; else x[2 + e] = got;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; c += 2) {
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? x[c] : x[c + 1], 1);
+    if (odd) x[c] = got; else x[c + 1] = got;
+  }
+}
+
+// The epilogue's stores from registers (no shared memory left for staging: width 256). A lane
+// holds two channels of one row for every eighth channel pair; a quad transpose gives each lane
+// eight consecutive channels, so one 16-byte store per lane writes 64 bytes of a row per quad
+// (two whole 32-byte sectors) where 4-byte stores wrote half of a sector each and needed four
+// times the instructions. `normalized(hf, o)` scales an accumulator of row half hf. Rows past
+// the sequence's rows and padding channels are never stored; without 16-byte alignment of out
+// (uniform over the call) the 4-byte form stays.
+template <class C, class TO, class Norm>
+__device__ __forceinline__ void store_out_registers(const FmhaParams& p, const TO& tOrO, Norm normalized, int b,
+                                                    int h, const SeqInfo& s, int m_first, int lane) {
+  using OutNvT = typename C::OutNvT;
+  static_assert(sizeof(OutNvT) == 2 && C::kDv % 32 == 0, "16-bit out, whole 32-channel groups");
+  const int quad = lane % 4;
+  OutNvT* out_base = static_cast<OutNvT*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  const bool wide = ((reinterpret_cast<uintptr_t>(out_base) | static_cast<uintptr_t>(p.out_row_stride) * 2) & 15) == 0;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int m = m_first + lane / 4 + hf * 8;
+    const bool row_stored = m < s.q_len_full;
+    OutNvT* out_row = out_base + (s.q_row0 + m) * p.out_row_stride;
+    if (wide) {
+#pragma unroll
+      for (int a = 0; a < C::kDv / 32; ++a) {  // channels 32 a .. 32 a + 31 of the row
+        uint32_t x[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int j = 4 * a + i;
+          x[i] = arch::pack2<OutNvT>(normalized(hf, tOrO(2 * hf + 4 * j)), normalized(hf, tOrO(1 + 2 * hf + 4 * j)));
+        }
+        quad_transpose(x, quad);
+        const int ch = 32 * a + 8 * quad;
+        if (row_stored && ch < p.head_dim_v)
+          *reinterpret_cast<uint4*>(out_row + ch) = make_uint4(x[0], x[1], x[2], x[3]);
+      }
+    } else if (row_stored) {
+#pragma unroll
+      for (int j = 0; j < C::kDv / 8; ++j)
+        if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
+          *reinterpret_cast<uint32_t*>(out_row + 8 * j + 2 * quad) =
+              arch::pack2<OutNvT>(normalized(hf, tOrO(2 * hf + 4 * j)), normalized(hf, tOrO(1 + 2 * hf + 4 * j)));
+    }
   }
 }
 
@@ -1067,19 +1134,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           for (int i = 0; i < 4; ++i) tOrO(i + 4 * j) = has[i / 2] ? tOrO(i + 4 * j) * scale[i / 2] : 0.f;
       }
     } else {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int m = m0 + group * 64 + warp * 16 + lane / 4 + hf * 8;
-        if (m >= s.q_len_full) continue;
-        auto normalized = [&](float o) { return all_have || has[hf] ? o * scale[hf] : 0.f; };
-        typename C::OutNvT* out = static_cast<typename C::OutNvT*>(p.out) + b * p.out_batch_stride +
-                                  (s.q_row0 + m) * p.out_row_stride + h * p.out_head_stride + 2 * quad;
-#pragma unroll
-        for (int j = 0; j < kDv / 8; ++j)
-          if (8 * j < p.head_dim_v)  // the padding channels of a narrower head dim are never stored
-            *reinterpret_cast<uint32_t*>(out + 8 * j) = arch::pack2<typename C::OutNvT>(
-                normalized(tOrO(2 * hf + 4 * j)), normalized(tOrO(1 + 2 * hf + 4 * j)));
-      }
+      auto normalized = [&](int hf, float o) { return all_have || has[hf] ? o * scale[hf] : 0.f; };
+      store_out_registers<C>(p, tOrO, normalized, b, h, s, m0 + group * 64 + warp * 16, lane);
     }
     if constexpr (C::kStageO) store_out_staged<C>(p, sh, tOrO, b, h, s, m0 + group * 64 + warp * 16, ct / 32, lane);
     if (releaser) TRACE_EVENT(trace_n, 1 + group, r, kTraceStored);
@@ -1268,10 +1324,10 @@ struct WidthKernels {
   arch::Error (*launch)(const FmhaParams& p, int max_rows, unsigned long long* counter, arch::Stream stream, bool f16,
                         bool plain);
 };
-template <int kD, int kDv>
+template <int kD, int kDv, int kBlockN = 0>  // 0: block_n_for's key tile
 constexpr WidthKernels width_kernels() {
-  using CB = Config<cutlass::bfloat16_t, arch::bf16, kD, kDv>;
-  using CH = Config<cutlass::half_t, arch::f16, kD, kDv>;
+  using CB = Config<cutlass::bfloat16_t, arch::bf16, kD, kDv, arch::bf16, kBlockN>;
+  using CH = Config<cutlass::half_t, arch::f16, kD, kDv, arch::f16, kBlockN>;
   return {&width_runs_here<CB, CH>, &width_launch<CB, CH>};
 }
 
@@ -1297,6 +1353,7 @@ constexpr WidthKernels fp8_width_kernels() {
 // One translation unit per tile width (fmha_fwd_sm90_<width>.cu) instantiates its kernels, so
 // a parallel build compiles them side by side (one CuTe kernel takes about half a minute).
 extern const WidthKernels kWidth64, kWidth128, kWidth192x128, kWidth256;
+extern const WidthKernels kWidth256Short;  // 64-key tiles (kShortKeyTile256)
 // fp8 with a staged V^T (fmha_fwd_sm90_fp8_<width>.cu): widths 128 and 256 (D and Dv
 // multiples of 16; the other fp8 calls are staged to bf16 instead, launch.cpp)
 extern const WidthKernels kWidthFp8x128, kWidthFp8x256;
