@@ -11,7 +11,12 @@ environment variables (the kernel routes are read once per process), on the same
     --compare "mma.sync bwd:MATE_OPS_FMHA_BWD_PATH=sm80"  the mma.sync backward instead of the Hopper one
     --compare "other build:PYTHONPATH=/tmp/site_b"   another build of the package (pip install --target)
 Only child columns compare with each other: the main process has read up to 13 % above its own
-children on the same kernel, so a change is measured as two --compare columns.
+children on the same kernel, so a change is measured as two --compare columns. The children stay
+up for the whole table and take its rows in turns, --rounds times over (default 3, the order of
+the children rotated each time, fresh tensors each time); a column shows the median of its rounds,
+and a comment under the table gives each column's largest round-to-round spread. Two children of
+the same build read up to 14 % apart when each timed a whole table once in turn (session 13), which
+is what the rounds are for: a difference smaller than those spreads is not a result.
 
 Prefill: bf16, batch * seqlen = 16k tokens, H * D = 2048 (H = 32/16/8 for D = 64/128/256),
 FLOPs = 2 * B * H * S^2 * (D + Dv) (halved when causal); the full table adds D 80, 96,
@@ -73,12 +78,12 @@ def sdpa_bwd_time(backend, q, k, v, dout, causal):
         return float("nan")
 
 
-def ours_bwd_time(q, k, v, dout, causal, deterministic=False):
+def ours_bwd_time(q, k, v, dout, causal, deterministic=False, reps=10):
     """Seconds per torch.ops.mate.fmha_bwd call on the (out, lse) of one forward."""
     try:
         out, lse = torch.ops.mate.fmha_fwd(q, k, v, causal=causal)
         return timed(lambda: torch.ops.mate.fmha_bwd(dout, q, k, v, out, lse, causal=causal,
-                                                     deterministic=deterministic))
+                                                     deterministic=deterministic), reps=reps)
     except RuntimeError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if msg not in _REPORTED:  # once per distinct error, as a comment beside the table
@@ -123,32 +128,102 @@ def prefill_inputs(B, S, H, D, Dv, dt="bf16"):
     return q, torch.randn_like(q), torch.randn(B, S, H, Dv, dtype=dtype, device="cuda")
 
 
-def ours_prefill_times(quick, dims):
-    """Child-process mode (--ours-json): ours alone per prefill row, one JSON line each."""
-    for row in prefill_rows(quick, dims):
-        B, S, H, D, Dv, causal, dt = row
-        q, k, v = prefill_inputs(B, S, H, D, Dv, dt)
-        t = timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal))
-        print(json.dumps({"row": list(row), "t": t}), flush=True)
-        del q, k, v
+def ours_prefill_time(row, reps=10):
+    """Seconds per call of ours on one prefill row (fresh tensors)."""
+    B, S, H, D, Dv, causal, dt = row
+    q, k, v = prefill_inputs(B, S, H, D, Dv, dt)
+    return timed(lambda: mi.flash_attn_varlen_func(q, k, v, causal=causal), reps=reps)
 
 
-def child_times(quick, dims, env, table="prefill"):
-    """{row: seconds} of ours in `table` measured in a child process with the environment env."""
-    argv = [sys.executable, os.path.abspath(__file__), "--ours-json", "--only", table] + (["--quick"] if quick else [])
-    if dims:
-        argv += ["--dims", ",".join(f"{d}x{dv}" for d, dv in dims)]
-    if SEQLENS:
-        argv += ["--seqlens", ",".join(map(str, SEQLENS))]
-    res = subprocess.run(argv, env=dict(os.environ, **env), capture_output=True, text=True)
-    times = {}
-    for line in res.stdout.splitlines():
-        if line.startswith("{"):
-            rec = json.loads(line)
-            times[tuple(rec["row"])] = rec["t"]
-    if res.returncode != 0:
-        print(f"<!-- child {env} failed: {res.stderr.strip().splitlines()[-1:]} -->")
-    return times
+def ours_row_time(table, row, reps=10):
+    """Seconds per call of ours on one row of `table` (prefill, backward or fp8), fresh tensors."""
+    if table == "backward":
+        q, k, v, dout = backward_inputs(*row[:5])
+        return ours_bwd_time(q, k, v, dout, row[5], reps=reps)
+    if table == "fp8":
+        _, (q8, k8, v8), ds = fp8_inputs(*row[:4])
+        return ours_fp8_time(q8, k8, v8, ds, row[4], reps=reps)
+    return ours_prefill_time(row, reps=reps)
+
+
+def serve_rows():
+    """Child-process mode (--ours-serve): one JSON request per stdin line, {"table", "row"}, one
+    JSON reply per request, {"t": seconds}, until stdin closes."""
+    for line in sys.stdin:
+        req = json.loads(line)
+        t = ours_row_time(req["table"], tuple(req["row"]), reps=req.get("reps", 10))
+        print(json.dumps({"t": t if t == t else None}), flush=True)
+
+
+class Columns:
+    """The --compare columns: one child process per (label, env), alive for the whole run, each
+    timing ours on the rows it is sent. times() sends every row to every child, `rounds` times
+    over, rotating the children's order from row to row and round to round, so that a slow
+    stretch of the GPU (clocks, temperature) falls on every column alike."""
+
+    def __init__(self, compare, argv=None):
+        """compare: (label, env) pairs; argv: the child's command (default: this file, --ours-serve)."""
+        self.labels = [label for label, _ in compare]
+        argv = argv or [sys.executable, os.path.abspath(__file__), "--ours-serve"]
+        self.procs = [subprocess.Popen(argv, env=dict(os.environ, **env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True) for _, env in compare]
+
+    def ask(self, i, table, row, reps):
+        proc = self.procs[i]
+        if proc.poll() is not None:
+            return float("nan")
+        try:
+            proc.stdin.write(json.dumps({"table": table, "row": list(row), "reps": reps}) + "\n")
+            proc.stdin.flush()
+            while True:  # the child's own prints (a once-per-error comment) come before its reply
+                line = proc.stdout.readline()
+                if not line:
+                    print(f"<!-- child {self.labels[i]} ended: {proc.stderr.read().strip().splitlines()[-1:]} -->")
+                    return float("nan")
+                if line.startswith('{"t"'):
+                    t = json.loads(line)["t"]
+                    return float("nan") if t is None else t
+        except (BrokenPipeError, OSError):
+            return float("nan")
+
+    def times(self, table, rows, rounds):
+        """[{row: median seconds}] per column, and each column's largest round-to-round spread."""
+        n = len(self.procs)
+        samples = [{row: [] for row in rows} for _ in range(n)]
+        reps = max(3, 10 // max(rounds, 1))
+        for r in range(rounds):
+            for j, row in enumerate(rows):
+                for k in range(n):
+                    i = (k + r + j) % n
+                    samples[i][row].append(self.ask(i, table, row, reps))
+        medians, spreads = [], []
+        for col in samples:
+            med, spread = {}, 0.0
+            for row, ts in col.items():
+                good = sorted(t for t in ts if t == t)
+                if good:
+                    med[row] = good[len(good) // 2]
+                    spread = max(spread, (good[-1] - good[0]) / med[row])
+            medians.append(med)
+            spreads.append(spread)
+        return medians, spreads
+
+    def table_columns(self, table, rows, rounds):
+        """[(label, {row: seconds})] of the columns, after printing nothing; and a comment line."""
+        if not self.procs:
+            return [], ""
+        medians, spreads = self.times(table, rows, rounds)
+        note = ("<!-- columns: median of %d rounds; largest round-to-round spread: %s -->"
+                % (rounds, ", ".join(f"{label} {s * 100:.0f} %" for label, s in zip(self.labels, spreads))))
+        return list(zip(self.labels, medians)), note
+
+    def close(self):
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                proc.kill()
 
 
 def driver_version():
@@ -168,10 +243,10 @@ def parse_compare(spec):
     return label, env
 
 
-def prefill_table(quick, dims=None, compare=()):
-    """dims: (D, Dv) pairs; FLOPs = 2 B H S^2 (D + Dv), halved when causal. compare: (label, env)
-    pairs, each a column of ours measured in a child process with that environment."""
-    others = [(label, child_times(quick, dims, env)) for label, env in compare]
+def prefill_table(quick, dims=None, columns=None, rounds=3):
+    """dims: (D, Dv) pairs; FLOPs = 2 B H S^2 (D + Dv), halved when causal. columns: the --compare
+    children (Columns), each a column of ours."""
+    others, note = columns.table_columns("prefill", prefill_rows(quick, dims), rounds) if columns else ([], "")
     extra = "".join(f" ours {label} | {label} / cuDNN |" for label, _ in others)
     print("\n| prefill (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |" + extra)
     print("|---|---|---|---|---|---|" + "---|---|" * len(others))
@@ -192,6 +267,8 @@ def prefill_table(quick, dims=None, compare=()):
         print(f"| {dt} B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {tf(ours):.1f} | {na(tf(fl))} | "
               f"{na(tf(cu))} | {na(fl / ours, '.2f')} | {na(cu / ours, '.2f')} |{cols}", flush=True)
         del q, k, v, qt, kt, vt
+    if note:
+        print(note)
 
 
 def backward_rows(quick, dims):
@@ -207,19 +284,11 @@ def backward_inputs(B, S, H, D, Dv):
     return q, torch.randn_like(q), v, torch.randn_like(v)
 
 
-def ours_backward_times(quick, dims):
-    """Child-process mode (--ours-json --only backward): ours alone per backward row."""
-    for row in backward_rows(quick, dims):
-        q, k, v, dout = backward_inputs(*row[:5])
-        print(json.dumps({"row": list(row), "t": ours_bwd_time(q, k, v, dout, row[5])}), flush=True)
-        del q, k, v, dout
-
-
-def backward_table(quick, dims=None, compare=()):
+def backward_table(quick, dims=None, columns=None, rounds=3):
     """The backward alone, bf16, prefill shapes; FLOPs = 2.5 x the forward's 2 B H S^2 (D + Dv),
     halved when causal. Ours: fmha_bwd (always deterministic: no atomics); peers: SDPA flash and
-    cuDNN. compare: (label, env) columns of ours measured in child processes."""
-    others = [(label, child_times(quick, dims, env, "backward")) for label, env in compare]
+    cuDNN. columns: the --compare children (Columns), each a column of ours."""
+    others, note = columns.table_columns("backward", backward_rows(quick, dims), rounds) if columns else ([], "")
     extra = "".join(f" ours {label} | {label} / cuDNN |" for label, _ in others)
     print("\n| backward bf16 (TFLOP/s) | ours | SDPA flash | SDPA cuDNN | ours / flash | ours / cuDNN |" + extra)
     print("|---|---|---|---|---|---|" + "---|---|" * len(others))
@@ -238,6 +307,8 @@ def backward_table(quick, dims=None, compare=()):
         print(f"| B{B} S{S} H{H} {dims_s} {'causal' if causal else 'full'} | {na(tf(ours))} | "
               f"{na(tf(fl))} | {na(tf(cu))} | {na(fl / ours, '.2f')} | {na(cu / ours, '.2f')} |{cols}", flush=True)
         del q, k, v, dout, qt, kt, vt, dt
+    if note:
+        print(note)
 
 
 def fp8_rows(quick):
@@ -253,24 +324,16 @@ def fp8_inputs(B, S, H, D):
     return (qb, kb, vb), tuple(x.to(torch.float8_e4m3fn) for x in (qb, kb, vb)), torch.ones(B, H, device="cuda")
 
 
-def ours_fp8_time(q8, k8, v8, ds, causal):
+def ours_fp8_time(q8, k8, v8, ds, causal, reps=10):
     return timed(lambda: mi.flash_attn_varlen_func(q8, k8, v8, causal=causal, q_descale=ds, k_descale=ds,
-                                                   v_descale=ds))
+                                                   v_descale=ds), reps=reps)
 
 
-def ours_fp8_times(quick):
-    """Child-process mode (--ours-json --only fp8): ours fp8 alone per row."""
-    for row in fp8_rows(quick):
-        _, (q8, k8, v8), ds = fp8_inputs(*row[:4])
-        print(json.dumps({"row": list(row), "t": ours_fp8_time(q8, k8, v8, ds, row[4])}), flush=True)
-        del q8, k8, v8
-
-
-def fp8_prefill_table(quick, compare=()):
+def fp8_prefill_table(quick, columns=None, rounds=3):
     """fp8 e4m3 prefill with per-(batch, kv head) descales beside bf16 SDPA on tensors of the
-    same shape (what the issue compares against: there is no fp8 SDPA). compare: (label, env)
-    columns of ours fp8 measured in child processes."""
-    others = [(label, child_times(quick, None, env, "fp8")) for label, env in compare]
+    same shape (what the issue compares against: there is no fp8 SDPA). columns: the --compare
+    children (Columns), each a column of ours fp8."""
+    others, note = columns.table_columns("fp8", fp8_rows(quick), rounds) if columns else ([], "")
     extra = "".join(f" ours fp8 {label} | {label} / cuDNN bf16 |" for label, _ in others)
     print("\n| prefill fp8 e4m3 (TFLOP/s) | ours fp8 | ours bf16 | SDPA flash bf16 | SDPA cuDNN bf16 | "
           "ours fp8 / cuDNN bf16 |" + extra)
@@ -290,6 +353,8 @@ def fp8_prefill_table(quick, compare=()):
         print(f"| B{B} S{S} H{H} D{D} {'causal' if causal else 'full'} | {tf(t8):.1f} | {tf(tb):.1f} | "
               f"{na(tf(fl))} | {na(tf(cu))} | {na(cu / t8, '.2f')} |{cols}", flush=True)
         del qb, kb, vb, q8, k8, v8, qt, kt, vt
+    if note:
+        print(note)
 
 
 def varlen_table():
@@ -391,8 +456,12 @@ def main():
     ap.add_argument("--seqlens", help="prefill: only these sequence lengths of the D 64 / 128 / 256 rows, e.g. 512,2048")
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL:VAR=VALUE[;VAR=VALUE]",
                     help="prefill, backward and fp8: a column of ours in a child process with these environment variables")
-    ap.add_argument("--ours-json", action="store_true", help=argparse.SUPPRESS)  # the --compare child
+    ap.add_argument("--rounds", type=int, default=3, help="--compare: times each child takes every row (median shown)")
+    ap.add_argument("--ours-serve", action="store_true", help=argparse.SUPPRESS)  # a --compare child
     args = ap.parse_args()
+    if args.ours_serve:
+        serve_rows()
+        return
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, driver {driver_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     dims = None
@@ -402,18 +471,13 @@ def main():
     global SEQLENS
     if args.seqlens:
         SEQLENS = [int(x) for x in args.seqlens.split(",")]
-    if args.ours_json:
-        if args.only == "fp8":
-            ours_fp8_times(args.quick)
-        else:
-            (ours_backward_times if args.only == "backward" else ours_prefill_times)(args.quick, dims)
-        return
+    columns = Columns(compare) if compare else None
     if args.only in (None, "prefill"):
-        prefill_table(args.quick, dims, compare)
+        prefill_table(args.quick, dims, columns, args.rounds)
     if args.only in (None, "backward"):
-        backward_table(args.quick, dims, compare)
+        backward_table(args.quick, dims, columns, args.rounds)
     if args.only in (None, "fp8"):
-        fp8_prefill_table(args.quick, compare)
+        fp8_prefill_table(args.quick, columns, args.rounds)
     if args.only in (None, "varlen"):
         varlen_table()
     if args.only in (None, "qv"):
@@ -423,6 +487,8 @@ def main():
     if args.only in (None, "mla"):
         import bench_mla  # bench/ is on sys.path when this file runs as a script
         bench_mla.main(args.quick)
+    if columns:
+        columns.close()
 
 
 if __name__ == "__main__":
