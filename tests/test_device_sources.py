@@ -50,23 +50,30 @@ def test_device_source_compiles_without_torch(source, tmp_path):
     assert not serialized, "wgmma serialized by ptxas:\n" + "\n".join(serialized[:4])
 
 
+# The Hopper forward's opt-in builds (MATE_OPS_NVCC_FLAGS): the timeline (-DMATE_SM90_TRACE,
+# scripts/sm90_trace.py) and exp2 partly on the FMA pipe (-DMATE_SM90_POLY_EXP2=n: the cubic fit
+# for 16-bit P, the quadratic for fp8).
+OPT_IN_BUILDS = [("-DMATE_SM90_TRACE", "fmha_fwd_sm90_64.cu"), ("-DMATE_SM90_POLY_EXP2=4", "fmha_fwd_sm90_64.cu"),
+                 ("-DMATE_SM90_POLY_EXP2=4", "fmha_fwd_sm90_fp8_128.cu")]
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
-def test_sm90_trace_build_compiles_unserialized(tmp_path):
-    """The Hopper forward's opt-in timeline (-DMATE_SM90_TRACE, scripts/sm90_trace.py) keeps
-    compiling, and its clock stamps do not make ptxas serialize the wgmmas (a timeline of a
-    serialized kernel would time a different kernel)."""
+@pytest.mark.parametrize("flag,source_name", OPT_IN_BUILDS, ids=lambda x: x.lstrip("-D").replace(".cu", ""))
+def test_sm90_opt_in_build_compiles_unserialized(tmp_path, flag, source_name):
+    """An opt-in build keeps compiling, and does not make ptxas serialize the wgmmas (a timeline
+    or a timing of a serialized kernel would measure a different kernel)."""
     cutlass = _cutlass_include()
     if cutlass is None:
         pytest.skip("the nvidia-cutlass headers are not installed (scripts/setup_env.sh installs them)")
-    source = MUSA / "arch" / "sm90" / "fmha_fwd_sm90_64.cu"
-    cmd = [NVCC, f"-I{cutlass}", f"-I{ROOT / 'csrc'}", "-DMATE_WITH_SM90=1", "-DMATE_SM90_TRACE", "-std=c++17", "-O1",
+    source = MUSA / "arch" / "sm90" / source_name
+    cmd = [NVCC, f"-I{cutlass}", f"-I{ROOT / 'csrc'}", "-DMATE_WITH_SM90=1", flag, "-std=c++17", "-O1",
            "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-           "-gencode=arch=compute_90a,code=sm_90a", "-c", str(source), "-o", str(tmp_path / "trace.o")]
+           "-gencode=arch=compute_90a,code=sm_90a", "-c", str(source), "-o", str(tmp_path / "opt_in.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     serialized = [line for line in res.stderr.splitlines() if "C751" in line or "C752" in line]
-    assert not serialized, "wgmma serialized by ptxas in the trace build:\n" + "\n".join(serialized[:4])
+    assert not serialized, f"wgmma serialized by ptxas in the {flag} build:\n" + "\n".join(serialized[:4])
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")

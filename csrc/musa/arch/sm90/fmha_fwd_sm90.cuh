@@ -280,6 +280,31 @@ struct Config {
   static_assert(kSmemBytes <= 227 * 1024, "a Hopper SM gives one block at most 227 KB of shared memory");
 };
 
+// exp2 on the FMA pipe (a measuring knob, off by default: MATE_OPS_NVCC_FLAGS=-DMATE_SM90_POLY_EXP2=n
+// computes every n-th column group of a score tile this way). A 128 x 128 tile pair's exp2 take
+// the multi-function unit (16 per SM and cycle) 1,024 cycles, as long as both GEMMs take the
+// tensor cores at D 64 and in fp8 at D 128; moving a share to the FMA pipe, as FlashAttention-4
+// does on Blackwell, gives the softmax slack at the price of issue slots. 2^x = 2^n * p(f) with n
+// = round(x) (the 1.5 * 2^23 addition) and f = x - n in [-1/2, 1/2]; p a near-minimax fit of
+// relative error 7.5e-5 (cubic, 16-bit P) or 1.7e-3 (quadratic, fp8 P: e4m3 keeps 3 bits). x is
+// clamped at -127 (NaN kept), where the scale 2^n is exactly 0: masked scores (-inf) give 0 as
+// ex2 does, and NaN stays NaN through the product.
+#if defined(MATE_SM90_POLY_EXP2) && MATE_SM90_POLY_EXP2 > 0
+template <bool kCubic>
+__device__ __forceinline__ float poly_exp2(float x) {
+  asm("max.NaN.f32 %0, %0, 0fC2FE0000;" : "+f"(x));  // -127
+  const float t = x + 12582912.f;                     // round(x) in the low mantissa bits
+  const float f = x - (t - 12582912.f);
+  float p;
+  if constexpr (kCubic)
+    p = fmaf(fmaf(fmaf(0.05517146f, f, 0.24261086f), f, 0.69326097f), f, 0.99992812f);
+  else
+    p = fmaf(fmaf(0.23842697f, f, 0.70344532f), f, 1.00044310f);
+  const float scale = __int_as_float((__float_as_int(t) << 23) + 0x3F800000);  // 2^round(x), 0 at -127
+  return p * scale;
+}
+#endif
+
 // The instantiated tile widths (tma_checks.cuh): a head dim pads up to the first that holds it
 // (the TMA boxes read the missing channels as zeros, which add nothing to Q K^T).
 using sm90_tma::tile_widths;
@@ -950,7 +975,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = tSrS(e + 2 * hf + 4 * j);
+#if defined(MATE_SM90_POLY_EXP2) && MATE_SM90_POLY_EXP2 > 0
+            if (j % MATE_SM90_POLY_EXP2 == MATE_SM90_POLY_EXP2 - 1)
+              x = poly_exp2<!C::kFp8>(fmaf(x, sl, -m_scaled));
+            else
+              x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
+#else
             x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
+#endif
             sumc[j % kChains] += x;
           }
         float sum = sumc[0];
