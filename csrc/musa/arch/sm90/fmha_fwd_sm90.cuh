@@ -288,7 +288,7 @@ struct Config {
 // = round(x) (the 1.5 * 2^23 addition) and f = x - n in [-1/2, 1/2]; p a near-minimax fit of
 // relative error 7.5e-5 (cubic, 16-bit P) or 1.7e-3 (quadratic, fp8 P: e4m3 keeps 3 bits). x is
 // clamped at -127 (NaN kept), where the scale 2^n is exactly 0: masked scores (-inf) give 0 as
-// ex2 does, and NaN stays NaN through the product.
+// ex2 does, and NaN stays NaN through the product. (No upper clamp: x never passes 8, fp8's kPOffset.)
 #if defined(MATE_SM90_POLY_EXP2) && MATE_SM90_POLY_EXP2 > 0
 template <bool kCubic>
 __device__ __forceinline__ float poly_exp2(float x) {
@@ -300,7 +300,7 @@ __device__ __forceinline__ float poly_exp2(float x) {
     p = fmaf(fmaf(fmaf(0.05517146f, f, 0.24261086f), f, 0.69326097f), f, 0.99992812f);
   else
     p = fmaf(fmaf(0.23842697f, f, 0.70344532f), f, 1.00044310f);
-  const float scale = __int_as_float((__float_as_int(t) << 23) + 0x3F800000);  // 2^round(x), 0 at -127
+  const float scale = __uint_as_float((__float_as_uint(t) << 23) + 0x3F800000u);  // 2^round(x), 0 at -127
   return p * scale;
 }
 #endif
