@@ -27,10 +27,13 @@ saved out / lse of one forward; SDPA: autograd.grad of one forward's output), FL
 the forward's. A backend that cannot run a shape prints n/a.
 """
 import argparse
+import collections
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -159,14 +162,33 @@ class Columns:
     """The --compare columns: one child process per (label, env), alive for the whole run, each
     timing ours on the rows it is sent. times() sends every row to every child, `rounds` times
     over, rotating the children's order from row to row and round to round, so that a slow
-    stretch of the GPU (clocks, temperature) falls on every column alike."""
+    stretch of the GPU (clocks, temperature) falls on every column alike. A child that dies or
+    takes longer than `timeout` seconds for one row (a hung kernel) reads NaN from then on."""
 
-    def __init__(self, compare, argv=None):
+    def __init__(self, compare, argv=None, timeout=600):
         """compare: (label, env) pairs; argv: the child's command (default: this file, --ours-serve)."""
         self.labels = [label for label, _ in compare]
+        self.timeout = timeout
         argv = argv or [sys.executable, os.path.abspath(__file__), "--ours-serve"]
         self.procs = [subprocess.Popen(argv, env=dict(os.environ, **env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True) for _, env in compare]
+        # a reader thread per pipe: stdout lines into a queue (so a reply can be waited for with a
+        # timeout), stderr drained into its last lines (a full pipe would block the child)
+        self.replies = [queue.Queue() for _ in self.procs]
+        self.stderr_tails = [collections.deque(maxlen=5) for _ in self.procs]
+        for proc, q, tail in zip(self.procs, self.replies, self.stderr_tails):
+            threading.Thread(target=self._pump, args=(proc.stdout, q.put), daemon=True).start()
+            threading.Thread(target=self._pump, args=(proc.stderr, tail.append), daemon=True).start()
+
+    @staticmethod
+    def _pump(pipe, sink):
+        for line in pipe:
+            sink(line)
+        sink(None)  # end of the stream
+
+    def _give_up(self, i, why):
+        print(f"<!-- child {self.labels[i]} {why}: {[t.strip() for t in self.stderr_tails[i] if t]} -->")
+        self.procs[i].kill()
 
     def ask(self, i, table, row, reps):
         proc = self.procs[i]
@@ -175,16 +197,20 @@ class Columns:
         try:
             proc.stdin.write(json.dumps({"table": table, "row": list(row), "reps": reps}) + "\n")
             proc.stdin.flush()
-            while True:  # the child's own prints (a once-per-error comment) come before its reply
-                line = proc.stdout.readline()
-                if not line:
-                    print(f"<!-- child {self.labels[i]} ended: {proc.stderr.read().strip().splitlines()[-1:]} -->")
-                    return float("nan")
-                if line.startswith('{"t"'):
-                    t = json.loads(line)["t"]
-                    return float("nan") if t is None else t
         except (BrokenPipeError, OSError):
             return float("nan")
+        while True:  # the child's own prints (a once-per-error comment) come before its reply
+            try:
+                line = self.replies[i].get(timeout=self.timeout)
+            except queue.Empty:
+                self._give_up(i, f"took over {self.timeout} s on {table} {tuple(row)}")
+                return float("nan")
+            if line is None:
+                self._give_up(i, "ended")
+                return float("nan")
+            if line.startswith('{"t"'):
+                t = json.loads(line)["t"]
+                return float("nan") if t is None else t
 
     def times(self, table, rows, rounds):
         """[{row: median seconds}] per column, and each column's largest round-to-round spread."""

@@ -18,10 +18,15 @@ CHILD = textwrap.dedent('''
     import json, os, sys
     base, log = float(os.environ["BASE"]), os.environ["LOG"]
     die_after = int(os.environ.get("DIE_AFTER", "-1"))
+    hang_after = int(os.environ.get("HANG_AFTER", "-1"))
     seen = {}
     for n, line in enumerate(sys.stdin):
         if n == die_after:
             sys.exit(3)
+        if n == hang_after:
+            import time
+            time.sleep(3600)
+        print("x" * 200, file=sys.stderr, flush=True)  # chatter on stderr: must not fill the pipe
         req = json.loads(line)
         row = tuple(req["row"])
         k = seen.get(row, 0)
@@ -33,12 +38,12 @@ CHILD = textwrap.dedent('''
 ''')
 
 
-def columns(tmp_path, specs):
+def columns(tmp_path, specs, timeout=600):
     child = tmp_path / "child.py"
     child.write_text(CHILD)
     log = tmp_path / "log.jsonl"
     compare = [(label, dict(env, LABEL=label, LOG=str(log))) for label, env in specs]
-    return bench_gpu.Columns(compare, argv=[sys.executable, str(child)]), log
+    return bench_gpu.Columns(compare, argv=[sys.executable, str(child)], timeout=timeout), log
 
 
 def test_every_row_every_round_rotated_median_and_spread(tmp_path):
@@ -70,6 +75,28 @@ def test_a_dead_child_reads_nan(tmp_path):
     assert set(ok) == set(rows)
     assert list(dies) == [(1,)]  # only its first answer; the rest read NaN and are left out
     assert "dies" in note
+
+
+def test_a_hung_child_times_out_and_reads_nan(tmp_path):
+    cols, _ = columns(tmp_path, [("ok", {"BASE": "1.0"}), ("hangs", {"BASE": "1.0", "HANG_AFTER": "1"})], timeout=5)
+    rows = [(1,), (2,), (3,)]
+    try:
+        got, _ = cols.table_columns("prefill", rows, rounds=1)
+    finally:
+        cols.close()
+    assert set(dict(got)["ok"]) == set(rows)
+    assert list(dict(got)["hangs"]) == [(1,)]
+
+
+def test_a_chatty_child_does_not_block(tmp_path):
+    # 400 requests x 200 bytes of stderr each: past a pipe's 64 KB unless something drains it
+    cols, _ = columns(tmp_path, [("chatty", {"BASE": "1.0"})], timeout=30)
+    rows = [(n,) for n in range(400)]
+    try:
+        got, _ = cols.table_columns("backward", rows, rounds=1)
+    finally:
+        cols.close()
+    assert len(dict(got)["chatty"]) == 400
 
 
 def test_no_columns_without_compare():
