@@ -129,7 +129,7 @@ constexpr int block_n_for(int d, int dv) { return (d == 256 || dv == 256) ? 80 :
 // Width 256 has a second kernel with 64-key tiles for calls whose sequences are short
 // (fmha_fwd_sm90.cu: short_keys_256): 512 keys are 8 whole 64-key tiles where 80-key tiles leave
 // 48 rows of the last one empty, and 64-key tiles leave the shared memory the epilogue needs to
-// stage its stores (kStageO). H200, same build and run: 11-18 % faster at 512 tokens, 3-8 %
+// stage its stores (kStageO). H200, same build and run: 10-18 % faster at 512 tokens, 3-9 %
 // slower at 2048 (docs/performance.md, version 24).
 constexpr int kShortKeyTile256 = 64;
 // fp8 (P V's k-steps are 32 keys; P takes a quarter of the registers it takes in 16 bits): 128
@@ -975,13 +975,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = tSrS(e + 2 * hf + 4 * j);
+            const float arg = fmaf(x, sl, -m_scaled);
 #if defined(MATE_SM90_POLY_EXP2) && MATE_SM90_POLY_EXP2 > 0
-            if (j % MATE_SM90_POLY_EXP2 == MATE_SM90_POLY_EXP2 - 1)
-              x = poly_exp2<!C::kFp8>(fmaf(x, sl, -m_scaled));
-            else
-              x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
+            x = j % MATE_SM90_POLY_EXP2 == MATE_SM90_POLY_EXP2 - 1 ? poly_exp2<!C::kFp8>(arg) : arch::fast_exp2(arg);
 #else
-            x = arch::fast_exp2(fmaf(x, sl, -m_scaled));
+            x = arch::fast_exp2(arg);
 #endif
             sumc[j % kChains] += x;
           }
