@@ -235,7 +235,7 @@ class Columns:
         return medians, spreads
 
     def table_columns(self, table, rows, rounds):
-        """[(label, {row: seconds})] of the columns, after printing nothing; and a comment line."""
+        """[(label, {row: median seconds})] of the columns, and the comment line the table prints under itself."""
         if not self.procs:
             return [], ""
         medians, spreads = self.times(table, rows, rounds)
