@@ -43,6 +43,11 @@ kp, vp, pt = T.make_paged_kv(kd, kd, [300, 140], 128)
 M.fmha_fwd(torch.randn(2, 150, 4, 128, device=dev, dtype=bf16, generator=g), kp.to(dev), vp.to(dev),
            page_table=pt.to(dev), seqused_k=torch.tensor([300, 140], dtype=torch.int32, device=dev),
            cache_leftpad=torch.tensor([3, 130], dtype=torch.int32, device=dev), causal=True, num_splits=1)
+# pages smaller than the key tile: 16-key TMA boxes, one page each, boxes past the last page
+kp, vp, pt = T.make_paged_kv(kd, kd, [300, 140], 16)
+M.fmha_fwd(torch.randn(2, 150, 4, 128, device=dev, dtype=bf16, generator=g), kp.to(dev), vp.to(dev),
+           page_table=pt.to(dev), seqused_k=torch.tensor([300, 140], dtype=torch.int32, device=dev),
+           cache_leftpad=torch.tensor([3, 20], dtype=torch.int32, device=dev), causal=True, num_splits=1)
 # fp8 e4m3 on fp8 wgmma (V staged transposed, launch.cpp; D 96, 128 and 256), descales per
 # (batch, kv head); ragged q/k; D 72 staged as bf16
 f8 = torch.float8_e4m3fn

@@ -20,7 +20,8 @@ fp8-to-bf16 conversion for the others (fp8_route).
 The kernel is persistent (one block per SM looping over work tiles). A second child reruns a
 subset (ONE_BLOCK_CASES) with MATE_OPS_FMHA_SM90_BLOCKS=1, a grid of one block, so that every
 tile boundary of those calls is crossed by the same pipeline state, and with schedule sections of
-one (sequence, head) pair (MATE_OPS_FMHA_SM90_L2_SHARE). A third reruns the 16-bit width-256
+one (sequence, head) pair (MATE_OPS_FMHA_SM90_L2_SHARE), and with O rescaled on every growth of a
+row maximum (MATE_OPS_FMHA_SM90_RESCALE_SLACK=0; by default only past 2^8). A third reruns the 16-bit width-256
 cases with their 80-key tiles forced (MATE_OPS_FMHA_SM90_SHORT_KEYS=1; by default calls of at
 most 1024 keys take the 64-key tiles).
 
@@ -167,6 +168,28 @@ def _cases():
         leftpad=[37, 100])
     add("paged-128-cache-batch-idx-leftpad-nan", layout="paged", b=3, sq=129, lens=[300, 200, 400], page=128,
         cache_batch_idx=True, leftpad=[130, 0, 250], causal=True)
+    # pages that do not hold whole key tiles (16, 32, 48, 64 keys): a tile arrives as 16-key boxes,
+    # one page lookup each; boxes past a sequence's last page read nothing (zeros); table columns
+    # past a sequence's pages set to -1 (tail): out-of-bounds boxes
+    add("paged-16-causal-gqa", layout="paged", b=3, h=8, hk=2, sq=300, lens=[700, 129, 1], page=16, causal=True)
+    add("paged-32-d64-fp16-leftpad-nan", layout="paged", d=64, dtype="fp16", b=2, sq=150, lens=[300, 77], page=32,
+        leftpad=[37, 5])
+    add("paged-64-window-cache-batch-idx-leftpad-nan", layout="paged", b=3, sq=129, lens=[300, 200, 400], page=64,
+        window=(100, 0), cache_batch_idx=True, leftpad=[130, 0, 250])
+    add("paged-16-d256-causal-sink", layout="paged", d=256, b=2, sq=300, lens=[310, 650], page=16, causal=True,
+        sink=True)
+    add("paged-16-d256-long", layout="paged", d=256, b=1, sq=200, lens=[1500], page=16)
+    add("paged-32-d192x128-ragged-q", layout="paged", d=192, dv=128, lq=[129, 1, 300], lens=[400, 7, 300], page=32,
+        causal=True)
+    add("paged-16-softcap-alibi-leftpad-nan", layout="paged", b=2, sq=200, lens=[333, 300], page=16, softcap=6.0,
+        alibi=True, leftpad=[130, 5], causal=True)
+    add("paged-48-causal-tail-minus-one", layout="paged", b=3, sq=200, lens=[333, 100, 7], page=48, causal=True,
+        tail=-1)
+    # pages longer than a key tile that do not hold whole tiles: boxes too (the box descriptors
+    # must exist whenever the kernel uses them); width 256's short tiles at 208-key pages
+    add("paged-192-causal", layout="paged", b=2, sq=200, lens=[700, 333], page=192, causal=True)
+    add("paged-208-d256-causal", layout="paged", d=256, b=2, sq=150, lens=[900, 250], page=208, causal=True)
+    add("paged-32-d256-long-tail-minus-one", layout="paged", d=256, b=2, sq=150, lens=[1500, 200], page=32, tail=-1)
     # fp8 e4m3 on fp8 wgmma (V staged transposed) or converted to bf16 first (fp8_route), the
     # descales (per batch and kv head) applied inside the kernel -- q's and k's to the logits,
     # v's to the output
@@ -258,6 +281,9 @@ def build(spec):
         kd, vd = rand(b, max(lens), hk, d), rand(b, max(lens), hk, dv)
         k, v, table = T.make_paged_kv(kd, vd, lens, spec["page"])
         page = spec["page"]
+        if "tail" in spec:  # the table columns past each sequence's pages (never read for keys)
+            for i, n in enumerate(lens):
+                table[i, -(-n // page):] = spec["tail"]
         for i, pad in enumerate(spec.get("leftpad", [])):  # left padding holds garbage
             for j in range(pad):
                 k[table[i, j // page], j % page] = float("nan")
@@ -355,16 +381,18 @@ sm90_results = sm90_child.child_results_fixture(__file__, MARK, ROUTE_ENV)
 # call runs on one SM, one after the other, so every tile boundary of these cases is crossed by
 # the same pipeline state (barrier phases, the Q buffer, the ping-pong barriers, the tile ring,
 # V's zero warp); with sections of one (sequence, head) pair (MATE_OPS_FMHA_SM90_L2_SHARE), the
-# schedule's other extreme.
+# schedule's other extreme; and the rescale without slack (O rescaled on every growth of a row
+# maximum, the default's other extreme).
 ONE_BLOCK_CASES = [n for n in CASE_NAMES if n.startswith(("persist-", "seqused-", "chunk-"))] + [
     "ragged-d128-bf16-causal", "ragged-d256-bf16-causal", "ragged-d64-fp16-full", "window-d128-100_50",
     "window-d64--1_7", "sink-ragged-causal", "cache-batch-idx-leftpad", "alibi-window-sink-gqa",
     "widths-d200x256-causal", "widths-d192x128-ragged-fp16", "ragged-seqused_k-past-segment",
     "fp8-ragged-gqa-descale-causal", "fp8-ragged-window-descale", "paged-128-window-leftpad-nan", "paged-160-d256-causal-sink",
-    "paged-128-one-tile-nan-head-and-tail"]
+    "paged-128-one-tile-nan-head-and-tail", "paged-16-causal-gqa", "paged-16-d256-causal-sink"]
 assert set(ONE_BLOCK_CASES) <= set(CASE_NAMES)
 sm90_one_block_results = sm90_child.child_results_fixture(
-    __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_BLOCKS="1", MATE_OPS_FMHA_SM90_L2_SHARE="1000000"),
+    __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_BLOCKS="1", MATE_OPS_FMHA_SM90_L2_SHARE="1000000",
+                         MATE_OPS_FMHA_SM90_RESCALE_SLACK="0"),
     ONE_BLOCK_CASES)
 
 
@@ -375,7 +403,11 @@ def _width_256(spec):
     return not (d <= 128 and dv <= 128) and not (128 < d <= 192 and dv <= 128)
 
 
-LONG_TILE_CASES = [c["name"] for c in CASES if c["dtype"] != "fp8" and _width_256(c) and c.get("page", 80) % 80 == 0]
+def _pages_fit_80(page):  # whole 80-key tiles per page, or 16-key boxes
+    return page % 80 == 0 or page % 16 == 0
+
+
+LONG_TILE_CASES = [c["name"] for c in CASES if c["dtype"] != "fp8" and _width_256(c) and _pages_fit_80(c.get("page", 80))]
 sm90_long_tile_results = sm90_child.child_results_fixture(
     __file__, MARK, dict(ROUTE_ENV, MATE_OPS_FMHA_SM90_SHORT_KEYS="1"), LONG_TILE_CASES)
 

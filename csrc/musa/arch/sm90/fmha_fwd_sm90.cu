@@ -1,6 +1,8 @@
 // The Hopper FMHA forward's dispatch: which calls it serves (fmha_sm90_fits) and which tile
 // width's kernels run them. The kernel itself is in fmha_fwd_sm90.cuh; its instantiations, one
 // translation unit per tile width, in fmha_fwd_sm90_<width>.cu.
+#include <cstring>
+
 #include "fmha_fwd_sm90.cuh"
 
 #if defined(MATE_WITH_SM90)
@@ -26,8 +28,27 @@ int64_t keys_bound(const FmhaParams& p) {
   }
   return keys;
 }
+// Paged K / V: pages holding whole key tiles (block_keys aligns the tiles to them), or any page
+// size that is a multiple of Config::kPageBox: a tile then arrives as kPageBox-key boxes, which
+// start on multiples of kPageBox and so never straddle two pages (one TMA box and one page
+// lookup per box: the producer's load_page_boxes_k / _v). MATE_OPS_FMHA_SM90_SMALL_PAGES=0
+// keeps those on the mma.sync kernel (a trial knob). Read once per process.
+bool small_pages_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_SM90_SMALL_PAGES");
+    return !(v != nullptr && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+}
+bool pages_fit(int page_size, int key_tile) {
+  constexpr int kBox = 16;  // Config::kPageBox
+  if (page_size <= 0) return false;
+  if (page_size % key_tile == 0) return true;
+  return small_pages_on() && page_size % kBox == 0;
+}
 // A tile width's kernels for one call and their keys per K / V tile (Config::kBlockN). Width 256
-// has two key tiles: 64 for short sequences (pages, if any, a multiple of 64), else 80.
+// has two key tiles: 64 for short sequences, else 80; paged calls take the one whose tiles their
+// pages hold whole, and the 64-key boxes only when neither fits.
 struct WidthChoice {
   const WidthKernels& kernels;
   int key_tile;
@@ -38,10 +59,13 @@ WidthChoice kernels_for(const FmhaParams& p, Widths w) {
     case Widths::k128: return {kWidth128, block_n_for(128, 128)};
     case Widths::k192x128: return {kWidth192x128, block_n_for(192, 128)};
     default: {
-      const bool short_tiles = keys_bound(p) <= short_keys_256() &&
-                               (p.page_table == nullptr || p.page_size % kShortKeyTile256 == 0);
+      // paged: whole 64-key tiles per page, else whole 80-key tiles, else 64-key tiles in boxes
+      const int long_tile = block_n_for(256, 256);
+      const bool pages_short = p.page_table == nullptr || p.page_size % kShortKeyTile256 == 0 ||
+                               (p.page_size % long_tile != 0 && pages_fit(p.page_size, kShortKeyTile256));
+      const bool short_tiles = keys_bound(p) <= short_keys_256() && pages_short;
       if (short_tiles) return {kWidth256Short, kShortKeyTile256};
-      return {kWidth256, block_n_for(256, 256)};
+      return {kWidth256, long_tile};
     }
   }
 }
@@ -95,7 +119,7 @@ bool fmha_sm90_fits(const FmhaParams& p) {
   // paged K / V: pages holding whole key tiles (block_keys aligns the tiles to them)
   if ((p.page_table != nullptr) != (p.page_size > 0)) return false;
   const WidthChoice choice = kernels_for(p, widths);
-  if (p.page_table != nullptr && p.page_size % choice.key_tile != 0) return false;
+  if (p.page_table != nullptr && !pages_fit(p.page_size, choice.key_tile)) return false;
   if (!p.out || !p.lse || !p.q || !p.k || !p.v) return false;
   if (p.batch <= 0 || p.batch > 65535 || p.num_heads <= 0 || p.num_heads > 65535 || p.num_heads_k <= 0 ||
       p.num_heads % p.num_heads_k != 0)

@@ -174,6 +174,23 @@ struct SmemVLayout<true, T, kDv, kBlockN, kStages> {  // V^T rows of kBlockN one
   using type = decltype(tile_to_shape(Atom{}, Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{}));
 };
 
+// The TMA descriptors of kPageBox-key boxes of a K / V stage (Config::TmaKBox / TmaVBox): K's
+// rows, V's columns (V is (Dv, keys) in shared memory), as sub-layouts of one stage.
+template <bool kFp8, class SmemK, class SmemV, class GK, class GV, int kBox, int kD, int kDv, int kBlockN>
+struct PageBoxes {
+  using LayoutK = decltype(composition(take<0, 2>(SmemK{}),
+                                       make_layout(Shape<Int<kBox>, Int<kD>>{}, Stride<_1, Int<kBlockN>>{})));
+  using LayoutV = decltype(composition(take<0, 2>(SmemV{}),
+                                       make_layout(Shape<Int<kDv>, Int<kBox>>{}, Stride<_1, Int<kDv>>{})));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GK>(), LayoutK{}));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GV>(), LayoutV{}));
+};
+template <class SmemK, class SmemV, class GK, class GV, int kBox, int kD, int kDv, int kBlockN>
+struct PageBoxes<true, SmemK, SmemV, GK, GV, kBox, kD, kDv, kBlockN> {
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GK>(), take<0, 2>(SmemK{})));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GV>(), take<0, 2>(SmemV{})));
+};
+
 template <class T_, class NvT_, int kD_, int kDv_, class OutNvT_ = NvT_, int kBlockN_ = 0, int kStages_ = 2>
 struct Config {
   using T = T_;
@@ -257,6 +274,14 @@ struct Config {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), take<0, 2>(SmemQ{})));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorQK>(), take<0, 2>(SmemK{})));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorV>(), take<0, 2>(SmemV{})));
+  // Pages that do not hold whole key tiles (a page size that is a multiple of kPageBox): a K / V
+  // tile arrives as boxes of kPageBox keys, each from its own page (the producer, page_box).
+  // A box's shared-memory image is its rows (keys) of one stage's layout, so the descriptors are
+  // made from that sub-layout. fp8 calls are never paged: their box types are the tile's.
+  static constexpr int kPageBox = 16;
+  using Boxes = PageBoxes<kFp8, SmemK, SmemV, GTensorQK, GTensorV, kPageBox, kD, kDv, kBlockN>;
+  using TmaKBox = typename Boxes::TmaK;
+  using TmaVBox = typename Boxes::TmaV;
 
 
   struct Smem {
@@ -371,6 +396,9 @@ struct Schedule {
   int64_t tiles = 0;     // pairs * m_blocks
   // The dynamic schedule's ticket counter (zeroed by the caller), or null for the static one.
   unsigned long long* counter = nullptr;
+  // How far (base 2) a row's maximum may pass its reference before O is rescaled (16-bit inputs;
+  // MATE_OPS_FMHA_SM90_RESCALE_SLACK, rescale_slack()): P then reaches up to 2^slack.
+  float rescale_slack = 0.f;
 };
 
 // Tile i of the schedule (0 <= i < tiles; tests/host/sm90_schedule_check.cpp checks on the host
@@ -671,6 +699,55 @@ __device__ __forceinline__ void zero_warp(const Schedule& sc, Smem& sh, int lane
 
 // The producer's load of work tile number qn's Q into buffer qn % kQStages. A buffer is rewritten
 // only once both warpgroups released its previous tile's Q.
+// Pages that do not hold whole key tiles (Config::kPageBox): the tile whose first storage
+// position is key0 (a multiple of kBlockN, itself of kPageBox) arrives as kBlockN / kPageBox
+// boxes, box c from the page holding keys key0 + kPageBox c .. (a page size that is a multiple of
+// kPageBox: a box never straddles two pages). A box past the table row's last column reads that
+// column at a row past the page's end, which the TMA fills with zeros. Columns the host does not
+// check (before a left padding's first page, past the sequence's last) may hold anything: an id
+// outside the pool is an out-of-bounds box (zeros), another page's id loads its rows; either way
+// those keys are masked in K and their V rows cleared by the zero warp. The transaction count is
+// the whole tile's in every case.
+__device__ __forceinline__ int2 page_box(const FmhaParams& p, const SeqInfo& s, int key) {
+  const int col = imin(key / p.page_size, p.max_pages - 1);
+  const int page = p.page_table[static_cast<int64_t>(s.cache_row) * p.page_table_batch_stride + col];
+  return make_int2(page, key - col * p.page_size);  // (page, row in it)
+}
+template <class C, class Tma, class TS>
+__device__ __forceinline__ void load_page_boxes_k(const FmhaParams& p, const SeqInfo& s, const Tma& tma, uint64_t& bar,
+                                                  TS&& s_stage, int key0, int hk) {
+  if constexpr (!C::kFp8) {  // fp8 calls are never paged
+    constexpr int kBox = C::kPageBox;
+    Tensor mK = tma.get_tma_tensor(k_shape(p));
+#pragma unroll 1
+    for (int c = 0; c < C::kBlockN / kBox; ++c) {
+      const int2 pr = page_box(p, s, key0 + c * kBox);
+      Tensor g = local_tile(domain_offset(make_coord(pr.y, _0{}), mK(_, _, hk, pr.x)), Shape<Int<kBox>, Int<C::kD>>{},
+                            make_coord(0, 0));
+      Tensor sb = local_tile(s_stage, Shape<Int<kBox>, Int<C::kD>>{}, make_coord(c, 0));
+      auto [tg, ts] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sb), group_modes<0, 2>(g));
+      copy(tma.with(bar), tg, ts);
+    }
+  }
+}
+template <class C, class Tma, class TS>
+__device__ __forceinline__ void load_page_boxes_v(const FmhaParams& p, const SeqInfo& s, const Tma& tma, uint64_t& bar,
+                                                  TS&& s_stage, int key0, int hk) {
+  if constexpr (!C::kFp8) {  // fp8 calls are never paged
+    constexpr int kBox = C::kPageBox;
+    Tensor mV = tma.get_tma_tensor(v_shape(p));
+#pragma unroll 1
+    for (int c = 0; c < C::kBlockN / kBox; ++c) {
+      const int2 pr = page_box(p, s, key0 + c * kBox);
+      Tensor g = local_tile(domain_offset(make_coord(_0{}, pr.y), mV(_, _, hk, pr.x)), Shape<Int<C::kDv>, Int<kBox>>{},
+                            make_coord(0, 0));
+      Tensor sb = local_tile(s_stage, Shape<Int<C::kDv>, Int<kBox>>{}, make_coord(0, c));
+      auto [tg, ts] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sb), group_modes<0, 2>(g));
+      copy(tma.with(bar), tg, ts);
+    }
+  }
+}
+
 template <class C, class Smem, class Tma, class TG, class TS>
 __device__ __forceinline__ void load_q_tile(Smem& sh, const Tma& tma_q, const TG& tQg, TS& tQs, uint32_t& qn) {
   const uint32_t qb = qn % C::kQStages;
@@ -687,7 +764,9 @@ __device__ __forceinline__ void load_q_tile(Smem& sh, const Tma& tma_q, const TG
 template <class C, bool kPlain>
 __global__ void __launch_bounds__(C::kThreads, 1)
     fmha_sm90_kernel(const FmhaParams p, const Schedule sc, CUTE_GRID_CONSTANT const typename C::TmaQ tma_q,
-                     CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v) {
+                     CUTE_GRID_CONSTANT const typename C::TmaK tma_k, CUTE_GRID_CONSTANT const typename C::TmaV tma_v,
+                     CUTE_GRID_CONSTANT const typename C::TmaKBox tma_kb,
+                     CUTE_GRID_CONSTANT const typename C::TmaVBox tma_vb) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename C::T;
   constexpr int kD = C::kD, kDv = C::kDv, kBlockM = C::kBlockM, kBlockN = C::kBlockN, kStages = C::kStages;
@@ -777,14 +856,19 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           // paged: the page holding this tile's keys (block_keys aligned the tiles to pages),
           // looked up before the buffer wait so that the load's latency hides behind it
           int page = 0, prow = 0;
-          if (kPaged && p.page_table != nullptr) {
+          // pages that do not hold whole tiles: a box per kPageBox keys, each looked up after the wait
+          const bool boxes = kPaged && p.page_table != nullptr && p.page_size % kBlockN != 0;
+          const int key0 = s.k_start + bk.lo + t * kBlockN;  // the tile's first storage position
+          if (kPaged && p.page_table != nullptr && !boxes) {
             const int key = s.k_start + bk.lo + t * kBlockN;
             page = p.page_table[static_cast<int64_t>(s.cache_row) * p.page_table_batch_stride + key / p.page_size];
             prow = key % p.page_size;
           }
           if (kv >= kStages) wait_barrier(sh.k_empty[st], phase ^ 1);
           set_barrier_transaction_bytes(sh.k_full[st], C::kKBytes);
-          if (kPaged && p.page_table != nullptr) {
+          if (kPaged && boxes) {
+            load_page_boxes_k<C>(p, s, tma_kb, sh.k_full[st], sK(_, _, st), key0, hk);
+          } else if (kPaged && p.page_table != nullptr) {
             Tensor gKp = local_tile(domain_offset(make_coord(prow, _0{}), tma_k.get_tma_tensor(k_shape(p))(_, _, hk, page)),
                                     Shape<Int<kBlockN>, Int<kD>>{}, make_coord(0, 0));
             auto [tKgp, tKsp] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gKp));
@@ -799,7 +883,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           if (C::kQStages == 1 && t == 0) TRACE_EVENT(trace_n, 0, r, kTraceQ);
           if (kv >= kStages) wait_barrier(sh.v_empty[st], phase ^ 1);
           set_barrier_transaction_bytes(sh.v_landed[st], C::kVBytes);
-          if (kPaged && p.page_table != nullptr) {
+          if (kPaged && boxes) {
+            load_page_boxes_v<C>(p, s, tma_vb, sh.v_landed[st], sV(_, _, st), key0, hk);
+          } else if (kPaged && p.page_table != nullptr) {
             Tensor gVp = local_tile(domain_offset(make_coord(_0{}, prow), tma_v.get_tma_tensor(v_shape(p))(_, _, hk, page)),
                                     Shape<Int<kDv>, Int<kBlockN>>{}, make_coord(0, 0));
             auto [tVgp, tVsp] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gVp));
@@ -964,9 +1050,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         for (int c = 1; c < kChains; ++c) mx = fmaxf(mx, mxc[c]);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_max[hf], mx);
+        // The reference maximum moves only when the tile's passes it by more than the slack (base
+        // 2): P may then reach 2^slack, and O is rescaled far less often (after a row's first
+        // tiles, almost never). fp8 keeps none: P is already scaled to e4m3's top (kPOffset).
+        // NaN maxima (all scores NaN, or no keys yet on either side) leave the reference alone.
+        const float slack = C::kFp8 ? 0.f : sc.rescale_slack;
+        const bool grow = (mx - row_max[hf]) * sl > slack;
+        const float m_new = grow ? mx : row_max[hf];
         const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet
-        corr[hf] = arch::fast_exp2((row_max[hf] - m_use) * sl);
+        corr[hf] = grow ? arch::fast_exp2((row_max[hf] - m_use) * sl) : 1.f;
         const float m_scaled = m_use * sl - kPOffset;
         row_max[hf] = m_new;
         float sumc[kChains] = {};
@@ -1192,6 +1284,8 @@ struct Descriptors {
   typename C::TmaQ q;
   typename C::TmaK k;
   typename C::TmaV v;
+  typename C::TmaKBox kb;  // pages smaller than a key tile (else unused: a copy of k's kind)
+  typename C::TmaVBox vb;
 };
 
 template <class C>
@@ -1214,9 +1308,19 @@ Descriptors<C> make_descriptors(const FmhaParams& p) {
                          mode_stride(p.v_batch_stride, kb, es));
   };
   auto gv = make_tensor(make_gmem_ptr(static_cast<const T*>(p.v)), v_shape(p), v_strides());
-  return {make_tma_copy(SM90_TMA_LOAD{}, gq, take<0, 2>(typename C::SmemQ{})),
-          make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename C::SmemK{})),
-          make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{}))};
+  Descriptors<C> d{make_tma_copy(SM90_TMA_LOAD{}, gq, take<0, 2>(typename C::SmemQ{})),
+                    make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename C::SmemK{})),
+                    make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename C::SmemV{})),
+                    {},
+                    {}};
+  if constexpr (!C::kFp8) {
+    // the boxes' descriptors, only when used: the kernel's test (boxes) is the same
+    if (p.page_table != nullptr && p.page_size % C::kBlockN != 0) {
+      d.kb = make_tma_copy(SM90_TMA_LOAD{}, gk, typename C::Boxes::LayoutK{});
+      d.vb = make_tma_copy(SM90_TMA_LOAD{}, gv, typename C::Boxes::LayoutV{});
+    }
+  }
+  return d;
 }
 
 // The device facts the schedule needs, asked once per device: multiprocessors (the grid) and
@@ -1260,6 +1364,20 @@ inline int64_t grid_cap() {
   return cap;
 }
 
+// MATE_OPS_FMHA_SM90_RESCALE_SLACK=n (0 .. 8, default 8): O is rescaled only when a row's maximum
+// grows by more than n in base 2 (Schedule::rescale_slack), so P reaches up to 2^n -- 256 at the
+// default, far inside bf16's and fp16's range, with the row sum and O in fp32. Session 14 timed 8
+// against 0 (main before): equal or up to 7 % faster on the 16-bit prefill rows (D 256 most);
+// 0 rescales on every growth, as before. Read once per process.
+inline float rescale_slack() {
+  static const float slack = [] {
+    const char* v = std::getenv("MATE_OPS_FMHA_SM90_RESCALE_SLACK");
+    const long long n = v != nullptr ? std::atoll(v) : 8;
+    return static_cast<float>(n < 0 ? 0 : n > 8 ? 8 : n);
+  }();
+  return slack;
+}
+
 // MATE_OPS_FMHA_SM90_L2_SHARE=n sizes the schedule's sections to K / V filling 1/n of the L2
 // (default 2; a measuring knob: at 512 tokens Nsight Compute read a 39 % L2 hit rate where each
 // K / V tile is read by four row blocks, and a large n -- one pair per section -- runs a
@@ -1286,6 +1404,7 @@ Schedule make_schedule(const FmhaParams& p, int max_rows, int l2_bytes) {
   int64_t section = bytes > 0 ? (static_cast<int64_t>(l2_bytes) / l2_share()) / bytes : sc.pairs;
   if (section >= group) section -= section % group;  // a GQA group stays in one section
   sc.section = section < 1 ? 1 : section > sc.pairs ? sc.pairs : section;
+  sc.rescale_slack = rescale_slack();
   return sc;
 }
 
@@ -1328,7 +1447,7 @@ arch::Error launch_config(const FmhaParams& p, int max_rows, unsigned long long*
   if ((sc.tiles + blocks - 1) / blocks > kMaxRounds) blocks = (sc.tiles + kMaxRounds - 1) / kMaxRounds;
   const Descriptors<C> d = make_descriptors<C>(p);
   fmha_sm90_kernel<C, kPlain><<<dim3(static_cast<unsigned>(blocks)), C::kThreads, C::kSmemBytes, stream>>>(p, sc, d.q, d.k,
-                                                                                                        d.v);
+                                                                                                        d.v, d.kb, d.vb);
 #if defined(MATE_SM90_TRACE)
   print_trace(stream);
 #endif
