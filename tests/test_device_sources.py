@@ -50,11 +50,9 @@ def test_device_source_compiles_without_torch(source, tmp_path):
     assert not serialized, "wgmma serialized by ptxas:\n" + "\n".join(serialized[:4])
 
 
-# The Hopper forward's opt-in builds (MATE_OPS_NVCC_FLAGS): the timeline (-DMATE_SM90_TRACE,
-# scripts/sm90_trace.py) and exp2 partly on the FMA pipe (-DMATE_SM90_POLY_EXP2=n: the cubic fit
-# for 16-bit P, the quadratic for fp8).
-OPT_IN_BUILDS = [("-DMATE_SM90_TRACE", "fmha_fwd_sm90_64.cu"), ("-DMATE_SM90_POLY_EXP2=4", "fmha_fwd_sm90_64.cu"),
-                 ("-DMATE_SM90_POLY_EXP2=4", "fmha_fwd_sm90_fp8_128.cu")]
+# The Hopper forward's opt-in build (MATE_OPS_NVCC_FLAGS): the timeline (-DMATE_SM90_TRACE,
+# scripts/sm90_trace.py).
+OPT_IN_BUILDS = [("-DMATE_SM90_TRACE", "fmha_fwd_sm90_64.cu")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")

@@ -305,31 +305,6 @@ struct Config {
   static_assert(kSmemBytes <= 227 * 1024, "a Hopper SM gives one block at most 227 KB of shared memory");
 };
 
-// exp2 on the FMA pipe (a measuring knob, off by default: MATE_OPS_NVCC_FLAGS=-DMATE_SM90_POLY_EXP2=n
-// computes every n-th column group of a score tile this way). A 128 x 128 tile pair's exp2 take
-// the multi-function unit (16 per SM and cycle) 1,024 cycles, as long as both GEMMs take the
-// tensor cores at D 64 and in fp8 at D 128; moving a share to the FMA pipe, as FlashAttention-4
-// does on Blackwell, gives the softmax slack at the price of issue slots. 2^x = 2^n * p(f) with n
-// = round(x) (the 1.5 * 2^23 addition) and f = x - n in [-1/2, 1/2]; p a near-minimax fit of
-// relative error 7.5e-5 (cubic, 16-bit P) or 1.7e-3 (quadratic, fp8 P: e4m3 keeps 3 bits). x is
-// clamped at -127 (NaN kept), where the scale 2^n is exactly 0: masked scores (-inf) give 0 as
-// ex2 does, and NaN stays NaN through the product. (No upper clamp: x never passes 8, fp8's kPOffset.)
-#if defined(MATE_SM90_POLY_EXP2) && MATE_SM90_POLY_EXP2 > 0
-template <bool kCubic>
-__device__ __forceinline__ float poly_exp2(float x) {
-  asm("max.NaN.f32 %0, %0, 0fC2FE0000;" : "+f"(x));  // -127
-  const float t = x + 12582912.f;                     // round(x) in the low mantissa bits
-  const float f = x - (t - 12582912.f);
-  float p;
-  if constexpr (kCubic)
-    p = fmaf(fmaf(fmaf(0.05517146f, f, 0.24261086f), f, 0.69326097f), f, 0.99992812f);
-  else
-    p = fmaf(fmaf(0.23842697f, f, 0.70344532f), f, 1.00044310f);
-  const float scale = __uint_as_float((__float_as_uint(t) << 23) + 0x3F800000u);  // 2^round(x), 0 at -127
-  return p * scale;
-}
-#endif
-
 // The instantiated tile widths (tma_checks.cuh): a head dim pads up to the first that holds it
 // (the TMA boxes read the missing channels as zeros, which add nothing to Q K^T).
 using sm90_tma::tile_widths;
@@ -697,8 +672,6 @@ __device__ __forceinline__ void zero_warp(const Schedule& sc, Smem& sh, int lane
   }
 }
 
-// The producer's load of work tile number qn's Q into buffer qn % kQStages. A buffer is rewritten
-// only once both warpgroups released its previous tile's Q.
 // Pages that do not hold whole key tiles (Config::kPageBox): the tile whose first storage
 // position is key0 (a multiple of kBlockN, itself of kPageBox) arrives as kBlockN / kPageBox
 // boxes, box c from the page holding keys key0 + kPageBox c .. (a page size that is a multiple of
@@ -708,21 +681,41 @@ __device__ __forceinline__ void zero_warp(const Schedule& sc, Smem& sh, int lane
 // outside the pool is an out-of-bounds box (zeros), another page's id loads its rows; either way
 // those keys are masked in K and their V rows cleared by the zero warp. The transaction count is
 // the whole tile's in every case.
-__device__ __forceinline__ int2 page_box(const FmhaParams& p, const SeqInfo& s, int key) {
-  const int col = imin(key / p.page_size, p.max_pages - 1);
-  const int page = p.page_table[static_cast<int64_t>(s.cache_row) * p.page_table_batch_stride + col];
-  return make_int2(page, key - col * p.page_size);  // (page, row in it)
-}
+//
+// The walk over a tile's boxes, page by page: the page id is loaded once per page the tile
+// touches (a 64-key page: 2 loads per 128-key tile, not 8) and the row inside it advances by
+// kPageBox, so no box pays a division by the page size; the producer thread does this alone,
+// between its buffer wait and the TMA issues. Past the table row's last column the row keeps
+// growing past the page's end (zeros).
+struct PageWalk {
+  const int* table_row;
+  int page_size, last_col, col, row, page;
+  __device__ __forceinline__ PageWalk(const FmhaParams& p, const SeqInfo& s, int key0)
+      : table_row(p.page_table + static_cast<int64_t>(s.cache_row) * p.page_table_batch_stride),
+        page_size(p.page_size),
+        last_col(p.max_pages - 1) {
+    col = imin(key0 / page_size, last_col);
+    row = key0 - col * page_size;
+    page = table_row[col];
+  }
+  __device__ __forceinline__ void advance(int keys) {
+    row += keys;
+    if (row == page_size && col < last_col) {
+      row = 0;
+      page = table_row[++col];
+    }
+  }
+};
 template <class C, class Tma, class TS>
 __device__ __forceinline__ void load_page_boxes_k(const FmhaParams& p, const SeqInfo& s, const Tma& tma, uint64_t& bar,
                                                   TS&& s_stage, int key0, int hk) {
   if constexpr (!C::kFp8) {  // fp8 calls are never paged
     constexpr int kBox = C::kPageBox;
     Tensor mK = tma.get_tma_tensor(k_shape(p));
+    PageWalk w(p, s, key0);
 #pragma unroll 1
-    for (int c = 0; c < C::kBlockN / kBox; ++c) {
-      const int2 pr = page_box(p, s, key0 + c * kBox);
-      Tensor g = local_tile(domain_offset(make_coord(pr.y, _0{}), mK(_, _, hk, pr.x)), Shape<Int<kBox>, Int<C::kD>>{},
+    for (int c = 0; c < C::kBlockN / kBox; ++c, w.advance(kBox)) {
+      Tensor g = local_tile(domain_offset(make_coord(w.row, _0{}), mK(_, _, hk, w.page)), Shape<Int<kBox>, Int<C::kD>>{},
                             make_coord(0, 0));
       Tensor sb = local_tile(s_stage, Shape<Int<kBox>, Int<C::kD>>{}, make_coord(c, 0));
       auto [tg, ts] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sb), group_modes<0, 2>(g));
@@ -736,10 +729,10 @@ __device__ __forceinline__ void load_page_boxes_v(const FmhaParams& p, const Seq
   if constexpr (!C::kFp8) {  // fp8 calls are never paged
     constexpr int kBox = C::kPageBox;
     Tensor mV = tma.get_tma_tensor(v_shape(p));
+    PageWalk w(p, s, key0);
 #pragma unroll 1
-    for (int c = 0; c < C::kBlockN / kBox; ++c) {
-      const int2 pr = page_box(p, s, key0 + c * kBox);
-      Tensor g = local_tile(domain_offset(make_coord(_0{}, pr.y), mV(_, _, hk, pr.x)), Shape<Int<C::kDv>, Int<kBox>>{},
+    for (int c = 0; c < C::kBlockN / kBox; ++c, w.advance(kBox)) {
+      Tensor g = local_tile(domain_offset(make_coord(_0{}, w.row), mV(_, _, hk, w.page)), Shape<Int<C::kDv>, Int<kBox>>{},
                             make_coord(0, 0));
       Tensor sb = local_tile(s_stage, Shape<Int<C::kDv>, Int<kBox>>{}, make_coord(0, c));
       auto [tg, ts] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sb), group_modes<0, 2>(g));
@@ -748,6 +741,8 @@ __device__ __forceinline__ void load_page_boxes_v(const FmhaParams& p, const Seq
   }
 }
 
+// The producer's load of work tile number qn's Q into buffer qn % kQStages. A buffer is rewritten
+// only once both warpgroups released its previous tile's Q.
 template <class C, class Smem, class Tma, class TG, class TS>
 __device__ __forceinline__ void load_q_tile(Smem& sh, const Tma& tma_q, const TG& tQg, TS& tQs, uint32_t& qn) {
   const uint32_t qb = qn % C::kQStages;
@@ -1068,11 +1063,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           for (int e = 0; e < 2; ++e) {
             float& x = tSrS(e + 2 * hf + 4 * j);
             const float arg = fmaf(x, sl, -m_scaled);
-#if defined(MATE_SM90_POLY_EXP2) && MATE_SM90_POLY_EXP2 > 0
-            x = j % MATE_SM90_POLY_EXP2 == MATE_SM90_POLY_EXP2 - 1 ? poly_exp2<!C::kFp8>(arg) : arch::fast_exp2(arg);
-#else
             x = arch::fast_exp2(arg);
-#endif
             sumc[j % kChains] += x;
           }
         float sum = sumc[0];
