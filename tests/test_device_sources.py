@@ -113,6 +113,26 @@ def test_sm90_schedule_names_every_tile_once(tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+def test_sm90_page_walk_matches_the_per_box_formula(tmp_path):
+    """The Hopper forward's walk over a tile's 16-key boxes for pages that do not hold whole key
+    tiles (PageWalk), checked on the host: for page sizes 16 .. 256, key tiles 64 / 80 / 128, table
+    widths 1 .. 9 and tile starts up to past the table's last page, every box's (page, row) is the
+    per-box formula's (the column clamped to the last one, rows past a page's end for boxes past
+    the table), and the walk loads one table entry per page the tile touches."""
+    cutlass = _cutlass_include()
+    if cutlass is None:
+        pytest.skip("the nvidia-cutlass headers are not installed (scripts/setup_env.sh installs them)")
+    exe = tmp_path / "sm90_page_walk_check"
+    cmd = [NVCC, "-std=c++17", "-x", "cu", "-DMATE_WITH_SM90=1", "--expt-relaxed-constexpr", f"-I{cutlass}",
+           f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "host" / "sm90_page_walk_check.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout.split()
+    counts = dict(zip(out[0::2], map(int, out[1::2])))
+    assert counts["bad"] == 0 and counts["checked"] > 20000, counts
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 def test_sm90_forward_consumers_do_not_spill(tmp_path):
     """The Hopper forward's consumer warpgroups (the code after their setmaxnreg raise: softmax,
     GEMM issue, epilogue) keep every value in registers at width 128, plain and ScoreMod scores,

@@ -686,11 +686,12 @@ __device__ __forceinline__ void zero_warp(const Schedule& sc, Smem& sh, int lane
 // touches (a 64-key page: 2 loads per 128-key tile, not 8) and the row inside it advances by
 // kPageBox, so no box pays a division by the page size; the producer thread does this alone,
 // between its buffer wait and the TMA issues. Past the table row's last column the row keeps
-// growing past the page's end (zeros).
+// growing past the page's end (zeros). Host and device: tests/host/sm90_page_walk_check.cpp
+// checks it against the per-box formula.
 struct PageWalk {
-  const int* table_row;
+  const int32_t* table_row;
   int page_size, last_col, col, row, page;
-  __device__ __forceinline__ PageWalk(const FmhaParams& p, const SeqInfo& s, int key0)
+  MATE_HD PageWalk(const FmhaParams& p, const SeqInfo& s, int key0)
       : table_row(p.page_table + static_cast<int64_t>(s.cache_row) * p.page_table_batch_stride),
         page_size(p.page_size),
         last_col(p.max_pages - 1) {
@@ -698,7 +699,7 @@ struct PageWalk {
     row = key0 - col * page_size;
     page = table_row[col];
   }
-  __device__ __forceinline__ void advance(int keys) {
+  MATE_HD void advance(int keys) {
     row += keys;
     if (row == page_size && col < last_col) {
       row = 0;
